@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny teachers (built once per session), small images and record files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import COLOURS, make_image, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny random DINOv2, BERT and CLIP models (see unimm.model.tiny)."""
+    from unimm.model.tiny import save_tiny_teachers
+
+    return save_tiny_teachers(tmp_path_factory.mktemp("teachers"))
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """A folder ``imgs/`` with six images of different colours and sizes."""
+    for i, colour in enumerate(COLOURS):
+        make_image(tmp_path / "imgs" / f"{i}.jpg", size=(64 + 16 * i, 48 + 8 * i), colour=colour)
+    return tmp_path / "imgs"
+
+
+@pytest.fixture
+def unimm_records(tmp_path, image_dir) -> Path:
+    """A unimm JSONL file with 12 interleaved records, some with responses."""
+    rows = []
+    for i in range(12):
+        slices = [{"text": f"record {i} shows colour {i % 6}"}, {"image": f"imgs/{i % 6}.jpg"}]
+        if i % 3 == 0:
+            slices.append({"text": "and then another picture"})
+            slices.append({"image": f"imgs/{(i + 1) % 6}.jpg"})
+        row = {"id": f"r{i}", "slices": slices}
+        if i % 2:
+            row["response"] = f"answer {i}"
+        rows.append(row)
+    return write_jsonl(tmp_path / "data.jsonl", rows)

@@ -1,0 +1,32 @@
+"""Helpers shared by the tests: small images and record files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (250, 250, 250), (10, 10, 10)]
+
+
+def make_image(path: Path, size=(64, 48), colour=(200, 30, 30), fmt: str | None = None, mode="RGB") -> Path:
+    """Write an image with a colour and a small pattern (so that resizing is visible)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new(mode, size, colour if mode == "RGB" else (*colour, 255) if mode == "RGBA" else 128)
+    if mode == "RGB":
+        for x in range(0, size[0], 8):
+            for y in range(0, size[1], 8):
+                if (x // 8 + y // 8) % 2:
+                    img.putpixel((x, y), (0, 0, 0))
+    img.save(path, format=fmt)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings written as-is) one per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path

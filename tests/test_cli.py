@@ -1,0 +1,78 @@
+"""The command line: version, help, and user errors printed without a traceback."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from unimm import __version__
+from unimm.cli import app
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"unimm {__version__}"
+
+
+def test_help_lists_only_working_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("prepare", "bench"):
+        assert name in result.output
+    for later in ("train", "embed", "retrieve", "chat", "quickstart"):
+        assert f" {later} " not in result.output
+
+
+def test_config_errors_are_one_message_without_traceback(tmp_path, unimm_records):
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(unimm_records),
+            "--out",
+            str(tmp_path / "o"),
+            "--jpeg-quality",
+            "0",
+            "--set",
+            "prepare.bogus=1",
+            "--on-error",
+            "maybe",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    for expected in (
+        "prepare.bogus: unknown key",
+        "prepare.on_error: expected one of",
+        "prepare.jpeg_quality: must be",
+    ):
+        assert expected in result.output
+
+
+def test_data_error_exit_code_and_success_summary(tmp_path, unimm_records):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "slices": "nope"}\n')
+    result = runner.invoke(app, ["prepare", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "bad.jsonl:1: record '1': 'slices' must be a list" in result.output
+    assert "Traceback" not in result.output
+    ok = runner.invoke(app, ["prepare", str(unimm_records), "--out", str(tmp_path / "good"), "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert "wrote 12 samples in 1 shard(s)" in ok.output
+
+
+def test_missing_teacher_folder_is_clear(tmp_path, unimm_records):
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(unimm_records),
+            "--out",
+            str(tmp_path / "o"),
+            "--teacher-clip",
+            str(tmp_path / "no-clip"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--teacher-clip" in result.output and "not a directory" in result.output

@@ -1,0 +1,127 @@
+"""Config layering (defaults <- recipe <- options <- --set) and error collection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unimm.config import PrepareConfig, build_config, parse_override
+from unimm.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_layers_apply_in_order(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "prepare:\n  workers: 3\n  image_size: 224\n  jpeg_quality: 80\nteachers:\n  batch_size: 7\n"
+    )
+    cfg = build_config(
+        PrepareConfig,
+        recipe=recipe,
+        options={
+            "prepare.inputs": ["a.jsonl"],
+            "prepare.out": "o",
+            "prepare.workers": 5,
+            "prepare.jpeg_quality": None,
+        },
+        overrides=["prepare.image_size=112", "teachers.device=cuda:1"],
+    )
+    assert cfg.prepare.workers == 5  # option beats recipe
+    assert cfg.prepare.jpeg_quality == 80  # option not given: recipe stays
+    assert cfg.prepare.image_size == 112  # --set beats recipe
+    assert cfg.teachers.batch_size == 7
+    assert cfg.teachers.device == "cuda:1"
+    assert cfg.prepare.samples_per_shard == 1000  # default
+
+
+def test_all_problems_reported_together(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prepare:\n  wrokers: 2\n  jpeg_quality: high\ntrain_typo: {}\n")
+    with pytest.raises(ConfigError) as info:
+        build_config(
+            PrepareConfig,
+            recipe=recipe,
+            options={"prepare.inputs": ["a"], "prepare.out": "o"},
+            overrides=["prepare.on_error=ignore", "noequals"],
+        )
+    text = str(info.value)
+    for expected in (
+        "prepare.wrokers: unknown key",
+        "prepare.jpeg_quality: expected int, got 'high'",
+        "train_typo: unknown recipe section",
+        "prepare.on_error: expected one of 'fail' | 'skip', got 'ignore'",
+        "expected KEY=VALUE",
+    ):
+        assert expected in text, text
+    assert len(info.value.problems) == 5
+
+
+def test_value_checks_name_the_key():
+    with pytest.raises(ConfigError) as info:
+        build_config(PrepareConfig, overrides=["prepare.jpeg_quality=0", "prepare.workers=0"])
+    problems = "\n".join(info.value.problems)
+    assert "prepare.jpeg_quality: must be in 1..100, got 0" in problems
+    assert "prepare.workers: must be >= 1, got 0" in problems
+    assert "prepare.inputs: give at least one input file" in problems
+    assert "--out DIR" in problems
+
+
+def test_teacher_combinations():
+    base = {"prepare.inputs": ["a"], "prepare.out": "o"}
+    build_config(PrepareConfig, options={**base, "teachers.clip": "c"})  # CLIP alone is allowed
+    with pytest.raises(ConfigError, match="give both --teacher-image-expert and --teacher-text-expert"):
+        build_config(PrepareConfig, options={**base, "teachers.image_expert": "d", "teachers.clip": "c"})
+    with pytest.raises(ConfigError, match="add --teacher-clip"):
+        build_config(
+            PrepareConfig, options={**base, "teachers.image_expert": "d", "teachers.text_expert": "b"}
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("a.b=3", "a.b", 3),
+        ("a=true", "a", True),
+        ("x.y=[1, 2]", "x.y", [1, 2]),
+        ("p=null", "p", None),
+        ("lr=2e-4", "lr", "2e-4"),
+        ("s=", "s", ""),
+    ],
+)
+def test_parse_override(text, key, value):
+    assert parse_override(text) == (key, value)
+
+
+def test_string_numbers_coerced_for_float_and_list(tmp_path):
+    # PyYAML reads 2e-4 as a string; a single value where a list is expected becomes a list.
+    cfg = build_config(PrepareConfig, overrides=["prepare.inputs=one.jsonl", "prepare.out=o"])
+    assert cfg.prepare.inputs == ["one.jsonl"]
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("prepare:\n  workers: 2\n   bad: [\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad.yaml.*line 3: not valid YAML"):
+        build_config(PrepareConfig, recipe=recipe)
+
+
+def test_missing_recipe_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        build_config(PrepareConfig, recipe=tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_loads(recipe):
+    """Every shipped recipe builds every command config it has sections for, without problems."""
+    from unimm.config import load_recipe
+
+    data = load_recipe(recipe)
+    assert data, f"{recipe} is empty"
+    cfg = build_config(PrepareConfig, recipe=recipe, options={"prepare.inputs": ["x"], "prepare.out": "o"})
+    assert isinstance(cfg, PrepareConfig)
+
+
+def test_recipes_exist():
+    assert RECIPES, "recipes/ must ship at least one recipe"

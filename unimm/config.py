@@ -1,0 +1,370 @@
+"""Typed configuration: dataclasses merged as defaults <- recipe YAML <- CLI options <- ``--set``.
+
+Every subcommand has one config dataclass built from shared section dataclasses (``prepare``,
+``teachers``, later ``model``, ``data``, ``align``, ``train``). A recipe is a YAML document whose
+top-level keys are section names, so one recipe can drive several commands::
+
+    unimm prepare data.jsonl --out shards --recipe recipes/tiny-cpu.yaml --set prepare.workers=2
+
+Unknown keys, wrong types and invalid values are all collected and raised together in one
+:class:`~unimm.errors.ConfigError`, each naming the dotted key and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from unimm.errors import ConfigError
+
+# Every section a recipe may hold. A command ignores the sections it does not use, so that one
+# recipe drives prepare, train and embed; a key outside this set is a typo and fails.
+RECIPE_SECTIONS = frozenset(
+    {"prepare", "teachers", "model", "data", "align", "train", "embed", "retrieve", "chat", "eval"}
+)
+
+C = TypeVar("C")
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    """Options of ``unimm prepare`` (section ``prepare``)."""
+
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    """Record files (JSONL, LLaVA JSON/JSONL, MMC4 JSONL, CSV/TSV)."""
+    out: str = ""
+    """Output shard directory."""
+    format: Literal["auto", "unimm", "llava", "mmc4", "csv"] = "auto"
+    """Input format; ``auto`` decides per file from its extension and first record."""
+    image_root: str | None = None
+    """Folder image paths are relative to (and must stay inside); default: each input's folder."""
+    samples_per_shard: int = 1000
+    max_shard_bytes: int = 1 << 30
+    """A shard is closed before it would pass this size (a single larger sample gets its own)."""
+    image_size: int | None = None
+    """Shorter image side after resizing (aspect kept, never upscaled); ``None`` keeps the size."""
+    jpeg_quality: int = 90
+    workers: int = 1
+    """Processes that decode, check and resize images (1 = in the main process)."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """``skip`` leaves bad records out and lists them in ``DIR/rejects.jsonl``."""
+    verify_images: Literal["full", "header"] = "full"
+    """``full`` decodes every image (catches truncated or corrupt data); ``header`` only parses
+    the header, which is faster but lets a corrupt body through to training."""
+    max_image_pixels: int = 89_478_485
+    """Decompression-bomb limit in pixels (Pillow's default)."""
+    resume: bool = False
+    """Keep complete shards of an interrupted run (checked by sha256) and redo the rest."""
+    overwrite: bool = False
+    """Replace an existing prepared directory."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.inputs:
+            problems.append("prepare.inputs: give at least one input file")
+        if not self.out:
+            problems.append("prepare.out: give an output directory with --out DIR")
+        for key in ("samples_per_shard", "max_shard_bytes", "workers", "max_image_pixels"):
+            if getattr(self, key) < 1:
+                problems.append(f"prepare.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.image_size is not None and self.image_size < 8:
+            problems.append(f"prepare.image_size: must be >= 8 pixels (or unset), got {self.image_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            problems.append(f"prepare.jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
+        if self.resume and self.overwrite:
+            problems.append("prepare.resume and prepare.overwrite: choose one of them")
+        return problems
+
+
+@dataclasses.dataclass
+class TeacherOptions:
+    """Frozen teacher encoders whose features ``prepare`` stores (section ``teachers``)."""
+
+    image_expert: str | None = None
+    """Local directory of an image encoder loadable by ``AutoModel`` (e.g. DINOv2-base)."""
+    text_expert: str | None = None
+    """Local directory of a text encoder loadable by ``AutoModel`` (e.g. BGE-base; CLS pooling)."""
+    clip: str | None = None
+    """Local directory of a ``CLIPModel`` (image and text features in one space)."""
+    device: str = "cpu"
+    batch_size: int = 32
+    text_max_length: int = 512
+    """Longest text (in tokens) given to the text expert; CLIP is capped by its own limit."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint directory; off unless you trust that directory."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"teachers.batch_size: must be >= 1, got {self.batch_size}")
+        if self.text_max_length < 1:
+            problems.append(f"teachers.text_max_length: must be >= 1, got {self.text_max_length}")
+        experts = (self.image_expert is None, self.text_expert is None)
+        if experts[0] != experts[1]:
+            problems.append(
+                "teachers: give both --teacher-image-expert and --teacher-text-expert (the triple "
+                "kernel needs an expert per modality), or neither"
+            )
+        if self.image_expert is not None and self.clip is None:
+            problems.append(
+                "teachers.clip: the triple kernel compares an image with a text through CLIP; "
+                "add --teacher-clip PATH"
+            )
+        return problems
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip is not None
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """Configuration of ``unimm prepare``."""
+
+    prepare: PrepareOptions = dataclasses.field(default_factory=PrepareOptions)
+    teachers: TeacherOptions = dataclasses.field(default_factory=TeacherOptions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from layers
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML file into a dict; raise :class:`ConfigError` naming the file on failure."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read recipe: {exc.strerror or exc}"], source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(
+            [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"], source=str(path)
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            ["the top level must be a mapping of sections (prepare:, train:, ...)"], source=str(path)
+        )
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as YAML (``true``, ``3``, ``[a, b]``, ``null``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError([f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=2e-4"], source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(
+    cls: type[C],
+    *,
+    recipe: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> C:
+    """Build a config of type ``cls`` from defaults, a recipe, CLI options and ``--set`` overrides.
+
+    Args:
+        cls: the command's config dataclass (e.g. :class:`PrepareConfig`).
+        recipe: optional YAML file; sections the command does not use are ignored.
+        options: dotted key -> value from CLI options; ``None`` values mean "not given".
+        overrides: ``KEY=VALUE`` strings from repeated ``--set``; applied last.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and invalid value at once.
+    """
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    if recipe is not None:
+        data = load_recipe(recipe)
+        own = {f.name for f in dataclasses.fields(cls)}
+        for section, body in data.items():
+            if section in own:
+                tree[section] = body
+            elif section not in RECIPE_SECTIONS:
+                known = ", ".join(sorted(RECIPE_SECTIONS))
+                problems.append(f"{section}: unknown recipe section in {recipe} (known: {known})")
+    for key, value in (options or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for text in overrides or []:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        _set_dotted(tree, key, value)
+    cfg = _build(cls, tree, "", problems)
+    # Fields with a type problem kept their (valid) defaults, so value checks can still run and
+    # every problem is reported in one go.
+    problems.extend(_validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-JSON view of a config (for ``unimm.json`` and manifests)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, appending problems instead of raising."""
+    where = prefix.rstrip(".") or "configuration"
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(f"{prefix}{key}: unknown key (known in {where}: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name in fields:
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], f"{prefix}{name}.", problems)
+            continue
+        ok, value = _coerce(data[name], hint)
+        if ok:
+            kwargs[name] = value
+        else:
+            problems.append(f"{prefix}{name}: expected {_describe(hint)}, got {data[name]!r}")
+    return cls(**kwargs)
+
+
+def _validate(cfg: Any) -> list[str]:
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            problems.extend(_validate(value))
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        problems.extend(validate())
+    return problems
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check ``value`` against type ``hint``; convert strings from ``--set`` where unambiguous."""
+    origin = get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = get_args(hint)
+        if value is None:
+            return (type(None) in args), None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, None
+    if origin is Literal:
+        return (value in get_args(hint)), value
+    if origin is list:
+        (item,) = get_args(hint) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is not Any:
+            value = [value]  # a single value where a list is expected: --set data.train=DIR
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, item)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if origin is dict:
+        key_t, val_t = get_args(hint) or (Any, Any)
+        if not isinstance(value, dict):
+            return False, None
+        out = {}
+        for k, v in value.items():
+            ok_k, ck = _coerce(k, key_t)
+            ok_v, cv = _coerce(v, val_t)
+            if not (ok_k and ok_v):
+                return False, None
+            out[ck] = cv
+        return True, out
+    if hint is Any:
+        return True, value
+    if hint is bool:
+        if isinstance(value, bool):
+            return True, value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return True, value.lower() in ("true", "yes", "1")
+        return False, None
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, str):
+            try:
+                return True, int(value.replace("_", ""))
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        if isinstance(value, str):
+            return True, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # --set data.train=123 names a folder "123"
+        return False, None
+    return isinstance(value, hint), value
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + " | ".join(repr(a) for a in get_args(hint))
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if origin is list:
+        (item,) = get_args(hint) or (Any,)
+        return f"a list of {_describe(item)}"
+    if origin is dict:
+        return "a mapping"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))

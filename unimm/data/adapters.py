@@ -1,0 +1,303 @@
+"""Input adapters: unimm JSONL, LLaVA conversations, MMC4 documents and image–caption CSV/TSV.
+
+:func:`iter_records` reads one file and yields a :class:`~unimm.data.records.Record` per good
+record and a :class:`~unimm.errors.DataError` (not raised) per bad one, each located by file and
+line, so that ``--on-error skip`` can go on and ``fail`` can stop with a precise message.
+
+Mapping of each format to slices (documented in docs/formats.md):
+
+- LLaVA: human turns are split at ``<image>`` placeholders, the n-th placeholder taking the n-th
+  image; a sample with images but no placeholder gets them before its first question (LLaVA's
+  convention). The last ``gpt`` turn is the response; earlier ``gpt`` turns become context
+  slices with ``role: assistant``.
+- MMC4: each image is placed before the sentence it is matched to (``matched_text_index``),
+  images matched to the same sentence in ``image_info`` order; empty sentences are dropped.
+- CSV/TSV: a header with ``image`` and ``caption`` columns (``id`` optional) -> [image, text].
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from unimm.data.records import Record, Slice, record_from_obj
+from unimm.errors import DataError
+
+FORMATS = ("unimm", "llava", "mmc4", "csv")
+_IMAGE_TOKEN = "<image>"
+_HUMAN = {"human": "user", "user": "user"}
+_GPT = {"gpt": "assistant", "assistant": "assistant"}
+
+
+def iter_records(path: str | Path, fmt: str = "auto") -> Iterator[Record | DataError]:
+    """Yield the records of one input file (or a located :class:`DataError` for each bad one).
+
+    Args:
+        path: the input file.
+        fmt: ``auto`` or one of :data:`FORMATS`.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        yield DataError(f"cannot read input file: {exc.strerror or exc}", source=source)
+        return
+    if not data.strip():
+        yield DataError("input file is empty: nothing to prepare", source=source)
+        return
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv")):
+        yield from _iter_csv(data, path)
+        return
+    objects = _iter_json_objects(data, source)
+    if fmt == "auto":
+        # The first decodable record decides; bad lines before it are reported, not guessed at.
+        for item in objects:
+            if isinstance(item, DataError):
+                yield item
+                continue
+            try:
+                fmt = detect_format(item[0], source)
+            except DataError as exc:
+                yield exc
+                return
+            objects = _chain([item], objects)
+            break
+        if fmt == "auto":
+            return
+    convert = {"unimm": _unimm, "llava": _llava, "mmc4": _mmc4}.get(fmt)
+    if convert is None:
+        raise DataError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}", source=source)
+    stem = path.stem
+    for item in objects:
+        if isinstance(item, DataError):
+            yield item
+            continue
+        obj, line = item
+        try:
+            yield convert(obj, source, line, f"{stem}-{line}")
+        except DataError as exc:
+            yield exc
+
+
+def detect_format(obj: Any, source: str) -> str:
+    """Name the format of a decoded first record from its keys."""
+    if isinstance(obj, dict):
+        if "slices" in obj:
+            return "unimm"
+        if "conversations" in obj:
+            return "llava"
+        if "text_list" in obj:
+            return "mmc4"
+        keys = ", ".join(sorted(map(str, obj)))
+    else:
+        keys = type(obj).__name__
+    raise DataError(
+        f"cannot tell the format from the first record (keys: {keys}); expected 'slices' (unimm), "
+        "'conversations' (llava) or 'text_list' (mmc4), or pass --format",
+        source=source,
+    )
+
+
+def _chain(head: list, tail: Iterator) -> Iterator:
+    yield from head
+    yield from tail
+
+
+def _iter_json_objects(data: bytes, source: str) -> Iterator[tuple[Any, int] | DataError]:
+    """Yield ``(object, line)`` from JSONL, or from a JSON array (each item located by line)."""
+    if data.lstrip()[:1] == b"[":
+        yield from _iter_json_array(data, source)
+        return
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield DataError(f"not UTF-8 text (byte {exc.start})", source=source, line=number)
+            continue
+        try:
+            yield json.loads(text), number
+        except json.JSONDecodeError as exc:
+            yield DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", source=source, line=number)
+
+
+def _iter_json_array(data: bytes, source: str) -> Iterator[tuple[Any, int] | DataError]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        yield DataError(f"not UTF-8 text (byte {exc.start})", source=source)
+        return
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end() + 1  # after '['
+    pos = ws.match(text, pos).end()
+    if text[pos : pos + 1] == "]":
+        return
+    while True:
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield DataError(f"not valid JSON: {exc.msg}", source=source, line=exc.lineno)
+            return  # the array's structure is lost: nothing after this point can be located
+        yield obj, line
+        pos = ws.match(text, pos).end()
+        sep = text[pos : pos + 1]
+        if sep == "]":
+            return
+        if sep != ",":
+            yield DataError(
+                "not valid JSON: expected ',' or ']' between array items",
+                source=source,
+                line=text.count("\n", 0, pos) + 1,
+            )
+            return
+        pos = ws.match(text, pos + 1).end()
+
+
+def _unimm(obj: Any, source: str, line: int, default_id: str) -> Record:
+    return record_from_obj(obj, source=source, line=line)
+
+
+def _record_id(obj: dict, keys: tuple[str, ...], default_id: str) -> str:
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            return str(value)
+    return default_id
+
+
+def _llava(obj: Any, source: str, line: int, default_id: str) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"a LLaVA sample must be a JSON object, got {type(obj).__name__}", source=source, line=line
+        )
+    rid = _record_id(obj, ("id",), default_id)
+
+    def fail(reason: str) -> DataError:
+        return DataError(reason, source=source, line=line, record_id=rid)
+
+    images = obj.get("image", [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+        raise fail("'image' must be a path or a list of paths")
+    turns = obj.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise fail('\'conversations\' must be a non-empty list of {"from": ..., "value": ...} turns')
+    parsed: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise fail(f"turn {i} must be an object")
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in _HUMAN and speaker not in _GPT:
+            raise fail(f"turn {i}: 'from' must be human or gpt, got {speaker!r}")
+        if not isinstance(value, str):
+            raise fail(f"turn {i}: 'value' must be a string, got {type(value).__name__}")
+        parsed.append((_HUMAN.get(speaker) or _GPT[speaker], value))
+    placeholders = sum(v.count(_IMAGE_TOKEN) for role, v in parsed if role == "user")
+    if placeholders and placeholders != len(images):
+        raise fail(f"{placeholders} '<image>' placeholder(s) but {len(images)} image(s)")
+    response = None
+    if parsed[-1][0] == "assistant":
+        response = parsed.pop()[1].strip() or None
+    slices: list[Slice] = []
+    next_image = 0
+    if not placeholders:
+        slices.extend(Slice("image", path) for path in images)
+        next_image = len(images)
+    for role, value in parsed:
+        pieces = value.split(_IMAGE_TOKEN) if role == "user" else [value]
+        for j, piece in enumerate(pieces):
+            if j > 0:
+                slices.append(Slice("image", images[next_image]))
+                next_image += 1
+            if piece.strip():
+                slices.append(Slice("text", piece.strip(), role))
+    if not slices:
+        raise fail("the conversation has no question text or image before the answer")
+    return Record(id=rid, slices=slices, response=response, source=source, line=line)
+
+
+def _mmc4(obj: Any, source: str, line: int, default_id: str) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"an MMC4 document must be a JSON object, got {type(obj).__name__}", source=source, line=line
+        )
+    rid = _record_id(obj, ("id", "doc_id"), default_id)
+
+    def fail(reason: str) -> DataError:
+        return DataError(reason, source=source, line=line, record_id=rid)
+
+    texts = obj.get("text_list")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise fail("'text_list' must be a list of strings")
+    infos = obj.get("image_info", [])
+    if not isinstance(infos, list):
+        raise fail("'image_info' must be a list")
+    before: dict[int, list[str]] = {}
+    for k, info in enumerate(infos):
+        if not isinstance(info, dict):
+            raise fail(f"image_info[{k}] must be an object")
+        name, index = info.get("image_name"), info.get("matched_text_index")
+        if not isinstance(name, str) or not name.strip():
+            raise fail(f"image_info[{k}].image_name must be a non-empty string")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(texts):
+            raise fail(
+                f"image_info[{k}].matched_text_index must be an index into text_list (0..{len(texts) - 1})"
+            )
+        before.setdefault(index, []).append(name)
+    slices: list[Slice] = []
+    for i, text in enumerate(texts):
+        slices.extend(Slice("image", name) for name in before.get(i, []))
+        if text.strip():
+            slices.append(Slice("text", text.strip()))
+    if not slices:
+        raise fail("the document has no text and no image")
+    meta = {"url": obj["url"]} if isinstance(obj.get("url"), str) else None
+    return Record(id=rid, slices=slices, meta=meta, source=source, line=line)
+
+
+def _iter_csv(data: bytes, path: Path) -> Iterator[Record | DataError]:
+    source = str(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        yield DataError(f"not UTF-8 text (byte {exc.start})", source=source)
+        return
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip().lower() for h in (reader.fieldnames or [])]
+    if "image" not in header or "caption" not in header:
+        yield DataError(
+            f"the header must name 'image' and 'caption' columns (found: {', '.join(header) or 'none'})",
+            source=source,
+            line=1,
+        )
+        return
+    reader.fieldnames = header
+    start = 2
+    for row in reader:
+        line = start
+        start = reader.line_num + 1
+        rid = (row.get("id") or "").strip() or f"{path.stem}-{line}"
+        image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+        if None in row:
+            yield DataError("more fields than header columns", source=source, line=line, record_id=rid)
+        elif not image:
+            yield DataError("empty 'image' field", source=source, line=line, record_id=rid)
+        elif not caption:
+            yield DataError("empty 'caption' field", source=source, line=line, record_id=rid)
+        else:
+            yield Record(
+                id=rid, slices=[Slice("image", image), Slice("text", caption)], source=source, line=line
+            )

@@ -1,0 +1,132 @@
+"""Tiny random models built offline from configs, for tests and the quickstart.
+
+``save_tiny_teachers(out_dir)`` writes three ordinary Hugging Face model folders that
+``unimm prepare --teacher-image-expert/--teacher-text-expert/--teacher-clip`` accept::
+
+    python -c "from unimm.model.tiny import save_tiny_teachers; save_tiny_teachers('teachers')"
+    unimm prepare data.jsonl --out shards --teacher-image-expert teachers/image_expert \
+        --teacher-text-expert teachers/text_expert --teacher-clip teachers/clip
+
+The widths differ on purpose (image expert 32, text expert 48, CLIP 24) so that zero padding
+of ``u`` is exercised. Nothing is downloaded: tokenizers are built from a fixed vocabulary.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+_WORDS = (
+    "a an the of and in on at to is are with red green blue yellow white black square circle "
+    "triangle left right top bottom small big one two three four image photo picture shows "
+    "there what which color shape where how many"
+).split()
+
+
+def _bert_vocab() -> dict[str, int]:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens += chars + [f"##{c}" for c in string.ascii_lowercase + string.digits] + _WORDS
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[str]]:
+    # Byte-level BPE over printable ASCII; CLIP marks word ends with "</w>". No merges: every
+    # character is a token, which is all a random tiny model needs.
+    chars = [c for c in string.printable if not c.isspace()]
+    tokens = chars + [f"{c}</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, []
+
+
+def save_tiny_teachers(out_dir: str | Path, *, seed: int = 0, image_size: int = 32) -> dict[str, Path]:
+    """Write tiny random ``image_expert/``, ``text_expert/`` and ``clip/`` folders into ``out_dir``.
+
+    Args:
+        out_dir: destination folder (created).
+        seed: weight initialisation seed.
+        image_size: input resolution of both vision encoders.
+
+    Returns:
+        ``{"image_expert": path, "text_expert": path, "clip": path}``.
+    """
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizer,
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        Dinov2Config,
+        Dinov2Model,
+    )
+
+    out = Path(out_dir)
+    paths = {name: out / name for name in ("image_expert", "text_expert", "clip")}
+    torch.manual_seed(seed)
+    dinov2 = Dinov2Model(
+        Dinov2Config(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    dinov2.save_pretrained(paths["image_expert"])
+    square = {"height": image_size, "width": image_size}
+    BitImageProcessor(size={"shortest_edge": image_size}, crop_size=square).save_pretrained(
+        paths["image_expert"]
+    )
+
+    vocab = _bert_vocab()
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
+    bert.save_pretrained(paths["text_expert"])
+    BertTokenizer(vocab=vocab, model_max_length=128).save_pretrained(paths["text_expert"])
+
+    clip_vocab, merges = _clip_vocab()
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=merges, model_max_length=32)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(clip_vocab),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 32,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            vision_config={
+                "image_size": image_size,
+                "patch_size": 8,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+            projection_dim=24,
+        )
+    )
+    clip.save_pretrained(paths["clip"])
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=square),
+        tokenizer=tokenizer,
+    ).save_pretrained(paths["clip"])
+    return paths
