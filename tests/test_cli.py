@@ -18,9 +18,9 @@ def test_version():
 def test_help_lists_only_working_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("prepare", "bench"):
+    for name in ("prepare", "bench", "quickstart"):
         assert name in result.output
-    for later in ("train", "embed", "retrieve", "chat", "quickstart"):
+    for later in ("train", "embed", "retrieve", "chat", "eval"):
         assert f" {later} " not in result.output
 
 
@@ -76,3 +76,28 @@ def test_missing_teacher_folder_is_clear(tmp_path, unimm_records):
     )
     assert result.exit_code == 2
     assert "--teacher-clip" in result.output and "not a directory" in result.output
+
+
+def test_unavailable_teacher_device_is_clear(tmp_path, unimm_records, tiny_teachers):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(unimm_records),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+            "--teacher-clip",
+            str(tiny_teachers["clip"]),
+            "--device",
+            "cuda",
+        ],
+    )
+    assert (
+        result.exit_code == 2 and "CUDA is not available on this machine; use --device cpu" in result.output
+    )

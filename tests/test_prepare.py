@@ -298,6 +298,10 @@ BAD_CASES = {
     "dotdot_escape": ({"id": "x", "slices": [{"image": "../outside.jpg"}]}, "outside the image root"),
     "absolute_escape": ({"id": "x", "slices": [{"image": "/etc/hostname"}]}, "outside the image root"),
     "symlink_escape": ({"id": "x", "slices": [{"image": "bad/link.jpg"}]}, "outside the image root"),
+    "symlink_dir_escape": (
+        {"id": "x", "slices": [{"image": "bad/linkdir/outside.jpg"}]},
+        "outside the image root",
+    ),
     "empty_slices": ({"id": "x", "slices": []}, "'slices' is empty"),
     "unknown_kind": ({"id": "x", "slices": [{"audio": "a.wav"}]}, "exactly one of 'text' or 'image'"),
     "non_string_text": ({"id": "x", "slices": [{"text": ["a"]}]}, "'text' must be a string"),
@@ -314,6 +318,7 @@ def bad_files(tmp_path, image_dir):
     (bad / "truncated.jpg").write_bytes((image_dir / "5.jpg").read_bytes()[:400])
     make_image(tmp_path.parent / "outside.jpg")
     (bad / "link.jpg").symlink_to(tmp_path.parent / "outside.jpg")
+    (bad / "linkdir").symlink_to(tmp_path.parent, target_is_directory=True)
     _bomb_png(bad / "bomb.png")
     return bad
 
@@ -339,6 +344,14 @@ def test_bad_input_fail_and_skip(tmp_path, unimm_records, bad_files, case):
     assert rejects[0]["source"] == str(data) and rejects[0]["line"] == 4 and message in rejects[0]["reason"]
     assert read_manifest(out)["counts"]["samples"] == 12  # every good record is kept
     assert read_manifest(out)["counts"]["rejects"] == 1
+
+
+def test_all_rejected_is_an_error_that_keeps_the_reasons(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "slices": [{"image": "missing.jpg"}]}])
+    with pytest.raises(UnimmError, match="no record could be prepared: all 1 were rejected"):
+        prepare([data], tmp_path / "out", on_error="skip")
+    assert "missing.jpg" in (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_many_bad_records_listed_together(tmp_path, image_dir):
@@ -428,3 +441,34 @@ def test_reader_workers_split_shards_and_shuffle_is_seeded(tmp_path, unimm_recor
     assert order(1) == order(1)
     assert order(1) != order(2)
     assert sorted(order(1)) == sorted(ids)
+
+
+@pytest.mark.parametrize("name", ["000000001.json", "000000001.12.jpg", "x" * 100])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 123_456_789])
+def test_ustar_header_equals_tarfile(name, size):
+    from unimm.data.shards import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        size,
+        0,
+        0o644,
+        0,
+        0,
+        "",
+        "",
+    )
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_image_path_resolution_inside_root(tmp_path, image_dir):
+    from unimm.data.images import ImageProblem, resolve_image_path
+
+    (image_dir / "sub").mkdir()
+    (image_dir / "sub" / "alias.jpg").symlink_to(image_dir / "0.jpg")  # a link that stays inside is fine
+    assert resolve_image_path("imgs/sub/../0.jpg", tmp_path) == image_dir / "0.jpg"
+    assert resolve_image_path("imgs/sub/alias.jpg", tmp_path) == image_dir / "0.jpg"
+    assert resolve_image_path(str(image_dir / "1.jpg"), tmp_path) == image_dir / "1.jpg"  # absolute, inside
+    for bad in ("imgs/..", "imgs/sub/", "imgs"):
+        with pytest.raises(ImageProblem):
+            resolve_image_path(bad, image_dir)

@@ -14,11 +14,13 @@ manifest is written last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -101,6 +103,8 @@ def run(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
     start = kept[-1].end_record if kept else 0
 
     journal = {"fingerprint": fingerprint, "shards": [dataclasses.asdict(s) for s in kept]}
+    if kept:  # the manifest is gone until this run finishes: the journal must list what is kept
+        atomic_write_json(out_dir / JOURNAL_NAME, journal)
 
     def on_close(info: ShardInfo) -> None:
         journal["shards"].append(dataclasses.asdict(info))
@@ -125,27 +129,29 @@ def run(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         file=sys.stderr,
     )
     try:
-        for index, result in _processed(pending, start, opts, teachers):
-            item = pending[index]
-            if isinstance(result, DataError):
-                if opts.on_error == "fail":
-                    raise result
-                new_rejects.append(result.as_reject())
-                writer.note_reject(result.as_reject(), index)
-            else:
-                images, features = result
-                n_images = len(images)
-                writer.add(
-                    _sample_key(index),
-                    _members(item, images, features),
-                    index,
-                    images=n_images,
-                    texts=len(item.record.slices) - n_images,
-                )
-                if fault_after is not None and writer.index == fault_after and writer.open_samples == 1:
-                    os._exit(75)
-            bar.update(1)
-        writer.close_shard()
+        # closing(): on an error the pool is shut down now, not when the traceback is freed.
+        with contextlib.closing(_processed(pending, start, opts, teachers)) as results:
+            for index, result in results:
+                item = pending[index]
+                if isinstance(result, DataError):
+                    if opts.on_error == "fail":
+                        raise result
+                    new_rejects.append(result.as_reject())
+                    writer.note_reject(result.as_reject(), index)
+                else:
+                    images, features = result
+                    n_images = len(images)
+                    writer.add(
+                        _sample_key(index),
+                        _members(item, images, features),
+                        index,
+                        images=n_images,
+                        texts=len(item.record.slices) - n_images,
+                    )
+                    if fault_after is not None and writer.index == fault_after and writer.open_samples == 1:
+                        os._exit(75)
+                bar.update(1)
+        writer.finish()
     except BaseException:
         writer.abort()
         raise
@@ -155,6 +161,11 @@ def run(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
     shards = [ShardInfo(**s) for s in journal["shards"]]
     all_rejects = [r.as_reject() for r in rejects] + [r for s in kept for r in s.rejects] + new_rejects
     _write_rejects(out_dir, all_rejects)
+    if not shards:
+        raise UnimmError(
+            f"no record could be prepared: all {len(all_rejects)} were rejected; "
+            f"see {out_dir / REJECTS_NAME} for the reasons"
+        )
     manifest = _manifest(inputs, cfg, teachers, fingerprint, shards, len(all_rejects))
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
@@ -263,15 +274,31 @@ def _problems_error(problems: list[DataError]) -> UnimmError:
 
 
 def _encode_record(task: tuple) -> tuple[int, list[EncodedImage] | str]:
-    """Pool worker: encode the images of one record (top-level so that it pickles)."""
-    index, files, image_size, quality, verify, max_pixels = task
+    """Encode the images of one record (top-level so that a pool can pickle it)."""
+    index, files, image_size, quality, verify, max_pixels, in_pool = task
     try:
-        return index, [
+        images = [
             encode_image(f, image_size=image_size, jpeg_quality=quality, verify=verify, max_pixels=max_pixels)
             for f in files
         ]
     except ImageProblem as exc:
         return index, str(exc)
+    if in_pool:
+        images = [dataclasses.replace(im, data=b"") if im.copied else im for im in images]
+    return index, images
+
+
+def _fill_copied(images: list[EncodedImage], files: list[str]) -> list[EncodedImage] | str:
+    """Read the bytes of images a pool worker checked but did not send back."""
+    out = []
+    for image, file in zip(images, files, strict=True):
+        if image.copied and not image.data:
+            data = Path(file).read_bytes()
+            if len(data) != image.source_size:
+                return f"image {file} changed while it was being prepared; run again"
+            image = dataclasses.replace(image, data=data)
+        out.append(image)
+    return out
 
 
 def _processed(
@@ -279,17 +306,9 @@ def _processed(
 ) -> Iterator[tuple[int, tuple | DataError]]:
     """Yield ``(index, (images, features) | DataError)`` for records ``start`` onwards, in order."""
     chunk_start = start - start % TEACHER_CHUNK
-    tasks = (
-        (
-            i,
-            pending[i].image_files,
-            opts.image_size,
-            opts.jpeg_quality,
-            opts.verify_images,
-            opts.max_image_pixels,
-        )
-        for i in range(chunk_start, len(pending))
-    )
+    in_pool = opts.workers > 1
+    image_opts = (opts.image_size, opts.jpeg_quality, opts.verify_images, opts.max_image_pixels, in_pool)
+    tasks = ((i, pending[i].image_files, *image_opts) for i in range(chunk_start, len(pending)))
     encoded = _map_ordered(_encode_record, tasks, opts.workers)
     while True:
         chunk = [next(encoded, None) for _ in range(TEACHER_CHUNK)]
@@ -345,7 +364,9 @@ def _map_ordered(fn, tasks: Iterator, workers: int) -> Iterator:
             inflight.acquire()
             yield task
 
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    # Workers ignore Ctrl-C: the main process handles it once (keeps finished shards, says --resume).
+    context = multiprocessing.get_context(method)
+    with context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for result in pool.imap(fn, throttled(), chunksize=4):
             inflight.release()
             yield result

@@ -10,8 +10,10 @@ and re-encoded at ``jpeg_quality``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -24,11 +26,17 @@ class ImageProblem(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class EncodedImage:
-    """JPEG bytes as stored in the shard, with their pixel size."""
+    """JPEG bytes as stored in the shard, with their pixel size.
+
+    ``copied`` marks bytes identical to the source file; a pool worker then sends ``data`` empty
+    and the main process reads the file itself (cheaper than sending the bytes through a pipe).
+    """
 
     data: bytes
     width: int
     height: int
+    copied: bool = False
+    source_size: int = 0
 
 
 def resolve_image_path(value: str, root: str | Path) -> Path:
@@ -40,8 +48,16 @@ def resolve_image_path(value: str, root: str | Path) -> Path:
     Raises:
         ImageProblem: the path leaves the root or no file is there.
     """
-    root_real = os.path.realpath(root)
-    candidate = os.path.realpath(os.path.join(root_real, value))
+    root_real = _real_dir(str(root))
+    # The folder's real path is cached (images share folders), so a file costs one lstat; only
+    # a file that is itself a symlink is resolved in full.
+    folder, name = os.path.split(os.path.join(root_real, value))
+    candidate = os.path.join(_real_dir(folder), name)
+    try:
+        if name in ("", ".", "..") or stat.S_ISLNK(os.lstat(candidate).st_mode):
+            candidate = os.path.realpath(candidate)
+    except OSError:
+        pass  # reported below as not found
     if os.path.commonpath([root_real, candidate]) != root_real:
         raise ImageProblem(
             f"image path {value!r} resolves to {candidate}, outside the image root {root_real}; "
@@ -50,6 +66,11 @@ def resolve_image_path(value: str, root: str | Path) -> Path:
     if not os.path.isfile(candidate):
         raise ImageProblem(f"image {value!r} not found (looked for {candidate})")
     return Path(candidate)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_dir(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def target_size(width: int, height: int, image_size: int | None) -> tuple[int, int]:
@@ -126,7 +147,7 @@ def _encode(raw: bytes, image_size: int | None, quality: int, verify: str, max_p
             # broken file fails here, at a fraction of the cost of a full decode.
             img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
             img.load()
-        return EncodedImage(raw, width, height)
+        return EncodedImage(raw, width, height, copied=True, source_size=len(raw))
     if img.format == "JPEG" and orientation in (None, 1):
         img.draft("RGB", new_size)  # DCT-domain downscale first: much faster, deterministic
     img = ImageOps.exif_transpose(img)

@@ -22,6 +22,7 @@ import os
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,32 @@ def shard_name(index: int) -> str:
 def tar_bytes(member_sizes: Iterable[int]) -> int:
     """Bytes the members take in a tar: a 512-byte header each, data padded to 512."""
     return sum(512 + -(-n // 512) * 512 for n in member_sizes)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header tarfile writes for a regular file with unimm's fixed metadata.
+
+    Same bytes as ``TarInfo(name)`` with size, mode 0644, mtime 0, uid/gid 0 and empty owner
+    names, ``.tobuf(USTAR_FORMAT)`` (a test checks it), built directly because ``tobuf`` is the
+    slowest step of writing a shard.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name too long for USTAR: {name!r}")
+    if size >= 8**11:
+        raise ValueError(f"tar member too large for USTAR: {size} bytes")
+    header = bytearray(512)
+    header[0 : len(encoded)] = encoded
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b"        "
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 def _closed_tar_size(member_bytes: int) -> int:
@@ -83,8 +110,6 @@ class _HashingFile:
         return self._pos
 
     def close(self) -> str:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
         return self._hash.hexdigest()
 
@@ -118,7 +143,10 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.on_close = on_close
         self._file: _HashingFile | None = None
-        self._tar: tarfile.TarFile | None = None
+        # Finished shards are flushed to disk on a background thread while the next one is
+        # written; finish() waits for them, so the manifest never names a shard not on disk.
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unimm-fsync")
+        self._pending_syncs: list = []
         self._samples = self._images = self._texts = 0
         self._bytes = 0
         self._first_record = 0
@@ -138,22 +166,21 @@ class ShardWriter:
         ``images`` and ``texts`` are the sample's slice counts, summed into the shard's info.
         """
         size = tar_bytes(len(b) for b in members.values())
-        if self._tar is not None and (
+        if self._file is not None and (
             self._samples >= self.samples_per_shard
             or _closed_tar_size(self._bytes + size) > self.max_shard_bytes
         ):
             self.close_shard()
-        if self._tar is None:
+        if self._file is None:
             self._open(record_index)
         for ext in sorted(members):
             data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            # Written by hand (header, data, padding) rather than through TarFile.addfile, which
+            # copies in 16 KiB pieces: the bytes are the same, the writer about twice as fast.
+            self._file.write(ustar_header(f"{key}.{ext}", len(data)))
+            self._file.write(data)
+            if len(data) % 512:
+                self._file.write(b"\0" * (512 - len(data) % 512))
         self._samples += 1
         self._images += images
         self._texts += texts
@@ -163,12 +190,11 @@ class ShardWriter:
     def note_reject(self, row: dict, record_index: int) -> None:
         """Remember a rejected record inside the current range (kept with the shard for resume)."""
         self._rejects.append(row)
-        if self._tar is not None:
+        if self._file is not None:
             self._end_record = record_index + 1
 
     def _open(self, record_index: int) -> None:
         self._file = _HashingFile(self._tmp_path())
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._samples = self._images = self._texts = 0
         self._bytes = 0
         self._first_record = record_index
@@ -178,13 +204,15 @@ class ShardWriter:
 
     def close_shard(self) -> ShardInfo | None:
         """Finish the open shard (rename it into place); return its info, or None if none was open."""
-        if self._tar is None:
+        if self._file is None:
             return None
-        self._tar.close()
+        # End of archive as tarfile writes it: two zero blocks, padded to its 10 KiB record size.
+        self._file.write(b"\0" * (_closed_tar_size(self._file.tell()) - self._file.tell()))
         digest = self._file.close()
         final = self.out_dir / shard_name(self.index)
         size = self._tmp_path().stat().st_size
         os.replace(self._tmp_path(), final)
+        self._pending_syncs.append(self._syncer.submit(_fsync_path, final))
         info = ShardInfo(
             name=final.name,
             sha256=digest,
@@ -196,19 +224,37 @@ class ShardWriter:
             texts=self._texts,
             rejects=self._rejects,
         )
-        self._tar = self._file = None
+        self._file = None
         self._rejects = []
         self.index += 1
         if self.on_close is not None:
             self.on_close(info)
         return info
 
+    def finish(self) -> None:
+        """Close the open shard and wait until every finished shard is on disk."""
+        self.close_shard()
+        for future in self._pending_syncs:
+            future.result()
+        self._pending_syncs = []
+        self._syncer.shutdown()
+        _fsync_path(self.out_dir)  # the renames themselves
+
     def abort(self) -> None:
         """Drop the shard being written (its temporary file is removed)."""
         if self._file is not None:
             self._file.discard()
             self._tmp_path().unlink(missing_ok=True)
-        self._tar = self._file = None
+        self._file = None
+        self._syncer.shutdown(wait=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

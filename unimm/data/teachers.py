@@ -78,7 +78,7 @@ class TeacherEncoders:
         quiet_transformers()
 
         self.options = options
-        self.device = torch.device(options.device)
+        self.device = _check_device(options.device)
         remote = options.trust_remote_code
         self.info: dict[str, dict] = {}
         self.image_expert = self.image_processor = self.text_expert = self.text_tokenizer = None
@@ -88,14 +88,18 @@ class TeacherEncoders:
                 self.image_expert = AutoModel.from_pretrained(
                     path, local_files_only=True, trust_remote_code=remote
                 )
-                self.image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+                self.image_processor = AutoImageProcessor.from_pretrained(
+                    path, local_files_only=True, trust_remote_code=remote
+                )
                 self.info["image_expert"] = self._describe(path, self.image_expert)
             if options.text_expert is not None:
                 path = _check_model_dir(options.text_expert, "--teacher-text-expert")
                 self.text_expert = AutoModel.from_pretrained(
                     path, local_files_only=True, trust_remote_code=remote
                 )
-                self.text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.text_tokenizer = AutoTokenizer.from_pretrained(
+                    path, local_files_only=True, trust_remote_code=remote
+                )
                 self.info["text_expert"] = self._describe(path, self.text_expert)
             path = _check_model_dir(options.clip, "--teacher-clip")
             self.clip = CLIPModel.from_pretrained(path, local_files_only=True)
@@ -200,6 +204,18 @@ class TeacherEncoders:
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
             )
         )
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UnimmError(f"--device {name}: not a torch device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnimmError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UnimmError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _features(out) -> torch.Tensor:

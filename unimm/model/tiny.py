@@ -55,9 +55,7 @@ def save_tiny_teachers(out_dir: str | Path, *, seed: int = 0, image_size: int = 
         BertConfig,
         BertModel,
         BertTokenizer,
-        BitImageProcessor,
         CLIPConfig,
-        CLIPImageProcessor,
         CLIPModel,
         CLIPProcessor,
         CLIPTokenizer,
@@ -65,6 +63,17 @@ def save_tiny_teachers(out_dir: str | Path, *, seed: int = 0, image_size: int = 
         Dinov2Model,
     )
 
+    from unimm.utils import quiet_transformers
+
+    # The PIL image processors need no torchvision (which has no CPU wheel here); the saved
+    # folders load with AutoImageProcessor either way.
+    try:
+        from transformers import BitImageProcessorPil as BitImageProcessor
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # older transformers
+        from transformers import BitImageProcessor, CLIPImageProcessor
+
+    quiet_transformers()
     out = Path(out_dir)
     paths = {name: out / name for name in ("image_expert", "text_expert", "clip")}
     torch.manual_seed(seed)
