@@ -58,7 +58,7 @@ def test_data_error_exit_code_and_success_summary(tmp_path, unimm_records):
     assert "Traceback" not in result.output
     ok = runner.invoke(app, ["prepare", str(unimm_records), "--out", str(tmp_path / "good"), "-q"])
     assert ok.exit_code == 0, ok.output
-    assert "wrote 12 samples in 1 shard(s)" in ok.output
+    assert "wrote 12 sample(s) in 1 shard(s)" in ok.output
 
 
 def test_missing_teacher_folder_is_clear(tmp_path, unimm_records):

@@ -184,7 +184,7 @@ def prepare(
     result = run(cfg, progress=not quiet)
     kept = f" ({result.kept_shards} kept from the earlier run)" if result.kept_shards else ""
     typer.echo(
-        f"wrote {result.samples} samples in {result.shards} shard(s){kept} to {result.out_dir} "
+        f"wrote {result.samples} sample(s) in {result.shards} shard(s){kept} to {result.out_dir} "
         f"in {result.seconds:.1f} s"
     )
     if result.rejects:

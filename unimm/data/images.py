@@ -64,7 +64,10 @@ def resolve_image_path(value: str, root: str | Path) -> Path:
             "keep images under --image-root (or point --image-root at their folder)"
         )
     if not os.path.isfile(candidate):
-        raise ImageProblem(f"image {value!r} not found (looked for {candidate})")
+        raise ImageProblem(
+            f"image {value!r} not found (looked for {candidate}); paths are relative to --image-root, "
+            "which defaults to the input file's folder"
+        )
     return Path(candidate)
 
 
