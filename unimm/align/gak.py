@@ -1,0 +1,478 @@
+"""Global alignment kernels between views: all pairs of a ragged batch, single pairs, soft-DTW.
+
+A batch of ``N`` views is given packed: slice features ``[S, d]`` (views one after another) and
+``lengths`` ``[N]`` (``S = lengths.sum()``). All-pairs functions return ``[N, N]`` matrices and
+compute each unordered pair once (the matrix is symmetric), tile by tile so that memory stays
+bounded. Bandwidth: ``sigma="length_scaled"`` uses ``σ = δ·sqrt((n + m)/2)`` per pair (the
+paper's choice), ``"fixed"`` uses ``σ = δ``, and a number is used as ``σ`` directly.
+
+Normalised: ``K̃(x, y) = exp(log K(x, y) − ½ log K(x, x) − ½ log K(y, y))``, so ``K̃(x, x) = 1``.
+With ``single_slice="cosine"`` a pair of single-slice views gets the cosine of its two slices
+(the paper's choice; GAK is monotone in it there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from unimm.align.dp import alignment_dp, alignment_log_kernel, read_log_kernels
+from unimm.align.kernels import TEACHERS, local_log_kernel, squared_distance
+
+SIGMAS = ("length_scaled", "fixed")
+SINGLE_SLICE = ("cosine", "gak")
+# Elements of one tile's local kernels [views_a, views_b, L, L]; bounds peak memory per tile.
+_TILE_CELLS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+
+def _check_lengths(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths).to(torch.long).flatten()
+    if lengths.numel() == 0:
+        raise ValueError("no views: lengths is empty")
+    if int(lengths.min()) < 1:
+        raise ValueError("every view needs at least one slice (a length is < 1)")
+    if int(lengths.sum()) != total:
+        raise ValueError(f"lengths sum to {int(lengths.sum())} but {total} slices were given")
+    return lengths
+
+
+def pad_views(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Packed slices ``[S, ...]`` → ``[N, L_max, ...]`` zero-padded (differentiable)."""
+    lengths = lengths.to(x.device)
+    n_views, longest = lengths.numel(), int(lengths.max())
+    view = torch.repeat_interleave(torch.arange(n_views, device=x.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(x.shape[0], device=x.device) - starts[view]
+    out = x.new_zeros((n_views, longest, *x.shape[1:]))
+    return out.index_put((view, pos), x)
+
+
+def _sigma_of(lengths_a: torch.Tensor, lengths_b: torch.Tensor, sigma, delta: float, dtype) -> torch.Tensor:
+    if isinstance(sigma, str):
+        if sigma == "length_scaled":
+            return delta * torch.sqrt((lengths_a + lengths_b).to(dtype) / 2)
+        if sigma == "fixed":
+            return torch.full(lengths_a.shape, float(delta), dtype=dtype, device=lengths_a.device)
+        raise ValueError(f"sigma must be one of {SIGMAS} or a number, got {sigma!r}")
+    value = float(sigma)
+    if not value > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    return torch.full(lengths_a.shape, value, dtype=dtype, device=lengths_a.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# All pairs (pair-last layout: [L, L, pairs], see unimm.align.dp)
+
+
+BlockDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(views_a [A], views_b [B]) -> φ [A, L, B, L]`` (the matrix product's own layout)."""
+
+
+def _block_gram(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """``[A, L, d]``, ``[B, L, d]`` → ``[A, L, B, L]`` dot products, as one matrix product."""
+    (n_a, length, dim), n_b = xa.shape, xb.shape[0]
+    gram = xa.reshape(n_a * length, dim) @ xb.reshape(n_b * length, dim).T
+    return gram.view(n_a, length, n_b, length)
+
+
+def _plain_distance(padded: torch.Tensor) -> BlockDistance:
+    sq = (padded * padded).sum(-1)  # [N, L]
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        phi = _block_gram(padded[a], padded[b]).mul_(-2)
+        phi.add_(sq[a].view(len(a), -1, 1, 1)).add_(sq[b].view(1, 1, len(b), -1))
+        return phi.clamp_min_(0)
+
+    return distance
+
+
+def _triple_distance(pu, pv, pm, kind: str) -> BlockDistance:
+    # ‖a − b‖² with the norms, not 2 − 2 a·b: the same for unit rows, exactly 0 for a slice and
+    # itself, and smooth for rows that are only nearly unit (features stored in float16).
+    plain_v = _plain_distance(pv)
+    plain_u = _plain_distance(pu) if kind == "triple" else None
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        phi = plain_v(a, b)
+        if kind == "triple":
+            same = pm[a].view(len(a), -1, 1, 1) == pm[b].view(1, 1, len(b), -1)
+            phi = torch.where(same, plain_u(a, b), phi)
+        return phi
+
+    return distance
+
+
+def _tiles(n_views: int, longest: int, device):
+    """Upper-triangular tiles of view blocks; per tile, the view ids and local pair indices."""
+    tile = max(1, int(math.sqrt(_TILE_CELLS / max(1, longest * longest))))
+    for a0 in range(0, n_views, tile):
+        for b0 in range(a0, n_views, tile):
+            views_a = torch.arange(a0, min(a0 + tile, n_views), device=device)
+            views_b = torch.arange(b0, min(b0 + tile, n_views), device=device)
+            ia, ib = torch.meshgrid(
+                torch.arange(len(views_a), device=device),
+                torch.arange(len(views_b), device=device),
+                indexing="ij",
+            )
+            ia, ib = ia.flatten(), ib.flatten()
+            keep = None
+            if a0 == b0:
+                keep = ia <= ib
+                ia, ib = ia[keep], ib[keep]
+            yield views_a, views_b, views_a[ia], views_b[ib], keep is not None
+
+
+def _pairs_of_tile(phi: torch.Tensor, upper: bool) -> torch.Tensor:
+    """``φ [A, L, B, L]`` → pair-last ``[L, L, P]``: all pairs, or (``upper``) pairs ``a ≤ b`` row-major.
+
+    One copy either way; the upper triangle is gathered row by row (twice as fast as an index).
+    """
+    cells = phi.permute(1, 3, 0, 2)
+    if not upper:
+        return cells.reshape(cells.shape[0], cells.shape[1], -1)
+    return torch.cat([cells[:, :, a, a:] for a in range(cells.shape[2])], dim=2)
+
+
+def _all_pairs(
+    distance: BlockDistance,
+    lengths: torch.Tensor,
+    longest: int,
+    reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Evaluate ``reduce(φ [L, L, P], n, m)`` for every unordered view pair; return the symmetric matrix."""
+    n_views = lengths.numel()
+    values, rows, cols = [], [], []
+    for views_a, views_b, ga, gb, keep in _tiles(n_views, longest, lengths.device):
+        phi = _pairs_of_tile(distance(views_a, views_b), keep)
+        values.append(reduce(phi, lengths[ga], lengths[gb]))
+        rows.append(ga)
+        cols.append(gb)
+    vals, r, c = torch.cat(values), torch.cat(rows), torch.cat(cols)
+    out = vals.new_zeros(n_views, n_views)
+    out = out.index_put((r, c), vals)
+    return out.index_put((c, r), vals)
+
+
+def _gak_reduce(sigma, delta: float, method: str):
+    def reduce(phi: torch.Tensor, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        s = _sigma_of(n, m, sigma, delta, phi.dtype)
+        scale = 0.5 / (s * s)
+        # φ is a fresh copy unless it needs a gradient: scale it in place then (saves a pass).
+        t = phi * scale.view(1, 1, -1) if phi.requires_grad else phi.mul_(scale.view(1, 1, -1))
+        return alignment_dp(t, n, m, local="gak", method=method)
+
+    return reduce
+
+
+def _inside(shape, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(shape[0], device=n.device).view(-1, 1, 1)
+    cols = torch.arange(shape[1], device=n.device).view(1, -1, 1)
+    return (rows < n.view(1, 1, -1)) & (cols < m.view(1, 1, -1))
+
+
+def _mean_similarity_reduce(phi: torch.Tensor, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    sim = (1 - phi / 2) * _inside(phi.shape, n, m)
+    return sim.sum((0, 1)) / (n * m).to(phi.dtype)
+
+
+def _normalise(log_k: torch.Tensor) -> torch.Tensor:
+    diag = torch.diagonal(log_k)
+    return torch.exp(log_k - 0.5 * diag.unsqueeze(0) - 0.5 * diag.unsqueeze(1))
+
+
+def _finish(
+    log_k: torch.Tensor, cosine: torch.Tensor | None, lengths: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    out = _normalise(log_k) if normalize else torch.exp(log_k)
+    if cosine is not None:
+        single = lengths == 1
+        both = single.unsqueeze(0) & single.unsqueeze(1)
+        out = torch.where(both, cosine, out)
+    return out
+
+
+def _first_slice_cosine(pu, pv, pm, kind: str) -> torch.Tensor:
+    """Cosine of the first slices of all views as the teacher picks it: ``[N, N]``."""
+
+    def cosine(x: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(x, dim=-1)
+        return unit @ unit.T
+
+    cos = cosine(pv[:, 0])
+    if kind == "triple":
+        same = pm[:, 0].unsqueeze(1) == pm[:, 0].unsqueeze(0)
+        cos = torch.where(same, cosine(pu[:, 0]), cos)
+    return cos
+
+
+def log_gak_matrix(
+    x: torch.Tensor, lengths: torch.Tensor, *, sigma: float, method: str = "auto"
+) -> torch.Tensor:
+    """Raw ``log K`` between all views of a batch of plain vectors (stable contract).
+
+    Args:
+        x: ``[S, d]`` slices of ``N`` views, packed.
+        lengths: ``[N]`` slices per view.
+        sigma: the fixed bandwidth ``σ`` (local distance ``‖a − b‖²``).
+        method: DP recursion (``auto``, ``scaled``, ``log``); see :mod:`unimm.align.dp`.
+
+    Returns:
+        ``[N, N]`` symmetric ``log K``, differentiable in ``x``. No normalisation, no shortcut.
+    """
+    lengths = _check_lengths(lengths, x.shape[0])
+    padded = pad_views(x, lengths)
+    return _all_pairs(
+        _plain_distance(padded), lengths.to(x.device), padded.shape[1], _gak_reduce(float(sigma), 1.0, method)
+    )
+
+
+def gak_matrix(
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    delta: float = 1.0,
+    sigma: str | float = "length_scaled",
+    normalize: bool = True,
+    single_slice: str = "cosine",
+    method: str = "auto",
+) -> torch.Tensor:
+    """``K̃`` (or raw ``K``) between all views of plain vectors (e.g. student slice embeddings).
+
+    Same options as :func:`gak_matrix_triple` with ``φ = ‖a − b‖²``; the single-slice shortcut
+    uses the cosine of the two vectors.
+    """
+    _check_options(sigma, single_slice, "triple")
+    lengths = _check_lengths(lengths, x.shape[0]).to(x.device)
+    padded = pad_views(x, lengths)
+    log_k = _all_pairs(_plain_distance(padded), lengths, padded.shape[1], _gak_reduce(sigma, delta, method))
+    cosine = None
+    if single_slice == "cosine":
+        unit = torch.nn.functional.normalize(padded[:, 0], dim=-1)
+        cosine = unit @ unit.T
+    return _finish(log_k, cosine, lengths, normalize)
+
+
+def gak_matrix_triple(
+    u: torch.Tensor | None,
+    v: torch.Tensor,
+    modality: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    delta: float,
+    sigma: str | float = "length_scaled",
+    normalize: bool = True,
+    single_slice: str = "cosine",
+    teacher: str = "triple",
+    method: str = "auto",
+) -> torch.Tensor:
+    """The target similarities ``M^l`` of the structure-induced loss (stable contract).
+
+    Args:
+        u: ``[S, d_u]`` expert features (unit rows; ``None`` allowed with ``teacher="clip"``).
+        v: ``[S, d_v]`` CLIP features (unit rows).
+        modality: ``[S]`` 0 text, 1 image.
+        lengths: ``[N]`` slices per view (views packed one after another).
+        delta: bandwidth scale ``δ``.
+        sigma: ``length_scaled`` (``σ = δ·sqrt((n+m)/2)``), ``fixed`` (``σ = δ``) or a number.
+        normalize: return ``K̃`` (else raw ``K``, which may overflow for long views).
+        single_slice: ``cosine`` — single-slice pairs get the cosine their teacher picks
+            (``u`` within a modality, ``v`` across) — or ``gak``.
+        teacher: ``triple``, ``clip`` (``v`` for every pair) or ``mean`` (mean slice similarity
+            ``1 − φ/2`` instead of GAK; the paper's "w/o GAK").
+        method: DP recursion; see :mod:`unimm.align.dp`.
+
+    Returns:
+        ``[N, N]`` symmetric similarities, in ``(0, 1]`` when normalised.
+    """
+    _check_options(sigma, single_slice, teacher)
+    lengths = _check_lengths(lengths, v.shape[0]).to(v.device)
+    dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+    v = v.to(dtype)
+    u = u.to(dtype) if u is not None else None
+    pv, pm = pad_views(v, lengths), pad_views(modality.to(v.device), lengths)
+    pu = pad_views(u, lengths) if u is not None else None
+    kind = "clip" if teacher == "clip" else "triple"
+    if kind == "triple" and pu is None:
+        raise ValueError("the triple kernel needs expert features u (prepare with both experts)")
+
+    distance = _triple_distance(pu, pv, pm, kind)
+    if teacher == "mean":
+        return _all_pairs(distance, lengths, pv.shape[1], _mean_similarity_reduce)
+    log_k = _all_pairs(distance, lengths, pv.shape[1], _gak_reduce(sigma, delta, method))
+    cosine = _first_slice_cosine(pu, pv, pm, kind) if single_slice == "cosine" else None
+    return _finish(log_k, cosine, lengths, normalize)
+
+
+def _check_options(sigma, single_slice: str, teacher: str) -> None:
+    if isinstance(sigma, str) and sigma not in SIGMAS:
+        raise ValueError(f"sigma must be one of {SIGMAS} or a number, got {sigma!r}")
+    if single_slice not in SINGLE_SLICE:
+        raise ValueError(f"single_slice must be one of {SINGLE_SLICE}, got {single_slice!r}")
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Single pairs and soft-DTW
+
+
+def log_gak(x: torch.Tensor, y: torch.Tensor, *, sigma: float, method: str = "auto") -> torch.Tensor:
+    """``log K(x, y)`` for two sequences of plain vectors ``[n, d]``, ``[m, d]`` (fixed ``σ``)."""
+    logk = local_log_kernel(squared_distance(x, y), float(sigma)).unsqueeze(0)
+    n = torch.tensor([x.shape[0]])
+    m = torch.tensor([y.shape[0]])
+    return alignment_log_kernel(logk, n, m, method=method)[0]
+
+
+def gak(x: torch.Tensor, y: torch.Tensor, *, sigma: float, normalize: bool = True) -> torch.Tensor:
+    """``K̃(x, y)`` (or raw ``K``) for two sequences of plain vectors with a fixed ``σ``."""
+    value = log_gak(x, y, sigma=sigma)
+    if not normalize:
+        return torch.exp(value)
+    return torch.exp(value - 0.5 * log_gak(x, x, sigma=sigma) - 0.5 * log_gak(y, y, sigma=sigma))
+
+
+def soft_dtw(x: torch.Tensor, y: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """Soft-DTW (Cuturi & Blondel 2017) with squared Euclidean cost: the same DP in log space.
+
+    ``sdtw_γ(x, y) = −γ · log Σ_paths exp(−cost(path)/γ)``; with ``γ = 1`` and cost ``−log k`` it
+    is ``−log K``. Differentiable in ``x`` and ``y``.
+    """
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    logk = (-squared_distance(x, y) / gamma).unsqueeze(0)
+    n = torch.tensor([x.shape[0]])
+    m = torch.tensor([y.shape[0]])
+    return -gamma * alignment_log_kernel(logk, n, m)[0]
+
+
+def soft_dtw_matrix(x: torch.Tensor, lengths: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """Soft-DTW between all views of a packed batch of plain vectors: ``[N, N]``."""
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    lengths = _check_lengths(lengths, x.shape[0]).to(x.device)
+    padded = pad_views(x, lengths)
+
+    def reduce(phi, n, m):
+        return -gamma * alignment_dp(-phi / gamma, n, m, local="log")
+
+    return _all_pairs(_plain_distance(padded), lengths, padded.shape[1], reduce)
+
+
+def soft_dtw_divergence(x: torch.Tensor, y: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """``sdtw(x, y) − ½ (sdtw(x, x) + sdtw(y, y))`` (Blondel et al. 2021): ≥ 0, zero at ``x = y``."""
+    return soft_dtw(x, y, gamma=gamma) - 0.5 * (soft_dtw(x, x, gamma=gamma) + soft_dtw(y, y, gamma=gamma))
+
+
+def soft_dtw_divergence_matrix(x: torch.Tensor, lengths: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """Soft-DTW divergence between all views of a packed batch: ``[N, N]`` with a zero diagonal."""
+    s = soft_dtw_matrix(x, lengths, gamma=gamma)
+    diag = torch.diagonal(s)
+    return s - 0.5 * (diag.unsqueeze(0) + diag.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix sharing
+
+
+def gak_matrix_prefix(
+    u: torch.Tensor | None,
+    v: torch.Tensor,
+    modality: torch.Tensor,
+    sample_lengths: torch.Tensor,
+    view_sample: torch.Tensor,
+    view_cut: torch.Tensor,
+    *,
+    sigma: float,
+    normalize: bool = True,
+    single_slice: str = "cosine",
+    teacher: str = "triple",
+    method: str = "auto",
+) -> torch.Tensor:
+    """Target similarities between views that are prefixes of samples, one DP table per sample pair.
+
+    With a fixed ``σ`` the table of samples ``A``, ``B`` holds ``log K`` of every pair of their
+    prefixes at ``L[c_a, c_b]``, so ``P`` cut points per sample cost one table instead of ``P²``.
+    The result equals :func:`gak_matrix_triple` on the packed views with ``sigma=σ`` (a test
+    checks it). Targets need no gradient: this runs without one.
+
+    Args:
+        u, v, modality: slice features of the *samples*, packed (see :func:`gak_matrix_triple`).
+        sample_lengths: ``[N_s]`` slices per sample.
+        view_sample: ``[N]`` the sample each view is a prefix of.
+        view_cut: ``[N]`` the view's length (its cut point, ``1 ≤ c ≤`` the sample's length).
+        sigma: the fixed bandwidth ``σ`` (a length-scaled ``σ`` differs per pair of views, so their
+            tables cannot be shared; use :func:`gak_matrix_triple` for it).
+
+    Returns:
+        ``[N, N]`` similarities (``K̃``, or raw ``K`` when ``normalize=False``).
+    """
+    if isinstance(sigma, str):
+        raise ValueError(
+            "prefix sharing needs a fixed sigma (a number); length-scaled tables differ per pair"
+        )
+    _check_options(float(sigma), single_slice, teacher)
+    sample_lengths = _check_lengths(sample_lengths, v.shape[0]).to(v.device)
+    view_sample = torch.as_tensor(view_sample, device=v.device, dtype=torch.long)
+    view_cut = torch.as_tensor(view_cut, device=v.device, dtype=torch.long)
+    if bool((view_cut < 1).any()) or bool((view_cut > sample_lengths[view_sample]).any()):
+        raise ValueError("each view's cut must be between 1 and its sample's length")
+    dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+    with torch.no_grad():
+        pv = pad_views(v.to(dtype), sample_lengths)
+        pm = pad_views(modality.to(v.device), sample_lengths)
+        pu = pad_views(u.to(dtype), sample_lengths) if u is not None else None
+        kind = "clip" if teacher == "clip" else "triple"
+        if kind == "triple" and pu is None:
+            raise ValueError("the triple kernel needs expert features u (prepare with both experts)")
+        n_samples, n_views = sample_lengths.numel(), view_sample.numel()
+        va, vb = torch.triu_indices(n_views, n_views, device=v.device)
+        sa, sb = view_sample[va], view_sample[vb]
+        swap = sa > sb  # each unordered sample pair's table is read from (low, high)
+        lo, hi = torch.where(swap, sb, sa), torch.where(swap, sa, sb)
+        row = torch.where(swap, view_cut[vb], view_cut[va])
+        col = torch.where(swap, view_cut[va], view_cut[vb])
+        read_key = lo * n_samples + hi
+        vals = torch.empty(va.numel(), dtype=dtype, device=v.device)
+        distance = _triple_distance(pu, pv, pm, kind)
+        for views_a, views_b, ga, gb, keep in _tiles(n_samples, pv.shape[1], v.device):
+            tile_key = ga * n_samples + gb  # sorted: tiles enumerate pairs row-major
+            mine = torch.nonzero((read_key >= tile_key[0]) & (read_key <= tile_key[-1])).flatten()
+            pair = torch.searchsorted(tile_key, read_key[mine])
+            hit = tile_key[pair.clamp_max(len(tile_key) - 1)] == read_key[mine]
+            mine, pair = mine[hit], pair[hit]
+            if mine.numel() == 0:
+                continue
+            phi = _pairs_of_tile(distance(views_a, views_b), keep)
+            if teacher == "mean":
+                csum = (1 - phi / 2).cumsum(0).cumsum(1)  # a prefix block's mean = its sum / (c_a c_b)
+                vals[mine] = csum[row[mine] - 1, col[mine] - 1, pair] / (row[mine] * col[mine]).to(dtype)
+            else:
+                t = phi * (0.5 / float(sigma) ** 2)
+                vals[mine] = read_log_kernels(
+                    t,
+                    sample_lengths[ga],
+                    sample_lengths[gb],
+                    pair,
+                    row[mine],
+                    col[mine],
+                    local="gak",
+                    method=method,
+                )
+        out = vals.new_zeros(n_views, n_views)
+        out[va, vb] = vals
+        out[vb, va] = vals
+        if teacher == "mean":
+            return out
+        result = _normalise(out) if normalize else torch.exp(out)
+        if single_slice == "cosine":
+            cos = _first_slice_cosine(pu, pv, pm, kind)[view_sample][:, view_sample]
+            single = view_cut == 1
+            result = torch.where(single.unsqueeze(0) & single.unsqueeze(1), cos, result)
+        return result
