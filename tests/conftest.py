@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import COLOURS, make_image, write_jsonl
+
+# Without a GPU, Triton kernels run in its interpreter (set before any kernel is defined); on a
+# GPU machine the real kernels run (`pytest -m gpu`).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

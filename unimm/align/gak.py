@@ -14,6 +14,7 @@ With ``single_slice="cosine"`` a pair of single-slice views gets the cosine of i
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -181,6 +182,50 @@ def _mean_similarity_reduce(phi: torch.Tensor, n: torch.Tensor, m: torch.Tensor)
     return sim.sum((0, 1)) / (n * m).to(phi.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Back ends
+
+
+BACKENDS = ("reference", "triton")
+BACKEND_ENV = "UNIMM_ALIGN_BACKEND"
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The back end for tensors like ``x``: ``$UNIMM_ALIGN_BACKEND`` if set, else Triton on CUDA.
+
+    Raises:
+        ValueError: an unknown back end is asked for, or Triton where it cannot run.
+    """
+    from unimm.align import triton_gak
+
+    asked = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if asked and asked not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={asked!r}: use one of {', '.join(BACKENDS)}")
+    if asked == "reference":
+        return "reference"
+    if asked == "triton":
+        if not triton_gak.available():
+            raise ValueError(f"{BACKEND_ENV}=triton but Triton is not installed (pip install triton)")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{BACKEND_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+        return "triton"
+    return "triton" if x.is_cuda and triton_gak.available() else "reference"
+
+
+def _triton_all_pairs(v, u, modality, lengths, sigma, delta) -> torch.Tensor:
+    """``log K`` ``[N, N]`` between all packed views with the fused kernels (fp32)."""
+    from unimm.align.triton_gak import triton_log_gak_pairs
+
+    n_views = lengths.numel()
+    pair_a, pair_b = torch.triu_indices(n_views, n_views, device=v.device)
+    s = _sigma_of(lengths[pair_a], lengths[pair_b], sigma, delta, torch.float32)
+    offset = torch.cumsum(lengths, 0) - lengths
+    vals = triton_log_gak_pairs(v, u, modality, offset, lengths, pair_a, pair_b, s * s)
+    out = vals.new_zeros(n_views, n_views)
+    out = out.index_put((pair_a, pair_b), vals)
+    return out.index_put((pair_b, pair_a), vals)
+
+
 def _normalise(log_k: torch.Tensor) -> torch.Tensor:
     diag = torch.diagonal(log_k)
     return torch.exp(log_k - 0.5 * diag.unsqueeze(0) - 0.5 * diag.unsqueeze(1))
@@ -225,7 +270,9 @@ def log_gak_matrix(
     Returns:
         ``[N, N]`` symmetric ``log K``, differentiable in ``x``. No normalisation, no shortcut.
     """
-    lengths = _check_lengths(lengths, x.shape[0])
+    lengths = _check_lengths(lengths, x.shape[0]).to(x.device)
+    if backend_for(x) == "triton":
+        return _triton_all_pairs(x, None, None, lengths, float(sigma), 1.0)
     padded = pad_views(x, lengths)
     return _all_pairs(
         _plain_distance(padded), lengths.to(x.device), padded.shape[1], _gak_reduce(float(sigma), 1.0, method)
@@ -250,7 +297,12 @@ def gak_matrix(
     _check_options(sigma, single_slice, "triple")
     lengths = _check_lengths(lengths, x.shape[0]).to(x.device)
     padded = pad_views(x, lengths)
-    log_k = _all_pairs(_plain_distance(padded), lengths, padded.shape[1], _gak_reduce(sigma, delta, method))
+    if backend_for(x) == "triton":
+        log_k = _triton_all_pairs(x, None, None, lengths, sigma, delta)
+    else:
+        log_k = _all_pairs(
+            _plain_distance(padded), lengths, padded.shape[1], _gak_reduce(sigma, delta, method)
+        )
     cosine = None
     if single_slice == "cosine":
         unit = torch.nn.functional.normalize(padded[:, 0], dim=-1)
@@ -304,7 +356,10 @@ def gak_matrix_triple(
     distance = _triple_distance(pu, pv, pm, kind)
     if teacher == "mean":
         return _all_pairs(distance, lengths, pv.shape[1], _mean_similarity_reduce)
-    log_k = _all_pairs(distance, lengths, pv.shape[1], _gak_reduce(sigma, delta, method))
+    if backend_for(v) == "triton":
+        log_k = _triton_all_pairs(v, u if kind == "triple" else None, modality, lengths, sigma, delta)
+    else:
+        log_k = _all_pairs(distance, lengths, pv.shape[1], _gak_reduce(sigma, delta, method))
     cosine = _first_slice_cosine(pu, pv, pm, kind) if single_slice == "cosine" else None
     return _finish(log_k, cosine, lengths, normalize)
 
