@@ -151,3 +151,197 @@ def print_table(rows: list[dict]) -> None:
             f"data: {first['records']} records x {first['images_per_record']} images ({first['image']}); "
             f"{first['cpus']} CPUs"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# unimm bench align
+
+
+def _timer(device: str):
+    """``time(fn) -> seconds`` (best of several runs; ``do_bench`` on CUDA)."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3
+
+    def best(fn, repeats: int = 3) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best
+
+
+def _align_data(n_views: int, slices: int, width: int, triple: bool, dtype, device: str, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    total = n_views * slices
+
+    def unit(d):
+        x = torch.randn(total, d, generator=g, dtype=torch.float32)
+        return torch.nn.functional.normalize(x, dim=-1).to(dtype=dtype, device=device)
+
+    lengths = torch.full((n_views,), slices, device=device)
+    modality = torch.randint(0, 2, (total,), generator=g).to(device)
+    return (unit(width) if triple else None), unit(width), modality, lengths
+
+
+def bench_align(*, device: str = "cpu", quick: bool = False) -> list[dict]:
+    """Time the all-pairs GAK: reference (and Triton on CUDA), tslearn on CPU, as ratios.
+
+    Grid: views × slices per view × features (``teacher``: triple kernel on 768 + 768 teacher
+    features; ``student``: plain 4096-d vectors). CPU runs a grid sized for a small machine.
+    """
+    import os
+
+    import torch
+
+    from unimm.align import gak_matrix, gak_matrix_triple
+
+    timer = _timer(device)
+    rows: list[dict] = []
+    cpu = device == "cpu"
+    if cpu:
+        grid = [(256, 4), (256, 16), (1024, 4), (1024, 16), (256, 64)]
+        if quick:
+            grid = [(256, 4), (256, 16)]
+    else:
+        grid = [(n, s) for n in (256, 1024, 4096) for s in (4, 16, 64)]
+
+    def with_backend(name, fn):
+        old = os.environ.get("UNIMM_ALIGN_BACKEND")
+        os.environ["UNIMM_ALIGN_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("UNIMM_ALIGN_BACKEND", None)
+            else:
+                os.environ["UNIMM_ALIGN_BACKEND"] = old
+
+    backends = ["reference"] + ([] if cpu else ["triton"])
+    for n_views, slices in grid:
+        for kind, width, triple in (("teacher", 768, True), ("student", 4096, False)):
+            if kind == "student" and (n_views > (256 if cpu else 1024) or slices > 16):
+                continue  # the student Gram alone is ~(N·L)²·4096 flops
+            u, v, modality, lengths = _align_data(n_views, slices, width, triple, torch.float32, device)
+
+            def forward(u=u, v=v, modality=modality, lengths=lengths, triple=triple):
+                with torch.no_grad():
+                    if triple:
+                        return gak_matrix_triple(u, v, modality, lengths, delta=1.0)
+                    return gak_matrix(v, lengths, delta=1.0)
+
+            def forward_backward(v=v, lengths=lengths):
+                x = v.detach().requires_grad_()
+                gak_matrix(x, lengths, delta=1.0).sum().backward()
+
+            times = {}
+            for backend in backends:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                fwd = with_backend(backend, lambda forward=forward: timer(forward))
+                peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+                both = None
+                if kind == "student":
+                    both = with_backend(backend, lambda fb=forward_backward: timer(fb))
+                times[backend] = fwd
+                cells = n_views * (n_views + 1) / 2 * slices * slices
+                rows.append(
+                    {
+                        "views": n_views,
+                        "slices": slices,
+                        "features": kind,
+                        "backend": backend,
+                        "dtype": "float32",
+                        "forward_s": round(fwd, 6),
+                        "forward_backward_s": round(both, 6) if both else None,
+                        "cells_per_s": round(cells / fwd),
+                        "peak_mib": round(peak, 1) if peak else None,
+                    }
+                )
+            if "triton" in times:
+                rows[-1]["speedup_vs_reference"] = round(times["reference"] / times["triton"], 1)
+            if kind == "student" and device == "cuda":
+                x = v.detach().requires_grad_()
+
+                def matmuls(x=x):  # the Gram and the backward's two products: the floor
+                    gram = x @ x.T
+                    w = torch.ones_like(gram)
+                    return w @ x, gram
+
+                rows[-1]["matmul_floor_s"] = round(timer(matmuls), 6)
+    if cpu:
+        rows.extend(_bench_tslearn(timer))
+    return rows
+
+
+def _bench_tslearn(timer) -> list[dict]:
+    """Reference forward vs tslearn ``cdist_gak`` (numba) on the same plain vectors, N=256, 16 slices."""
+    import numpy as np
+    import torch
+
+    from unimm.align import gak_matrix
+
+    try:
+        from tslearn.metrics import cdist_gak
+    except ImportError:
+        return []
+    rows = []
+    for width in (64, 768):
+        _, v, _, lengths = _align_data(256, 16, width, False, torch.float64, "cpu", seed=1)
+        series = v.numpy().reshape(256, 16, width)
+        ts = timer(lambda series=series: cdist_gak(series, sigma=1.0))
+        want = cdist_gak(series, sigma=1.0)
+        for dtype in (torch.float64, torch.float32):
+            x = v.to(dtype)
+            with torch.no_grad():
+                ours_s = timer(
+                    lambda x=x, lengths=lengths: gak_matrix(x, lengths, sigma=1.0, single_slice="gak")
+                )
+                got = gak_matrix(x, lengths, sigma=1.0, single_slice="gak").double().numpy()
+            rows.append(
+                {
+                    "views": 256,
+                    "slices": 16,
+                    "features": f"plain {width}-d",
+                    "backend": "reference",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "forward_s": round(ours_s, 4),
+                    "tslearn_s": round(ts, 4),
+                    "speedup_vs_tslearn": round(ts / ours_s, 1),
+                    "max_rel_diff_vs_tslearn": float(np.abs(got / want - 1).max()),
+                }
+            )
+    return rows
+
+
+def print_align_table(rows: list[dict]) -> None:
+    """Print ``bench align`` rows as a table."""
+    keys = [
+        "views",
+        "slices",
+        "features",
+        "backend",
+        "dtype",
+        "forward_s",
+        "forward_backward_s",
+        "cells_per_s",
+        "peak_mib",
+        "speedup_vs_reference",
+        "matmul_floor_s",
+        "tslearn_s",
+        "speedup_vs_tslearn",
+        "max_rel_diff_vs_tslearn",
+    ]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    text = [[str(r.get(k, "")) if r.get(k) is not None else "" for k in keys] for r in rows]
+    widths = [max(len(k), *(len(t[i]) for t in text)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
+    for t in text:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))

@@ -232,6 +232,30 @@ def bench_prepare_cmd(
         atomic_write_json(json_out, rows)
 
 
+@bench_app.command("align")
+@user_errors
+def bench_align_cmd(
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller grid.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""
+    import torch
+
+    from unimm.bench import bench_align, print_align_table
+
+    if device not in ("cpu", "cuda"):
+        raise UnimmError(f"--device {device}: use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnimmError("--device cuda: CUDA is not available on this machine")
+    rows = bench_align(device=device, quick=quick)
+    print_align_table(rows)
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="unimm")

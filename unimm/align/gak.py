@@ -24,8 +24,10 @@ from unimm.align.kernels import TEACHERS, local_log_kernel, squared_distance
 
 SIGMAS = ("length_scaled", "fixed")
 SINGLE_SLICE = ("cosine", "gak")
-# Elements of one tile's local kernels [views_a, views_b, L, L]; bounds peak memory per tile.
+# Elements of one batch of local kernels [L, L, pairs]; bounds peak memory per DP call.
 _TILE_CELLS = 1 << 24
+# Views per block when only the upper triangle of the Gram matrix is computed (no gradient).
+_BLOCK_VIEWS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +139,11 @@ def _pairs_of_tile(phi: torch.Tensor, upper: bool) -> torch.Tensor:
     cells = phi.permute(1, 3, 0, 2)
     if not upper:
         return cells.reshape(cells.shape[0], cells.shape[1], -1)
+    if (
+        phi.requires_grad
+    ):  # one index: its backward is one scatter (row slices would each need a full zero tensor)
+        ia, ib = torch.triu_indices(cells.shape[2], cells.shape[3], device=phi.device)
+        return cells[:, :, ia, ib]
     return torch.cat([cells[:, :, a, a:] for a in range(cells.shape[2])], dim=2)
 
 
@@ -145,16 +152,79 @@ def _all_pairs(
     lengths: torch.Tensor,
     longest: int,
     reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    needs_grad: bool = False,
 ) -> torch.Tensor:
-    """Evaluate ``reduce(φ [L, L, P], n, m)`` for every unordered view pair; return the symmetric matrix."""
+    """Evaluate ``reduce(φ [L, L, P], n, m)`` for every unordered view pair; return the symmetric matrix.
+
+    Without gradients, blocks of :data:`_BLOCK_VIEWS` views are visited upper-triangle only (the
+    lower half of a Gram matrix is never computed) and their pairs are written straight into one
+    pair-last buffer per :data:`_TILE_CELLS` budget, so ``reduce`` (the DP) runs once per buffer.
+    With gradients, tiles are gathered by one index whose backward is a single scatter.
+    """
+    if needs_grad:
+        return _all_pairs_tiled(distance, lengths, longest, reduce)
+    n_views, device = lengths.numel(), lengths.device
+    budget = max(1, _TILE_CELLS // max(1, longest * longest))
+    blocks = []
+    for a0 in range(0, n_views, _BLOCK_VIEWS):
+        for b0 in range(a0, n_views, _BLOCK_VIEWS):
+            na, nb = min(_BLOCK_VIEWS, n_views - a0), min(_BLOCK_VIEWS, n_views - b0)
+            blocks.append((a0, b0, na, nb, na * (na + 1) // 2 if a0 == b0 else na * nb))
+    values, rows, cols = [], [], []
+    start = 0
+    while start < len(blocks):
+        stop, count = start, 0
+        while stop < len(blocks) and (count == 0 or count + blocks[stop][4] <= budget):
+            count += blocks[stop][4]
+            stop += 1
+        phi = None
+        offset = 0
+        for a0, b0, na, nb, n_pairs in blocks[start:stop]:
+            views_a = torch.arange(a0, a0 + na, device=device)
+            views_b = torch.arange(b0, b0 + nb, device=device)
+            cells = distance(views_a, views_b).permute(1, 3, 0, 2)  # [L, L, A, B]
+            if phi is None:
+                phi = cells.new_empty((cells.shape[0], cells.shape[1], count))
+            if a0 == b0:
+                ia, ib = torch.triu_indices(na, nb, device=device)
+                for a in range(na):  # row slices: a copy each, faster than one gather
+                    phi[:, :, offset : offset + nb - a] = cells[:, :, a, a:]
+                    offset += nb - a
+            else:
+                ia, ib = (
+                    t.flatten()
+                    for t in torch.meshgrid(
+                        torch.arange(na, device=device), torch.arange(nb, device=device), indexing="ij"
+                    )
+                )
+                phi[:, :, offset : offset + n_pairs].view(cells.shape).copy_(cells)
+                offset += n_pairs
+            rows.append(views_a[ia])
+            cols.append(views_b[ib])
+        ga, gb = torch.cat(rows[-(stop - start) :]), torch.cat(cols[-(stop - start) :])
+        values.append(reduce(phi, lengths[ga], lengths[gb]))
+        start = stop
+    vals, r, c = torch.cat(values), torch.cat(rows), torch.cat(cols)
+    return _symmetric(vals, r, c, n_views)
+
+
+def _all_pairs_tiled(distance, lengths, longest, reduce) -> torch.Tensor:
     n_views = lengths.numel()
     values, rows, cols = [], [], []
-    for views_a, views_b, ga, gb, keep in _tiles(n_views, longest, lengths.device):
-        phi = _pairs_of_tile(distance(views_a, views_b), keep)
+    for views_a, views_b, ga, gb, upper in _tiles(n_views, longest, lengths.device):
+        phi = _pairs_of_tile(distance(views_a, views_b), upper)
         values.append(reduce(phi, lengths[ga], lengths[gb]))
         rows.append(ga)
         cols.append(gb)
-    vals, r, c = torch.cat(values), torch.cat(rows), torch.cat(cols)
+    return _symmetric(torch.cat(values), torch.cat(rows), torch.cat(cols), n_views)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _symmetric(vals: torch.Tensor, r: torch.Tensor, c: torch.Tensor, n_views: int) -> torch.Tensor:
     out = vals.new_zeros(n_views, n_views)
     out = out.index_put((r, c), vals)
     return out.index_put((c, r), vals)
@@ -275,7 +345,11 @@ def log_gak_matrix(
         return _triton_all_pairs(x, None, None, lengths, float(sigma), 1.0)
     padded = pad_views(x, lengths)
     return _all_pairs(
-        _plain_distance(padded), lengths.to(x.device), padded.shape[1], _gak_reduce(float(sigma), 1.0, method)
+        _plain_distance(padded),
+        lengths,
+        padded.shape[1],
+        _gak_reduce(float(sigma), 1.0, method),
+        needs_grad=_needs_grad(x),
     )
 
 
@@ -301,7 +375,11 @@ def gak_matrix(
         log_k = _triton_all_pairs(x, None, None, lengths, sigma, delta)
     else:
         log_k = _all_pairs(
-            _plain_distance(padded), lengths, padded.shape[1], _gak_reduce(sigma, delta, method)
+            _plain_distance(padded),
+            lengths,
+            padded.shape[1],
+            _gak_reduce(sigma, delta, method),
+            needs_grad=_needs_grad(x),
         )
     cosine = None
     if single_slice == "cosine":
@@ -355,11 +433,15 @@ def gak_matrix_triple(
 
     distance = _triple_distance(pu, pv, pm, kind)
     if teacher == "mean":
-        return _all_pairs(distance, lengths, pv.shape[1], _mean_similarity_reduce)
+        return _all_pairs(
+            distance, lengths, pv.shape[1], _mean_similarity_reduce, needs_grad=_needs_grad(u, v)
+        )
     if backend_for(v) == "triton":
         log_k = _triton_all_pairs(v, u if kind == "triple" else None, modality, lengths, sigma, delta)
     else:
-        log_k = _all_pairs(distance, lengths, pv.shape[1], _gak_reduce(sigma, delta, method))
+        log_k = _all_pairs(
+            distance, lengths, pv.shape[1], _gak_reduce(sigma, delta, method), needs_grad=_needs_grad(u, v)
+        )
     cosine = _first_slice_cosine(pu, pv, pm, kind) if single_slice == "cosine" else None
     return _finish(log_k, cosine, lengths, normalize)
 
@@ -417,7 +499,7 @@ def soft_dtw_matrix(x: torch.Tensor, lengths: torch.Tensor, *, gamma: float = 1.
     def reduce(phi, n, m):
         return -gamma * alignment_dp(-phi / gamma, n, m, local="log")
 
-    return _all_pairs(_plain_distance(padded), lengths, padded.shape[1], reduce)
+    return _all_pairs(_plain_distance(padded), lengths, padded.shape[1], reduce, needs_grad=_needs_grad(x))
 
 
 def soft_dtw_divergence(x: torch.Tensor, y: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
