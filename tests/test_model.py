@@ -1,0 +1,160 @@
+"""Collation (exact tokens, labels, spans) and the model core (pooling, losses) on a tiny LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from unimm.data.collate import IGNORE, IMAGE, TEXT, Collator
+from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from unimm.model.tiny import save_tiny_llava
+
+    folder = save_tiny_llava(tmp_path_factory.mktemp("llava"), ["a red square", "two blue circles"])
+    model, processor = load_mllm(folder)
+    return folder, model.eval(), processor
+
+
+def collator(processor, model, **kwargs):
+    return Collator(
+        processor.tokenizer,
+        image_token_id=model.config.image_token_index,
+        image_seq_length=16,
+        image_processor=processor.image_processor,
+        **kwargs,
+    )
+
+
+def sample(slices, response=None, key="k"):
+    out = []
+    for s in slices:
+        if isinstance(s, str):
+            out.append({"kind": "text", "text": s, "role": "user"})
+        else:
+            out.append({"kind": "image", "image": s, "role": "user"})
+    return {"key": key, "slices": out, "response": response}
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tokens_labels_and_spans_exact(tiny):
+    _, model, processor = tiny
+    tok = processor.tokenizer
+    col = collator(processor, model, system_prompt="Be brief.")
+    image = Image.new("RGB", (40, 40), "red")
+    enc = col.encode(sample([image, "What colour?"], response="Red."))
+    image_id = model.config.image_token_index
+    want = [
+        tok.bos_token_id,
+        *ids(tok, "Be brief. USER: "),
+        *[image_id] * 16,
+        *ids(tok, "\n"),
+        *ids(tok, "What colour?"),
+        *ids(tok, " ASSISTANT: "),
+        *ids(tok, "Red."),
+        tok.eos_token_id,
+    ]
+    assert enc.input_ids == want
+    answer = [*ids(tok, "Red."), tok.eos_token_id]
+    assert enc.labels == [IGNORE] * (len(want) - len(answer)) + answer  # only the answer is learned
+    first = 1 + len(ids(tok, "Be brief. USER: "))
+    question = first + 16 + len(ids(tok, "\n"))
+    assert enc.spans == [
+        (IMAGE, first, first + 16),
+        (TEXT, question, question + len(ids(tok, "What colour?"))),
+    ]
+    # without a response every text-slice token is learned, nothing else
+    plain = col.encode(sample(["Hello there", image, "bye"]))
+    learned = [t for t, lab in zip(plain.input_ids, plain.labels, strict=True) if lab != IGNORE]
+    assert learned == ids(tok, "Hello there") + ids(tok, "bye")
+
+
+def test_prefix_does_not_depend_on_the_response(tiny):
+    _, model, processor = tiny
+    col = collator(processor, model)
+    with_answer = col.encode(sample(["a red square"], response="yes"))
+    without = col.encode(sample(["a red square"]))
+    end = with_answer.spans[-1][2]
+    assert with_answer.input_ids[:end] == without.input_ids[:end]
+
+
+def test_truncation_never_cuts_an_image(tiny):
+    _, model, processor = tiny
+    image = Image.new("RGB", (32, 32), "blue")
+    first_text = collator(processor, model).encode(sample(["a red square"]))
+    limit = len(first_text.input_ids) + 10  # room for less than one image (16 tokens)
+    col = collator(processor, model, max_length=limit)
+    enc = col.encode(sample(["a red square", image, "after"]))
+    assert [s[0] for s in enc.spans] == [
+        TEXT
+    ]  # the image (16 tokens) did not fit: dropped, with what follows
+    assert enc.dropped == 2 and len(enc.input_ids) <= limit and not enc.images
+    long = col.encode(sample(["word " * 50]))
+    assert len(long.input_ids) == limit and long.dropped == 0  # a text slice may be cut short
+
+
+def test_cut_points_reproducible_and_include_last(tiny):
+    _, model, processor = tiny
+    col = collator(processor, model, cut_points=3, seed=7)
+    enc = col.encode(sample([f"slice {i}" for i in range(8)], key="doc-9"))
+    cuts = col.cuts(enc)
+    assert len(cuts) == 3 and cuts[-1] == 7 and cuts == sorted(cuts)
+    assert col.cuts(enc) == cuts  # same key, same views
+    other = collator(processor, model, cut_points=3, seed=8).cuts(enc)
+    assert other[-1] == 7
+
+
+@pytest.mark.parametrize("pooling", ["paper", "last"])
+def test_pooled_embeddings_equal_manual_computation(tiny, pooling):
+    _, model, processor = tiny
+    torch.manual_seed(0)
+    head = RetrievalHead(model.config.text_config.hidden_size, 24)
+    core = UnimmModel(model, head, pooling=pooling).eval()
+    col = collator(processor, model, cut_points=4)
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "green")]
+    batch = col(
+        [
+            sample(["a red square", images[0], "two blue circles"], key="a"),
+            sample([images[1], "x"], response="y", key="b"),
+        ]
+    )
+    with torch.no_grad():
+        out = core(batch)
+        full = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            output_hidden_states=True,
+        )
+    hidden = full.hidden_states[-1]
+    manual = []
+    for b, cut in batch["views"]:
+        kind, start, end = batch["spans"][b][cut]
+        if kind == IMAGE and pooling == "paper":
+            manual.append(hidden[b, start:end].mean(0))
+        else:
+            manual.append(hidden[b, end - 1])
+    manual = torch.stack(manual)
+    torch.testing.assert_close(out.pooled, manual, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.embeddings, torch.nn.functional.normalize(head(manual), dim=-1))
+    assert torch.allclose(out.embeddings.norm(dim=-1), torch.ones(len(batch["views"])))
+    # the generative loss equals cross-entropy of the full logits on the labelled tokens
+    logits = full.logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    want = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+    )
+    torch.testing.assert_close(out.loss_gen, want, atol=1e-5, rtol=1e-5)
+
+
+def test_load_errors_are_clear(tmp_path):
+    from unimm.errors import UnimmError
+
+    with pytest.raises(UnimmError, match=r"no config\.json"):
+        load_mllm(tmp_path)

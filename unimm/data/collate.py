@@ -1,0 +1,224 @@
+"""Collation: a record → token ids with image tokens, labels, slice spans and cut points.
+
+Prompt layout (LLaVA's template, ../shared/DESIGN.md §1)::
+
+    <s>{system} USER: {slice 1}\\n{slice 2}\\n… ASSISTANT: {response}</s>
+
+Each text slice is encoded on its own (so its token span is exact) and each image slice becomes
+``image_seq_length`` image tokens, which the LLaVA model replaces by the projected vision
+features in order. Earlier assistant turns (``role: assistant``) are written as
+``ASSISTANT: {text}</s>USER: `` around the slice. The prefix up to the last slice never depends on
+the response, so the embedding of a view is the same in training and at retrieval.
+
+Labels (for next-token prediction, aligned with ``input_ids``; ``-100`` = ignored): the response
+tokens and the closing ``</s>`` when the record has a response, otherwise every text-slice token.
+
+Truncation keeps the start: a text slice may be cut short, an image never is (an image that does
+not fit is dropped with everything after it); dropped slices are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE = -100
+TEXT, IMAGE = 0, 1
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One record as tokens.
+
+    ``spans`` holds ``(kind, start, end)`` token ranges of the kept slices; ``images`` the kept
+    image slices (PIL images or tensors) in order; ``dropped`` how many slices did not fit.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    spans: list[tuple[int, int, int]]
+    images: list[Any]
+    dropped: int = 0
+    key: str = ""
+
+
+@dataclasses.dataclass
+class TemplateTokens:
+    """Token ids of the fixed template pieces for one tokenizer."""
+
+    bos: list[int]
+    prefix: list[int]  # system prompt + " USER: "
+    separator: list[int]  # between slices
+    assistant: list[int]  # " ASSISTANT: "
+    eos: list[int]
+    user_again: list[int]  # "USER: " after an earlier assistant turn
+
+
+class Collator:
+    """Encodes records and collates them into batches for the model.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        image_token_id: the id the model replaces with image features.
+        image_seq_length: image tokens per image.
+        image_processor: turns images into ``pixel_values``.
+        max_length: longest sequence in tokens.
+        system_prompt: text before ``USER:``.
+        cut_points: views per sample (``P``); the last kept slice is always one of them.
+        seed: seeds the choice of cut points (per sample, from its key, so it is reproducible).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_token_id: int,
+        image_seq_length: int,
+        image_processor=None,
+        max_length: int = 2048,
+        system_prompt: str = "",
+        cut_points: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.image_seq_length = image_seq_length
+        self.image_processor = image_processor
+        self.max_length = max_length
+        self.cut_points = cut_points
+        self.seed = seed
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.template = self._template(system_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _template(self, system_prompt: str) -> TemplateTokens:
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        system = f"{system_prompt} " if system_prompt else ""
+        return TemplateTokens(
+            bos=bos,
+            prefix=self._ids(f"{system}USER: "),
+            separator=self._ids("\n"),
+            assistant=self._ids(" ASSISTANT: "),
+            eos=eos,
+            user_again=self._ids("USER: "),
+        )
+
+    # -----------------------------------------------------------------------------------------
+
+    def encode(self, sample: dict) -> Encoded:
+        """Encode one decoded sample (see :func:`unimm.data.shards.decode_sample`)."""
+        t = self.template
+        ids: list[int] = [*t.bos, *t.prefix]
+        labels: list[int] = [IGNORE] * len(ids)
+        spans: list[tuple[int, int, int]] = []
+        images: list[Any] = []
+        slices = sample["slices"]
+        has_response = bool(sample.get("response"))
+        response_ids = [*self._ids(sample["response"]), *t.eos] if has_response else []
+        # Room for the answer comes first: the prompt is cut before the answer is.
+        budget = self.max_length - (len(t.assistant) + len(response_ids) if has_response else 0)
+        budget = max(budget, len(ids) + 1)
+        dropped = 0
+        for n, item in enumerate(slices):
+            pieces: list[int] = list(t.separator) if n > 0 else []
+            if item.get("role") == "assistant":
+                pieces = [*t.assistant]
+            if item["kind"] == "image":
+                body = [self.image_token_id] * self.image_seq_length
+            else:
+                body = self._ids(item["text"])
+            tail = [*t.eos, *t.user_again] if item.get("role") == "assistant" else []
+            room = budget - len(ids) - len(pieces)
+            if item["kind"] == "image" and len(body) > room:
+                dropped = len(slices) - n
+                break
+            if item["kind"] == "text" and room <= 0:
+                dropped = len(slices) - n
+                break
+            if item["kind"] == "text" and len(body) > room:
+                body = body[:room]
+                tail = []
+            ids.extend(pieces)
+            labels.extend([IGNORE] * len(pieces))
+            start = len(ids)
+            ids.extend(body)
+            if item["kind"] == "text" and not has_response and item.get("role") != "assistant":
+                labels.extend(body)
+            else:
+                labels.extend([IGNORE] * len(body))
+            spans.append((IMAGE if item["kind"] == "image" else TEXT, start, len(ids)))
+            if item["kind"] == "image":
+                images.append(item["image"])
+            ids.extend(tail)
+            labels.extend([IGNORE] * len(tail))
+            if len(ids) >= budget:
+                dropped = len(slices) - n - 1
+                break
+        if has_response:
+            ids.extend(t.assistant)
+            labels.extend([IGNORE] * len(t.assistant))
+            room = max(0, self.max_length - len(ids))
+            answer = response_ids[:room]
+            ids.extend(answer)
+            labels.extend(answer)
+        return Encoded(ids, labels, spans, images, dropped, str(sample.get("key", sample.get("id", ""))))
+
+    def cuts(self, encoded: Encoded) -> list[int]:
+        """Up to ``cut_points`` slice indices to embed (sorted), always including the last kept slice.
+
+        Chosen at random but reproducibly: the generator is seeded by the collator's seed and
+        the sample's key, so a resumed or distributed run picks the same views.
+        """
+        n = len(encoded.spans)
+        if n == 0:
+            return []
+        digest = hashlib.sha256(f"{self.seed}/{encoded.key}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        others = rng.sample(range(n - 1), min(self.cut_points - 1, n - 1)) if self.cut_points > 1 else []
+        return sorted({*others, n - 1})
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, Any]:
+        """Collate decoded samples into a batch (right-padded)."""
+        encoded = [self.encode(s) for s in samples]
+        return self.batch(encoded, samples)
+
+    def batch(self, encoded: list[Encoded], samples: Sequence[dict] | None = None) -> dict[str, Any]:
+        longest = max(len(e.input_ids) for e in encoded)
+        size = len(encoded)
+        input_ids = torch.full((size, longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((size, longest), IGNORE, dtype=torch.long)
+        attention = torch.zeros((size, longest), dtype=torch.long)
+        views: list[tuple[int, int]] = []  # (sample, slice index of the cut)
+        for b, e in enumerate(encoded):
+            input_ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[b, : len(e.labels)] = torch.tensor(e.labels)
+            attention[b, : len(e.input_ids)] = 1
+            views.extend((b, c) for c in self.cuts(e))
+        images = [img for e in encoded for img in e.images]
+        pixel_values = None
+        if images:
+            if self.image_processor is None:
+                raise ValueError("records have images but the collator has no image processor")
+            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "spans": [e.spans for e in encoded],
+            "views": views,
+            "dropped_slices": sum(e.dropped for e in encoded),
+        }
+        if samples is not None:
+            batch["teacher"] = [s.get("teacher") for s in samples]
+            batch["ids"] = [s.get("id") for s in samples]
+        return batch

@@ -1,0 +1,192 @@
+"""The model core: a Hugging Face image-text-to-text model plus a trained retrieval head.
+
+One forward pass over a collated batch (:class:`unimm.data.collate.Collator`) gives
+
+- the generative loss: next-token cross-entropy on the labelled tokens, with logits computed
+  only at those positions (a 7B model's full ``[B, T, vocab]`` logits are never materialised);
+- the embeddings of the requested views: the last-layer hidden states (after the final norm,
+  before the LM head) pooled at each view's cut point, mapped by the retrieval head and
+  L2-normalised. Pooling ``paper``: after a text slice its last token, after an image slice the
+  mean over the image's tokens (the paper's "average pooling"); ``last``: always the last token.
+
+The causal LM makes the hidden state at a cut depend only on its prefix, so one pass embeds
+every view of a sample. The model core imports no training machinery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unimm.data.collate import IGNORE, IMAGE
+
+POOLINGS = ("paper", "last")
+
+
+class RetrievalHead(nn.Module):
+    """Two-layer MLP from the LM's hidden size to ``embed_dim``; outputs are L2-normalised."""
+
+    def __init__(self, hidden_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embed_dim = embed_dim
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, embed_dim)
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        out = self.net(pooled.to(self.net[0].weight.dtype))
+        return nn.functional.normalize(out.float(), dim=-1)
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What :meth:`UnimmModel.forward` returns."""
+
+    loss_gen: torch.Tensor | None
+    embeddings: torch.Tensor | None  # [V, embed_dim], unit rows
+    pooled: torch.Tensor | None  # [V, hidden] before the head
+    label_tokens: int
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The underlying transformers model (through a peft wrapper, if any)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+class UnimmModel(nn.Module):
+    """A LLaVA-style model that generates and embeds.
+
+    Args:
+        mllm: an image-text-to-text model (e.g. ``LlavaForConditionalGeneration``), optionally
+            wrapped by peft.
+        head: the retrieval head.
+        pooling: ``paper`` or ``last``.
+    """
+
+    def __init__(self, mllm: nn.Module, head: RetrievalHead, *, pooling: str = "paper") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.mllm = mllm
+        self.head = head
+        self.pooling = pooling
+
+    @property
+    def base(self) -> nn.Module:
+        return _base(self.mllm)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_index)
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens per image: patches, plus the CLS token when all features are kept."""
+        vision = self.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2
+        if getattr(self.config, "vision_feature_select_strategy", "default") == "full":
+            tokens += 1
+        return tokens
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+        """Last-layer hidden states ``[B, T, H]`` (after the final norm, before the LM head)."""
+        inner = self.base.model  # LlavaModel: vision tower + projector + language model
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values.to(self.base.dtype)
+        return inner(**kwargs, use_cache=False).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, spans: list, views: list[tuple[int, int]]) -> torch.Tensor:
+        """Hidden state of each view ``(sample, cut slice)``: ``[V, H]`` (see module docs)."""
+        rows, last, images = [], [], []
+        for b, cut in views:
+            kind, start, end = spans[b][cut]
+            rows.append(b)
+            last.append(end - 1)
+            images.append((kind == IMAGE and self.pooling == "paper", start, end))
+        device = hidden.device
+        b_idx = torch.tensor(rows, device=device)
+        pooled = hidden[b_idx, torch.tensor(last, device=device)].float()
+        image_views = [v for v, (is_image, _, _) in enumerate(images) if is_image]
+        if image_views:
+            width = self.image_seq_length
+            starts = torch.tensor([images[v][1] for v in image_views], device=device)
+            positions = starts.unsqueeze(1) + torch.arange(width, device=device)
+            means = hidden[b_idx[image_views].unsqueeze(1), positions].float().mean(1)
+            pooled = pooled.index_put((torch.tensor(image_views, device=device),), means)
+        return pooled
+
+    def forward(self, batch: dict, *, with_lm: bool = True, with_views: bool = True) -> ModelOutput:
+        """Generative loss and view embeddings for a collated batch."""
+        device = next(self.parameters()).device
+        input_ids = batch["input_ids"].to(device)
+        attention = batch["attention_mask"].to(device)
+        pixels = batch.get("pixel_values")
+        hidden = self.hidden_states(input_ids, attention, pixels.to(device) if pixels is not None else None)
+        loss_gen, label_tokens = None, 0
+        if with_lm:
+            labels = batch["labels"].to(device)
+            target = labels[:, 1:]
+            mask = target != IGNORE
+            label_tokens = int(mask.sum())
+            if label_tokens:
+                logits = self.base.lm_head(hidden[:, :-1][mask])
+                loss_gen = nn.functional.cross_entropy(logits.float(), target[mask])
+            else:
+                loss_gen = hidden.sum() * 0.0
+        embeddings = pooled = None
+        if with_views and batch.get("views"):
+            pooled = self.pool(hidden, batch["spans"], batch["views"])
+            embeddings = self.head(pooled)
+        return ModelOutput(loss_gen, embeddings, pooled, label_tokens)
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Unit embeddings ``[V, embed_dim]`` of the batch's views (no generative loss)."""
+        return self.forward(batch, with_lm=False).embeddings
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, **kwargs) -> torch.Tensor:
+        """Token ids continuing ``input_ids`` (see ``transformers`` ``generate`` for ``kwargs``)."""
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values.to(self.base.dtype)
+        return self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def load_mllm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """Load an image-text-to-text model and its processor from a local folder (never downloads).
+
+    Raises:
+        UnimmError: the folder is missing or not a loadable model, with what to check.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from unimm.errors import UnimmError
+    from unimm.utils import quiet_transformers
+
+    quiet_transformers()
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UnimmError(
+            f"model {path}: no config.json; give a local Hugging Face model folder (nothing is downloaded)"
+        )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+        processor = AutoProcessor.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnimmError(f"model {path}: cannot load it as an image-text-to-text model ({exc})") from None
+    return model, processor
