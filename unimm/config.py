@@ -123,6 +123,34 @@ class TeacherOptions:
 
 
 @dataclasses.dataclass
+class AlignOptions:
+    """How the structure-induced targets are computed (section ``align``; ../shared/DESIGN.md §1)."""
+
+    delta: float = 1.0
+    """Bandwidth scale δ (the paper gives no value)."""
+    sigma: float | str = "length_scaled"
+    """``length_scaled`` (σ = δ·sqrt((n+m)/2), the paper's), ``fixed`` (σ = δ; enables prefix
+    sharing, one DP table per sample pair) or a number (σ itself)."""
+    normalize: bool = True
+    """Normalised K̃ ∈ (0, 1] (raw K grows with length)."""
+    single_slice: Literal["cosine", "gak"] = "cosine"
+    teacher: Literal["triple", "clip", "mean"] = "triple"
+    """``triple`` (default), ``clip`` (the paper's "w/o TK"), ``mean`` (its "w/o GAK")."""
+    student: Literal["cosine", "gak"] = "cosine"
+    """Student similarity: cosine of the view embeddings, or GAK over per-slice embeddings."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.delta > 0:
+            problems.append(f"align.delta: must be > 0, got {self.delta}")
+        if isinstance(self.sigma, str) and self.sigma not in ("length_scaled", "fixed"):
+            problems.append(f"align.sigma: use length_scaled, fixed or a number, got {self.sigma!r}")
+        if not isinstance(self.sigma, str) and not self.sigma > 0:
+            problems.append(f"align.sigma: a number must be > 0, got {self.sigma}")
+        return problems
+
+
+@dataclasses.dataclass
 class PrepareConfig:
     """Configuration of ``unimm prepare``."""
 
