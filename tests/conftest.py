@@ -23,6 +23,26 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     return save_tiny_teachers(tmp_path_factory.mktemp("teachers"))
 
 
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_teachers) -> Path:
+    """Shards (3 of 8 samples) of a synthetic dataset, with tiny teacher features."""
+    from unimm.config import PrepareConfig, build_config
+    from unimm.data.synthetic import write_synthetic
+    from unimm.prepare import run
+
+    root = tmp_path_factory.mktemp("shards")
+    data = write_synthetic(root / "data", 24, seed=1)
+    options = {
+        "prepare.inputs": [str(data)],
+        "prepare.out": str(root / "shards"),
+        "prepare.image_size": 32,
+        "prepare.samples_per_shard": 8,
+        **{f"teachers.{k}": str(v) for k, v in tiny_teachers.items()},
+    }
+    run(build_config(PrepareConfig, options=options), progress=False)
+    return root / "shards"
+
+
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     """A folder ``imgs/`` with six images of different colours and sizes."""

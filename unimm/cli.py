@@ -210,6 +210,44 @@ def quickstart(
     run(out, records=records, workers=workers)
 
 
+@app.command(rich_help_panel="Model")
+@user_errors
+def train(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (metrics.jsonl, step-* checkpoints).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
+    ] = False,
+    merge_lora: Annotated[
+        bool, typer.Option("--merge-lora", help="Also save LoRA merged into the weights.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train one model to generate and embed: L = L_g + alpha * L_d (structure-induced)."""
+    from unimm.config import build_config
+    from unimm.train import TrainConfig, run
+
+    cfg = build_config(
+        TrainConfig,
+        recipe=recipe,
+        options={
+            "out": None if out is None else str(out),
+            "resume": resume or None,
+            "train.merge_lora": merge_lora or None,
+        },
+        overrides=set_,
+    )
+    result = run(cfg, progress=not quiet)
+    typer.echo(
+        f"trained to step {result.get('step')} (loss {result.get('loss', float('nan')):.4f}, "
+        f"gen {result.get('loss_gen', float('nan')):.4f}, disc {result.get('loss_disc', float('nan')):.4f}); "
+        f"checkpoints in {cfg.out}"
+    )
+
+
 @bench_app.command("prepare")
 @user_errors
 def bench_prepare_cmd(

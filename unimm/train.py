@@ -1,0 +1,634 @@
+"""``unimm train``: joint generative + structure-induced training (``L = L_g + α·L_d``).
+
+    unimm train --recipe recipes/tiny-cpu.yaml --set data.train=shards --set train.max_steps=50 \
+        --out runs/tiny
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m unimm.cli train --recipe ... --out RUN
+
+One lifecycle: setup (data, model, optimizer) → train (steps) → save → cleanup. The per-step
+function :func:`train_step` returns ``loss``, ``loss_gen`` and ``loss_disc``.
+
+Distributed: ``L_d`` is computed over the *global* batch — view embeddings are gathered from every
+rank (the local part keeps its gradient) and the targets are computed from every rank's teacher
+features — and scaled by the world size, while ``L_g`` is normalised by the global number of
+labelled tokens; DDP's gradient averaging then gives exactly the single-process gradient of the
+same global batch.
+
+Resume: a checkpoint holds the model, the optimizer, the scheduler, the RNG states and the data
+position, all as safetensors/JSON; ``--resume`` continues from the newest one and reproduces the
+uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from unimm.config import AlignOptions, config_to_dict
+from unimm.errors import UnimmError
+
+# Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
+_FAULT_ENV = "UNIMM_FAULT_AFTER_STEPS"
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """Section ``model``."""
+
+    path: str | None = None
+    """Local Hugging Face image-text-to-text folder (e.g. a LLaVA-1.5 checkpoint)."""
+    tiny: bool = False
+    """Build the tiny random LLaVA instead (its tokenizer trained on the training texts)."""
+    pooling: Literal["paper", "last"] = "paper"
+    embed_dim: int = 256
+    system_prompt: str = ""
+    max_length: int = 2048
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (mixed precision is train.mixed_precision)."""
+    trust_remote_code: bool = False
+    lora: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names inside the language model that get LoRA adapters."""
+    train_projector: bool = True
+    train_vision: bool = False
+    train_lm: bool = False
+    """Fine-tune the whole language model (only without LoRA)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.path is None and not self.tiny:
+            problems.append(
+                "model.path: give a local model folder (--set model.path=DIR), or model.tiny=true"
+            )
+        if self.path is not None and self.tiny:
+            problems.append("model.path and model.tiny: choose one")
+        if self.embed_dim < 1 or self.max_length < 16 or self.lora_r < 1:
+            problems.append("model.embed_dim, model.lora_r must be >= 1 and model.max_length >= 16")
+        if self.lora and self.train_lm:
+            problems.append("model.train_lm: full fine-tuning of the language model is for lora=false")
+        return problems
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """Section ``data``."""
+
+    train: list[str] = dataclasses.field(default_factory=list)
+    """Prepared shard directories (``unimm prepare`` outputs)."""
+    weights: list[float] = dataclasses.field(default_factory=list)
+    """Mixing weight per directory (default: equal)."""
+    shuffle_buffer: int = 256
+    cut_points: int = 4
+    """Views per sample (the paper's P); the last slice is always one of them."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.train:
+            problems.append("data.train: give at least one shard directory (--set data.train=DIR)")
+        if self.weights and len(self.weights) != len(self.train):
+            problems.append(f"data.weights: {len(self.weights)} weights for {len(self.train)} directories")
+        if any(w <= 0 for w in self.weights):
+            problems.append("data.weights: every weight must be > 0")
+        if self.cut_points < 1:
+            problems.append(f"data.cut_points: must be >= 1, got {self.cut_points}")
+        return problems
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Section ``train``."""
+
+    alpha: float = 1.0
+    """Weight of the discriminative loss (0 = generative only)."""
+    gen_weight: float = 1.0
+    """Weight of the generative loss (0 = discriminative only)."""
+    disc_loss: Literal["mse", "infonce", "kl"] = "mse"
+    temperature: float = 0.05
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_steps: int = 1000
+    batch_size: int = 8
+    """Samples per device per step."""
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 500
+    keep_last: int = 2
+    max_nonfinite: int = 10
+    """Consecutive steps with a non-finite loss before training stops."""
+    merge_lora: bool = False
+    """Fold LoRA adapters into the weights of the final checkpoint."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.alpha < 0 or self.gen_weight < 0 or (self.alpha == 0 and self.gen_weight == 0):
+            problems.append("train.alpha and train.gen_weight: non-negative and not both 0")
+        for key in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "save_every",
+            "keep_last",
+            "max_nonfinite",
+        ):
+            if getattr(self, key) < 1:
+                problems.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            problems.append(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not self.temperature > 0:
+            problems.append(f"train.temperature: must be > 0, got {self.temperature}")
+        return problems
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Configuration of ``unimm train``."""
+
+    model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    data: DataOptions = dataclasses.field(default_factory=DataOptions)
+    align: AlignOptions = dataclasses.field(default_factory=AlignOptions)
+    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
+    out: str = ""
+    resume: bool = False
+
+    def validate(self) -> list[str]:
+        return [] if self.out else ["out: give a run directory with --out RUN"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _check_shards(data: DataOptions, need_teachers: bool) -> list[dict]:
+    from unimm.data.shards import read_manifest
+
+    manifests = []
+    without = []
+    for folder in data.train:
+        try:
+            manifest = read_manifest(folder)
+        except UnimmError as exc:
+            raise UnimmError(f"data.train: {exc}") from None
+        if manifest["counts"]["samples"] == 0:
+            raise UnimmError(f"data.train: {folder} holds no samples")
+        if need_teachers and not manifest.get("teachers"):
+            without.append(folder)
+        manifests.append(manifest)
+    if without:
+        raise UnimmError(
+            f"train.alpha > 0 needs teacher features, but {', '.join(without)} has none. Either prepare "
+            "them again with --teacher-image-expert/--teacher-text-expert/--teacher-clip, or train "
+            "generative-only with --set train.alpha=0"
+        )
+    return manifests
+
+
+class DataStream:
+    """Deterministic samples mixed from several shard directories, with a resumable position.
+
+    Each directory is read in epochs (seeded shard and sample shuffles that change per epoch);
+    which directory the next sample comes from is drawn from a seeded generator by weight. The
+    position (samples taken per directory, their epochs, the draws) is saved in checkpoints and
+    restored by replaying, so a resumed run sees exactly the samples an uninterrupted one would.
+    """
+
+    def __init__(self, data: DataOptions, seed: int) -> None:
+        self.data = data
+        self.seed = seed
+        self.weights = data.weights or [1.0] * len(data.train)
+        self.draws = 0
+        self.taken = [0] * len(data.train)
+        self.epochs = [0] * len(data.train)
+        self._iters: list[Iterator | None] = [None] * len(data.train)
+        self._rng = random.Random(seed)
+
+    def _stream(self, k: int) -> Iterator[dict]:
+        from unimm.data.shards import read_samples
+
+        while True:
+            pipeline = read_samples(
+                self.data.train[k],
+                shuffle_shards=True,
+                shuffle_buffer=self.data.shuffle_buffer,
+                seed=self.seed * 1000 + self.epochs[k],
+                split_by_node=True,
+                split_by_worker=False,
+            )
+            got = False
+            for sample in pipeline:
+                got = True
+                yield sample
+            if not got:
+                raise UnimmError(f"{self.data.train[k]}: no readable sample (all skipped as corrupt?)")
+            self.epochs[k] += 1
+
+    def next(self) -> dict:
+        k = (
+            self._rng.choices(range(len(self.weights)), weights=self.weights)[0]
+            if len(self.weights) > 1
+            else 0
+        )
+        self.draws += 1
+        if self._iters[k] is None:
+            self._iters[k] = self._stream(k)
+        self.taken[k] += 1
+        return next(self._iters[k])
+
+    def position(self) -> dict:
+        return {"draws": self.draws, "taken": list(self.taken)}
+
+    def restore(self, position: dict) -> None:
+        """Replay to a saved position (re-reading the samples it skips)."""
+        for _ in range(int(position["draws"])):
+            self.next()
+        if self.taken != list(position["taken"]):
+            raise UnimmError("resume: the data position does not replay (were the shards changed?)")
+
+
+def _training_texts(data: DataOptions, limit: int = 20000) -> list[str]:
+    """Texts of the first samples, to train the tiny model's tokenizer on."""
+    from unimm.data.shards import read_samples
+
+    texts = []
+    for folder in data.train:
+        for sample in read_samples(folder, split_by_node=False, split_by_worker=False, decode_images=False):
+            texts.extend(s["text"] for s in sample["slices"] if s["kind"] == "text")
+            if sample.get("response"):
+                texts.append(sample["response"])
+            if len(texts) >= limit:
+                return texts
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
+    """The trainable model and its processor (from a resumed checkpoint, a path, or the tiny factory)."""
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+    opts = cfg.model
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts.dtype]
+    if resume_from is not None:
+        from unimm.model.checkpoint import load_checkpoint
+
+        model, processor, _ = load_checkpoint(
+            resume_from, dtype=dtype, trust_remote_code=opts.trust_remote_code, is_trainable=True
+        )
+        _set_trainable(model, opts, lora_done=True)
+        return model, processor
+    if opts.tiny:
+        from unimm.model.tiny import save_tiny_llava
+
+        base = run_dir / "tiny-base"
+        if not (base / "config.json").is_file():
+            save_tiny_llava(base, _training_texts(cfg.data), seed=cfg.train.seed)
+        mllm, processor = load_mllm(base, dtype=dtype)
+    else:
+        mllm, processor = load_mllm(opts.path, dtype=dtype, trust_remote_code=opts.trust_remote_code)
+    torch.manual_seed(cfg.train.seed)
+    hidden = mllm.config.text_config.hidden_size
+    head = RetrievalHead(hidden, opts.embed_dim)
+    if opts.lora:
+        from peft import LoraConfig, get_peft_model
+
+        pattern = r".*language_model.*\.(" + "|".join(opts.lora_targets) + r")$"
+        mllm = get_peft_model(
+            mllm,
+            LoraConfig(
+                r=opts.lora_r,
+                lora_alpha=opts.lora_alpha,
+                lora_dropout=opts.lora_dropout,
+                target_modules=pattern,
+            ),
+        )
+    model = UnimmModel(mllm, head, pooling=opts.pooling)
+    _set_trainable(model, opts, lora_done=opts.lora)
+    return model, processor
+
+
+def _set_trainable(model, opts: ModelOptions, *, lora_done: bool) -> None:
+    base = model.base
+    for name, param in model.mllm.named_parameters():
+        keep = lora_done and "lora_" in name
+        param.requires_grad_(keep)
+    if opts.train_projector:
+        base.model.multi_modal_projector.requires_grad_(True)
+    if opts.train_vision:
+        base.model.vision_tower.requires_grad_(True)
+    if opts.train_lm and not opts.lora:
+        base.model.language_model.requires_grad_(True)
+        base.lm_head.requires_grad_(True)
+    model.head.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_views(embeddings: torch.Tensor, teacher: list, views: list[tuple[int, int]]):
+    """Global view embeddings (the local part keeps its gradient), teachers and views of all ranks."""
+    rank, world = _world()
+    if world == 1:
+        return embeddings, teacher, views
+    objects: list = [None] * world
+    torch.distributed.all_gather_object(objects, (embeddings.shape[0], teacher, views))
+    sizes = [o[0] for o in objects]
+    longest = max(sizes)
+    padded = torch.zeros(longest, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    padded[: embeddings.shape[0]] = embeddings.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    parts = [p[:s] for p, s in zip(parts, sizes, strict=True)]
+    parts[rank] = embeddings  # keep the gradient of this rank's views
+    all_teacher, all_views, offset = [], [], 0
+    for _, t, v in objects:
+        all_views.extend((b + offset, c) for b, c in v)
+        all_teacher.extend(t)
+        offset += len(t)
+    return torch.cat(parts), all_teacher, all_views
+
+
+def _global_sum(value: float) -> float:
+    _, world = _world()
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: torch.Tensor
+    loss_gen: float
+    loss_disc: float
+    views: int
+    tokens: int
+
+
+def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
+    """Loss of one (micro-)batch; call ``.loss.backward()`` (or the accelerator's) on the result.
+
+    ``loss = gen_weight·L_g + α·L_d``, normalised so that averaging gradients over ranks gives
+    the gradient of the global batch (see the module docs).
+    """
+    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+
+    opts = cfg.train
+    _, world = _world()
+    need_views = opts.alpha > 0
+    out = model(batch, with_lm=opts.gen_weight > 0, with_views=need_views)
+    loss = torch.zeros((), device=next(model.parameters()).device)
+    loss_gen = loss_disc = 0.0
+    tokens = out.label_tokens
+    if opts.gen_weight > 0:
+        global_tokens = _global_sum(float(tokens))
+        # local mean × (local share of the global tokens) × world = this rank's part of the global mean
+        scale = world * tokens / global_tokens if global_tokens else 0.0
+        loss = loss + opts.gen_weight * out.loss_gen * scale
+        loss_gen = float(out.loss_gen.detach()) * tokens / global_tokens * world if global_tokens else 0.0
+    if need_views:
+        embeddings, teacher, views = gather_views(out.embeddings, batch["teacher"], batch["views"])
+        targets = view_targets(teacher, views, cfg.align).to(embeddings.device)
+        same = same_sample_mask(views, device=embeddings.device)
+        disc = discriminative_loss(
+            embeddings, targets, same, kind=opts.disc_loss, temperature=opts.temperature
+        )
+        loss = loss + opts.alpha * disc * world
+        loss_disc = float(disc.detach())
+    if world > 1:  # report the global mean of L_g
+        loss_gen = _global_sum(loss_gen) / world
+    return StepResult(loss, loss_gen, loss_disc, len(batch.get("views", [])), tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = sorted(p for p in run_dir.glob("step-*") if (p / "train_state" / "state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train as configured; return the final metrics. See the module docstring."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from unimm.data.collate import Collator
+    from unimm.model.checkpoint import (
+        load_train_state,
+        pack_train_state,
+        restore_train_state,
+        save_checkpoint,
+    )
+
+    opts = cfg.train
+    run_dir = Path(cfg.out)
+    manifests = _check_shards(cfg.data, need_teachers=opts.alpha > 0)
+    resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
+        raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")
+    if not cfg.resume and any(run_dir.glob("step-*")):
+        raise UnimmError(
+            f"--out {run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(opts.seed)
+    torch.manual_seed(opts.seed)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Unused parameters are normal here (the head when α = 0, the LM head when gen_weight = 0).
+    accelerator = Accelerator(
+        mixed_precision=opts.mixed_precision,
+        gradient_accumulation_steps=opts.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    model, processor = build_model(cfg, run_dir, resume_from)
+    if opts.gradient_checkpointing:
+        model.base.gradient_checkpointing_enable()
+    collator = Collator(
+        processor.tokenizer,
+        image_token_id=model.image_token_id,
+        image_seq_length=model.image_seq_length,
+        image_processor=processor.image_processor,
+        max_length=cfg.model.max_length,
+        system_prompt=cfg.model.system_prompt,
+        cut_points=cfg.data.cut_points,
+        seed=opts.seed,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
+    )
+    stream = DataStream(cfg.data, opts.seed + accelerator.process_index)
+    step, history = 0, {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0}
+    if resume_from is not None:
+        meta = restore_train_state(load_train_state(resume_from), optimizer, scheduler)
+        step = int(meta["step"])
+        history.update(meta.get("history", {}))
+        stream.restore(meta["data_position"])
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    data_hash = [m["fingerprint"] for m in manifests]
+    recipe = config_to_dict(cfg)
+    bar = tqdm(
+        total=opts.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    metrics_file = (
+        (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
+    )
+    last: dict[str, Any] = {}
+    fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
+    try:
+        while step < opts.max_steps:
+            start = time.perf_counter()
+            parts, gen, disc, views, tokens = [], 0.0, 0.0, 0, 0
+            skipped = False
+            for _ in range(opts.grad_accum):
+                batch = collator([stream.next() for _ in range(opts.batch_size)])
+                history["dropped_slices"] += batch["dropped_slices"]
+                with accelerator.accumulate(model):
+                    result = train_step(model, batch, cfg)
+                    if not torch.isfinite(result.loss):
+                        skipped = True
+                    else:
+                        accelerator.backward(result.loss / opts.grad_accum)
+                parts.append(float(result.loss.detach()))
+                gen += result.loss_gen / opts.grad_accum
+                disc += result.loss_disc / opts.grad_accum
+                views += result.views
+                tokens += result.tokens
+            grad_norm = None
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+                history["nonfinite"] += 1
+                history["nonfinite_total"] += 1
+                if history["nonfinite"] >= opts.max_nonfinite:
+                    raise UnimmError(
+                        f"{history['nonfinite']} steps in a row had a non-finite loss (last at step "
+                        f"{step + 1}); lower train.lr, use train.mixed_precision=bf16 instead of fp16, or "
+                        "check the data"
+                    )
+            else:
+                history["nonfinite"] = 0
+                if opts.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, opts.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - start
+            last = {
+                "step": step,
+                "loss": sum(parts) / len(parts),
+                "loss_gen": gen,
+                "loss_disc": disc,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "views": views,
+                "tokens": tokens,
+                "tokens_per_s": tokens / seconds if seconds else None,
+                "seconds": seconds,
+                "skipped": skipped,
+            }
+            if metrics_file is not None and step % opts.log_every == 0:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", gen=f"{gen:.3f}", disc=f"{disc:.4f}")
+            if fault_after is not None and step == fault_after:
+                os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
+            if step % opts.save_every == 0 or step == opts.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    unwrapped = accelerator.unwrap_model(model)
+                    state = pack_train_state(
+                        optimizer,
+                        scheduler,
+                        {
+                            "step": step,
+                            "data_position": stream.position(),
+                            "history": history,
+                        },
+                    )
+                    save_checkpoint(
+                        run_dir / f"step-{step:06d}",
+                        unwrapped,
+                        processor,
+                        {"recipe": recipe, "step": step, "data_manifests": data_hash},
+                        train_state=state,
+                    )
+                    _prune(run_dir, opts.keep_last)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    if accelerator.is_main_process and opts.merge_lora:
+        unwrapped = accelerator.unwrap_model(model)
+        save_checkpoint(
+            run_dir / "final-merged",
+            unwrapped,
+            processor,
+            {"recipe": recipe, "step": step, "data_manifests": data_hash},
+            merge_lora=True,
+        )
+    return {**last, "history": history}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    steps = sorted(run_dir.glob("step-*"))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
