@@ -116,11 +116,30 @@ def test_missing_recipe_is_clear(tmp_path):
 def test_every_recipe_loads(recipe):
     """Every shipped recipe builds every command config it has sections for, without problems."""
     from unimm.config import load_recipe
+    from unimm.train import TrainConfig
 
     data = load_recipe(recipe)
     assert data, f"{recipe} is empty"
     cfg = build_config(PrepareConfig, recipe=recipe, options={"prepare.inputs": ["x"], "prepare.out": "o"})
     assert isinstance(cfg, PrepareConfig)
+    if "train" in data:  # a training recipe: it builds with the flags its header says to add
+        needs_path = data.get("model", {}).get("path", "") is None and not data.get("model", {}).get("tiny")
+        extra = ["model.path=/models/llava"] if needs_path else []
+        train = build_config(
+            TrainConfig, recipe=recipe, options={"out": "run"}, overrides=["data.train=shards", *extra]
+        )
+        assert train.train.max_steps >= 1
+
+
+ACCELERATE = sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
+def test_accelerate_configs_parse(path):
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and cfg["num_processes"] >= 1
 
 
 def test_recipes_exist():

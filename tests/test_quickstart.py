@@ -12,12 +12,16 @@ from unimm.data.synthetic import COLOURS, Scene, draw_scene, write_synthetic
 def test_quickstart_end_to_end(tmp_path, capsys):
     from unimm.quickstart import run
 
-    summary = run(tmp_path / "qs", records=24, progress=False)
+    summary = run(tmp_path / "qs", records=24, steps=4, progress=False)
     assert summary["samples"] == 24 and summary["skipped"] == 0
     assert sum(summary["kinds"].values()) == 24
     assert summary["teacher_dims"] == {"u": 48, "v": 24}
     printed = capsys.readouterr().out
     assert "$ unimm prepare" in printed and "samples read back : 24 of 24" in printed
+    assert "$ unimm train" in printed and "loss_gen" in printed
+    from unimm.model.checkpoint import read_meta
+
+    assert read_meta(summary["checkpoint"])["step"] == 4
 
 
 def test_synthetic_data_is_deterministic_and_consistent(tmp_path):

@@ -203,11 +203,12 @@ def quickstart(
     ),
     records: Annotated[int, typer.Option(help="Synthetic records to draw.", min=10)] = 200,
     workers: Annotated[int, typer.Option(help="Image processes.", min=1)] = 1,
+    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 150,
 ) -> None:
     """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes."""
     from unimm.quickstart import run
 
-    run(out, records=records, workers=workers)
+    run(out, records=records, workers=workers, steps=steps)
 
 
 @app.command(rich_help_panel="Model")

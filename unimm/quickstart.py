@@ -3,19 +3,24 @@
     unimm quickstart --out unimm-quickstart
 
 Stages so far: draw a synthetic interleaved dataset, write tiny teacher encoders, prepare
-shards with teacher features, read them back and summarise. Training, embedding, retrieval
-and chat join as those commands land. Each stage prints the equivalent ``unimm`` command.
+shards with teacher features, read them back, train the tiny model (``recipes/tiny-cpu.yaml``)
+and summarise. Embedding, retrieval and chat join as those commands land. Each stage prints the
+equivalent ``unimm`` command.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 
 import typer
 
 from unimm.config import PrepareConfig, build_config
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
 
 
 def _stage(title: str, command: str | None = None) -> None:
@@ -25,13 +30,20 @@ def _stage(title: str, command: str | None = None) -> None:
 
 
 def run(
-    out_dir: str | Path = "unimm-quickstart", *, records: int = 200, workers: int = 1, progress: bool = True
+    out_dir: str | Path = "unimm-quickstart",
+    *,
+    records: int = 200,
+    workers: int = 1,
+    steps: int = 150,
+    progress: bool = True,
 ) -> dict:
     """Run the quickstart into ``out_dir``; return the summary numbers it prints."""
     from unimm import prepare
     from unimm.data.shards import ReadStats, read_manifest, read_samples
     from unimm.data.synthetic import write_synthetic
     from unimm.model.tiny import save_tiny_teachers
+    from unimm.train import TrainConfig
+    from unimm.train import run as train
 
     start = time.perf_counter()
     out = Path(out_dir)
@@ -59,8 +71,8 @@ def run(
         str(data),
         "--out",
         str(shards),
-        "--image-size",
-        "32",
+        "--recipe",
+        str(RECIPE),
         "--workers",
         str(workers),
         "--teacher-image-expert",
@@ -74,15 +86,13 @@ def run(
     _stage("3. prepare shards with teacher features", shlex.join(args))
     cfg = build_config(
         PrepareConfig,
+        recipe=RECIPE,
         options={
             "prepare.inputs": [str(data)],
             "prepare.out": str(shards),
-            "prepare.image_size": 32,
             "prepare.workers": workers,
             "prepare.overwrite": True,
-            "teachers.image_expert": str(teachers["image_expert"]),
-            "teachers.text_expert": str(teachers["text_expert"]),
-            "teachers.clip": str(teachers["clip"]),
+            **{f"teachers.{k}": str(v) for k, v in teachers.items()},
         },
     )
     result = prepare.run(cfg, progress=progress)
@@ -96,6 +106,30 @@ def run(
         kinds[kind] = kinds.get(kind, 0) + 1
         slices += len(sample["slices"])
     manifest = read_manifest(shards)
+
+    run_dir = out / "run"
+    overrides = [f"data.train={shards}", f"train.max_steps={steps}", f"train.save_every={steps}"]
+    train_args = ["unimm", "train", "--recipe", str(RECIPE)]
+    for item in overrides:
+        train_args += ["--set", item]
+    _stage(
+        f"5. train the tiny model ({steps} steps, L = L_g + alpha * L_d)",
+        shlex.join([*train_args, "--out", str(run_dir)]),
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train(
+        build_config(TrainConfig, recipe=RECIPE, options={"out": str(run_dir)}, overrides=overrides),
+        progress=progress,
+    )
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    window = max(1, len(history) // 10)
+
+    def mean(rows: list[dict], key: str) -> float:
+        return round(sum(r[key] for r in rows) / len(rows), 3)
+
+    losses = {
+        key: (mean(history[:window], key), mean(history[-window:], key)) for key in ("loss_gen", "loss_disc")
+    }
     summary = {
         "records": records,
         "samples": stats.samples,
@@ -104,6 +138,8 @@ def run(
         "slices": slices,
         "kinds": kinds,
         "teacher_dims": {"u": manifest["teachers"]["u_dim"], "v": manifest["teachers"]["v_dim"]},
+        "losses": losses,
+        "checkpoint": str(run_dir / f"step-{steps:06d}"),
         "seconds": round(time.perf_counter() - start, 1),
     }
     typer.secho("\nsummary", bold=True)
@@ -114,6 +150,9 @@ def run(
         f"v: {summary['teacher_dims']['v']}-d per slice)"
     )
     typer.echo(f"    shards            : {result.shards} in {shards} (manifest.json lists their sha256)")
+    for key, (first, last) in losses.items():
+        typer.echo(f"    {key:<18}: {first} -> {last} (mean of the first and last {window} steps)")
+    typer.echo(f"    checkpoint        : {summary['checkpoint']}")
     typer.echo(f"    time              : {summary['seconds']} s")
-    typer.echo("\n    Training, embedding, retrieval and chat join this quickstart as those commands land.")
+    typer.echo("\n    Embedding, retrieval and chat join this quickstart as those commands land.")
     return summary
