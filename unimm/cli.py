@@ -295,6 +295,28 @@ def bench_align_cmd(
         atomic_write_json(json_out, rows)
 
 
+@bench_app.command("train")
+@user_errors
+def bench_train_cmd(
+    steps: Annotated[int, typer.Option(help="Optimizer steps per timing.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Step time of joint training vs generative-only on the same batch (tiny model, CPU)."""
+    from unimm.bench import bench_train
+
+    rows = bench_train(steps=steps, batch_size=batch_size)
+    keys = ["variant", "step_s", "ratio_vs_generative_only", "batch", "views", "tokens"]
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="unimm")
