@@ -298,3 +298,46 @@ def test_bad_configurations_are_clear(tmp_path, tiny_shards):
     assert str(no_teachers) in str(err.value) and "--teacher-clip" in str(err.value)
     with pytest.raises(UnimmError, match="not a finished"):
         run(config(tmp_path / "run2", tmp_path / "missing"), progress=False)
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path, tiny_shards):
+    """`torchrun` with 2 CPU processes: one log line per step, the single run's schedule, a checkpoint."""
+    import shutil
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    args = [
+        "-m",
+        "unimm.cli",
+        "train",
+        "--recipe",
+        str(RECIPE),
+        "--set",
+        f"data.train={tiny_shards}",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.save_every=3",
+        "--set",
+        "train.batch_size=2",
+        "-q",
+    ]
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained to step 3") == 1  # printed by rank 0 only
+    single = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+    ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert [m["step"] for m in ddp] == [1, 2, 3]
+    assert [m["lr"] for m in ddp] == pytest.approx([m["lr"] for m in one])
+    from unimm.model.checkpoint import read_meta
+
+    assert read_meta(tmp_path / "ddp" / "step-000003")["step"] == 3

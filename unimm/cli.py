@@ -242,6 +242,8 @@ def train(
         overrides=set_,
     )
     result = run(cfg, progress=not quiet)
+    if not result.get("main", True):
+        return
     typer.echo(
         f"trained to step {result.get('step')} (loss {result.get('loss', float('nan')):.4f}, "
         f"gen {result.get('loss_gen', float('nan')):.4f}, disc {result.get('loss_disc', float('nan')):.4f}); "

@@ -394,6 +394,9 @@ def _global_sum(value: float) -> float:
 @dataclasses.dataclass
 class StepResult:
     loss: torch.Tensor
+    """What this rank back-propagates (scaled so that DDP's average is the global gradient)."""
+    objective: float
+    """The global objective ``gen_weight·L_g + α·L_d``, the same on every rank."""
     loss_gen: float
     loss_disc: float
     views: int
@@ -432,7 +435,8 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
         loss_disc = float(disc.detach())
     if world > 1:  # report the global mean of L_g
         loss_gen = _global_sum(loss_gen) / world
-    return StepResult(loss, loss_gen, loss_disc, len(batch.get("views", [])), tokens)
+    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
+    return StepResult(loss, objective, loss_gen, loss_disc, len(batch.get("views", [])), tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,8 +482,11 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         mixed_precision=opts.mixed_precision,
         gradient_accumulation_steps=opts.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # Without it, accelerate treats several CPU processes (torchrun) as one and skips DDP.
+        cpu=not torch.cuda.is_available(),
     )
-    model, processor = build_model(cfg, run_dir, resume_from)
+    with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
+        model, processor = build_model(cfg, run_dir, resume_from)
     if opts.gradient_checkpointing:
         model.base.gradient_checkpointing_enable()
     collator = Collator(
@@ -505,7 +512,9 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         history.update(meta.get("history", {}))
         stream.restore(meta["data_position"])
         _truncate_metrics(run_dir / "metrics.jsonl", step)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside prepare(): accelerate would step it once per process per call,
+    # while train.max_steps counts optimizer steps of the whole run.
+    model, optimizer = accelerator.prepare(model, optimizer)
     data_hash = [m["fingerprint"] for m in manifests]
     recipe = config_to_dict(cfg)
     bar = tqdm(
@@ -534,7 +543,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                         skipped = True
                     else:
                         accelerator.backward(result.loss / opts.grad_accum)
-                parts.append(float(result.loss.detach()))
+                parts.append(result.objective if torch.isfinite(result.loss) else float("nan"))
                 gen += result.loss_gen / opts.grad_accum
                 disc += result.loss_disc / opts.grad_accum
                 views += result.views
@@ -613,7 +622,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             {"recipe": recipe, "step": step, "data_manifests": data_hash},
             merge_lora=True,
         )
-    return {**last, "history": history}
+    return {**last, "history": history, "main": accelerator.is_main_process}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
