@@ -341,3 +341,34 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_shards):
     from unimm.model.checkpoint import read_meta
 
     assert read_meta(tmp_path / "ddp" / "step-000003")["step"] == 3
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_shards):
+    cfg = config(
+        tmp_path / "run",
+        tiny_shards,
+        "train.max_steps=30",
+        "train.lr=1e30",
+        "train.max_grad_norm=0",
+        "train.max_nonfinite=3",
+    )
+    with pytest.raises(UnimmError, match="3 steps in a row had a non-finite loss"):
+        run(cfg, progress=False)
+    rows = metrics(tmp_path / "run")
+    assert any(r["skipped"] for r in rows) and all(r["skipped"] == (r["loss"] != r["loss"]) for r in rows)
+
+
+def test_periodic_evaluation_is_logged(tmp_path, tiny_shards):
+    cfg = config(
+        tmp_path / "run",
+        tiny_shards,
+        "train.max_steps=4",
+        f"data.eval={tiny_shards}",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.save_every=4",
+    )
+    run(cfg, progress=False)
+    rows = metrics(tmp_path / "run")
+    assert [("eval_loss_gen" in r) for r in rows] == [False, True, False, True]
+    assert rows[-1]["eval_loss_gen"] > 0 and rows[-1]["eval_loss_disc"] >= 0

@@ -92,6 +92,8 @@ class DataOptions:
     """Prepared shard directories (``unimm prepare`` outputs)."""
     weights: list[float] = dataclasses.field(default_factory=list)
     """Mixing weight per directory (default: equal)."""
+    eval: list[str] = dataclasses.field(default_factory=list)
+    """Shard directories evaluated every train.eval_every steps (fixed batches, no shuffle)."""
     shuffle_buffer: int = 256
     cut_points: int = 4
     """Views per sample (the paper's P); the last slice is always one of them."""
@@ -134,6 +136,9 @@ class TrainOptions:
     save_every: int = 500
     keep_last: int = 2
     max_nonfinite: int = 10
+    eval_every: int = 0
+    """Evaluate data.eval every this many steps (0 = never)."""
+    eval_batches: int = 4
     """Consecutive steps with a non-finite loss before training stops."""
     merge_lora: bool = False
     """Fold LoRA adapters into the weights of the final checkpoint."""
@@ -155,6 +160,8 @@ class TrainOptions:
                 problems.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             problems.append(f"train.lr: must be > 0, got {self.lr}")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            problems.append("train.eval_every must be >= 0 (0 = never) and train.eval_batches >= 1")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not self.temperature > 0:
@@ -403,6 +410,54 @@ class StepResult:
     tokens: int
 
 
+@torch.no_grad()
+def evaluate(model, batches: list[dict], cfg: TrainConfig) -> dict[str, float]:
+    """Mean ``L_g`` and ``L_d`` over fixed batches (this process only, no distributed ops)."""
+    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+
+    was_training = model.training
+    model.eval()
+    gen, disc = [], []
+    for batch in batches:
+        out = model(batch, with_lm=True, with_views=cfg.train.alpha > 0)
+        gen.append(float(out.loss_gen))
+        if cfg.train.alpha > 0 and out.embeddings is not None:
+            targets = view_targets(batch["teacher"], batch["views"], cfg.align).to(out.embeddings.device)
+            same = same_sample_mask(batch["views"], device=out.embeddings.device)
+            disc.append(
+                float(
+                    discriminative_loss(
+                        out.embeddings,
+                        targets,
+                        same,
+                        kind=cfg.train.disc_loss,
+                        temperature=cfg.train.temperature,
+                    )
+                )
+            )
+    model.train(was_training)
+    result = {"eval_loss_gen": sum(gen) / len(gen)}
+    if disc:
+        result["eval_loss_disc"] = sum(disc) / len(disc)
+    return result
+
+
+def _eval_batches(cfg: TrainConfig, collator) -> list[dict]:
+    from unimm.data.shards import read_samples
+
+    if not cfg.data.eval or cfg.train.eval_every <= 0:
+        return []
+    samples = []
+    wanted = cfg.train.eval_batches * cfg.train.batch_size
+    for folder in cfg.data.eval:
+        for sample in read_samples(folder, split_by_node=False, split_by_worker=False):
+            samples.append(sample)
+            if len(samples) >= wanted:
+                break
+    size = cfg.train.batch_size
+    return [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
+
+
 def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
     """Loss of one (micro-)batch; call ``.loss.backward()`` (or the accelerator's) on the result.
 
@@ -465,6 +520,8 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     opts = cfg.train
     run_dir = Path(cfg.out)
     manifests = _check_shards(cfg.data, need_teachers=opts.alpha > 0)
+    if cfg.data.eval:
+        _check_shards(dataclasses.replace(cfg.data, train=cfg.data.eval), need_teachers=opts.alpha > 0)
     resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
         raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")
@@ -505,6 +562,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
     )
     stream = DataStream(cfg.data, opts.seed + accelerator.process_index)
+    eval_batches = _eval_batches(cfg, collator) if accelerator.is_main_process else []
     step, history = 0, {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0}
     if resume_from is not None:
         meta = restore_train_state(load_train_state(resume_from), optimizer, scheduler)
@@ -581,6 +639,8 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 "seconds": seconds,
                 "skipped": skipped,
             }
+            if eval_batches and step % opts.eval_every == 0:
+                last.update(evaluate(accelerator.unwrap_model(model), eval_batches, cfg))
             if metrics_file is not None and step % opts.log_every == 0:
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
