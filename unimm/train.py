@@ -27,13 +27,14 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from unimm.config import AlignOptions, config_to_dict
+from unimm.data.stream import DataStream, check_shards, training_texts
+from unimm.distributed import gather_views, global_sum, rank_and_world
 from unimm.errors import UnimmError
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
@@ -185,111 +186,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-
-def _check_shards(data: DataOptions, need_teachers: bool) -> list[dict]:
-    from unimm.data.shards import read_manifest
-
-    manifests = []
-    without = []
-    for folder in data.train:
-        try:
-            manifest = read_manifest(folder)
-        except UnimmError as exc:
-            raise UnimmError(f"data.train: {exc}") from None
-        if manifest["counts"]["samples"] == 0:
-            raise UnimmError(f"data.train: {folder} holds no samples")
-        if need_teachers and not manifest.get("teachers"):
-            without.append(folder)
-        manifests.append(manifest)
-    if without:
-        raise UnimmError(
-            f"train.alpha > 0 needs teacher features, but {', '.join(without)} has none. Either prepare "
-            "them again with --teacher-image-expert/--teacher-text-expert/--teacher-clip, or train "
-            "generative-only with --set train.alpha=0"
-        )
-    return manifests
-
-
-class DataStream:
-    """Deterministic samples mixed from several shard directories, with a resumable position.
-
-    Each directory is read in epochs (seeded shard and sample shuffles that change per epoch);
-    which directory the next sample comes from is drawn from a seeded generator by weight. The
-    position (samples taken per directory, their epochs, the draws) is saved in checkpoints and
-    restored by replaying, so a resumed run sees exactly the samples an uninterrupted one would.
-    """
-
-    def __init__(self, data: DataOptions, seed: int) -> None:
-        self.data = data
-        self.seed = seed
-        self.weights = data.weights or [1.0] * len(data.train)
-        self.draws = 0
-        self.taken = [0] * len(data.train)
-        self.epochs = [0] * len(data.train)
-        self._iters: list[Iterator | None] = [None] * len(data.train)
-        self._rng = random.Random(seed)
-
-    def _stream(self, k: int) -> Iterator[dict]:
-        from unimm.data.shards import read_samples
-
-        while True:
-            pipeline = read_samples(
-                self.data.train[k],
-                shuffle_shards=True,
-                shuffle_buffer=self.data.shuffle_buffer,
-                seed=self.seed * 1000 + self.epochs[k],
-                split_by_node=True,
-                split_by_worker=False,
-            )
-            got = False
-            for sample in pipeline:
-                got = True
-                yield sample
-            if not got:
-                raise UnimmError(f"{self.data.train[k]}: no readable sample (all skipped as corrupt?)")
-            self.epochs[k] += 1
-
-    def next(self) -> dict:
-        k = (
-            self._rng.choices(range(len(self.weights)), weights=self.weights)[0]
-            if len(self.weights) > 1
-            else 0
-        )
-        self.draws += 1
-        if self._iters[k] is None:
-            self._iters[k] = self._stream(k)
-        self.taken[k] += 1
-        return next(self._iters[k])
-
-    def position(self) -> dict:
-        return {"draws": self.draws, "taken": list(self.taken)}
-
-    def restore(self, position: dict) -> None:
-        """Replay to a saved position (re-reading the samples it skips)."""
-        for _ in range(int(position["draws"])):
-            self.next()
-        if self.taken != list(position["taken"]):
-            raise UnimmError("resume: the data position does not replay (were the shards changed?)")
-
-
-def _training_texts(data: DataOptions, limit: int = 20000) -> list[str]:
-    """Texts of the first samples, to train the tiny model's tokenizer on."""
-    from unimm.data.shards import read_samples
-
-    texts = []
-    for folder in data.train:
-        for sample in read_samples(folder, split_by_node=False, split_by_worker=False, decode_images=False):
-            texts.extend(s["text"] for s in sample["slices"] if s["kind"] == "text")
-            if sample.get("response"):
-                texts.append(sample["response"])
-            if len(texts) >= limit:
-                return texts
-    return texts
-
-
-# ---------------------------------------------------------------------------------------------
 # Model
 
 
@@ -312,7 +208,7 @@ def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
 
         base = run_dir / "tiny-base"
         if not (base / "config.json").is_file():
-            save_tiny_llava(base, _training_texts(cfg.data), seed=cfg.train.seed)
+            save_tiny_llava(base, training_texts(cfg.data), seed=cfg.train.seed)
         mllm, processor = load_mllm(base, dtype=dtype)
     else:
         mllm, processor = load_mllm(opts.path, dtype=dtype, trust_remote_code=opts.trust_remote_code)
@@ -350,48 +246,6 @@ def _set_trainable(model, opts: ModelOptions, *, lora_done: bool) -> None:
         base.model.language_model.requires_grad_(True)
         base.lm_head.requires_grad_(True)
     model.head.requires_grad_(True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def gather_views(embeddings: torch.Tensor, teacher: list, views: list[tuple[int, int]]):
-    """Global view embeddings (the local part keeps its gradient), teachers and views of all ranks."""
-    rank, world = _world()
-    if world == 1:
-        return embeddings, teacher, views
-    objects: list = [None] * world
-    torch.distributed.all_gather_object(objects, (embeddings.shape[0], teacher, views))
-    sizes = [o[0] for o in objects]
-    longest = max(sizes)
-    padded = torch.zeros(longest, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-    padded[: embeddings.shape[0]] = embeddings.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    parts = [p[:s] for p, s in zip(parts, sizes, strict=True)]
-    parts[rank] = embeddings  # keep the gradient of this rank's views
-    all_teacher, all_views, offset = [], [], 0
-    for _, t, v in objects:
-        all_views.extend((b + offset, c) for b, c in v)
-        all_teacher.extend(t)
-        offset += len(t)
-    return torch.cat(parts), all_teacher, all_views
-
-
-def _global_sum(value: float) -> float:
-    _, world = _world()
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,14 +321,14 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
     from unimm.losses import discriminative_loss, same_sample_mask, view_targets
 
     opts = cfg.train
-    _, world = _world()
+    _, world = rank_and_world()
     need_views = opts.alpha > 0
     out = model(batch, with_lm=opts.gen_weight > 0, with_views=need_views)
     loss = torch.zeros((), device=next(model.parameters()).device)
     loss_gen = loss_disc = 0.0
     tokens = out.label_tokens
     if opts.gen_weight > 0:
-        global_tokens = _global_sum(float(tokens))
+        global_tokens = global_sum(float(tokens))
         # local mean × (local share of the global tokens) × world = this rank's part of the global mean
         scale = world * tokens / global_tokens if global_tokens else 0.0
         loss = loss + opts.gen_weight * out.loss_gen * scale
@@ -489,7 +343,7 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
         loss = loss + opts.alpha * disc * world
         loss_disc = float(disc.detach())
     if world > 1:  # report the global mean of L_g
-        loss_gen = _global_sum(loss_gen) / world
+        loss_gen = global_sum(loss_gen) / world
     objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
     return StepResult(loss, objective, loss_gen, loss_disc, len(batch.get("views", [])), tokens)
 
@@ -519,9 +373,9 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     opts = cfg.train
     run_dir = Path(cfg.out)
-    manifests = _check_shards(cfg.data, need_teachers=opts.alpha > 0)
+    manifests = check_shards(cfg.data, need_teachers=opts.alpha > 0)
     if cfg.data.eval:
-        _check_shards(dataclasses.replace(cfg.data, train=cfg.data.eval), need_teachers=opts.alpha > 0)
+        check_shards(dataclasses.replace(cfg.data, train=cfg.data.eval), need_teachers=opts.alpha > 0)
     resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
         raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")

@@ -18,20 +18,10 @@ Everything here is the PyTorch reference back end (CPU or CUDA, float32 or float
 """
 
 from unimm.align.dp import alignment_log_kernel, read_log_kernels
-from unimm.align.gak import (
-    gak,
-    gak_matrix,
-    gak_matrix_prefix,
-    gak_matrix_triple,
-    log_gak,
-    log_gak_matrix,
-    pad_views,
-    soft_dtw,
-    soft_dtw_divergence,
-    soft_dtw_divergence_matrix,
-    soft_dtw_matrix,
-)
+from unimm.align.gak import gak, gak_matrix, gak_matrix_triple, log_gak, log_gak_matrix, pad_views
 from unimm.align.kernels import local_log_kernel, squared_distance, triple_distance
+from unimm.align.prefix import gak_matrix_prefix
+from unimm.align.softdtw import soft_dtw, soft_dtw_divergence, soft_dtw_divergence_matrix, soft_dtw_matrix
 
 __all__ = [
     "alignment_log_kernel",
