@@ -20,6 +20,7 @@ uninterrupted run's losses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -141,6 +142,10 @@ class TrainOptions:
     """Evaluate data.eval every this many steps (0 = never)."""
     eval_batches: int = 4
     """Consecutive steps with a non-finite loss before training stops."""
+    grad_cache_chunk: int = 0
+    """Gradient caching: samples per forward chunk (0 = off). The step's gradient is exactly the
+    full batch's, while memory holds one chunk's activations, so batch_size (and with it the
+    number of views in L_d) can grow past what fits at once."""
     merge_lora: bool = False
     """Fold LoRA adapters into the weights of the final checkpoint."""
 
@@ -161,6 +166,8 @@ class TrainOptions:
                 problems.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             problems.append(f"train.lr: must be > 0, got {self.lr}")
+        if self.grad_cache_chunk < 0:
+            problems.append(f"train.grad_cache_chunk: must be >= 0 (0 = off), got {self.grad_cache_chunk}")
         if self.eval_every < 0 or self.eval_batches < 1:
             problems.append("train.eval_every must be >= 0 (0 = never) and train.eval_batches >= 1")
         if not 0 <= self.warmup_ratio < 1:
@@ -262,6 +269,86 @@ class StepResult:
     loss_disc: float
     views: int
     tokens: int
+
+
+def _merge_views(chunks: list[dict]) -> tuple[list, list[tuple[int, int]]]:
+    teacher, views, offset = [], [], 0
+    for chunk in chunks:
+        views.extend((b + offset, c) for b, c in chunk["views"])
+        teacher.extend(chunk["teacher"])
+        offset += len(chunk["teacher"])
+    return teacher, views
+
+
+def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_sync) -> StepResult:
+    """One step with gradient caching (Gao et al. 2021); runs the backward passes itself.
+
+    1. Embed every chunk without gradients (each chunk's RNG state is saved).
+    2. ``L_d`` over all embeddings of the global batch, differentiated to the embeddings only.
+    3. Each chunk again with gradients under its saved RNG state; back-propagate
+       ``embeddings · ∂L_d/∂embeddings`` plus the chunk's share of ``L_g``.
+
+    Args:
+        backward: ``loss -> None`` (the accelerator's backward).
+        no_sync: context manager that defers DDP's gradient sync (used for all but the last chunk).
+    """
+    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+
+    opts = cfg.train
+    _, world = rank_and_world()
+    use_views = opts.alpha > 0
+    states, embedded = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(_rng_state())
+            if use_views:
+                embedded.append(model(chunk, with_lm=False, with_views=True).embeddings)
+    grads: list[torch.Tensor | None] = [None] * len(chunks)
+    loss_disc = 0.0
+    if use_views:
+        local = torch.cat(embedded).requires_grad_()
+        teacher, views = _merge_views(chunks)
+        embeddings, all_teacher, all_views = gather_views(local, teacher, views)
+        targets = view_targets(all_teacher, all_views, cfg.align).to(embeddings.device)
+        same = same_sample_mask(all_views, device=embeddings.device)
+        disc = discriminative_loss(
+            embeddings, targets, same, kind=opts.disc_loss, temperature=opts.temperature
+        )
+        (grad,) = torch.autograd.grad(opts.alpha * disc * world, local)
+        grads = list(torch.split(grad, [e.shape[0] for e in embedded]))
+        loss_disc = float(disc.detach())
+    tokens = [int((c["labels"][:, 1:] != -100).sum()) for c in chunks]
+    global_tokens = global_sum(float(sum(tokens))) if opts.gen_weight > 0 else 0.0
+    loss_gen = 0.0
+    after = _rng_state()
+    for k, chunk in enumerate(chunks):
+        _set_rng_state(states[k])  # the same dropout as in step 1
+        context = no_sync() if k < len(chunks) - 1 else contextlib.nullcontext()
+        with context:
+            out = model(chunk, with_lm=opts.gen_weight > 0, with_views=use_views)
+            loss = torch.zeros((), device=next(model.parameters()).device)
+            if opts.gen_weight > 0 and global_tokens:
+                share = tokens[k] / global_tokens
+                loss = loss + opts.gen_weight * out.loss_gen * share * world
+                loss_gen += float(out.loss_gen.detach()) * share
+            if use_views:
+                loss = loss + (out.embeddings * grads[k].to(out.embeddings)).sum()
+            backward(loss)
+    _set_rng_state(after)
+    loss_gen = global_sum(loss_gen)
+    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
+    views_count = sum(len(c["views"]) for c in chunks)
+    return StepResult(torch.tensor(objective), objective, loss_gen, loss_disc, views_count, sum(tokens))
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 @torch.no_grad()
@@ -447,7 +534,26 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             parts, gen, disc, views, tokens = [], 0.0, 0.0, 0, 0
             skipped = False
             for _ in range(opts.grad_accum):
-                batch = collator([stream.next() for _ in range(opts.batch_size)])
+                samples = [stream.next() for _ in range(opts.batch_size)]
+                if opts.grad_cache_chunk:
+                    size = opts.grad_cache_chunk
+                    chunks = [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
+                    history["dropped_slices"] += sum(c["dropped_slices"] for c in chunks)
+                    result = train_step_cached(
+                        model,
+                        chunks,
+                        cfg,
+                        lambda loss: accelerator.backward(loss / opts.grad_accum),
+                        lambda: accelerator.no_sync(model),
+                    )
+                    skipped = skipped or not math.isfinite(result.objective)
+                    parts.append(result.objective)
+                    gen += result.loss_gen / opts.grad_accum
+                    disc += result.loss_disc / opts.grad_accum
+                    views += result.views
+                    tokens += result.tokens
+                    continue
+                batch = collator(samples)
                 history["dropped_slices"] += batch["dropped_slices"]
                 with accelerator.accumulate(model):
                     result = train_step(model, batch, cfg)
