@@ -418,3 +418,36 @@ def test_gradient_caching_equals_the_full_batch(tmp_path, tiny_shards):
         progress=False,
     )
     assert [m["step"] for m in metrics(tmp_path / "run2")] == [1, 2, 3]
+
+
+def test_training_options_run_together(tmp_path, tiny_shards):
+    """Accumulation, checkpointing, bf16 autocast, two weighted sources and keep_last at once."""
+    cfg = config(
+        tmp_path / "run",
+        tiny_shards,
+        f"data.train=[{tiny_shards}, {tiny_shards}]",
+        "data.weights=[3, 1]",
+        "train.grad_accum=2",
+        "train.batch_size=2",
+        "train.gradient_checkpointing=true",
+        "train.mixed_precision=bf16",
+        "train.max_steps=3",
+        "train.save_every=1",
+        "train.keep_last=1",
+    )
+    result = run(cfg, progress=False)
+    assert result["step"] == 3 and all(m["loss"] == m["loss"] for m in metrics(tmp_path / "run"))
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000003"]
+
+
+def test_sources_are_mixed_by_weight(tiny_shards):
+    from unimm.data.stream import DataStream
+    from unimm.train import DataOptions
+
+    stream = DataStream(
+        DataOptions(train=[str(tiny_shards)] * 2, weights=[3.0, 1.0], shuffle_buffer=1), seed=0
+    )
+    for _ in range(400):
+        stream.next()
+    first, second = stream.position()["taken"]
+    assert first + second == 400 and 2.4 < first / second < 3.8

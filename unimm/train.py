@@ -485,8 +485,9 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
         model, processor = build_model(cfg, run_dir, resume_from)
-    if opts.gradient_checkpointing:
-        model.base.gradient_checkpointing_enable()
+    if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
+        enable = getattr(model.base, "activation_checkpointing_enable", None)
+        (enable or model.base.gradient_checkpointing_enable)()
     collator = Collator(
         processor.tokenizer,
         image_token_id=model.image_token_id,
