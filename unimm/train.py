@@ -473,7 +473,12 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
+
+    # accelerate keeps one state per process; a second run in the same process (a notebook, the
+    # tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     # Unused parameters are normal here (the head when α = 0, the LM head when gen_weight = 0).
     accelerator = Accelerator(
