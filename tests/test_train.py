@@ -116,11 +116,9 @@ def test_joint_training_learns_to_caption_and_retrieve(tmp_path, tiny_teachers):
         history[-1]["loss_gen"],
     )
     model, processor, _ = load_checkpoint(tmp_path / "run" / "step-000400")
-    col = Collator(
-        processor.tokenizer,
-        image_token_id=model.image_token_id,
-        image_seq_length=model.image_seq_length,
-        image_processor=processor.image_processor,
+    col = Collator.for_model(
+        model,
+        processor,
         max_length=256,
         cut_points=2,
     )
@@ -168,11 +166,9 @@ def _one_step(folder: str, shards: str, rank: int, world: int):
     model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 16))
     cfg = config("unused", shards, "train.alpha=1.0")
     samples = list(read_samples(shards, split_by_node=False, split_by_worker=False))[:8]
-    col = Collator(
-        processor.tokenizer,
-        image_token_id=model.image_token_id,
-        image_seq_length=model.image_seq_length,
-        image_processor=processor.image_processor,
+    col = Collator.for_model(
+        model,
+        processor,
         max_length=256,
         cut_points=3,
     )
@@ -230,11 +226,9 @@ def test_checkpoint_round_trip(tmp_path, tiny_shards, variant):
     save_checkpoint(tmp_path / "ckpt", model, processor, {"step": 3}, merge_lora=variant == "lora-merged")
     loaded, _, meta = load_checkpoint(tmp_path / "ckpt")
     assert meta["step"] == 3 and meta["lora"] == (variant == "lora")
-    col = Collator(
-        processor.tokenizer,
-        image_token_id=model.image_token_id,
-        image_seq_length=model.image_seq_length,
-        image_processor=processor.image_processor,
+    col = Collator.for_model(
+        model,
+        processor,
         max_length=256,
     )
     batch = col(list(read_samples(tiny_shards, split_by_node=False, split_by_worker=False))[:4])
@@ -385,11 +379,9 @@ def test_gradient_caching_equals_the_full_batch(tmp_path, tiny_shards):
     cfg = config(tmp_path / "run", tiny_shards, "train.alpha=2.0")
     (tmp_path / "run").mkdir()
     model, processor = build_model(cfg, tmp_path / "run", None)
-    col = Collator(
-        processor.tokenizer,
-        image_token_id=model.image_token_id,
-        image_seq_length=model.image_seq_length,
-        image_processor=processor.image_processor,
+    col = Collator.for_model(
+        model,
+        processor,
         max_length=256,
         cut_points=3,
     )

@@ -401,11 +401,9 @@ def bench_train(*, steps: int = 20, batch_size: int = 8, cut_points: int = 4, re
             )
             (work / name).mkdir()
             model, processor = build_model(cfg, work / name, None)
-            collator = Collator(
-                processor.tokenizer,
-                image_token_id=model.image_token_id,
-                image_seq_length=model.image_seq_length,
-                image_processor=processor.image_processor,
+            collator = Collator.for_model(
+                model,
+                processor,
                 max_length=cfg.model.max_length,
                 cut_points=cut_points,
             )

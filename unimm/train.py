@@ -138,10 +138,10 @@ class TrainOptions:
     save_every: int = 500
     keep_last: int = 2
     max_nonfinite: int = 10
+    """Consecutive steps with a non-finite loss before training stops."""
     eval_every: int = 0
     """Evaluate data.eval every this many steps (0 = never)."""
     eval_batches: int = 4
-    """Consecutive steps with a non-finite loss before training stops."""
     grad_cache_chunk: int = 0
     """Gradient caching: samples per forward chunk (0 = off). The step's gradient is exactly the
     full batch's, while memory holds one chunk's activations, so batch_size (and with it the
@@ -493,11 +493,9 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
         enable = getattr(model.base, "activation_checkpointing_enable", None)
         (enable or model.base.gradient_checkpointing_enable)()
-    collator = Collator(
-        processor.tokenizer,
-        image_token_id=model.image_token_id,
-        image_seq_length=model.image_seq_length,
-        image_processor=processor.image_processor,
+    collator = Collator.for_model(
+        model,
+        processor,
         max_length=cfg.model.max_length,
         system_prompt=cfg.model.system_prompt,
         cut_points=cfg.data.cut_points,

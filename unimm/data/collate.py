@@ -95,6 +95,17 @@ class Collator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.template = self._template(system_prompt)
 
+    @classmethod
+    def for_model(cls, model, processor, **kwargs) -> Collator:
+        """A collator for a :class:`~unimm.model.core.UnimmModel` and its processor (``kwargs``: the rest)."""
+        return cls(
+            processor.tokenizer,
+            image_token_id=model.image_token_id,
+            image_seq_length=model.image_seq_length,
+            image_processor=processor.image_processor,
+            **kwargs,
+        )
+
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
