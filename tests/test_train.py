@@ -41,6 +41,8 @@ def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
         "train.max_steps=6",
         "--set",
         "train.save_every=3",
+        "--set",
+        "data.prefetch=2",  # resume through the prefetch thread
         "-q",
     ]
     cmd = [sys.executable, "-m", "unimm.cli", "train", *args]
@@ -443,3 +445,27 @@ def test_sources_are_mixed_by_weight(tiny_shards):
         stream.next()
     first, second = stream.position()["taken"]
     assert first + second == 400 and 2.4 < first / second < 3.8
+
+
+def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards):
+    import time
+
+    from unimm.data.stream import DataStream, Prefetcher
+    from unimm.train import DataOptions
+
+    stream = DataStream(DataOptions(train=[str(tiny_shards)], shuffle_buffer=1), seed=0)
+    prefetcher = Prefetcher(stream, 2, lambda samples: [s["id"] for s in samples], depth=2)
+    first = prefetcher.next()
+    time.sleep(0.3)  # the thread reads ahead meanwhile
+    assert prefetcher.position["draws"] == 2 and stream.position()["draws"] > 2
+    replay = DataStream(DataOptions(train=[str(tiny_shards)], shuffle_buffer=1), seed=0)
+    assert [replay.next()["id"] for _ in range(2)] == first
+    prefetcher.close()
+
+    def broken(samples):
+        raise RuntimeError("collation failed")
+
+    failing = Prefetcher(DataStream(DataOptions(train=[str(tiny_shards)]), seed=0), 2, broken)
+    with pytest.raises(RuntimeError, match="collation failed"):
+        failing.next()
+    failing.close()

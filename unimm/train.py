@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from unimm.config import AlignOptions, config_to_dict
-from unimm.data.stream import DataStream, check_shards, training_texts
+from unimm.data.stream import DataStream, Prefetcher, check_shards, training_texts
 from unimm.distributed import gather_views, global_sum, rank_and_world
 from unimm.errors import UnimmError
 
@@ -97,6 +97,8 @@ class DataOptions:
     eval: list[str] = dataclasses.field(default_factory=list)
     """Shard directories evaluated every train.eval_every steps (fixed batches, no shuffle)."""
     shuffle_buffer: int = 256
+    prefetch: int = 2
+    """Batches decoded and collated ahead on a background thread (0 = in the training loop)."""
     cut_points: int = 4
     """Views per sample (the paper's P); the last slice is always one of them."""
 
@@ -108,6 +110,8 @@ class DataOptions:
             problems.append(f"data.weights: {len(self.weights)} weights for {len(self.train)} directories")
         if any(w <= 0 for w in self.weights):
             problems.append("data.weights: every weight must be > 0")
+        if self.prefetch < 0:
+            problems.append(f"data.prefetch: must be >= 0 (0 = off), got {self.prefetch}")
         if self.cut_points < 1:
             problems.append(f"data.cut_points: must be >= 1, got {self.cut_points}")
         return problems
@@ -532,16 +536,36 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     last: dict[str, Any] = {}
     fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
+
+    def make(samples: list[dict]):
+        if opts.grad_cache_chunk:
+            size = opts.grad_cache_chunk
+            return [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
+        return collator(samples)
+
+    prefetcher = (
+        Prefetcher(stream, opts.batch_size, make, cfg.data.prefetch) if cfg.data.prefetch > 0 else None
+    )
+
+    def next_item():
+        return (
+            prefetcher.next()
+            if prefetcher is not None
+            else make([stream.next() for _ in range(opts.batch_size)])
+        )
+
+    def consumed_position() -> dict:
+        return prefetcher.position if prefetcher is not None else stream.position()
+
     try:
         while step < opts.max_steps:
             start = time.perf_counter()
             parts, gen, disc, views, tokens = [], 0.0, 0.0, 0, 0
             skipped = False
             for _ in range(opts.grad_accum):
-                samples = [stream.next() for _ in range(opts.batch_size)]
+                payload = next_item()
                 if opts.grad_cache_chunk:
-                    size = opts.grad_cache_chunk
-                    chunks = [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
+                    chunks = payload
                     history["dropped_slices"] += sum(c["dropped_slices"] for c in chunks)
                     result = train_step_cached(
                         model,
@@ -557,7 +581,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     views += result.views
                     tokens += result.tokens
                     continue
-                batch = collator(samples)
+                batch = payload
                 history["dropped_slices"] += batch["dropped_slices"]
                 with accelerator.accumulate(model):
                     result = train_step(model, batch, cfg)
@@ -621,7 +645,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                         scheduler,
                         {
                             "step": step,
-                            "data_position": stream.position(),
+                            "data_position": consumed_position(),
                             "history": history,
                         },
                     )
@@ -634,6 +658,8 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     )
                     _prune(run_dir, opts.keep_last)
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()

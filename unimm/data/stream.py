@@ -113,3 +113,59 @@ def training_texts(data, limit: int = 20000) -> list[str]:
             if len(texts) >= limit:
                 return texts
     return texts
+
+
+class Prefetcher:
+    """Prepares the next batches on a background thread while the model trains.
+
+    ``make(samples)`` (collation: tokenising, image preprocessing) runs on the thread too. Each
+    item carries the stream position *after* its samples, so a checkpoint saves what was
+    consumed, not what was read ahead, and resuming stays exact.
+
+    Args:
+        stream: the :class:`DataStream`.
+        count: samples per item.
+        make: turns a list of samples into what the training loop consumes.
+        depth: items prepared ahead.
+    """
+
+    def __init__(self, stream: DataStream, count: int, make, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.stream = stream
+        self.count = count
+        self.make = make
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.position = stream.position()
+        self._thread = threading.Thread(target=self._work, name="unimm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                samples = [self.stream.next() for _ in range(self.count)]
+                item = (self.make(samples), self.stream.position(), None)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except Exception:  # queue.Full: wait for the consumer or a stop
+                        continue
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._queue.put((None, None, exc))
+
+    def next(self):
+        """The next prepared item (raises what the thread raised)."""
+        item, position, error = self._queue.get()
+        if error is not None:
+            raise error
+        self.position = position
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._thread.join(timeout=5)
