@@ -251,6 +251,49 @@ def train(
     )
 
 
+@app.command(rich_help_panel="Model")
+@user_errors
+def embed(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Shard directory; repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Index directory.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="\\[default: 16]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float16 | float32 \\[default: float16]")] = None,
+    per_slice: Annotated[bool, typer.Option("--per-slice", help="Also store per-slice embeddings.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep finished parts of an earlier run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed every document of prepared shards into an index (one unit vector per document)."""
+    from unimm.config import build_config
+    from unimm.embed import EmbedConfig, run
+
+    cfg = build_config(
+        EmbedConfig,
+        recipe=recipe,
+        options={
+            "embed.model": None if model is None else str(model),
+            "embed.data": None if not data else [str(d) for d in data],
+            "embed.out": None if out is None else str(out),
+            "embed.batch_size": batch_size,
+            "embed.dtype": dtype,
+            "embed.per_slice": per_slice or None,
+            "embed.device": device,
+            "embed.resume": resume or None,
+            "embed.overwrite": overwrite or None,
+        },
+        overrides=set_,
+    )
+    manifest = run(cfg, progress=not quiet)
+    typer.echo(
+        f"embedded {manifest['count']} documents ({manifest['dim']}-d, {manifest['dtype']}) "
+        f"into {cfg.embed.out}"
+    )
+
+
 @bench_app.command("prepare")
 @user_errors
 def bench_prepare_cmd(

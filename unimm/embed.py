@@ -1,0 +1,249 @@
+"""``unimm embed``: a checkpoint + shards (or records) → an embedding index.
+
+    unimm embed --model runs/tiny/step-000200 --data shards --out index
+
+Index layout (../shared/DESIGN.md §4)::
+
+    INDEX/embeddings-00000.safetensors   "embeddings" [n, d] (unit rows; float16 or float32), and with
+                                         --per-slice "slice_embeddings" [s, d] + "slice_offsets" [n+1]
+    INDEX/embeddings-00000.json          ids and pointers back to the content, row by row
+    INDEX/manifest.json                  model hash, dim, count, dtype, parts (written last)
+
+Each document is embedded as one view: the whole sample, cut after its last slice (the same
+prefix as in training). Parts of ``part_size`` documents are written atomically as they fill;
+``--resume`` keeps the finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from unimm import __version__
+from unimm.errors import UnimmError
+from unimm.utils import atomic_write_bytes, atomic_write_json
+
+INDEX_MANIFEST = "manifest.json"
+PART = "embeddings-{:05d}"
+
+
+@dataclasses.dataclass
+class EmbedOptions:
+    """Section ``embed``."""
+
+    model: str = ""
+    """A checkpoint folder written by `unimm train` (RUN/step-…)."""
+    data: list[str] = dataclasses.field(default_factory=list)
+    """Prepared shard directories (or shard files)."""
+    out: str = ""
+    batch_size: int = 16
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of the embeddings."""
+    per_slice: bool = False
+    """Also store an embedding after every slice (for GAK re-ranking)."""
+    part_size: int = 10000
+    device: str = "auto"
+    max_length: int = 2048
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.model:
+            problems.append("embed.model: give a checkpoint with --model RUN/step-…")
+        if not self.data:
+            problems.append("embed.data: give shard directories with --data DIR")
+        if not self.out:
+            problems.append("embed.out: give an index directory with --out DIR")
+        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 16:
+            problems.append("embed.batch_size and embed.part_size must be >= 1, embed.max_length >= 16")
+        if self.resume and self.overwrite:
+            problems.append("embed.resume and embed.overwrite: choose one")
+        return problems
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """Configuration of ``unimm embed``."""
+
+    embed: EmbedOptions = dataclasses.field(default_factory=EmbedOptions)
+
+
+def model_hash(checkpoint: str | Path) -> str:
+    """Identifies a checkpoint's embedding space: sha256 of its head, its unimm.json and config.json."""
+    folder = Path(checkpoint)
+    digest = hashlib.sha256()
+    for name in ("retrieval_head.safetensors", "unimm.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnimmError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _prepare_out(out: Path, opts: EmbedOptions) -> list[dict]:
+    """Parts to keep (resume), after checking the output folder."""
+    if out.exists() and not out.is_dir():
+        raise UnimmError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob("embeddings-*"))
+    if existing and not (opts.resume or opts.overwrite):
+        raise UnimmError(f"--out {out} already holds an index; pass --resume, --overwrite, or another --out")
+    if opts.overwrite:
+        for path in [*existing, out / INDEX_MANIFEST, out / ".embed-journal.json"]:
+            path.unlink(missing_ok=True)
+        return []
+    journal = out / ".embed-journal.json"
+    if opts.resume and journal.is_file():
+        state = json.loads(journal.read_text(encoding="utf-8"))
+        if state.get("model_hash") != model_hash(opts.model) or state.get("data") != list(opts.data):
+            raise UnimmError(f"--resume: {out} was embedded with another model or data; use --overwrite")
+        return state["parts"]
+    return []
+
+
+def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Embed every sample of the data with the checkpoint; see the module docstring."""
+    from safetensors.torch import save
+    from tqdm import tqdm
+
+    from unimm.data.collate import Collator
+    from unimm.data.shards import ReadStats, read_samples, shard_paths
+    from unimm.model.checkpoint import load_checkpoint
+
+    opts = cfg.embed
+    out = Path(opts.out)
+    kept = _prepare_out(out, opts)
+    device = _device(opts.device)
+    model, processor, meta = load_checkpoint(opts.model)
+    model.to(device).eval()
+    collator = Collator.for_model(
+        model,
+        processor,
+        max_length=opts.max_length,
+        system_prompt=meta.get("recipe", {}).get("model", {}).get("system_prompt", ""),
+    )
+    for source in opts.data:
+        shard_paths(source)  # clear error for a missing or unfinished directory
+    digest = model_hash(opts.model)
+    storage = torch.float16 if opts.dtype == "float16" else torch.float32
+    done = sum(p["count"] for p in kept)
+    parts = list(kept)
+    pending: dict[str, list] = {"emb": [], "slices": [], "offsets": [0], "rows": []}
+    journal = {"model_hash": digest, "data": list(opts.data), "parts": parts}
+
+    def flush() -> None:
+        if not pending["rows"]:
+            return
+        name = PART.format(len(parts))
+        tensors = {"embeddings": torch.cat(pending["emb"]).to(storage).contiguous()}
+        if opts.per_slice:
+            tensors["slice_embeddings"] = torch.cat(pending["slices"]).to(storage).contiguous()
+            tensors["slice_offsets"] = torch.tensor(pending["offsets"], dtype=torch.int64)
+        atomic_write_bytes(out / f"{name}.safetensors", save(tensors))
+        atomic_write_json(out / f"{name}.json", {"rows": pending["rows"]})
+        parts.append({"name": name, "count": len(pending["rows"])})
+        atomic_write_json(out / ".embed-journal.json", journal)
+        pending.update(emb=[], slices=[], offsets=[0], rows=[])
+
+    stats = ReadStats()
+    stream = (
+        s
+        for source in opts.data
+        for s in read_samples(source, split_by_node=False, split_by_worker=False, stats=stats)
+    )
+    bar = tqdm(desc="embed", unit="doc", initial=done, disable=not progress)
+    batch_samples: list[dict] = []
+
+    def embed_batch(samples: list[dict]) -> None:
+        batch = collator(samples)
+        if opts.per_slice:
+            batch["views"] = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]
+        else:
+            batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
+        with torch.no_grad():
+            emb = model.embed(batch).cpu()
+        if opts.per_slice:
+            counts = [len(spans) for spans in batch["spans"]]
+            per_doc = torch.split(emb, counts)
+            pending["emb"].append(torch.stack([d[-1] for d in per_doc]))
+            for d in per_doc:
+                pending["slices"].append(d)
+                pending["offsets"].append(pending["offsets"][-1] + d.shape[0])
+        else:
+            pending["emb"].append(emb)
+        for s in samples:
+            pending["rows"].append(
+                {"id": s["id"], "shard": Path(s["url"]).name, "key": s["key"], "source": s.get("source")}
+            )
+        bar.update(len(samples))
+
+    for index, sample in enumerate(stream):
+        if index < done:
+            continue  # finished in an earlier run
+        batch_samples.append(sample)
+        room = opts.part_size - len(pending["rows"])
+        if len(batch_samples) == min(opts.batch_size, room):
+            embed_batch(batch_samples)
+            batch_samples = []
+            if len(pending["rows"]) >= opts.part_size:
+                flush()
+    if batch_samples:
+        embed_batch(batch_samples)
+    flush()
+    bar.close()
+    count = sum(p["count"] for p in parts)
+    if count == 0:
+        raise UnimmError("no document was embedded (the data is empty)")
+    manifest = {
+        "kind": "unimm-index",
+        "unimm_version": __version__,
+        "model": str(Path(opts.model).resolve()),
+        "model_hash": digest,
+        "dim": int(model.head.embed_dim),
+        "count": count,
+        "dtype": opts.dtype,
+        "per_slice": opts.per_slice,
+        "parts": parts,
+        "data": list(opts.data),
+        "skipped_corrupt": stats.skipped,
+    }
+    atomic_write_json(out / INDEX_MANIFEST, manifest)
+    (out / ".embed-journal.json").unlink(missing_ok=True)
+    return manifest
+
+
+def load_index(folder: str | Path) -> tuple[torch.Tensor, list[dict], dict]:
+    """Read an index: ``(embeddings [n, d] float32, rows, manifest)``.
+
+    Raises:
+        UnimmError: the folder is not a finished index.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    path = folder / INDEX_MANIFEST
+    if not path.is_file():
+        raise UnimmError(
+            f"index {folder}: no {INDEX_MANIFEST}; build one with `unimm embed` (or finish it with --resume)"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    embeddings, rows = [], []
+    for part in manifest["parts"]:
+        embeddings.append(load_file(folder / f"{part['name']}.safetensors")["embeddings"].float())
+        rows.extend(json.loads((folder / f"{part['name']}.json").read_text(encoding="utf-8"))["rows"])
+    return torch.cat(embeddings), rows, manifest
