@@ -1,0 +1,54 @@
+"""Exact search against brute force, and retrieval metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unimm.errors import UnimmError
+from unimm.retrieval import exact_search, metrics, read_qrels
+
+
+def test_blocked_search_equals_full_matrix():
+    g = torch.Generator().manual_seed(0)
+    index = torch.nn.functional.normalize(torch.randn(1000, 16, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=-1)
+    scores, rows = exact_search(queries, index, 10, block=97)
+    full = queries @ index.T
+    want = torch.topk(full, 10, dim=1)
+    torch.testing.assert_close(scores, want.values)
+    assert torch.equal(rows, want.indices)
+    assert exact_search(queries, index[:3], 10)[1].shape == (7, 3)  # k capped at the index size
+
+
+def test_ties_keep_the_lower_row():
+    index = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    _, rows = exact_search(torch.tensor([[1.0, 0.0]]), index, 2, block=1)
+    assert rows.tolist() == [[0, 1]]
+
+
+def test_metrics_equal_hand_computation():
+    ranked = {"q1": ["a", "b", "c"], "q2": ["x", "y", "z"], "q3": ["m"]}
+    qrels = {"q1": {"b": 1, "c": 1}, "q2": {"z": 2}, "unrun": {"a": 1}}
+    got = metrics(ranked, qrels)
+    assert got["queries"] == 2
+    assert got["recall@1"] == pytest.approx(0.0)
+    assert got["recall@5"] == pytest.approx((1.0 + 1.0) / 2)
+    assert got["mrr"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    ndcg_q1 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    ndcg_q2 = (3 / math.log2(4)) / 3
+    assert got["ndcg@10"] == pytest.approx((ndcg_q1 + ndcg_q2) / 2)
+
+
+def test_qrels_formats_and_errors(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"query_id": "q1", "doc_id": "d1", "relevance": 1}\n')
+    (tmp_path / "q.trec").write_text("q1 0 d1 1\nq1 0 d2 0\n")
+    assert read_qrels(tmp_path / "q.jsonl") == {"q1": {"d1": 1.0}}
+    assert read_qrels(tmp_path / "q.trec") == {"q1": {"d1": 1.0, "d2": 0.0}}
+    (tmp_path / "bad.trec").write_text("q1 d1\n")
+    with pytest.raises(UnimmError, match=r"bad\.trec:1"):
+        read_qrels(tmp_path / "bad.trec")
+    with pytest.raises(UnimmError, match="no query of this run"):
+        metrics({"q9": ["d1"]}, {"q1": {"d1": 1}})
