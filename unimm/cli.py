@@ -294,6 +294,63 @@ def embed(
     )
 
 
+@app.command(rich_help_panel="Model")
+@user_errors
+def retrieve(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index directory (from `unimm embed`).")
+    ] = None,
+    query: Annotated[list[str] | None, typer.Option("--query", help="Query text; repeatable.")] = None,
+    image: Annotated[list[Path] | None, typer.Option("--image", help="Query image; repeatable.")] = None,
+    queries: Annotated[Path | None, typer.Option("--queries", help="A file of query records.")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder of the query records' images.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Results per query.")] = 10,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSONL.")] = None,
+    qrels: Annotated[
+        Path | None, typer.Option("--qrels", help="Relevance judgements (JSONL or TREC).")
+    ] = None,
+    metrics_out: Annotated[
+        Path | None, typer.Option("--metrics-out", help="Write the metrics as JSON.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Search an index with text, image or interleaved queries (and score them against qrels)."""
+    from unimm.config import build_config
+    from unimm.retrieve import RetrieveConfig, query_order, run
+
+    given = [["text", q] for q in query or []] + [["image", str(i)] for i in image or []]
+    ordered = query_order(sys.argv)
+    if sorted(map(tuple, ordered)) == sorted(map(tuple, given)):
+        given = ordered  # the order typed on the command line (texts and images interleaved)
+    cfg = build_config(
+        RetrieveConfig,
+        options={
+            "retrieve.model": None if model is None else str(model),
+            "retrieve.index": None if index is None else str(index),
+            "retrieve.query": given or None,
+            "retrieve.queries": None if queries is None else str(queries),
+            "retrieve.image_root": None if image_root is None else str(image_root),
+            "retrieve.top_k": top_k,
+            "retrieve.out": None if out is None else str(out),
+            "retrieve.qrels": None if qrels is None else str(qrels),
+            "retrieve.metrics_out": None if metrics_out is None else str(metrics_out),
+            "retrieve.device": device,
+        },
+    )
+    result = run(cfg)
+    for item in result["results"][:20]:
+        typer.secho(f"query {item['query_id']}", bold=True)
+        for rank, (doc, score) in enumerate(zip(item["ids"], item["scores"], strict=True), start=1):
+            typer.echo(f"  {rank:>3}  {score:+.4f}  {doc}")
+    if len(result["results"]) > 20:
+        typer.echo(f"  ... {len(result['results']) - 20} more queries" + (f" in {out}" if out else ""))
+    if result["metrics"]:
+        typer.secho("metrics", bold=True)
+        for name, value in result["metrics"].items():
+            typer.echo(f"  {name:<10} {value:.4f}" if isinstance(value, float) else f"  {name:<10} {value}")
+
+
 @bench_app.command("prepare")
 @user_errors
 def bench_prepare_cmd(

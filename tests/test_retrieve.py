@@ -1,0 +1,139 @@
+"""`unimm retrieve` end to end: a document as its own query ranks first; interleaved queries; errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from unimm.cli import app
+from unimm.config import build_config
+from unimm.errors import UnimmError
+from unimm.retrieve import RetrieveConfig, query_order, run
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_shards):
+    from unimm.embed import EmbedConfig
+    from unimm.embed import run as embed
+    from unimm.train import TrainConfig
+    from unimm.train import run as train
+
+    root = tmp_path_factory.mktemp("retrieve")
+    train(
+        build_config(
+            TrainConfig,
+            recipe=RECIPE,
+            options={"out": str(root / "run")},
+            overrides=[f"data.train={tiny_shards}", "train.max_steps=2", "train.save_every=2"],
+        ),
+        progress=False,
+    )
+    checkpoint = root / "run" / "step-000002"
+    embed(
+        build_config(
+            EmbedConfig,
+            options={
+                "embed.model": str(checkpoint),
+                "embed.data": [str(tiny_shards)],
+                "embed.out": str(root / "index"),
+                "embed.dtype": "float32",
+            },
+        ),
+        progress=False,
+    )
+    return checkpoint, root / "index", tiny_shards
+
+
+def retrieve(checkpoint, index, **options):
+    opts = {"retrieve.model": str(checkpoint), "retrieve.index": str(index)}
+    opts.update({f"retrieve.{k}": v for k, v in options.items()})
+    return run(build_config(RetrieveConfig, options=opts))
+
+
+def test_documents_as_queries_find_themselves(tmp_path, setup):
+    """A query with a document's own slices embeds exactly like it: R@1 = 1 with qrels."""
+    from unimm.data.shards import read_samples
+
+    checkpoint, index, shards = setup
+    (tmp_path / "images").mkdir()
+    queries, qrels = [], []
+    for n, sample in enumerate(read_samples(shards, split_by_node=False, split_by_worker=False)):
+        if n >= 6:
+            break
+        slices = []
+        for k, s in enumerate(sample["slices"]):
+            if s["kind"] == "text":
+                slices.append({"text": s["text"]})
+            else:
+                name = f"images/{n}-{k}.png"
+                s["image"].save(tmp_path / name)
+                slices.append({"image": name})
+        queries.append({"id": f"q{n}", "slices": slices})
+        qrels.append({"query_id": f"q{n}", "doc_id": sample["id"], "relevance": 1})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qrels))
+    result = retrieve(
+        checkpoint,
+        index,
+        queries=str(tmp_path / "q.jsonl"),
+        qrels=str(tmp_path / "qrels.jsonl"),
+        top_k=5,
+        out=str(tmp_path / "res.jsonl"),
+        metrics_out=str(tmp_path / "m.json"),
+    )
+    assert result["metrics"]["recall@1"] == 1.0 and result["metrics"]["mrr"] == 1.0
+    assert all(r["scores"][0] == pytest.approx(1.0, abs=1e-4) for r in result["results"])
+    lines = [json.loads(x) for x in (tmp_path / "res.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and len(lines[0]["ids"]) == 5
+    assert json.loads((tmp_path / "m.json").read_text())["queries"] == 6
+
+
+def test_interleaved_cli_query_in_order(tmp_path, setup):
+    from PIL import Image
+
+    checkpoint, index, _ = setup
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "q.png")
+    argv = [
+        "retrieve",
+        "--model",
+        str(checkpoint),
+        "--index",
+        str(index),
+        "--query",
+        "look:",
+        "--image",
+        str(tmp_path / "q.png"),
+        "--query",
+        "and this",
+        "--top-k",
+        "3",
+    ]
+    assert query_order(argv) == [["text", "look:"], ["image", str(tmp_path / "q.png")], ["text", "and this"]]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("+0.") + result.output.count("-0.") == 3
+
+
+def test_clear_errors(tmp_path, setup):
+    checkpoint, index, _ = setup
+    with pytest.raises(UnimmError, match=r"no manifest\.json"):
+        retrieve(checkpoint, tmp_path, query=[["text", "x"]])
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    meta = json.loads((other / "unimm.json").read_text())
+    meta["step"] = 999
+    (other / "unimm.json").write_text(json.dumps(meta))
+    with pytest.raises(UnimmError, match="embedded with another model"):
+        retrieve(other, index, query=[["text", "x"]])
+    with pytest.raises(UnimmError, match="cannot read it"):
+        retrieve(checkpoint, index, query=[["image", str(tmp_path / "missing.png")]])
+    with pytest.raises(UnimmError, match="the text is empty"):
+        retrieve(checkpoint, index, query=[["text", "  "]])
+    result = CliRunner().invoke(app, ["retrieve", "--model", str(checkpoint), "--index", str(index)])
+    assert result.exit_code == 2 and "give a query" in result.output

@@ -1,0 +1,180 @@
+"""``unimm retrieve``: embed queries with the checkpoint and search an index built by ``unimm embed``.
+
+    unimm retrieve --model RUN/step-000200 --index index --query "two red circles" --top-k 5
+    unimm retrieve --model RUN/step-000200 --index index --query "like this:" --image q.png
+    unimm retrieve --model RUN/step-000200 --index index --queries queries.jsonl --qrels qrels.jsonl
+
+``--query`` and ``--image`` may be repeated; together, in the order given, they form one
+interleaved query. ``--queries FILE`` reads one query per record (any ``unimm prepare`` input
+format; image paths relative to the file's folder or ``--image-root``). A query is embedded
+like a document: as one view cut after its last slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimm.errors import UnimmError
+
+
+@dataclasses.dataclass
+class RetrieveOptions:
+    """Section ``retrieve``."""
+
+    model: str = ""
+    index: str = ""
+    query: list[list[str]] = dataclasses.field(default_factory=list)
+    """One interleaved query as ``[kind, value]`` pairs (``text`` or ``image``), from the CLI."""
+    queries: str | None = None
+    """A file of query records."""
+    format: str = "auto"
+    image_root: str | None = None
+    top_k: int = 10
+    block: int = 65536
+    device: str = "auto"
+    out: str | None = None
+    qrels: str | None = None
+    metrics_out: str | None = None
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.model:
+            problems.append("retrieve.model: give a checkpoint with --model RUN/step-…")
+        if not self.index:
+            problems.append("retrieve.index: give an index with --index DIR (made by `unimm embed`)")
+        if not self.query and not self.queries:
+            problems.append("retrieve: give a query (--query TEXT and/or --image PATH) or --queries FILE")
+        if self.query and self.queries:
+            problems.append("retrieve: give --query/--image or --queries, not both")
+        if self.top_k < 1 or self.block < 1:
+            problems.append("retrieve.top_k and retrieve.block must be >= 1")
+        return problems
+
+
+@dataclasses.dataclass
+class RetrieveConfig:
+    """Configuration of ``unimm retrieve``."""
+
+    retrieve: RetrieveOptions = dataclasses.field(default_factory=RetrieveOptions)
+
+
+def _open_image(path: str, root: str | None) -> Any:
+    from PIL import Image
+
+    from unimm.data.images import ImageProblem, resolve_image_path
+
+    try:
+        file = resolve_image_path(path, root) if root is not None else Path(path)
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except ImageProblem as exc:
+        raise UnimmError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UnimmError(f"query image {path}: cannot read it ({exc})") from None
+
+
+def load_queries(opts: RetrieveOptions) -> list[dict]:
+    """Queries as decoded samples ``{"id", "key", "slices"}`` (images opened)."""
+    from unimm.data.adapters import iter_records
+    from unimm.errors import DataError
+
+    if opts.query:
+        slices = []
+        for kind, value in opts.query:
+            if kind == "text":
+                if not value.strip():
+                    raise UnimmError("--query: the text is empty")
+                slices.append({"kind": "text", "text": value, "role": "user"})
+            else:
+                slices.append({"kind": "image", "image": _open_image(value, None), "role": "user"})
+        return [{"id": "query", "key": "query", "slices": slices}]
+    path = Path(opts.queries)
+    if not path.is_file():
+        raise UnimmError(f"--queries {path}: no such file")
+    root = opts.image_root or str(path.parent)
+    out = []
+    for item in iter_records(path, opts.format):
+        if isinstance(item, DataError):
+            raise UnimmError(f"--queries: {item}")
+        slices = []
+        for s in item.slices:
+            if s.kind == "text":
+                slices.append({"kind": "text", "text": s.value, "role": s.role})
+            else:
+                slices.append({"kind": "image", "image": _open_image(s.value, root), "role": s.role})
+        out.append({"id": item.id, "key": item.id, "slices": slices})
+    if not out:
+        raise UnimmError(f"--queries {path}: no query in it")
+    return out
+
+
+def run(cfg: RetrieveConfig) -> dict[str, Any]:
+    """Search and (with qrels) score; return ``{"results": [...], "metrics": {...} | None}``."""
+    from unimm.data.collate import Collator
+    from unimm.embed import _device, load_index, model_hash
+    from unimm.model.checkpoint import load_checkpoint
+    from unimm.retrieval import exact_search, metrics, read_qrels
+    from unimm.utils import atomic_write_bytes, atomic_write_json
+
+    opts = cfg.retrieve
+    index, rows, manifest = load_index(opts.index)
+    if manifest["model_hash"] != model_hash(opts.model):
+        raise UnimmError(
+            f"--index {opts.index} was embedded with another model ({manifest['model']}); embed it again "
+            f"with --model {opts.model}, or retrieve with the model it was built with"
+        )
+    model, processor, meta = load_checkpoint(opts.model)
+    if model.head.embed_dim != manifest["dim"]:
+        raise UnimmError(
+            f"dimension mismatch: the model embeds in {model.head.embed_dim}-d, the index holds "
+            f"{manifest['dim']}-d vectors"
+        )
+    device = _device(opts.device)
+    model.to(device).eval()
+    queries = load_queries(opts)
+    collator = Collator.for_model(
+        model, processor, system_prompt=meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
+    )
+    embedded = []
+    for start in range(0, len(queries), 16):
+        batch = collator(queries[start : start + 16])
+        batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
+        embedded.append(model.embed(batch).cpu())
+    scores, found = exact_search(torch.cat(embedded), index, opts.top_k, block=opts.block)
+    results = [
+        {
+            "query_id": q["id"],
+            "ids": [rows[int(r)]["id"] for r in found[i]],
+            "scores": [round(float(s), 6) for s in scores[i]],
+        }
+        for i, q in enumerate(queries)
+    ]
+    if opts.out:
+        atomic_write_bytes(opts.out, "".join(json.dumps(r) + "\n" for r in results).encode())
+    scored = None
+    if opts.qrels:
+        scored = metrics({r["query_id"]: r["ids"] for r in results}, read_qrels(opts.qrels))
+        if opts.metrics_out:
+            atomic_write_json(opts.metrics_out, scored)
+    return {"results": results, "metrics": scored, "rows": rows, "found": found}
+
+
+def query_order(argv: list[str]) -> list[list[str]]:
+    """``[kind, value]`` pairs of ``--query``/``--image`` options in the order they appear in ``argv``."""
+    order = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        for flag, kind in (("--query", "text"), ("--image", "image")):
+            if arg == flag and i + 1 < len(argv):
+                order.append([kind, argv[i + 1]])
+                i += 1
+            elif arg.startswith(flag + "="):
+                order.append([kind, arg[len(flag) + 1 :]])
+        i += 1
+    return order
