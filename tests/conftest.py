@@ -43,6 +43,42 @@ def tiny_shards(tmp_path_factory, tiny_teachers) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
+    """A tiny checkpoint (2 steps on ``tiny_shards``) and a float32 index of those shards."""
+    from unimm.config import build_config
+    from unimm.embed import EmbedConfig
+    from unimm.embed import run as embed
+    from unimm.train import TrainConfig
+    from unimm.train import run as train
+
+    root = tmp_path_factory.mktemp("trained")
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+    train(
+        build_config(
+            TrainConfig,
+            recipe=recipe,
+            options={"out": str(root / "run")},
+            overrides=[f"data.train={tiny_shards}", "train.max_steps=2", "train.save_every=2"],
+        ),
+        progress=False,
+    )
+    checkpoint = root / "run" / "step-000002"
+    embed(
+        build_config(
+            EmbedConfig,
+            options={
+                "embed.model": str(checkpoint),
+                "embed.data": [str(tiny_shards)],
+                "embed.out": str(root / "index"),
+                "embed.dtype": "float32",
+            },
+        ),
+        progress=False,
+    )
+    return checkpoint, root / "index"
+
+
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     """A folder ``imgs/`` with six images of different colours and sizes."""

@@ -351,6 +351,45 @@ def retrieve(
             typer.echo(f"  {name:<10} {value:.4f}" if isinstance(value, float) else f"  {name:<10} {value}")
 
 
+@app.command(rich_help_panel="Model")
+@user_errors
+def chat(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    index: Annotated[Path | None, typer.Option("--index", help="Ground answers on this index (RAG).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Documents retrieved per message.")] = 2,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="One-shot: answer this and exit.")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", help="One-shot: image(s) before the prompt.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Chat with a checkpoint (REPL or --prompt), optionally grounded on retrieved documents."""
+    from unimm.chat import ChatConfig, one_shot, repl
+    from unimm.config import build_config
+
+    cfg = build_config(
+        ChatConfig,
+        options={
+            "chat.model": None if model is None else str(model),
+            "chat.index": None if index is None else str(index),
+            "chat.top_k": top_k,
+            "chat.prompt": prompt,
+            "chat.images": [str(i) for i in image] if image else None,
+            "chat.max_new_tokens": max_new_tokens,
+            "chat.temperature": temperature,
+            "chat.top_p": top_p,
+            "chat.device": device,
+        },
+    )
+    if cfg.chat.prompt is not None:
+        one_shot(cfg.chat)
+    else:
+        repl(cfg.chat)
+
+
 @bench_app.command("prepare")
 @user_errors
 def bench_prepare_cmd(

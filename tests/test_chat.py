@@ -1,0 +1,70 @@
+"""`unimm chat`: one-shot, the REPL through a stream, retrieval-augmented prompts, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from unimm.chat import ChatOptions, ChatSession, one_shot, repl
+from unimm.errors import UnimmError
+
+
+def test_one_shot_answers_and_streams(tmp_path, trained):
+    checkpoint, _ = trained
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "a.png")
+    out = io.StringIO()
+    answer = one_shot(
+        ChatOptions(
+            model=str(checkpoint), prompt="What colour?", images=[str(tmp_path / "a.png")], max_new_tokens=5
+        ),
+        out,
+    )
+    assert isinstance(answer, str) and answer
+    assert answer in out.getvalue().replace("\n", " ")  # the streamed text is the answer
+
+
+def test_repl_through_a_stream(tmp_path, trained):
+    checkpoint, _ = trained
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "b.png")
+    lines = io.StringIO(
+        f"/image {tmp_path / 'b.png'}\nWhat shape?\nAnd its colour?\n/reset\n/image nope.png\n/exit\n"
+    )
+    out = io.StringIO()
+    session = repl(ChatOptions(model=str(checkpoint), max_new_tokens=4), lines, out)
+    text = out.getvalue()
+    assert text.count("assistant: ") == 2 and "(image attached" in text and "(conversation cleared)" in text
+    assert "error:" in text  # the unreadable image is reported, the session goes on
+    assert session.history == []  # /reset cleared it
+
+
+def test_rag_puts_the_retrieved_documents_before_the_question(trained):
+    checkpoint, index = trained
+    session = ChatSession(ChatOptions(model=str(checkpoint), index=str(index), top_k=2, max_new_tokens=3))
+    session.answer([{"kind": "text", "text": "Which shapes are red?", "role": "user"}], io.StringIO())
+    prompt = session.last_prompt
+    texts = [s.get("text") for s in prompt["slices"]]
+    assert texts[0] == f"Retrieved item 1 ({session.last_retrieved[0]}):"
+    assert f"Retrieved item 2 ({session.last_retrieved[1]}):" in texts
+    assert texts[-1] == "Which shapes are red?"
+    from unimm.chat import load_document
+
+    first = load_document(
+        session.rows, [r["id"] for r in session.rows].index(session.last_retrieved[0]), session.data_dirs
+    )
+    n = len(first["slices"])
+    assert [s["kind"] for s in prompt["slices"][1 : 1 + n]] == [s["kind"] for s in first["slices"]]
+    encoded = session.collator.encode(prompt)
+    first_text = next(s["text"] for s in first["slices"] if s["kind"] == "text")
+    ids = session.collator._ids(first_text)
+    assert any(encoded.input_ids[i : i + len(ids)] == ids for i in range(len(encoded.input_ids)))
+
+
+def test_clear_errors(trained):
+    checkpoint, _ = trained
+    session = ChatSession(ChatOptions(model=str(checkpoint)))
+    with pytest.raises(UnimmError, match="empty message"):
+        session.answer([])
+    with pytest.raises(UnimmError, match="cannot read it"):
+        one_shot(ChatOptions(model=str(checkpoint), prompt="x", images=["/nonexistent.png"]))

@@ -1,0 +1,246 @@
+"""``unimm chat``: talk to a checkpoint, optionally grounded on what it retrieves itself.
+
+    unimm chat --model RUN/step-000200                                  # REPL: /image PATH, /reset, /exit
+    unimm chat --model RUN/step-000200 --prompt "What colour?" --image a.png
+    unimm chat --model RUN/step-000200 --index index --top-k 2 --prompt "Which shapes are red?"
+
+Retrieval-augmented template: the question (with the conversation so far) is embedded with the
+same model, the ``top_k`` nearest documents are read back from their shards, and their slices
+are inserted before the question::
+
+    USER: Retrieved item 1 (ID):\\n{item slices…}\\nRetrieved item 2 (ID):\\n…\\n{question slices} ASSISTANT:
+
+Tokens stream to the terminal as they are generated (greedy by default; ``--temperature`` and
+``--top-p`` sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from unimm.errors import UnimmError
+
+
+@dataclasses.dataclass
+class ChatOptions:
+    """Section ``chat``."""
+
+    model: str = ""
+    index: str | None = None
+    top_k: int = 2
+    prompt: str | None = None
+    images: list[str] = dataclasses.field(default_factory=list)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    device: str = "auto"
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.model:
+            problems.append("chat.model: give a checkpoint with --model RUN/step-…")
+        if self.top_k < 1 or self.max_new_tokens < 1:
+            problems.append("chat.top_k and chat.max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            problems.append("chat.temperature must be >= 0 and chat.top_p in (0, 1]")
+        if self.images and self.prompt is None:
+            problems.append("chat: --image needs --prompt (in the REPL, attach images with /image PATH)")
+        return problems
+
+
+@dataclasses.dataclass
+class ChatConfig:
+    """Configuration of ``unimm chat``."""
+
+    chat: ChatOptions = dataclasses.field(default_factory=ChatOptions)
+
+
+def load_document(index_rows: list[dict], row: int, data_dirs: list[str]) -> dict:
+    """Read the document behind index row ``row`` back from its shard (text and images)."""
+    from unimm.data.shards import decode_sample
+
+    entry = index_rows[row]
+    for folder in data_dirs:
+        shard = Path(folder) / entry["shard"]
+        if not shard.is_file():
+            continue
+        raw: dict[str, Any] = {"__key__": entry["key"], "__url__": str(shard)}
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if name.startswith(entry["key"] + "."):
+                    raw[name[len(entry["key"]) + 1 :]] = tar.extractfile(member).read()
+        if "json" in raw:
+            return decode_sample(raw)
+    raise UnimmError(f"document {entry['id']}: its shard {entry['shard']} is not in {', '.join(data_dirs)}")
+
+
+def build_prompt(question: list[dict], retrieved: list[dict], history: list[dict]) -> dict:
+    """The sample to generate from: retrieved items, then the conversation, then the question.
+
+    ``question`` and each history turn's ``slices`` are lists of slice dicts (``kind``, ``text`` or
+    ``image``); history turns alternate ``{"role": "user", ...}`` and ``{"role": "assistant",
+    "text": ...}``.
+    """
+    slices: list[dict] = []
+    for k, doc in enumerate(retrieved, start=1):
+        slices.append({"kind": "text", "text": f"Retrieved item {k} ({doc['id']}):", "role": "user"})
+        slices.extend({**s, "role": "user"} for s in doc["slices"])
+    for turn in history:
+        if turn["role"] == "assistant":
+            slices.append({"kind": "text", "text": turn["text"], "role": "assistant"})
+        else:
+            slices.extend(turn["slices"])
+    slices.extend(question)
+    return {"id": "chat", "key": "chat", "slices": slices, "response": None}
+
+
+class ChatSession:
+    """A loaded model (and optional index) that answers messages and keeps the conversation."""
+
+    def __init__(self, opts: ChatOptions) -> None:
+        from unimm.data.collate import Collator
+        from unimm.embed import _device, load_index, model_hash
+        from unimm.model.checkpoint import load_checkpoint
+
+        self.opts = opts
+        self.model, self.processor, meta = load_checkpoint(opts.model)
+        self.device = _device(opts.device)
+        self.model.to(self.device).eval()
+        system = meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
+        self.collator = Collator.for_model(self.model, self.processor, system_prompt=system)
+        self.index = self.rows = None
+        self.data_dirs: list[str] = []
+        if opts.index:
+            self.index, self.rows, manifest = load_index(opts.index)
+            if manifest["model_hash"] != model_hash(opts.model):
+                raise UnimmError(
+                    f"--index {opts.index} was embedded with another model; embed it with --model "
+                    f"{opts.model}"
+                )
+            self.data_dirs = manifest["data"]
+        self.history: list[dict] = []
+        self.last_prompt: dict | None = None
+        self.last_retrieved: list[str] = []
+
+    def retrieve(self, question: list[dict]) -> list[dict]:
+        from unimm.retrieval import exact_search
+
+        if self.index is None:
+            return []
+        query = build_prompt(question, [], self.history)
+        batch = self.collator([query])
+        batch["views"] = [(0, len(batch["spans"][0]) - 1)]
+        emb = self.model.embed(batch).cpu()
+        _, rows = exact_search(emb, self.index, self.opts.top_k)
+        return [load_document(self.rows, int(r), self.data_dirs) for r in rows[0]]
+
+    def answer(self, question: list[dict], stream: TextIO | None = None) -> str:
+        """Generate the answer to ``question`` (slices), streaming tokens to ``stream``."""
+        if not question:
+            raise UnimmError("empty message: type some text (and /image PATH to attach an image)")
+        retrieved = self.retrieve(question)
+        self.last_retrieved = [d["id"] for d in retrieved]
+        sample = build_prompt(question, retrieved, self.history)
+        self.last_prompt = sample
+        encoded = self.collator.encode(sample)
+        ids = encoded.input_ids + self.collator.template.assistant
+        batch = self.collator.batch([dataclasses.replace(encoded, input_ids=ids, labels=[-100] * len(ids))])
+        pixels = batch["pixel_values"]
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.opts.max_new_tokens,
+            "pad_token_id": self.processor.tokenizer.pad_token_id,
+        }
+        if self.opts.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.opts.temperature, top_p=self.opts.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        if stream is not None:
+            kwargs["streamer"] = _Streamer(self.processor.tokenizer, stream)
+        out = self.model.generate(
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            pixels.to(self.device) if pixels is not None else None,
+            **kwargs,
+        )
+        text = self.processor.tokenizer.decode(
+            out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        self.history.append({"role": "user", "slices": question})
+        self.history.append({"role": "assistant", "text": text.strip() or "…"})
+        return text.strip()
+
+
+class _Streamer:
+    """Prints decoded tokens as they arrive (the prompt is skipped)."""
+
+    def __init__(self, tokenizer, stream: TextIO) -> None:
+        from transformers import TextStreamer
+
+        self._inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._inner.on_finalized_text = self._write
+        self.stream = stream
+
+    def _write(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
+
+    def put(self, value) -> None:
+        self._inner.put(value)
+
+    def end(self) -> None:
+        self._inner.end()
+
+
+def _image_slice(path: str) -> dict:
+    from unimm.retrieve import _open_image
+
+    return {"kind": "image", "image": _open_image(path, None), "role": "user"}
+
+
+def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:
+    """Answer ``opts.prompt`` (with ``opts.images`` before it) once."""
+    session = ChatSession(opts)
+    question = [_image_slice(p) for p in opts.images]
+    if opts.prompt and opts.prompt.strip():
+        question.append({"kind": "text", "text": opts.prompt, "role": "user"})
+    answer = session.answer(question, stream)
+    if session.last_retrieved:
+        stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
+    return answer
+
+
+def repl(opts: ChatOptions, lines: TextIO = sys.stdin, stream: TextIO = sys.stdout) -> ChatSession:
+    """Interactive chat: a line is a message; ``/image PATH`` attaches an image, ``/reset``, ``/exit``."""
+    session = ChatSession(opts)
+    pending: list[dict] = []
+    stream.write("unimm chat — /image PATH attaches an image, /reset clears the conversation, /exit quits\n")
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.history.clear()
+            pending.clear()
+            stream.write("(conversation cleared)\n")
+            continue
+        if line.startswith("/image"):
+            try:
+                pending.append(_image_slice(line[len("/image") :].strip()))
+                stream.write("(image attached to your next message)\n")
+            except UnimmError as exc:
+                stream.write(f"error: {exc}\n")
+            continue
+        stream.write("assistant: ")
+        session.answer([*pending, {"kind": "text", "text": line, "role": "user"}], stream)
+        if session.last_retrieved:
+            stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
+        pending = []
+    return session
