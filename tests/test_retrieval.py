@@ -52,3 +52,23 @@ def test_qrels_formats_and_errors(tmp_path):
         read_qrels(tmp_path / "bad.trec")
     with pytest.raises(UnimmError, match="no query of this run"):
         metrics({"q9": ["d1"]}, {"q1": {"d1": 1}})
+
+
+def test_faiss_flat_equals_exact_and_hnsw_recalls():
+    pytest.importorskip("faiss")
+    from unimm.retrieval import faiss_search
+
+    g = torch.Generator().manual_seed(3)
+    index = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(20, 32, generator=g), dim=-1)
+    exact_scores, exact_rows = exact_search(queries, index, 10)
+    flat_scores, flat_rows = faiss_search(queries, index, 10, kind="flat")
+    assert torch.equal(flat_rows, exact_rows)
+    torch.testing.assert_close(flat_scores, exact_scores, atol=1e-5, rtol=1e-5)
+    _, hnsw_rows = faiss_search(queries, index, 10, kind="hnsw")
+    recall = (
+        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(hnsw_rows, exact_rows, strict=True)) / 200
+    )
+    assert recall > 0.9
+    with pytest.raises(UnimmError, match="flat or hnsw"):
+        faiss_search(queries, index, 10, kind="ivf")

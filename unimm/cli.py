@@ -306,6 +306,7 @@ def retrieve(
     queries: Annotated[Path | None, typer.Option("--queries", help="A file of query records.")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder of the query records' images.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Results per query.")] = 10,
+    backend: Annotated[str, typer.Option(help="exact | faiss-flat | faiss-hnsw")] = "exact",
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSONL.")] = None,
     qrels: Annotated[
         Path | None, typer.Option("--qrels", help="Relevance judgements (JSONL or TREC).")
@@ -332,6 +333,7 @@ def retrieve(
             "retrieve.queries": None if queries is None else str(queries),
             "retrieve.image_root": None if image_root is None else str(image_root),
             "retrieve.top_k": top_k,
+            "retrieve.backend": backend,
             "retrieve.out": None if out is None else str(out),
             "retrieve.qrels": None if qrels is None else str(qrels),
             "retrieve.metrics_out": None if metrics_out is None else str(metrics_out),
@@ -452,6 +454,28 @@ def bench_train_cmd(
     typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
     for r in rows:
         typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
+@bench_app.command("retrieve")
+@user_errors
+def bench_retrieve_cmd(
+    docs: Annotated[int, typer.Option(help="Index size.")] = 100_000,
+    dim: Annotated[int, typer.Option(help="Embedding width.")] = 1024,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Exact search vs FAISS flat, and embedding vs a bare transformers forward (CPU)."""
+    from unimm.bench import bench_retrieve
+
+    rows = bench_retrieve(docs=docs, dim=dim)
+    for row in rows:
+        typer.echo(
+            f"{row['what']}: ours {row['ours_per_s']}/s, {row['baseline']} {row['baseline_per_s']}/s, "
+            f"ratio {row['ratio']}"
+        )
     if json_out is not None:
         from unimm.utils import atomic_write_json
 

@@ -100,3 +100,40 @@ def metrics(
         idcg = sum((2**r - 1) / math.log2(i + 2) for i, r in enumerate(ideal))
         out["ndcg@10"] += dcg / idcg if idcg else 0.0
     return {name: value / len(judged) for name, value in out.items()} | {"queries": len(judged)}
+
+
+def faiss_search(
+    queries: torch.Tensor,
+    index: torch.Tensor,
+    k: int,
+    *,
+    kind: str = "flat",
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` by inner product with FAISS: ``flat`` (exact) or ``hnsw`` (approximate graph search).
+
+    Raises:
+        UnimmError: FAISS is not installed (``pip install "unimm[faiss]"``) or ``kind`` is unknown.
+    """
+    try:
+        import faiss
+    except ImportError:
+        raise UnimmError(
+            'the FAISS back end needs faiss: pip install "unimm[faiss]" (or faiss-gpu)'
+        ) from None
+    import numpy as np
+
+    data = np.ascontiguousarray(index.float().cpu().numpy())
+    dim = data.shape[1]
+    if kind == "flat":
+        searcher = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        searcher = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        searcher.hnsw.efSearch = ef_search
+    else:
+        raise UnimmError(f"FAISS index kind must be flat or hnsw, got {kind!r}")
+    searcher.add(data)
+    k = min(k, data.shape[0])
+    scores, rows = searcher.search(np.ascontiguousarray(queries.float().cpu().numpy()), k)
+    return torch.from_numpy(scores), torch.from_numpy(rows).long()

@@ -35,6 +35,8 @@ class RetrieveOptions:
     format: str = "auto"
     image_root: str | None = None
     top_k: int = 10
+    backend: str = "exact"
+    """``exact`` (blocked matrix products), ``faiss-flat`` (exact, FAISS) or ``faiss-hnsw`` (approximate)."""
     block: int = 65536
     device: str = "auto"
     out: str | None = None
@@ -51,6 +53,8 @@ class RetrieveOptions:
             problems.append("retrieve: give a query (--query TEXT and/or --image PATH) or --queries FILE")
         if self.query and self.queries:
             problems.append("retrieve: give --query/--image or --queries, not both")
+        if self.backend not in ("exact", "faiss-flat", "faiss-hnsw"):
+            problems.append(f"retrieve.backend: use exact, faiss-flat or faiss-hnsw, got {self.backend!r}")
         if self.top_k < 1 or self.block < 1:
             problems.append("retrieve.top_k and retrieve.block must be >= 1")
         return problems
@@ -118,7 +122,7 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     from unimm.data.collate import Collator
     from unimm.embed import _device, load_index, model_hash
     from unimm.model.checkpoint import load_checkpoint
-    from unimm.retrieval import exact_search, metrics, read_qrels
+    from unimm.retrieval import exact_search, faiss_search, metrics, read_qrels
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
     opts = cfg.retrieve
@@ -145,7 +149,12 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
         batch = collator(queries[start : start + 16])
         batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
         embedded.append(model.embed(batch).cpu())
-    scores, found = exact_search(torch.cat(embedded), index, opts.top_k, block=opts.block)
+    if opts.backend == "exact":
+        scores, found = exact_search(torch.cat(embedded), index, opts.top_k, block=opts.block)
+    else:
+        scores, found = faiss_search(
+            torch.cat(embedded), index, opts.top_k, kind=opts.backend.split("-", 1)[1]
+        )
     results = [
         {
             "query_id": q["id"],
