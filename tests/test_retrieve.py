@@ -137,3 +137,39 @@ def test_clear_errors(tmp_path, setup):
         retrieve(checkpoint, index, query=[["text", "  "]])
     result = CliRunner().invoke(app, ["retrieve", "--model", str(checkpoint), "--index", str(index)])
     assert result.exit_code == 2 and "give a query" in result.output
+
+
+def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
+    from unimm.data.shards import read_samples
+    from unimm.embed import EmbedConfig
+    from unimm.embed import run as embed
+
+    checkpoint, _, shards = setup
+    embed(
+        build_config(
+            EmbedConfig,
+            options={
+                "embed.model": str(checkpoint),
+                "embed.data": [str(shards)],
+                "embed.out": str(tmp_path / "idx"),
+                "embed.per_slice": True,
+                "embed.dtype": "float32",
+            },
+        ),
+        progress=False,
+    )
+    sample = next(iter(read_samples(shards, split_by_node=False, split_by_worker=False)))
+    query = [
+        ["text", s["text"]] if s["kind"] == "text" else ["image", str(tmp_path / "q.png")]
+        for s in sample["slices"]
+    ]
+    for s in sample["slices"]:
+        if s["kind"] == "image":
+            s["image"].save(tmp_path / "q.png")  # one image per synthetic caption sample
+    first = retrieve(checkpoint, tmp_path / "idx", query=query, top_k=5)["results"][0]
+    reranked = retrieve(checkpoint, tmp_path / "idx", query=query, top_k=5, rerank="gak")["results"][0]
+    assert sorted(reranked["ids"]) == sorted(first["ids"])  # a re-ordering of the same candidates
+    assert reranked["ids"][0] == sample["id"] and reranked["scores"][0] == pytest.approx(1.0, abs=1e-4)
+    assert reranked["scores"] == sorted(reranked["scores"], reverse=True)
+    with pytest.raises(UnimmError, match="--per-slice"):
+        retrieve(checkpoint, setup[1], query=query, rerank="gak")

@@ -307,6 +307,9 @@ def retrieve(
     image_root: Annotated[Path | None, typer.Option(help="Folder of the query records' images.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Results per query.")] = 10,
     backend: Annotated[str, typer.Option(help="exact | faiss-flat | faiss-hnsw")] = "exact",
+    rerank: Annotated[
+        str, typer.Option(help="none | gak (needs an index embedded with --per-slice)")
+    ] = "none",
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSONL.")] = None,
     qrels: Annotated[
         Path | None, typer.Option("--qrels", help="Relevance judgements (JSONL or TREC).")
@@ -334,6 +337,7 @@ def retrieve(
             "retrieve.image_root": None if image_root is None else str(image_root),
             "retrieve.top_k": top_k,
             "retrieve.backend": backend,
+            "retrieve.rerank": rerank,
             "retrieve.out": None if out is None else str(out),
             "retrieve.qrels": None if qrels is None else str(qrels),
             "retrieve.metrics_out": None if metrics_out is None else str(metrics_out),

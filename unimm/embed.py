@@ -247,3 +247,26 @@ def load_index(folder: str | Path) -> tuple[torch.Tensor, list[dict], dict]:
         embeddings.append(load_file(folder / f"{part['name']}.safetensors")["embeddings"].float())
         rows.extend(json.loads((folder / f"{part['name']}.json").read_text(encoding="utf-8"))["rows"])
     return torch.cat(embeddings), rows, manifest
+
+
+def load_slice_embeddings(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slice embeddings of an index built with ``--per-slice``: ``(slices [S, d], offsets [n + 1])``.
+
+    Document ``i``'s slices are rows ``offsets[i]:offsets[i + 1]``.
+
+    Raises:
+        UnimmError: the index has no per-slice embeddings.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = json.loads((folder / INDEX_MANIFEST).read_text(encoding="utf-8"))
+    if not manifest.get("per_slice"):
+        raise UnimmError(f"index {folder} has no per-slice embeddings; embed it again with --per-slice")
+    slices, offsets, base = [], [torch.zeros(1, dtype=torch.int64)], 0
+    for part in manifest["parts"]:
+        tensors = load_file(folder / f"{part['name']}.safetensors")
+        slices.append(tensors["slice_embeddings"].float())
+        offsets.append(tensors["slice_offsets"][1:] + base)
+        base += int(tensors["slice_offsets"][-1])
+    return torch.cat(slices), torch.cat(offsets)

@@ -38,6 +38,10 @@ class RetrieveOptions:
     backend: str = "exact"
     """``exact`` (blocked matrix products), ``faiss-flat`` (exact, FAISS) or ``faiss-hnsw`` (approximate)."""
     block: int = 65536
+    rerank: str = "none"
+    """``gak``: re-score the first-stage top-k by the normalised GAK between the query's and each
+    candidate's per-slice embeddings (the index needs ``--per-slice``)."""
+    rerank_delta: float = 1.0
     device: str = "auto"
     out: str | None = None
     qrels: str | None = None
@@ -55,6 +59,8 @@ class RetrieveOptions:
             problems.append("retrieve: give --query/--image or --queries, not both")
         if self.backend not in ("exact", "faiss-flat", "faiss-hnsw"):
             problems.append(f"retrieve.backend: use exact, faiss-flat or faiss-hnsw, got {self.backend!r}")
+        if self.rerank not in ("none", "gak"):
+            problems.append(f"retrieve.rerank: use none or gak, got {self.rerank!r}")
         if self.top_k < 1 or self.block < 1:
             problems.append("retrieve.top_k and retrieve.block must be >= 1")
         return problems
@@ -144,17 +150,23 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     collator = Collator.for_model(
         model, processor, system_prompt=meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
     )
-    embedded = []
+    embedded, per_slice = [], []
     for start in range(0, len(queries), 16):
         batch = collator(queries[start : start + 16])
-        batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
-        embedded.append(model.embed(batch).cpu())
+        batch["views"] = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]
+        emb = model.embed(batch).cpu()
+        counts = [len(spans) for spans in batch["spans"]]
+        for part in torch.split(emb, counts):
+            per_slice.append(part)
+            embedded.append(part[-1:])  # the query as one view: cut after its last slice
     if opts.backend == "exact":
         scores, found = exact_search(torch.cat(embedded), index, opts.top_k, block=opts.block)
     else:
         scores, found = faiss_search(
             torch.cat(embedded), index, opts.top_k, kind=opts.backend.split("-", 1)[1]
         )
+    if opts.rerank == "gak":
+        scores, found = _rerank_gak(per_slice, found, opts)
     results = [
         {
             "query_id": q["id"],
@@ -171,6 +183,23 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
         if opts.metrics_out:
             atomic_write_json(opts.metrics_out, scored)
     return {"results": results, "metrics": scored, "rows": rows, "found": found}
+
+
+def _rerank_gak(queries: list[torch.Tensor], found: torch.Tensor, opts: RetrieveOptions):
+    """Re-score each query's candidates by ``K̃`` over per-slice embeddings; highest first."""
+    from unimm.align import gak_matrix
+    from unimm.embed import load_slice_embeddings
+
+    slices, offsets = load_slice_embeddings(opts.index)
+    new_scores, new_rows = [], []
+    for q, candidates in zip(queries, found, strict=True):
+        views = [q] + [slices[int(offsets[c]) : int(offsets[c + 1])] for c in candidates]
+        lengths = torch.tensor([v.shape[0] for v in views])
+        k = gak_matrix(torch.cat(views).double(), lengths, delta=opts.rerank_delta)[0, 1:].float()
+        order = torch.argsort(-k, stable=True)
+        new_scores.append(k[order])
+        new_rows.append(candidates[order])
+    return torch.stack(new_scores), torch.stack(new_rows)
 
 
 def query_order(argv: list[str]) -> list[list[str]]:
