@@ -159,13 +159,13 @@ def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
         progress=False,
     )
     sample = next(iter(read_samples(shards, split_by_node=False, split_by_worker=False)))
-    query = [
-        ["text", s["text"]] if s["kind"] == "text" else ["image", str(tmp_path / "q.png")]
-        for s in sample["slices"]
-    ]
-    for s in sample["slices"]:
-        if s["kind"] == "image":
-            s["image"].save(tmp_path / "q.png")  # one image per synthetic caption sample
+    query = []
+    for n, s in enumerate(sample["slices"]):
+        if s["kind"] == "text":
+            query.append(["text", s["text"]])
+        else:
+            s["image"].save(tmp_path / f"q{n}.png")
+            query.append(["image", str(tmp_path / f"q{n}.png")])
     first = retrieve(checkpoint, tmp_path / "idx", query=query, top_k=5)["results"][0]
     reranked = retrieve(checkpoint, tmp_path / "idx", query=query, top_k=5, rerank="gak")["results"][0]
     assert sorted(reranked["ids"]) == sorted(first["ids"])  # a re-ordering of the same candidates
