@@ -97,3 +97,46 @@ def test_clear_errors(tmp_path, checkpoint, tiny_shards):
         embed(tmp_path / "b", checkpoint, tmp_path / "nothing")
     with pytest.raises(UnimmError, match=r"no manifest\.json"):
         load_index(tmp_path)
+
+
+def test_two_processes_embed_the_same_index(tmp_path, checkpoint, tiny_shards):
+    """torchrun with 2 CPU processes: each rank writes its parts; one manifest; same vectors per id."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    done = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "unimm.cli",
+            "embed",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--dtype",
+            "float32",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("embedded 24 documents") == 1
+    embed(tmp_path / "one", checkpoint, tiny_shards, dtype="float32")
+    a, rows_a, manifest = load_index(tmp_path / "ddp")
+    b, rows_b, _ = load_index(tmp_path / "one")
+    assert manifest["count"] == 24 and len(manifest["parts"]) == 2
+    by_id = {r["id"]: i for i, r in enumerate(rows_b)}
+    assert sorted(by_id) == sorted(r["id"] for r in rows_a)
+    order = torch.tensor([by_id[r["id"]] for r in rows_a])
+    torch.testing.assert_close(a, b[order], atol=1e-5, rtol=1e-5)
+    assert not list((tmp_path / "ddp").glob(".embed-journal*"))

@@ -288,6 +288,8 @@ def embed(
         overrides=set_,
     )
     manifest = run(cfg, progress=not quiet)
+    if not manifest.get("main", True):
+        return
     typer.echo(
         f"embedded {manifest['count']} documents ({manifest['dim']}-d, {manifest['dtype']}) "
         f"into {cfg.embed.out}"

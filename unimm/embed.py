@@ -95,8 +95,16 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _prepare_out(out: Path, opts: EmbedOptions) -> list[dict]:
-    """Parts to keep (resume), after checking the output folder."""
+def _journal(out: Path, rank: int, world: int) -> Path:
+    return out / (".embed-journal.json" if world == 1 else f".embed-journal-r{rank}.json")
+
+
+def _part_name(number: int, rank: int, world: int) -> str:
+    return PART.format(number) if world == 1 else f"embeddings-r{rank}-{number:05d}"
+
+
+def _prepare_out(out: Path, opts: EmbedOptions, rank: int = 0, world: int = 1) -> list[dict]:
+    """Parts of this rank to keep (resume), after checking the output folder."""
     if out.exists() and not out.is_dir():
         raise UnimmError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +112,10 @@ def _prepare_out(out: Path, opts: EmbedOptions) -> list[dict]:
     if existing and not (opts.resume or opts.overwrite):
         raise UnimmError(f"--out {out} already holds an index; pass --resume, --overwrite, or another --out")
     if opts.overwrite:
-        for path in [*existing, out / INDEX_MANIFEST, out / ".embed-journal.json"]:
+        for path in [*existing, out / INDEX_MANIFEST, *out.glob(".embed-journal*.json")]:
             path.unlink(missing_ok=True)
         return []
-    journal = out / ".embed-journal.json"
+    journal = _journal(out, rank, world)
     if opts.resume and journal.is_file():
         state = json.loads(journal.read_text(encoding="utf-8"))
         if state.get("model_hash") != model_hash(opts.model) or state.get("data") != list(opts.data):
@@ -127,8 +135,14 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
 
     opts = cfg.embed
     out = Path(opts.out)
-    kept = _prepare_out(out, opts)
-    device = _device(opts.device)
+    state = _distributed_state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    if state:  # rank 0 checks and cleans the folder first; each rank reads its own journal
+        with state.main_process_first():
+            kept = _prepare_out(out, opts, rank, world)
+    else:
+        kept = _prepare_out(out, opts)
+    device = state.device if state and opts.device == "auto" else _device(opts.device)
     model, processor, meta = load_checkpoint(opts.model)
     model.to(device).eval()
     collator = Collator.for_model(
@@ -149,7 +163,7 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     def flush() -> None:
         if not pending["rows"]:
             return
-        name = PART.format(len(parts))
+        name = _part_name(len(parts), rank, world)
         tensors = {"embeddings": torch.cat(pending["emb"]).to(storage).contiguous()}
         if opts.per_slice:
             tensors["slice_embeddings"] = torch.cat(pending["slices"]).to(storage).contiguous()
@@ -157,7 +171,7 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         atomic_write_bytes(out / f"{name}.safetensors", save(tensors))
         atomic_write_json(out / f"{name}.json", {"rows": pending["rows"]})
         parts.append({"name": name, "count": len(pending["rows"])})
-        atomic_write_json(out / ".embed-journal.json", journal)
+        atomic_write_json(_journal(out, rank, world), journal)
         pending.update(emb=[], slices=[], offsets=[0], rows=[])
 
     stats = ReadStats()
@@ -166,7 +180,7 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         for source in opts.data
         for s in read_samples(source, split_by_node=False, split_by_worker=False, stats=stats)
     )
-    bar = tqdm(desc="embed", unit="doc", initial=done, disable=not progress)
+    bar = tqdm(desc="embed", unit="doc", initial=done, disable=not progress or rank != 0)
     batch_samples: list[dict] = []
 
     def embed_batch(samples: list[dict]) -> None:
@@ -192,8 +206,12 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
             )
         bar.update(len(samples))
 
+    mine = -1
     for index, sample in enumerate(stream):
-        if index < done:
+        if index % world != rank:
+            continue  # another rank's document
+        mine += 1
+        if mine < done:
             continue  # finished in an earlier run
         batch_samples.append(sample)
         room = opts.part_size - len(pending["rows"])
@@ -206,6 +224,15 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         embed_batch(batch_samples)
     flush()
     bar.close()
+    atomic_write_json(_journal(out, rank, world), journal)
+    if state:
+        state.wait_for_everyone()
+        if rank != 0:
+            return {"main": False}
+        parts = []
+        for other in range(world):  # every rank's parts, in rank order
+            path = _journal(out, other, world)
+            parts.extend(json.loads(path.read_text(encoding="utf-8"))["parts"])
     count = sum(p["count"] for p in parts)
     if count == 0:
         raise UnimmError("no document was embedded (the data is empty)")
@@ -223,8 +250,20 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         "skipped_corrupt": stats.skipped,
     }
     atomic_write_json(out / INDEX_MANIFEST, manifest)
-    (out / ".embed-journal.json").unlink(missing_ok=True)
+    for path in out.glob(".embed-journal*.json"):
+        path.unlink()
     return manifest
+
+
+def _distributed_state():
+    """accelerate's process state when launched with several processes (torchrun, accelerate launch)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def load_index(folder: str | Path) -> tuple[torch.Tensor, list[dict], dict]:
