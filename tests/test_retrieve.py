@@ -131,6 +131,13 @@ def test_clear_errors(tmp_path, setup):
     (other / "unimm.json").write_text(json.dumps(meta))
     with pytest.raises(UnimmError, match="embedded with another model"):
         retrieve(other, index, query=[["text", "x"]])
+    odd = tmp_path / "odd-index"
+    shutil.copytree(index, odd)
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest["dim"] = 7
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnimmError, match="dimension mismatch"):
+        retrieve(checkpoint, odd, query=[["text", "x"]])
     with pytest.raises(UnimmError, match="cannot read it"):
         retrieve(checkpoint, index, query=[["image", str(tmp_path / "missing.png")]])
     with pytest.raises(UnimmError, match="the text is empty"):
@@ -206,3 +213,4 @@ def test_trained_model_retrieves_captions_above_chance(tmp_path):
     chance_at_10 = 10 / 200
     assert scored["recall@10"] >= 3 * chance_at_10, scored  # measured 0.31
     assert scored["mrr"] >= 0.06, scored  # chance ≈ 0.03; measured 0.106
+    assert scored["recall@1"] >= 2 / 200, scored  # chance 0.005; measured 0.029
