@@ -13,23 +13,10 @@ from unimm.embed import EmbedConfig, load_index, run
 from unimm.errors import UnimmError
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_shards):
-    from unimm.train import TrainConfig
-    from unimm.train import run as train
-
-    run_dir = tmp_path_factory.mktemp("run")
-    recipe = __import__("pathlib").Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
-    train(
-        build_config(
-            TrainConfig,
-            recipe=recipe,
-            options={"out": str(run_dir)},
-            overrides=[f"data.train={tiny_shards}", "train.max_steps=2", "train.save_every=2"],
-        ),
-        progress=False,
-    )
-    return run_dir / "step-000002"
+@pytest.fixture
+def checkpoint(trained):
+    """The shared tiny checkpoint (see conftest)."""
+    return trained[0]
 
 
 def embed(out, checkpoint, shards, **options):

@@ -17,37 +17,10 @@ from unimm.retrieve import RetrieveConfig, query_order, run
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_shards):
-    from unimm.embed import EmbedConfig
-    from unimm.embed import run as embed
-    from unimm.train import TrainConfig
-    from unimm.train import run as train
-
-    root = tmp_path_factory.mktemp("retrieve")
-    train(
-        build_config(
-            TrainConfig,
-            recipe=RECIPE,
-            options={"out": str(root / "run")},
-            overrides=[f"data.train={tiny_shards}", "train.max_steps=2", "train.save_every=2"],
-        ),
-        progress=False,
-    )
-    checkpoint = root / "run" / "step-000002"
-    embed(
-        build_config(
-            EmbedConfig,
-            options={
-                "embed.model": str(checkpoint),
-                "embed.data": [str(tiny_shards)],
-                "embed.out": str(root / "index"),
-                "embed.dtype": "float32",
-            },
-        ),
-        progress=False,
-    )
-    return checkpoint, root / "index", tiny_shards
+@pytest.fixture
+def setup(trained, tiny_shards):
+    """The shared tiny checkpoint, its float32 index, and the shards (see conftest)."""
+    return (*trained, tiny_shards)
 
 
 def retrieve(checkpoint, index, **options):
