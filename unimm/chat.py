@@ -105,12 +105,13 @@ class ChatSession:
 
     def __init__(self, opts: ChatOptions) -> None:
         from unimm.data.collate import Collator
-        from unimm.embed import _device, load_index, model_hash
+        from unimm.embed import load_index, model_hash
         from unimm.model.checkpoint import load_checkpoint
+        from unimm.utils import resolve_device
 
         self.opts = opts
         self.model, self.processor, meta = load_checkpoint(opts.model)
-        self.device = _device(opts.device)
+        self.device = resolve_device(opts.device)
         self.model.to(self.device).eval()
         system = meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
         self.collator = Collator.for_model(self.model, self.processor, system_prompt=system)

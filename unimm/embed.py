@@ -26,7 +26,7 @@ import torch
 
 from unimm import __version__
 from unimm.errors import UnimmError
-from unimm.utils import atomic_write_bytes, atomic_write_json
+from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
 
 INDEX_MANIFEST = "manifest.json"
 PART = "embeddings-{:05d}"
@@ -86,15 +86,6 @@ def model_hash(checkpoint: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UnimmError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def _journal(out: Path, rank: int, world: int) -> Path:
     return out / (".embed-journal.json" if world == 1 else f".embed-journal-r{rank}.json")
 
@@ -142,7 +133,7 @@ def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
             kept = _prepare_out(out, opts, rank, world)
     else:
         kept = _prepare_out(out, opts)
-    device = state.device if state and opts.device == "auto" else _device(opts.device)
+    device = state.device if state and opts.device == "auto" else resolve_device(opts.device)
     model, processor, meta = load_checkpoint(opts.model)
     model.to(device).eval()
     collator = Collator.for_model(

@@ -126,10 +126,10 @@ def load_queries(opts: RetrieveOptions) -> list[dict]:
 def run(cfg: RetrieveConfig) -> dict[str, Any]:
     """Search and (with qrels) score; return ``{"results": [...], "metrics": {...} | None}``."""
     from unimm.data.collate import Collator
-    from unimm.embed import _device, load_index, model_hash
+    from unimm.embed import load_index, model_hash
     from unimm.model.checkpoint import load_checkpoint
     from unimm.retrieval import exact_search, faiss_search, metrics, read_qrels
-    from unimm.utils import atomic_write_bytes, atomic_write_json
+    from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
 
     opts = cfg.retrieve
     index, rows, manifest = load_index(opts.index)
@@ -144,7 +144,7 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
             f"dimension mismatch: the model embeds in {model.head.embed_dim}-d, the index holds "
             f"{manifest['dim']}-d vectors"
         )
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     model.to(device).eval()
     queries = load_queries(opts)
     collator = Collator.for_model(

@@ -55,3 +55,28 @@ def quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def resolve_device(name: str, *, flag: str = "--device"):
+    """A torch device from a user's option: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1``…
+
+    Raises:
+        UnimmError: an unknown name, CUDA asked for where there is none, or a CUDA index too high.
+    """
+    import torch
+
+    from unimm.errors import UnimmError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UnimmError(
+            f"{flag} {name}: not a torch device name (e.g. auto, cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnimmError(f"{flag} {name}: CUDA is not available on this machine; use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UnimmError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

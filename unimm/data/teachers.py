@@ -24,6 +24,7 @@ from PIL import Image
 
 from unimm.config import TeacherOptions
 from unimm.errors import UnimmError
+from unimm.utils import resolve_device
 
 MODALITY_TEXT = 0
 MODALITY_IMAGE = 1
@@ -78,7 +79,7 @@ class TeacherEncoders:
         quiet_transformers()
 
         self.options = options
-        self.device = _check_device(options.device)
+        self.device = resolve_device(options.device)
         remote = options.trust_remote_code
         self.info: dict[str, dict] = {}
         self.image_expert = self.image_processor = self.text_expert = self.text_tokenizer = None
@@ -204,18 +205,6 @@ class TeacherEncoders:
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
             )
         )
-
-
-def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UnimmError(f"--device {name}: not a torch device name (e.g. cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UnimmError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UnimmError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def _features(out) -> torch.Tensor:
