@@ -98,7 +98,8 @@ def run(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         from unimm.data.teachers import TeacherEncoders
 
         teachers = TeacherEncoders(cfg.teachers)
-    fingerprint = _fingerprint(inputs, cfg, teachers)
+    input_hashes = {p: sha256_file(p) for p in inputs}  # read once: fingerprint and manifest
+    fingerprint = _fingerprint(inputs, input_hashes, cfg, teachers)
     kept = _resume_point(out_dir, fingerprint) if opts.resume else []
     start = kept[-1].end_record if kept else 0
 
@@ -166,7 +167,7 @@ def run(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
             f"no record could be prepared: all {len(all_rejects)} were rejected; "
             f"see {out_dir / REJECTS_NAME} for the reasons"
         )
-    manifest = _manifest(inputs, cfg, teachers, fingerprint, shards, len(all_rejects))
+    manifest = _manifest(inputs, input_hashes, cfg, teachers, fingerprint, shards, len(all_rejects))
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
     return PrepareResult(
@@ -409,12 +410,12 @@ def _members(item: _Pending, images: list[EncodedImage], features) -> dict[str, 
 # Resume, manifest, rejects
 
 
-def _fingerprint(inputs: list[Path], cfg: PrepareConfig, teachers) -> str:
+def _fingerprint(inputs: list[Path], input_hashes: dict, cfg: PrepareConfig, teachers) -> str:
     """Hash of everything that decides the shard bytes (not ``workers``: it changes no byte)."""
     opts = cfg.prepare
     relevant = {
         "schema_version": SCHEMA_VERSION,
-        "inputs": [[p.name, sha256_file(p)] for p in inputs],
+        "inputs": [[p.name, input_hashes[p]] for p in inputs],
         "image_roots": [os.path.realpath(opts.image_root or p.parent) for p in inputs],
         "options": {
             k: getattr(opts, k)
@@ -477,7 +478,9 @@ def _write_rejects(out_dir: Path, rejects: list[dict]) -> None:
     atomic_write_bytes(path, lines.encode())
 
 
-def _manifest(inputs, cfg, teachers, fingerprint, shards: list[ShardInfo], n_rejects: int) -> dict:
+def _manifest(
+    inputs, input_hashes, cfg, teachers, fingerprint, shards: list[ShardInfo], n_rejects: int
+) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "unimm-shards",
@@ -493,7 +496,7 @@ def _manifest(inputs, cfg, teachers, fingerprint, shards: list[ShardInfo], n_rej
         # Each shard keeps the record range it covers and the rejects inside it: --resume needs them.
         "shards": [dataclasses.asdict(s) for s in shards],
         "teachers": teachers.manifest() if teachers is not None else None,
-        "inputs": [{"file": p.name, "sha256": sha256_file(p)} for p in inputs],
+        "inputs": [{"file": p.name, "sha256": input_hashes[p]} for p in inputs],
         "options": {
             k: v
             for k, v in config_to_dict(cfg)["prepare"].items()
