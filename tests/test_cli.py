@@ -18,10 +18,38 @@ def test_version():
 def test_help_lists_only_working_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("prepare", "bench", "quickstart", "train", "embed", "retrieve", "chat"):
+    for name in ("prepare", "bench", "quickstart", "train", "embed", "retrieve", "chat", "eval"):
         assert name in result.output
-    for later in ("eval",):
-        assert f" {later} " not in result.output
+    ablate = runner.invoke(app, ["eval", "--help"])
+    assert ablate.exit_code == 0 and "ablate" in ablate.output
+
+
+def test_eval_cli_errors_and_table(tmp_path, trained):
+    checkpoint, _ = trained
+    result = runner.invoke(app, ["eval"])
+    assert result.exit_code == 2 and "eval.model" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["eval", "--model", str(checkpoint), "--data", str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 2 and "none.jsonl: no such file" in result.output
+    result = runner.invoke(
+        app, ["eval", "--model", str(checkpoint), "--data", "x.jsonl", "--tasks", "qa,nope"]
+    )
+    assert result.exit_code == 2 and "eval.tasks: unknown nope" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "ablate",
+            "--recipe",
+            str(tmp_path / "r.yaml"),
+            "--train",
+            "s",
+            "--eval",
+            "e",
+            "--variants",
+            "joint,typo",
+        ],
+    )
+    assert result.exit_code == 2 and "--variants: unknown typo" in result.output
 
 
 def test_config_errors_are_one_message_without_traceback(tmp_path, unimm_records):

@@ -69,10 +69,11 @@ def test_tokens_labels_and_spans_exact(tiny):
         (IMAGE, first, first + 16),
         (TEXT, question, question + len(ids(tok, "What colour?"))),
     ]
-    # without a response every text-slice token is learned, nothing else
+    # without a response every text-slice token is learned, and the document's closing </s>
     plain = col.encode(sample(["Hello there", image, "bye"]))
     learned = [t for t, lab in zip(plain.input_ids, plain.labels, strict=True) if lab != IGNORE]
-    assert learned == ids(tok, "Hello there") + ids(tok, "bye")
+    assert learned == ids(tok, "Hello there") + ids(tok, "bye") + [tok.eos_token_id]
+    assert plain.input_ids[-1] == tok.eos_token_id and plain.spans[-1][2] == len(plain.input_ids) - 1
 
 
 def test_prefix_does_not_depend_on_the_response(tiny):
@@ -97,6 +98,7 @@ def test_truncation_never_cuts_an_image(tiny):
     assert enc.dropped == 2 and len(enc.input_ids) <= limit and not enc.images
     long = col.encode(sample(["word " * 50]))
     assert len(long.input_ids) == limit and long.dropped == 0  # a text slice may be cut short
+    assert long.input_ids[-1] != processor.tokenizer.eos_token_id  # a cut document has no end mark
 
 
 def test_cut_points_reproducible_and_include_last(tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from PIL import Image
 
@@ -10,38 +11,85 @@ from unimm.data.synthetic import COLOURS, Scene, draw_scene, write_synthetic
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
+    """Every stage runs and prints its command; the plots are PNG files; eval.json is written."""
     from unimm.quickstart import run
 
-    summary = run(tmp_path / "qs", records=24, steps=4, progress=False)
-    assert summary["samples"] == 24 and summary["skipped"] == 0
-    assert sum(summary["kinds"].values()) == 24
-    assert summary["teacher_dims"] == {"u": 48, "v": 24}
+    summary = run(
+        tmp_path / "qs", records=40, eval_records=30, steps=4, clip_steps=3, workers=1, progress=False
+    )
     printed = capsys.readouterr().out
-    assert "$ unimm prepare" in printed and "samples read back : 24 of 24" in printed
-    assert "$ unimm train" in printed and "loss_gen" in printed
+    for command in (
+        "unimm prepare",
+        "unimm train",
+        "unimm embed",
+        "unimm retrieve",
+        "unimm eval",
+        "unimm chat",
+    ):
+        assert f"$ {command}" in printed, command
+    assert "summary" in printed and "text→image R@1" in printed and "caption accuracy" in printed
+    assert len(summary["plots"]) == 2
+    for path in summary["plots"]:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "qs" / "eval.json").read_text())["samples"] == 30
     from unimm.model.checkpoint import read_meta
 
     assert read_meta(summary["checkpoint"])["step"] == 4
+    assert summary["chat"]["answer"] is not None
+
+
+def test_quickstart_shows_learning(tmp_path):
+    """A reduced quickstart (1000 records, 1200 steps, ~45 s) learns to look at the images and to
+    retrieve: the margins are wide (measured values in the comments) so float noise cannot flip them."""
+    from unimm.quickstart import run
+
+    s = run(tmp_path / "qs", records=1000, eval_records=200, steps=1200, progress=False)
+    (gen_first, gen_last), (disc_first, disc_last) = s["losses"]["loss_gen"], s["losses"]["loss_disc"]
+    assert gen_last < 0.25 * gen_first and disc_last < 0.8 * disc_first, s["losses"]
+    assert s["two_choice_accuracy"] >= 0.75, s  # 0.88 measured; chance 0.5 (the answer is in the image)
+    assert s["caption_word_accuracy"] >= 0.65, s  # 0.77 measured
+    assert s["text_to_image_r1"] >= 2 * s["text_to_image_chance"], s  # 2.7x measured
+    assert s["target_learned_correlation"] >= 0.5, s  # 0.76 measured
 
 
 def test_synthetic_data_is_deterministic_and_consistent(tmp_path):
-    a = write_synthetic(tmp_path / "a", 40, seed=3)
-    b = write_synthetic(tmp_path / "b", 40, seed=3)
+    a = write_synthetic(tmp_path / "a", 120, seed=3)
+    b = write_synthetic(tmp_path / "b", 120, seed=3)
     assert a.read_bytes() == b.read_bytes()
     rows = [json.loads(line) for line in a.read_text().splitlines()]
-    assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
+    assert len(rows) == 120 and len({r["id"] for r in rows}) == 120
+    kinds = {r["meta"]["kind"] for r in rows}
+    assert kinds == {"caption", "story", "qa", "pair", "choice"}
+    orders = set()
     for row in rows:
-        kind = row["meta"]["kind"]
+        kind, texts = row["meta"]["kind"], [s["text"] for s in row["slices"] if "text" in s]
         if kind in ("caption", "pair"):
-            assert row["slices"][1]["text"] == row["meta"]["caption"]
+            assert texts == [row["meta"]["caption"]]
+            orders.add(tuple("text" in s for s in row["slices"]))
         if kind == "qa":
             assert row["response"] and row["response"] in row["meta"]["caption"]  # "square" in "squares"
-    pairs = {}
+        if kind == "choice":
+            assert row["response"] in row["meta"]["choices"] and row["response"] in row["meta"]["caption"]
+    assert orders == {(True, False), (False, True)}  # captions come in both orders
+    by_pair: dict[str, list[dict]] = {}
     for row in rows:
-        if row["meta"]["kind"] == "pair":
-            pairs.setdefault(row["meta"]["pair"], []).append(row["meta"]["caption"].split())
-    for first, second in (p for p in pairs.values() if len(p) == 2):
+        if row["meta"]["kind"] in ("pair", "choice"):
+            by_pair.setdefault(row["meta"]["pair"], []).append(row)
+    complete = [p for p in by_pair.values() if len(p) == 4]
+    assert complete
+    for members in complete:
+        first, second = (m["meta"]["caption"].split() for m in members[:2])
         assert sum(x != y for x, y in zip(first, second, strict=False)) >= 1
+        questions = members[2:]
+        assert questions[0]["slices"][1] == questions[1]["slices"][1]  # the same question for both
+        answers = [q["meta"]["choices"].index(q["response"]) for q in questions]
+        assert sorted(answers) == [0, 1]  # the right answer is first for one image, second for the other
+    endings = []
+    for row in (r for r in rows if r["meta"]["kind"] == "story"):
+        kinds_in_order = ["text" if "text" in s else "image" for s in row["slices"]]
+        assert kinds_in_order == ["text", "text", "image", "text", "image", "text", "image"]
+        endings.append(row["slices"][5]["text"].split(", ", 1)[1])
+    assert len(endings) == len(set(endings))  # the last scene of a story is not repeated
 
 
 def test_scene_pixels_match_caption():

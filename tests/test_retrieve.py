@@ -153,37 +153,3 @@ def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
     assert reranked["scores"] == sorted(reranked["scores"], reverse=True)
     with pytest.raises(UnimmError, match="--per-slice"):
         retrieve(checkpoint, setup[1], query=query, rerank="gak")
-
-
-def test_trained_model_retrieves_captions_above_chance(tmp_path):
-    """Quickstart-sized run: train 150 steps, embed, query with the captions alone."""
-    from unimm.embed import EmbedConfig
-    from unimm.embed import run as embed
-    from unimm.quickstart import run as quickstart
-
-    summary = quickstart(tmp_path / "qs", records=200, steps=150, progress=False)
-    checkpoint = Path(summary["checkpoint"])
-    embed(
-        build_config(
-            EmbedConfig,
-            options={
-                "embed.model": str(checkpoint),
-                "embed.data": [str(tmp_path / "qs" / "shards")],
-                "embed.out": str(tmp_path / "idx"),
-            },
-        ),
-        progress=False,
-    )
-    rows = [json.loads(x) for x in (tmp_path / "qs" / "data" / "data.jsonl").read_text().splitlines()]
-    captions = [r for r in rows if r["meta"]["kind"] == "caption"]
-    queries = [{"id": f"q-{r['id']}", "slices": [{"text": r["slices"][1]["text"]}]} for r in captions]
-    qrels = [{"query_id": f"q-{r['id']}", "doc_id": r["id"], "relevance": 1} for r in captions]
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qrels))
-    scored = retrieve(
-        checkpoint, tmp_path / "idx", queries=str(tmp_path / "q.jsonl"), qrels=str(tmp_path / "qrels.jsonl")
-    )["metrics"]
-    chance_at_10 = 10 / 200
-    assert scored["recall@10"] >= 3 * chance_at_10, scored  # measured 0.31
-    assert scored["mrr"] >= 0.06, scored  # chance ≈ 0.03; measured 0.106
-    assert scored["recall@1"] >= 2 / 200, scored  # chance 0.005; measured 0.029

@@ -199,9 +199,9 @@ class _Streamer:
 
 
 def _image_slice(path: str) -> dict:
-    from unimm.retrieve import _open_image
+    from unimm.data.adapters import open_image
 
-    return {"kind": "image", "image": _open_image(path, None), "role": "user"}
+    return {"kind": "image", "image": open_image(path), "role": "user"}
 
 
 def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:

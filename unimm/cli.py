@@ -33,6 +33,8 @@ bench_app = typer.Typer(
     help="Benchmarks: ours against a baseline on the same data, as ratios.", no_args_is_help=True
 )
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Evaluate a checkpoint; `unimm eval ablate` runs the paper's ablation.")
+app.add_typer(eval_app, name="eval", rich_help_panel="Model")
 
 RecipeOpt = Annotated[
     Path | None,
@@ -201,14 +203,15 @@ def quickstart(
     out: Annotated[Path, typer.Option("--out", help="Working folder (data, teachers, shards).")] = Path(
         "unimm-quickstart"
     ),
-    records: Annotated[int, typer.Option(help="Synthetic records to draw.", min=10)] = 200,
-    workers: Annotated[int, typer.Option(help="Image processes.", min=1)] = 1,
-    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 150,
+    records: Annotated[int, typer.Option(help="Synthetic training records to draw.", min=10)] = 1000,
+    eval_records: Annotated[int, typer.Option(help="Synthetic evaluation records.", min=10)] = 300,
+    workers: Annotated[int, typer.Option(help="Image processes.", min=1)] = 2,
+    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 1500,
 ) -> None:
     """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes."""
     from unimm.quickstart import run
 
-    run(out, records=records, workers=workers, steps=steps)
+    run(out, records=records, eval_records=eval_records, workers=workers, steps=steps)
 
 
 @app.command(rich_help_panel="Model")
@@ -396,6 +399,97 @@ def chat(
         one_shot(cfg.chat)
     else:
         repl(cfg.chat)
+
+
+def _comma_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@eval_app.callback(invoke_without_command=True)
+@user_errors
+def eval_(
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="Record file or shard directory; repeatable.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma list of qa, captioning, two_choice, retrieval, interleaved, winoground."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Items per task, 0 = all \\[default: 0]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON here.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="\\[default: 16]")] = None,
+    input_format: Annotated[
+        str | None, typer.Option("--format", help="Record format \\[default: auto]")
+    ] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score a checkpoint: generation (exact match, two-choice) and retrieval (text↔image,
+    interleaved, Winoground-style pairs), as a table and optionally JSON."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from unimm.config import build_config
+    from unimm.evaluate import EvalConfig, format_table, run
+
+    cfg = build_config(
+        EvalConfig,
+        recipe=recipe,
+        options={
+            "eval.model": None if model is None else str(model),
+            "eval.data": None if not data else [str(d) for d in data],
+            "eval.tasks": _comma_list(tasks),
+            "eval.limit": limit,
+            "eval.out": None if out is None else str(out),
+            "eval.batch_size": batch_size,
+            "eval.format": input_format,
+            "eval.image_root": None if image_root is None else str(image_root),
+            "eval.device": device,
+        },
+        overrides=set_,
+    )
+    typer.echo(format_table(run(cfg)))
+
+
+@eval_app.command("ablate")
+@user_errors
+def eval_ablate(
+    recipe: Annotated[
+        Path, typer.Option("--recipe", help="Training recipe for every variant.", dir_okay=False)
+    ],
+    train: Annotated[list[Path], typer.Option("--train", help="Prepared training shards; repeatable.")],
+    eval_data: Annotated[
+        list[Path], typer.Option("--eval", help="Evaluation records or shards; repeatable.")
+    ],
+    steps: Annotated[int, typer.Option(help="Training steps per variant.", min=1)] = 1500,
+    seed: Annotated[int, typer.Option(help="Training seed (the same for every variant).")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the runs and the table.")] = Path("ablation"),
+    variants: Annotated[
+        str | None,
+        typer.Option(help="Comma list (default all): joint, generative-only, discriminative-only, ..."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Train the paper's ablation variants on the same data, seed and steps; print the table."""
+    from unimm.ablate import VARIANTS, AblateOptions, run
+
+    opts = AblateOptions(
+        recipe=str(recipe),
+        train=[str(t) for t in train],
+        eval=[str(e) for e in eval_data],
+        steps=steps,
+        seed=seed,
+        out=str(out),
+        variants=_comma_list(variants) or list(VARIANTS),
+        overrides=list(set_ or []),
+    )
+    summary = run(opts, progress=not quiet)
+    typer.echo("\n" + summary["table"] + "\n\n" + "\n".join(summary["verdict"]))
+    typer.echo(f"\nwritten: {out}/ablation.md, ablation.json, ablation.png, loss.png")
 
 
 @bench_app.command("prepare")

@@ -1,20 +1,22 @@
-"""``unimm quickstart``: the whole pipeline on a synthetic dataset, offline, on a CPU.
+"""``unimm quickstart``: the whole pipeline on a synthetic dataset, offline, on a CPU, in minutes.
 
     unimm quickstart --out unimm-quickstart
 
-Stages so far: draw a synthetic interleaved dataset, write tiny teacher encoders, prepare
-shards with teacher features, read them back, train the tiny model (``recipes/tiny-cpu.yaml``)
-and summarise. Embedding, retrieval and chat join as those commands land. Each stage prints the
-equivalent ``unimm`` command.
+Stages: draw a synthetic interleaved dataset (training and evaluation files), write tiny teacher
+encoders (CLIP fitted on the training captions), prepare shards with teacher features, train the
+tiny model (``recipes/tiny-cpu.yaml``), embed the evaluation shards, retrieve, evaluate, chat
+once about an image, plot, and summarise. Each stage prints the equivalent ``unimm`` command.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,67 +25,24 @@ from unimm.config import PrepareConfig, build_config
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
 
 
-def _stage(title: str, command: str | None = None) -> None:
+def _stage(title: str, command: str | list[str] | None = None) -> None:
     typer.secho(f"\n==> {title}", fg=typer.colors.CYAN, bold=True)
     if command:
-        typer.echo(f"    $ {command}")
+        typer.echo(f"    $ {command if isinstance(command, str) else shlex.join(command)}")
 
 
-def run(
-    out_dir: str | Path = "unimm-quickstart",
-    *,
-    records: int = 200,
-    workers: int = 1,
-    steps: int = 150,
-    progress: bool = True,
-) -> dict:
-    """Run the quickstart into ``out_dir``; return the summary numbers it prints."""
+def _python(code: str) -> str:
+    return f'python -c "{code}"'
+
+
+def _prepare(title: str, data: Path, shards: Path, teachers: dict[str, Path], workers: int, progress: bool):
     from unimm import prepare
-    from unimm.data.shards import ReadStats, read_manifest, read_samples
-    from unimm.data.synthetic import write_synthetic
-    from unimm.model.tiny import save_tiny_teachers
-    from unimm.train import TrainConfig
-    from unimm.train import run as train
 
-    start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    _stage(
-        f"1. synthetic interleaved dataset ({records} records)",
-        f'python -c "from unimm.data.synthetic import write_synthetic; '
-        f"write_synthetic('{out}/data', {records})\"",
-    )
-    data = write_synthetic(out / "data", records)
-    typer.echo(f"    {data}")
-
-    _stage(
-        "2. tiny teacher encoders (random DINOv2, BERT, CLIP)",
-        f'python -c "from unimm.model.tiny import save_tiny_teachers; '
-        f"save_tiny_teachers('{out}/teachers')\"",
-    )
-    teachers = save_tiny_teachers(out / "teachers")
-
-    shards = out / "shards"
-    args = [
-        "unimm",
-        "prepare",
-        str(data),
-        "--out",
-        str(shards),
-        "--recipe",
-        str(RECIPE),
-        "--workers",
-        str(workers),
-        "--teacher-image-expert",
-        str(teachers["image_expert"]),
-        "--teacher-text-expert",
-        str(teachers["text_expert"]),
-        "--teacher-clip",
-        str(teachers["clip"]),
-        "--overwrite",
-    ]
-    _stage("3. prepare shards with teacher features", shlex.join(args))
+    args = ["unimm", "prepare", str(data), "--out", str(shards), "--recipe", str(RECIPE)]
+    args += ["--workers", str(workers), "--overwrite"]
+    for key in ("image_expert", "text_expert", "clip"):
+        args += [f"--teacher-{key.replace('_', '-')}", str(teachers[key])]
+    _stage(title, args)
     cfg = build_config(
         PrepareConfig,
         recipe=RECIPE,
@@ -95,64 +54,241 @@ def run(
             **{f"teachers.{k}": str(v) for k, v in teachers.items()},
         },
     )
-    result = prepare.run(cfg, progress=progress)
+    return prepare.run(cfg, progress=progress)
 
-    _stage("4. read the shards back")
-    stats = ReadStats()
-    kinds: dict[str, int] = {}
-    slices = 0
-    for sample in read_samples(shards, split_by_node=False, split_by_worker=False, stats=stats):
-        kind = (sample["meta"] or {}).get("kind", "?")
-        kinds[kind] = kinds.get(kind, 0) + 1
-        slices += len(sample["slices"])
-    manifest = read_manifest(shards)
+
+def _mean(rows: list[dict], key: str) -> float:
+    return round(sum(r[key] for r in rows) / len(rows), 3)
+
+
+def run(
+    out_dir: str | Path = "unimm-quickstart",
+    *,
+    records: int = 1000,
+    eval_records: int = 300,
+    steps: int = 1500,
+    clip_steps: int = 400,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the quickstart into ``out_dir``; return the summary numbers it prints."""
+    from unimm.chat import ChatOptions, one_shot
+    from unimm.data.synthetic import caption_pairs, write_synthetic
+    from unimm.embed import EmbedConfig
+    from unimm.embed import run as embed
+    from unimm.evaluate import EvalConfig, EvalOptions, format_table
+    from unimm.evaluate import run as evaluate
+    from unimm.model.tiny import save_tiny_teachers
+    from unimm.retrieve import RetrieveConfig
+    from unimm.retrieve import run as retrieve
+    from unimm.train import TrainConfig
+    from unimm.train import run as train
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    _stage(
+        f"1. synthetic interleaved data: {records} training and {eval_records} evaluation records",
+        _python(
+            f"from unimm.data.synthetic import write_synthetic; write_synthetic('{out}/train', {records}); "
+            f"write_synthetic('{out}/eval', {eval_records}, seed=1)"
+        ),
+    )
+    data = write_synthetic(out / "train", records)
+    eval_data = write_synthetic(out / "eval", eval_records, seed=1)
+    typer.echo(f"    {data}\n    {eval_data}")
+
+    _stage(
+        "2. tiny teacher encoders: random DINOv2 and BERT experts, a CLIP fitted on the training captions",
+        _python(
+            "from unimm.model.tiny import save_tiny_teachers; "
+            "from unimm.data.synthetic import caption_pairs; "
+            f"save_tiny_teachers('{out}/teachers', clip_pairs=caption_pairs('{data}'))"
+        ),
+    )
+    teachers = save_tiny_teachers(out / "teachers", clip_pairs=caption_pairs(data), clip_steps=clip_steps)
+
+    title = "prepare {} shards with teacher features"
+    result = _prepare("3. " + title.format("training"), data, out / "shards", teachers, workers, progress)
+    _prepare("4. " + title.format("evaluation"), eval_data, out / "eval-shards", teachers, workers, progress)
 
     run_dir = out / "run"
-    overrides = [f"data.train={shards}", f"train.max_steps={steps}", f"train.save_every={steps}"]
+    overrides = [f"data.train={out / 'shards'}", f"train.max_steps={steps}", f"train.save_every={steps}"]
     train_args = ["unimm", "train", "--recipe", str(RECIPE)]
     for item in overrides:
         train_args += ["--set", item]
     _stage(
         f"5. train the tiny model ({steps} steps, L = L_g + alpha * L_d)",
-        shlex.join([*train_args, "--out", str(run_dir)]),
+        [*train_args, "--out", str(run_dir)],
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     train(
         build_config(TrainConfig, recipe=RECIPE, options={"out": str(run_dir)}, overrides=overrides),
         progress=progress,
     )
+    checkpoint = run_dir / f"step-{steps:06d}"
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     window = max(1, len(history) // 10)
-
-    def mean(rows: list[dict], key: str) -> float:
-        return round(sum(r[key] for r in rows) / len(rows), 3)
-
     losses = {
-        key: (mean(history[:window], key), mean(history[-window:], key)) for key in ("loss_gen", "loss_disc")
+        key: (_mean(history[:window], key), _mean(history[-window:], key))
+        for key in ("loss_gen", "loss_disc")
     }
+
+    index = out / "index"
+    _stage(
+        "6. embed the evaluation documents",
+        [
+            "unimm",
+            "embed",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(out / "eval-shards"),
+            "--out",
+            str(index),
+        ],
+    )
+    shutil.rmtree(index, ignore_errors=True)
+    embed(
+        build_config(
+            EmbedConfig,
+            options={
+                "embed.model": str(checkpoint),
+                "embed.data": [str(out / "eval-shards")],
+                "embed.out": str(index),
+            },
+        ),
+        progress=progress,
+    )
+
+    rows = [json.loads(line) for line in eval_data.read_text().splitlines()]
+    captions = {r["id"]: r["meta"].get("caption", "") for r in rows}
+    query = next(r["meta"]["caption"] for r in rows if r["meta"]["kind"] == "caption")
+    _stage(
+        "7. retrieve documents for a caption",
+        [
+            "unimm",
+            "retrieve",
+            "--model",
+            str(checkpoint),
+            "--index",
+            str(index),
+            "--query",
+            query,
+            "--top-k",
+            "3",
+        ],
+    )
+    found = retrieve(
+        build_config(
+            RetrieveConfig,
+            options={
+                "retrieve.model": str(checkpoint),
+                "retrieve.index": str(index),
+                "retrieve.query": [["text", query]],
+                "retrieve.top_k": 3,
+            },
+        )
+    )["results"][0]
+    for doc, score in zip(found["ids"], found["scores"], strict=True):
+        typer.echo(f"    {score:6.3f}  {doc:<14} {captions.get(doc) or '(a story)'}")
+
+    eval_json = out / "eval.json"
+    _stage(
+        "8. evaluate (generation, two-choice, retrieval, Winoground-style pairs)",
+        ["unimm", "eval", "--model", str(checkpoint), "--data", str(eval_data), "--out", str(eval_json)],
+    )
+    scores = evaluate(
+        EvalConfig(EvalOptions(model=str(checkpoint), data=[str(eval_data)], out=str(eval_json))),
+        progress=False,
+    )
+    typer.echo("    " + format_table(scores).replace("\n", "\n    "))
+
+    question = next(r for r in rows if r["meta"]["kind"] == "qa")
+    image = eval_data.parent / question["slices"][0]["image"]
+    prompt = question["slices"][1]["text"]
+    _stage(
+        "9. chat once about an image",
+        ["unimm", "chat", "--model", str(checkpoint), "--image", str(image), "--prompt", prompt],
+    )
+    answer = one_shot(
+        ChatOptions(model=str(checkpoint), prompt=prompt, images=[str(image)], max_new_tokens=8),
+        io.StringIO(),
+    )
+    typer.echo(f"    USER: <image> {prompt}\n    ASSISTANT: {answer}")
+    typer.echo(f"    (the image shows {question['meta']['caption']})")
+
+    _stage(
+        "10. plots",
+        _python(f"from unimm.plots import loss_curves; loss_curves('{run_dir}/metrics.jsonl', 'loss.png')"),
+    )
+    plots = _plots(out, run_dir, checkpoint)
+    for path in plots["files"]:
+        typer.echo(f"    {path}")
+
+    t2i = scores.get("text_to_image", {})
     summary = {
         "records": records,
-        "samples": stats.samples,
-        "skipped": stats.skipped,
         "shards": result.shards,
-        "slices": slices,
-        "kinds": kinds,
-        "teacher_dims": {"u": manifest["teachers"]["u_dim"], "v": manifest["teachers"]["v_dim"]},
         "losses": losses,
-        "checkpoint": str(run_dir / f"step-{steps:06d}"),
+        "checkpoint": str(checkpoint),
+        "caption_exact_match": scores.get("captioning", {}).get("exact_match"),
+        "caption_word_accuracy": scores.get("captioning", {}).get("word_accuracy"),
+        "qa_exact_match": scores.get("qa", {}).get("exact_match"),
+        "two_choice_accuracy": scores.get("two_choice", {}).get("accuracy"),
+        "text_to_image_r1": t2i.get("R@1"),
+        "text_to_image_chance": t2i.get("chance@1"),
+        "target_learned_correlation": plots["correlation"],
+        "chat": {"question": prompt, "answer": answer, "gold": question["response"]},
+        "plots": [str(p) for p in plots["files"]],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    typer.secho("\nsummary", bold=True)
-    typer.echo(f"    samples read back : {stats.samples} of {records} ({stats.skipped} skipped)")
-    typer.echo(f"    kinds             : {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}")
-    typer.echo(
-        f"    slices            : {slices} (teacher features u: {summary['teacher_dims']['u']}-d, "
-        f"v: {summary['teacher_dims']['v']}-d per slice)"
-    )
-    typer.echo(f"    shards            : {result.shards} in {shards} (manifest.json lists their sha256)")
-    for key, (first, last) in losses.items():
-        typer.echo(f"    {key:<18}: {first} -> {last} (mean of the first and last {window} steps)")
-    typer.echo(f"    checkpoint        : {summary['checkpoint']}")
-    typer.echo(f"    time              : {summary['seconds']} s")
-    typer.echo("\n    Embedding, retrieval and chat join this quickstart as those commands land.")
+    _print_summary(summary, window)
     return summary
+
+
+def _plots(out: Path, run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    """Loss curves, and target vs learned similarity over the views of 12 evaluation documents."""
+    from unimm.config import AlignOptions
+    from unimm.data.shards import read_samples
+    from unimm.evaluate import Evaluator
+    from unimm.model.checkpoint import read_meta
+    from unimm.plots import loss_curves, off_diagonal_correlation, similarity_heatmap
+
+    files = [loss_curves(run_dir / "metrics.jsonl", out / "loss.png")]
+    samples = []
+    for sample in read_samples(out / "eval-shards", split_by_node=False, split_by_worker=False):
+        if (sample["meta"] or {}).get("kind") in ("caption", "story") and len(samples) < 12:
+            samples.append(sample)
+    ev = Evaluator.load(checkpoint, "cpu")
+    align = AlignOptions(**read_meta(checkpoint)["recipe"]["align"])
+    targets, learned, same, labels = ev.view_similarities(samples, align)
+    files.append(similarity_heatmap(targets, learned, out / "similarity.png", labels))
+    return {"files": files, "correlation": round(off_diagonal_correlation(targets, learned, ~same), 3)}
+
+
+def _print_summary(summary: dict[str, Any], window: int) -> None:
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    typer.secho("\nsummary", bold=True)
+    for key, (first, last) in summary["losses"].items():
+        typer.echo(f"    {key:<26}: {first} -> {last} (mean of the first and last {window} steps)")
+    typer.echo(
+        f"    {'caption accuracy':<26}: {number(summary['caption_exact_match'])} exact, "
+        f"{number(summary['caption_word_accuracy'])} of the words"
+    )
+    typer.echo(f"    {'QA exact match':<26}: {number(summary['qa_exact_match'])}")
+    typer.echo(f"    {'two-choice accuracy':<26}: {number(summary['two_choice_accuracy'])} (chance 0.5)")
+    typer.echo(
+        f"    {'text→image R@1':<26}: {number(summary['text_to_image_r1'])} "
+        f"(chance {number(summary['text_to_image_chance'])})"
+    )
+    typer.echo(
+        f"    {'target–learned similarity':<26}: correlation {summary['target_learned_correlation']} "
+        "(views of different documents)"
+    )
+    typer.echo(f"    {'checkpoint':<26}: {summary['checkpoint']}")
+    typer.echo(f"    {'plots':<26}: {', '.join(summary['plots'])}")
+    typer.echo(f"    {'time':<26}: {summary['seconds']} s")

@@ -73,25 +73,9 @@ class RetrieveConfig:
     retrieve: RetrieveOptions = dataclasses.field(default_factory=RetrieveOptions)
 
 
-def _open_image(path: str, root: str | None) -> Any:
-    from PIL import Image
-
-    from unimm.data.images import ImageProblem, resolve_image_path
-
-    try:
-        file = resolve_image_path(path, root) if root is not None else Path(path)
-        with Image.open(file) as img:
-            return img.convert("RGB")
-    except ImageProblem as exc:
-        raise UnimmError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UnimmError(f"query image {path}: cannot read it ({exc})") from None
-
-
 def load_queries(opts: RetrieveOptions) -> list[dict]:
     """Queries as decoded samples ``{"id", "key", "slices"}`` (images opened)."""
-    from unimm.data.adapters import iter_records
-    from unimm.errors import DataError
+    from unimm.data.adapters import load_decoded_records, open_image
 
     if opts.query:
         slices = []
@@ -101,23 +85,15 @@ def load_queries(opts: RetrieveOptions) -> list[dict]:
                     raise UnimmError("--query: the text is empty")
                 slices.append({"kind": "text", "text": value, "role": "user"})
             else:
-                slices.append({"kind": "image", "image": _open_image(value, None), "role": "user"})
+                slices.append({"kind": "image", "image": open_image(value), "role": "user"})
         return [{"id": "query", "key": "query", "slices": slices}]
     path = Path(opts.queries)
     if not path.is_file():
         raise UnimmError(f"--queries {path}: no such file")
-    root = opts.image_root or str(path.parent)
-    out = []
-    for item in iter_records(path, opts.format):
-        if isinstance(item, DataError):
-            raise UnimmError(f"--queries: {item}")
-        slices = []
-        for s in item.slices:
-            if s.kind == "text":
-                slices.append({"kind": "text", "text": s.value, "role": s.role})
-            else:
-                slices.append({"kind": "image", "image": _open_image(s.value, root), "role": s.role})
-        out.append({"id": item.id, "key": item.id, "slices": slices})
+    try:
+        out = load_decoded_records(path, opts.format, opts.image_root)
+    except UnimmError as exc:
+        raise UnimmError(f"--queries: {exc}") from None
     if not out:
         raise UnimmError(f"--queries {path}: no query in it")
     return out

@@ -301,3 +301,65 @@ def _iter_csv(data: bytes, path: Path) -> Iterator[Record | DataError]:
             yield Record(
                 id=rid, slices=[Slice("image", image), Slice("text", caption)], source=source, line=line
             )
+
+
+def open_image(path: str | Path, root: str | Path | None = None):
+    """An RGB PIL image from ``path`` (confined to ``root`` when given, as records are).
+
+    Raises:
+        UnimmError: naming the path and why it cannot be read.
+    """
+    from PIL import Image
+
+    from unimm.data.images import ImageProblem, resolve_image_path
+    from unimm.errors import UnimmError
+
+    try:
+        file = resolve_image_path(str(path), root) if root is not None else Path(path)
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except ImageProblem as exc:
+        raise UnimmError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UnimmError(f"image {path}: cannot read it ({exc})") from None
+
+
+def load_decoded_records(
+    path: str | Path, fmt: str = "auto", image_root: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Read a record file into decoded samples, the shape shard readers give (images opened).
+
+    Each sample is ``{"id", "key", "slices", "response", "meta", "source", "teacher": None}``;
+    image paths are resolved against ``image_root`` (default: the file's folder).
+
+    Raises:
+        UnimmError: the file is missing or a record or image is invalid (file, line and reason).
+    """
+    from unimm.errors import UnimmError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnimmError(f"{path}: no such file")
+    root = image_root if image_root is not None else path.parent
+    out = []
+    for item in iter_records(path, fmt):
+        if isinstance(item, DataError):
+            raise UnimmError(str(item))
+        slices = []
+        for s in item.slices:
+            if s.kind == "text":
+                slices.append({"kind": "text", "text": s.value, "role": s.role})
+            else:
+                slices.append({"kind": "image", "image": open_image(s.value, root), "role": s.role})
+        out.append(
+            {
+                "id": item.id,
+                "key": item.id,
+                "slices": slices,
+                "response": item.response,
+                "meta": item.meta,
+                "source": f"{path}:{item.line}" if item.line else str(path),
+                "teacher": None,
+            }
+        )
+    return out

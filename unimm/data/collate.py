@@ -11,7 +11,8 @@ features in order. Earlier assistant turns (``role: assistant``) are written as
 the response, so the embedding of a view is the same in training and at retrieval.
 
 Labels (for next-token prediction, aligned with ``input_ids``; ``-100`` = ignored): the response
-tokens and the closing ``</s>`` when the record has a response, otherwise every text-slice token.
+tokens and the closing ``</s>`` when the record has a response, otherwise every text-slice token
+and a closing ``</s>`` (the document's end, when nothing was cut off).
 
 Truncation keeps the start: a text slice may be cut short, an image never is (an image that does
 not fit is dropped with everything after it); dropped slices are counted.
@@ -174,6 +175,11 @@ class Collator:
             if len(ids) >= budget:
                 dropped = len(slices) - n - 1
                 break
+        if not has_response and spans and dropped == 0 and len(ids) + len(t.eos) <= self.max_length:
+            # A document ends with </s> (as LLaVA's pre-training captions do), so that text
+            # generated after its last slice learns to stop; the slice spans are unchanged.
+            ids.extend(t.eos)
+            labels.extend(t.eos)
         if has_response:
             ids.extend(t.assistant)
             labels.extend([IGNORE] * len(t.assistant))

@@ -98,18 +98,49 @@ _QUESTIONS = {
     "position": ("Where are the shapes?", lambda s: s.position),
 }
 
+# Two-choice questions (MMVP-style): the same question is asked of both images of a pair.
+_CHOICE_QUESTIONS = {
+    "colour": "Are the shapes {a} or {b}?",
+    "shape": "Is the shape a {a} or a {b}?",
+    "count": "Are there {a} or {b} shapes?",
+    "position": "Are the shapes on the {a} or on the {b}?",
+}
+
+
+def _value(scene: Scene, field: str) -> str:
+    return COUNTS[scene.count] if field == "count" else getattr(scene, field)
+
+
+def _changed_field(first: Scene, second: Scene) -> str:
+    return next(
+        f for f in ("shape", "colour", "position", "count") if getattr(first, f) != getattr(second, f)
+    )
+
 
 def write_synthetic(out_dir: str | Path, records: int = 200, *, seed: int = 0, image_size: int = 64) -> Path:
     """Write ``records`` records (mixed kinds) and their PNG images; return the JSONL path.
 
-    The mix is 40 % captions, 20 % stories, 25 % questions and 15 % near-duplicate pairs (two
-    records each). Same arguments, same files.
+    Kinds (``meta.kind``), drawn with weights 35/20/25/20:
+
+    - ``caption``: an image and its caption, in either order (text first in half of them, so
+      that text-only prefixes are views too);
+    - ``story``: a title, then three scenes, each caption *before* its image, where each scene
+      changes one attribute of the previous one (the last image follows from the text before it:
+      the VIST-style interleaved retrieval task); final scenes do not repeat within a file;
+    - ``qa``: an image and a question with a one-word response (colour, shape, count, position);
+    - ``pair``: two scenes that differ in exactly one attribute (``meta.pair``, ``meta.field``),
+      written as two captioned records (Winoground-style) and two two-choice questions
+      (``meta.kind = choice``, ``meta.choices``): the same question for both images, so the
+      right answer is the first option for one and the second for the other (MMVP-style).
+
+    Same arguments, same files.
     """
     rng = random.Random(seed)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     counter = 0
+    story_endings: set[Scene] = set()
 
     def image(scene: Scene) -> str:
         nonlocal counter
@@ -118,23 +149,31 @@ def write_synthetic(out_dir: str | Path, records: int = 200, *, seed: int = 0, i
         draw_scene(scene, image_size, rng).save(out / name)
         return name
 
+    def captioned(rid: str, scene: Scene, text_first: bool, meta: dict) -> dict:
+        pair = [{"image": image(scene)}, {"text": scene.caption}]
+        return {
+            "id": rid,
+            "slices": pair[::-1] if text_first else pair,
+            "meta": {**meta, "caption": scene.caption},
+        }
+
     while len(rows) < records:
-        kind = rng.choices(["caption", "story", "qa", "pair"], weights=[40, 20, 25, 15])[0]
+        kind = rng.choices(["caption", "story", "qa", "pair"], weights=[35, 20, 25, 20])[0]
         n = len(rows)
         if kind == "caption":
-            scene = random_scene(rng)
-            rows.append(
-                {
-                    "id": f"cap-{n}",
-                    "slices": [{"image": image(scene)}, {"text": scene.caption}],
-                    "meta": {"kind": "caption", "caption": scene.caption},
-                }
-            )
+            rows.append(captioned(f"cap-{n}", random_scene(rng), rng.random() < 0.5, {"kind": "caption"}))
         elif kind == "story":
+            scenes = [random_scene(rng)]
+            for step in range(2):
+                for _ in range(20):  # a final scene not used by an earlier story, if one is near
+                    scene = scenes[-1].changed(rng)
+                    if step == 0 or scene not in story_endings:
+                        break
+                scenes.append(scene)
+            story_endings.add(scenes[-1])
             slices: list[dict] = [{"text": "A short story in pictures."}]
-            for _ in range(3):
-                scene = random_scene(rng)
-                slices += [{"image": image(scene)}, {"text": f"Then there were {scene.caption}."}]
+            for word, scene in zip(("First", "Then", "Finally"), scenes, strict=True):
+                slices += [{"text": f"{word}, {scene.caption}."}, {"image": image(scene)}]
             rows.append({"id": f"story-{n}", "slices": slices, "meta": {"kind": "story"}})
         elif kind == "qa":
             scene = random_scene(rng)
@@ -151,14 +190,47 @@ def write_synthetic(out_dir: str | Path, records: int = 200, *, seed: int = 0, i
         else:
             first = random_scene(rng)
             second = first.changed(rng)
+            field = _changed_field(first, second)
+            options = [_value(first, field), _value(second, field)]
+            rng.shuffle(options)
+            question = _CHOICE_QUESTIONS[field].format(a=options[0], b=options[1])
+            group = f"pair-{n}"
+            for tag, scene in (("a", first), ("b", second)):
+                meta = {"kind": "pair", "pair": group, "field": field}
+                rows.append(captioned(f"{group}-{tag}", scene, False, meta))
             for tag, scene in (("a", first), ("b", second)):
                 rows.append(
                     {
-                        "id": f"pair-{n}-{tag}",
-                        "slices": [{"image": image(scene)}, {"text": scene.caption}],
-                        "meta": {"kind": "pair", "pair": f"pair-{n}", "caption": scene.caption},
+                        "id": f"{group}-q{tag}",
+                        "slices": [{"image": image(scene)}, {"text": question}],
+                        "response": _value(scene, field),
+                        "meta": {
+                            "kind": "choice",
+                            "pair": group,
+                            "field": field,
+                            "choices": options,
+                            "caption": scene.caption,
+                        },
                     }
                 )
     path = out / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:records]), encoding="utf-8")
     return path
+
+
+def caption_pairs(jsonl: str | Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
+    """The (image, caption) pairs of a synthetic file's caption and pair records (images opened)."""
+    root = Path(jsonl).parent
+    images: list[Image.Image] = []
+    texts: list[str] = []
+    for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["meta"]["kind"] not in ("caption", "pair"):
+            continue
+        path = next(s["image"] for s in row["slices"] if "image" in s)
+        with Image.open(root / path) as img:
+            images.append(img.convert("RGB"))
+        texts.append(row["meta"]["caption"])
+        if limit is not None and len(texts) >= limit:
+            break
+    return images, texts

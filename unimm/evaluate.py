@@ -1,0 +1,458 @@
+"""``unimm eval``: generative and retrieval scores of a checkpoint on records or shards.
+
+    unimm eval --model RUN/step-000600 --data eval.jsonl --out eval.json
+    unimm eval --model RUN/step-000600 --data eval-shards --tasks retrieval,winoground
+
+The tasks are read off the records themselves (docs/formats.md, "Evaluation records"):
+
+- ``qa`` — records with a ``response`` (and no ``meta.choices``): greedy answer, exact match;
+- ``captioning`` — records ``[image, text]`` without a response: the text generated after the
+  image, exact match (first line of the generation);
+- ``two_choice`` — records with a ``response`` and ``meta.choices``: the option the model finds
+  most likely as the answer (summed token log-probabilities); with ``meta.pair`` MMVP-style
+  pair accuracy (both questions of a pair right);
+- ``retrieval`` — records of one image and one text: text→image and image→text over all of them
+  (an item is relevant when its text equals the query's); ``interleaved``: records with two or
+  more images: the last image retrieved from everything before it (VIST-style);
+- ``winoground`` — two image–text records sharing ``meta.pair``: text, image and group scores
+  from the cosine of the text and image embeddings.
+
+Metrics are the pure functions of :mod:`unimm.scores`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimm.errors import UnimmError
+
+TASKS = ("qa", "captioning", "two_choice", "retrieval", "interleaved", "winoground")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """Section ``eval``."""
+
+    model: str = ""
+    data: list[str] = dataclasses.field(default_factory=list)
+    """Record files (any ``unimm prepare`` input format) or shard directories."""
+    format: str = "auto"
+    image_root: str | None = None
+    tasks: list[str] = dataclasses.field(default_factory=lambda: list(TASKS))
+    limit: int = 0
+    """At most this many items per task (0 = all)."""
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    device: str = "auto"
+    out: str | None = None
+    """Write the results as JSON here."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.model:
+            problems.append("eval.model: give a checkpoint with --model RUN/step-…")
+        if not self.data:
+            problems.append("eval.data: give records or shard directories with --data PATH")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            problems.append(f"eval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            problems.append("eval.limit must be >= 0; eval.batch_size and eval.max_new_tokens >= 1")
+        return problems
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Configuration of ``unimm eval``."""
+
+    eval: EvalOptions = dataclasses.field(default_factory=EvalOptions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data → tasks (pure)
+
+
+def load_samples(paths: list[str], fmt: str = "auto", image_root: str | None = None) -> list[dict]:
+    """Decoded samples from record files and shard directories, in the order given."""
+    from unimm.data.adapters import load_decoded_records
+    from unimm.data.shards import read_samples
+
+    samples: list[dict] = []
+    for path in paths:
+        if Path(path).is_dir():
+            samples.extend(read_samples(path, split_by_node=False, split_by_worker=False))
+        else:
+            samples.extend(load_decoded_records(path, fmt, image_root))
+    if not samples:
+        raise UnimmError(f"eval: no record in {', '.join(paths)}")
+    return samples
+
+
+def _kinds(sample: dict) -> list[str]:
+    return [s["kind"] for s in sample["slices"]]
+
+
+def _text_of(sample: dict) -> str:
+    return next(s["text"] for s in sample["slices"] if s["kind"] == "text")
+
+
+def _image_of(sample: dict, index: int | None = None) -> dict:
+    if index is not None:
+        return sample["slices"][index]
+    return next(s for s in sample["slices"] if s["kind"] == "image")
+
+
+def build_tasks(samples: list[dict]) -> dict[str, list]:
+    """Which samples serve which task (see the module docstring); each task a list of items."""
+    tasks: dict[str, list] = {name: [] for name in TASKS}
+    pairs: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        meta = s.get("meta") or {}
+        kinds = _kinds(s)
+        choices = meta.get("choices")
+        if s.get("response"):
+            if isinstance(choices, list) and len(choices) >= 2 and s["response"] in choices:
+                tasks["two_choice"].append(i)
+            else:
+                tasks["qa"].append(i)
+            continue
+        if sorted(kinds) == ["image", "text"]:
+            tasks["retrieval"].append(i)
+            if kinds == ["image", "text"]:
+                tasks["captioning"].append(i)
+            if isinstance(meta.get("pair"), str):
+                pairs.setdefault(meta["pair"], []).append(i)
+        last_image = max((n for n, k in enumerate(kinds) if k == "image"), default=-1)
+        if kinds.count("image") >= 2 and last_image > 0:
+            tasks["interleaved"].append((i, last_image))
+    tasks["winoground"] = [tuple(members) for members in pairs.values() if len(members) == 2]
+    return tasks
+
+
+def relevant_by_text(texts: list[str]) -> list[set[int]]:
+    """For each text, the indices of the texts equal to it after normalisation (itself included)."""
+    from unimm.scores import normalize_answer
+
+    groups: dict[str, set[int]] = {}
+    keys = [normalize_answer(t) for t in texts]
+    for i, key in enumerate(keys):
+        groups.setdefault(key, set()).add(i)
+    return [groups[key] for key in keys]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model calls
+
+
+class Evaluator:
+    """A loaded checkpoint with the three calls the tasks need: embed, generate, score options."""
+
+    def __init__(self, model, processor, meta: dict, device: torch.device, batch_size: int = 16) -> None:
+        from unimm.data.collate import Collator
+
+        self.model = model.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        system = meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
+        self.collator = Collator.for_model(model, processor, system_prompt=system)
+        self.tokenizer = processor.tokenizer
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16) -> Evaluator:
+        from unimm.model.checkpoint import load_checkpoint
+        from unimm.utils import resolve_device
+
+        model, processor, meta = load_checkpoint(checkpoint)
+        return cls(model, processor, meta, resolve_device(device), batch_size)
+
+    @torch.no_grad()
+    def embed(self, slice_lists: list[list[dict]]) -> torch.Tensor:
+        """Unit embeddings ``[n, d]`` of interleaved inputs, each one view cut after its last slice."""
+        out = []
+        for start in range(0, len(slice_lists), self.batch_size):
+            chunk = slice_lists[start : start + self.batch_size]
+            batch = self.collator([{"key": str(start + i), "slices": s} for i, s in enumerate(chunk)])
+            batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
+            out.append(self.model.embed(batch).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def view_similarities(self, samples: list[dict], align) -> tuple[torch.Tensor, ...]:
+        """Target ``M^l`` and learned ``M^r`` over every prefix view of ``samples`` (with teachers).
+
+        Returns ``(targets, learned, same_sample, labels)``; labels read ``id:slices``.
+        """
+        from unimm.losses import same_sample_mask, view_targets
+
+        batch = self.collator(samples)
+        views = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]
+        batch["views"] = views
+        emb = self.model.embed(batch).cpu()
+        targets = view_targets(batch["teacher"], views, align)
+        labels = [f"{samples[b]['id']}:{c + 1}" for b, c in views]
+        return targets, emb @ emb.T, same_sample_mask(views), labels
+
+    @torch.no_grad()
+    def generate(self, prompts: list[dict], *, after: str, max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``prompts`` (samples), batched with left padding.
+
+        ``after="assistant"`` appends `` ASSISTANT: `` (answer a question); ``after="slice"`` the
+        slice separator (continue the interleaved document). Each answer is its first line.
+        """
+        t = self.collator.template
+        tail = t.assistant if after == "assistant" else t.separator
+        pad = self.collator.pad_id
+        answers: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            encoded = [
+                self.collator.encode({**p, "response": None})
+                for p in prompts[start : start + self.batch_size]
+            ]
+            seqs = [e.input_ids + tail for e in encoded]
+            longest = max(map(len, seqs))
+            ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, seq in enumerate(seqs):
+                ids[b, longest - len(seq) :] = torch.tensor(seq)
+                mask[b, longest - len(seq) :] = 1
+            images = [img for e in encoded for img in e.images]
+            pixels = None
+            if images:
+                pixels = self.collator.image_processor(images=images, return_tensors="pt")["pixel_values"]
+                pixels = pixels.to(self.device)
+            out = self.model.generate(
+                ids.to(self.device),
+                mask.to(self.device),
+                pixels,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            for row in out[:, longest:]:
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                answers.append(text.strip().split("\n", 1)[0].strip())
+        return answers
+
+    @torch.no_grad()
+    def answer_logprobs(self, samples: list[dict]) -> torch.Tensor:
+        """Summed log-probability of each sample's ``response`` (and end token) given its prompt."""
+        from unimm.data.collate import IGNORE
+
+        out = []
+        for start in range(0, len(samples), self.batch_size):
+            batch = self.collator(samples[start : start + self.batch_size])
+            pixels = batch["pixel_values"]
+            hidden = self.model.hidden_states(
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                pixels.to(self.device) if pixels is not None else None,
+            )
+            target = batch["labels"][:, 1:].to(self.device)
+            mask = target != IGNORE
+            logits = self.model.base.lm_head(hidden[:, :-1][mask]).float()
+            token_lp = torch.log_softmax(logits, -1).gather(1, target[mask].unsqueeze(1)).squeeze(1)
+            rows = torch.arange(target.shape[0], device=self.device).unsqueeze(1).expand_as(target)[mask]
+            out.append(torch.zeros(target.shape[0], device=self.device).index_add_(0, rows, token_lp).cpu())
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _user(slices: list[dict]) -> list[dict]:
+    return [{**s, "role": "user"} for s in slices]
+
+
+def _generation_scores(ids: list[str], predicted: list[str], gold: list[str]) -> dict:
+    from unimm.scores import exact_match, word_accuracy
+
+    return {
+        "exact_match": exact_match(predicted, gold),
+        "word_accuracy": word_accuracy(predicted, gold),
+        "n": len(gold),
+        "examples": [
+            {"id": i, "predicted": a, "gold": g}
+            for i, a, g in zip(ids[:3], predicted[:3], gold[:3], strict=True)
+        ],
+    }
+
+
+def _qa(ev: Evaluator, samples: list[dict], items: list[int], opts: EvalOptions) -> dict:
+    prompts = [samples[i] for i in items]
+    predicted = ev.generate(prompts, after="assistant", max_new_tokens=opts.max_new_tokens)
+    return _generation_scores([p["id"] for p in prompts], predicted, [p["response"] for p in prompts])
+
+
+def _captioning(ev: Evaluator, samples: list[dict], items: list[int], opts: EvalOptions) -> dict:
+    prompts = [{"key": samples[i]["key"], "slices": [_image_of(samples[i])]} for i in items]
+    predicted = ev.generate(prompts, after="slice", max_new_tokens=opts.max_new_tokens)
+    gold = [_text_of(samples[i]) for i in items]
+    return _generation_scores([samples[i]["id"] for i in items], predicted, gold)
+
+
+def _two_choice(ev: Evaluator, samples: list[dict], items: list[int]) -> dict:
+    from unimm.scores import choice_scores
+
+    expanded, owner = [], []
+    for i in items:
+        for choice in samples[i]["meta"]["choices"]:
+            expanded.append({**samples[i], "response": choice})
+            owner.append(i)
+    logprobs = ev.answer_logprobs(expanded).tolist()
+    best: dict[int, tuple[float, str]] = {}
+    for i, lp, sample in zip(owner, logprobs, expanded, strict=True):
+        if i not in best or lp > best[i][0]:
+            best[i] = (lp, sample["response"])
+    correct = [best[i][1] == samples[i]["response"] for i in items]
+    groups = [(samples[i]["meta"] or {}).get("pair") for i in items]
+    out = choice_scores(correct, [g if isinstance(g, str) else None for g in groups])
+    first = [samples[i]["response"] == samples[i]["meta"]["choices"][0] for i in items]
+    out["answer_first"] = sum(first) / len(first)
+    out["chance"] = sum(1 / len(samples[i]["meta"]["choices"]) for i in items) / len(items)
+    return out
+
+
+def _retrieval(ev: Evaluator, samples: list[dict], items: list[int]) -> dict:
+    from unimm.scores import ranking_scores
+
+    texts = [_text_of(samples[i]) for i in items]
+    text_emb = ev.embed([[{"kind": "text", "text": t, "role": "user"}] for t in texts])
+    image_emb = ev.embed([_user([_image_of(samples[i])]) for i in items])
+    relevant = relevant_by_text(texts)
+    return {
+        "text_to_image": ranking_scores(text_emb @ image_emb.T, relevant),
+        "image_to_text": ranking_scores(image_emb @ text_emb.T, relevant),
+    }
+
+
+def _interleaved(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]]) -> dict:
+    from unimm.scores import ranking_scores
+
+    context = ev.embed([_user(samples[i]["slices"][:cut]) for i, cut in items])
+    targets = ev.embed([_user([samples[i]["slices"][cut]]) for i, cut in items])
+    return ranking_scores(context @ targets.T, [{q} for q in range(len(items))])
+
+
+def _winoground(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]]) -> dict:
+    from unimm.scores import winoground_scores
+
+    members = [i for pair in items for i in pair]
+    texts = ev.embed([[{"kind": "text", "text": _text_of(samples[i]), "role": "user"}] for i in members])
+    images = ev.embed([_user([_image_of(samples[i])]) for i in members])
+    texts = texts.view(len(items), 2, -1)
+    images = images.view(len(items), 2, -1)
+    return winoground_scores(torch.einsum("pcd,pid->pci", texts, images))
+
+
+def evaluate(ev: Evaluator, samples: list[dict], opts: EvalOptions, *, progress: bool = False) -> dict:
+    """Run the requested tasks that the samples support; skipped tasks say why."""
+    from tqdm import tqdm
+
+    tasks = build_tasks(samples)
+    results: dict[str, Any] = {"samples": len(samples)}
+    skipped: dict[str, str] = {}
+    minimum = {"retrieval": 2, "interleaved": 2}
+    for name in tqdm(opts.tasks, desc="eval", unit="task", disable=not progress):
+        items = tasks[name][: opts.limit] if opts.limit else tasks[name]
+        if len(items) < minimum.get(name, 1):
+            skipped[name] = "no record of this shape in the data (see docs/formats.md, Evaluation records)"
+            continue
+        if name == "qa":
+            results["qa"] = _qa(ev, samples, items, opts)
+        elif name == "captioning":
+            results["captioning"] = _captioning(ev, samples, items, opts)
+        elif name == "two_choice":
+            results["two_choice"] = _two_choice(ev, samples, items)
+        elif name == "retrieval":
+            results.update(_retrieval(ev, samples, items))
+        elif name == "interleaved":
+            results["interleaved"] = _interleaved(ev, samples, items)
+        else:
+            results["winoground"] = _winoground(ev, samples, items)
+    if skipped:
+        results["skipped"] = skipped
+    return results
+
+
+def run(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """Load the checkpoint and the data, evaluate, write ``eval.out`` (JSON) when given."""
+    from unimm.utils import atomic_write_json
+
+    opts = cfg.eval
+    samples = load_samples(opts.data, opts.format, opts.image_root)
+    ev = Evaluator.load(opts.model, opts.device, opts.batch_size)
+    results = {
+        "model": str(opts.model),
+        "data": list(opts.data),
+        **evaluate(ev, samples, opts, progress=progress),
+    }
+    if opts.out:
+        atomic_write_json(opts.out, strict_json(results))
+    return results
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN replaced by ``None``, so the JSON written is strict."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+HEADLINE = (
+    ("qa", "exact_match", "QA exact match", None, "n"),
+    ("captioning", "exact_match", "captioning exact match", None, "n"),
+    ("captioning", "word_accuracy", "captioning word accuracy", None, "n"),
+    ("two_choice", "accuracy", "two-choice accuracy", "chance", "questions"),
+    ("two_choice", "group_accuracy", "two-choice pair accuracy (MMVP)", None, "groups"),
+    ("text_to_image", "R@1", "text→image R@1", "chance@1", "queries"),
+    ("text_to_image", "R@5", "text→image R@5", None, "queries"),
+    ("image_to_text", "R@1", "image→text R@1", "chance@1", "queries"),
+    ("interleaved", "R@1", "interleaved R@1 (VIST-style)", "chance@1", "queries"),
+    ("interleaved", "MRR", "interleaved MRR", None, "queries"),
+    ("winoground", "text", "Winoground text", None, "pairs"),
+    ("winoground", "image", "Winoground image", None, "pairs"),
+    ("winoground", "group", "Winoground group", None, "pairs"),
+)
+WINOGROUND_CHANCE = {"text": 0.25, "image": 0.25, "group": 1 / 6}
+
+
+def table_rows(results: dict) -> list[tuple[str, float, float | None, int]]:
+    """``(metric, value, chance or None, count)`` rows of the headline metrics present."""
+    rows = []
+    for section, key, label, chance_key, count_key in HEADLINE:
+        part = results.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        chance = part.get(chance_key) if chance_key else None
+        if section == "winoground":
+            chance = WINOGROUND_CHANCE[key]
+        if section == "two_choice" and key == "group_accuracy":
+            chance = None
+        rows.append((label, part[key], chance, part[count_key]))
+    return rows
+
+
+def format_table(results: dict) -> str:
+    """The headline metrics as an aligned text table."""
+    rows = table_rows(results)
+    width = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'metric':<{width}}  {'value':>6}  {'chance':>6}  {'n':>5}"]
+    for label, value, chance, count in rows:
+        chance_text = f"{chance:6.3f}" if chance is not None else f"{'':>6}"
+        lines.append(f"{label:<{width}}  {value:6.3f}  {chance_text}  {count:>5}")
+    for name, why in results.get("skipped", {}).items():
+        lines.append(f"{name}: skipped ({why})")
+    return "\n".join(lines)
