@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,46 @@ def test_eval_reports_tasks_the_data_cannot_serve(trained, tmp_path):
         "interleaved",
         "winoground",
     }
+
+
+def test_ablation_table_and_verdict_by_hand():
+    from unimm.ablate import COLUMNS, format_markdown, verdict
+
+    columns = [c for c, _, _ in COLUMNS]
+    joint = dict.fromkeys(columns, 0.5)
+    worse = dict.fromkeys(columns, 0.4) | {"QA EM": 0.6}
+    missing = dict.fromkeys(columns, None)
+    rows = {"joint": joint, "generative-only": worse, "discriminative-only": missing}
+    table = format_markdown(rows)
+    assert table.splitlines()[0].startswith("| variant | QA EM |")
+    assert "| generative-only | 0.600 | 0.400 |" in table and "| discriminative-only | – |" in table
+    assert verdict(rows) == [
+        f"- joint ≥ generative-only on {len(columns) - 1} of {len(columns)} columns (below on: QA EM)"
+    ]
+
+
+def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
+    from unimm.ablate import AblateOptions, run
+    from unimm.data.synthetic import write_synthetic
+
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+    opts = AblateOptions(
+        recipe=str(recipe),
+        train=[str(tiny_shards)],
+        eval=[str(write_synthetic(tmp_path / "e", 30, seed=5))],
+        steps=2,
+        out=str(tmp_path / "abl"),
+        variants=["joint", "w/o avg pooling"],
+    )
+    summary = run(opts, progress=False)
+    assert list(summary["rows"]) == ["joint", "w/o avg pooling"]
+    assert all(v is not None for v in summary["rows"]["joint"].values())
+    from unimm.model.checkpoint import read_meta
+
+    assert read_meta(tmp_path / "abl" / "without-avg-pooling" / "step-000002")["pooling"] == "last"
+    for name in ("ablation.md", "ablation.json", "ablation.png", "loss.png"):
+        assert (tmp_path / "abl" / name).stat().st_size > 0
+    stored = tmp_path / "abl" / "joint" / "eval.json"
+    before = stored.stat().st_mtime_ns
+    again = run(opts, progress=False)  # finished variants are reused, not retrained
+    assert stored.stat().st_mtime_ns == before and again["rows"] == summary["rows"]

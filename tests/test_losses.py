@@ -75,16 +75,20 @@ def teachers(lengths, seed=5):
     return out
 
 
-@pytest.mark.parametrize("sigma", ["length_scaled", "fixed", 0.7])
-def test_targets_equal_the_alignment_core_with_same_sample_ones(sigma):
+@pytest.mark.parametrize(
+    ("sigma", "teacher"),
+    [("length_scaled", "triple"), ("fixed", "triple"), (0.7, "triple"), ("fixed", "clip"), ("fixed", "mean")],
+)
+def test_targets_equal_the_alignment_core_with_same_sample_ones(sigma, teacher):
     feats = teachers([3, 2, 4])
-    align = AlignOptions(delta=0.8, sigma=sigma)
+    align = AlignOptions(delta=0.8, sigma=sigma, teacher=teacher)
     got = view_targets(feats, VIEWS, align)
     rows = [(b, c + 1) for b, c in VIEWS]
     u = torch.cat([feats[b]["u"][:n].float() for b, n in rows])
     v = torch.cat([feats[b]["v"][:n].float() for b, n in rows])
     m = torch.cat([feats[b]["modality"][:n].long() for b, n in rows])
-    want = gak_matrix_triple(u, v, m, torch.tensor([n for _, n in rows]), delta=0.8, sigma=sigma)
+    lengths = torch.tensor([n for _, n in rows])
+    want = gak_matrix_triple(u, v, m, lengths, delta=0.8, sigma=sigma, teacher=teacher)
     same = same_sample_mask(VIEWS)
     torch.testing.assert_close(got[~same], want[~same], atol=1e-5, rtol=1e-5)
     assert bool((got[same] == 1).all())

@@ -47,11 +47,11 @@ def view_targets(
         )
     used = sorted({b for b, _ in views})
     local = {b: i for i, b in enumerate(used)}
-    need_u = align.teacher == "triple"
+    need_u = align.teacher in ("triple", "mean")  # "mean" averages triple-kernel slice similarities
     if need_u and any("u" not in teacher[b] for b in used):
         raise UnimmError(
-            "align.teacher=triple needs expert features (u), but the shards hold CLIP features only; "
-            "prepare with both experts, or use --set align.teacher=clip"
+            f"align.teacher={align.teacher} needs expert features (u), but the shards hold CLIP "
+            "features only; prepare with both experts, or use --set align.teacher=clip"
         )
     lengths = torch.tensor([max(c for bb, c in views if bb == b) + 1 for b in used])
     v = torch.cat([teacher[b]["v"][: int(n)].float() for b, n in zip(used, lengths, strict=True)])
