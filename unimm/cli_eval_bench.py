@@ -1,0 +1,193 @@
+"""``unimm eval`` and ``unimm bench``: scoring a checkpoint, and benchmarks against baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unimm.cli_options import RecipeOpt, SetOpt, comma_list, user_errors
+from unimm.errors import UnimmError
+
+eval_app = typer.Typer(help="Evaluate a checkpoint; `unimm eval ablate` runs the paper's ablation.")
+bench_app = typer.Typer(
+    help="Benchmarks: ours against a baseline on the same data, as ratios.", no_args_is_help=True
+)
+
+
+@eval_app.callback(invoke_without_command=True)
+@user_errors
+def eval_(
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="Record file or shard directory; repeatable.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma list of qa, captioning, two_choice, retrieval, interleaved, winoground."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Items per task, 0 = all \\[default: 0]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON here.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="\\[default: 16]")] = None,
+    input_format: Annotated[
+        str | None, typer.Option("--format", help="Record format \\[default: auto]")
+    ] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score a checkpoint: generation (exact match, two-choice) and retrieval (text↔image,
+    interleaved, Winoground-style pairs), as a table and optionally JSON."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from unimm.config import build_config
+    from unimm.evaluate import EvalConfig, format_table, run
+
+    cfg = build_config(
+        EvalConfig,
+        recipe=recipe,
+        options={
+            "eval.model": None if model is None else str(model),
+            "eval.data": None if not data else [str(d) for d in data],
+            "eval.tasks": comma_list(tasks),
+            "eval.limit": limit,
+            "eval.out": None if out is None else str(out),
+            "eval.batch_size": batch_size,
+            "eval.format": input_format,
+            "eval.image_root": None if image_root is None else str(image_root),
+            "eval.device": device,
+        },
+        overrides=set_,
+    )
+    typer.echo(format_table(run(cfg)))
+
+
+@eval_app.command("ablate")
+@user_errors
+def eval_ablate(
+    recipe: Annotated[
+        Path, typer.Option("--recipe", help="Training recipe for every variant.", dir_okay=False)
+    ],
+    train: Annotated[list[Path], typer.Option("--train", help="Prepared training shards; repeatable.")],
+    eval_data: Annotated[
+        list[Path], typer.Option("--eval", help="Evaluation records or shards; repeatable.")
+    ],
+    steps: Annotated[int, typer.Option(help="Training steps per variant.", min=1)] = 1500,
+    seed: Annotated[int, typer.Option(help="Training seed (the same for every variant).")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the runs and the table.")] = Path("ablation"),
+    variants: Annotated[
+        str | None,
+        typer.Option(help="Comma list (default all): joint, generative-only, discriminative-only, ..."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Train the paper's ablation variants on the same data, seed and steps; print the table."""
+    from unimm.ablate import VARIANTS, AblateOptions, run
+
+    opts = AblateOptions(
+        recipe=str(recipe),
+        train=[str(t) for t in train],
+        eval=[str(e) for e in eval_data],
+        steps=steps,
+        seed=seed,
+        out=str(out),
+        variants=comma_list(variants) or list(VARIANTS),
+        overrides=list(set_ or []),
+    )
+    summary = run(opts, progress=not quiet)
+    typer.echo("\n" + summary["table"] + "\n\n" + "\n".join(summary["verdict"]))
+    typer.echo(f"\nwritten: {out}/ablation.md, ablation.json, ablation.png, loss.png")
+
+
+@bench_app.command("prepare")
+@user_errors
+def bench_prepare_cmd(
+    records: Annotated[int, typer.Option(help="Records in the synthetic set.")] = 2000,
+    images_per_record: Annotated[int, typer.Option(help="Images per record.")] = 2,
+    image_width: Annotated[int, typer.Option(help="Width of the synthetic JPEGs (height = 3/4).")] = 640,
+    repeats: Annotated[int, typer.Option(help="Timed runs per variant (best is kept).")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Samples/s of `unimm prepare` against writing the same files into a plain tar."""
+    from unimm.bench import bench_prepare, print_table
+
+    rows = bench_prepare(
+        records=records, images_per_record=images_per_record, image_width=image_width, repeats=repeats
+    )
+    print_table(rows)
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
+@bench_app.command("align")
+@user_errors
+def bench_align_cmd(
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller grid.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""
+    import torch
+
+    from unimm.bench import bench_align, print_align_table
+
+    if device not in ("cpu", "cuda"):
+        raise UnimmError(f"--device {device}: use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnimmError("--device cuda: CUDA is not available on this machine")
+    rows = bench_align(device=device, quick=quick)
+    print_align_table(rows)
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train_cmd(
+    steps: Annotated[int, typer.Option(help="Optimizer steps per timing.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Step time of joint training vs generative-only on the same batch (tiny model, CPU)."""
+    from unimm.bench import bench_train
+
+    rows = bench_train(steps=steps, batch_size=batch_size)
+    keys = ["variant", "step_s", "ratio_vs_generative_only", "batch", "views", "tokens"]
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
+@bench_app.command("retrieve")
+@user_errors
+def bench_retrieve_cmd(
+    docs: Annotated[int, typer.Option(help="Index size.")] = 100_000,
+    dim: Annotated[int, typer.Option(help="Embedding width.")] = 1024,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Exact search vs FAISS flat, and embedding vs a bare transformers forward (CPU)."""
+    from unimm.bench import bench_retrieve
+
+    rows = bench_retrieve(docs=docs, dim=dim)
+    for row in rows:
+        typer.echo(
+            f"{row['what']}: ours {row['ours_per_s']}/s, {row['baseline']} {row['baseline_per_s']}/s, "
+            f"ratio {row['ratio']}"
+        )
+    if json_out is not None:
+        from unimm.utils import atomic_write_json
+
+        atomic_write_json(json_out, rows)

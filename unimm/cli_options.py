@@ -1,0 +1,43 @@
+"""Shared pieces of the ``unimm`` command line: option types and the user-error wrapper."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unimm.errors import UnimmError
+
+RecipeOpt = Annotated[
+    Path | None,
+    typer.Option("--recipe", help="YAML recipe (sections: prepare, teachers, ...).", dir_okay=False),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Dotted override, repeatable: --set prepare.workers=4", metavar="KEY=VALUE"),
+]
+
+
+def user_errors(fn):
+    """Print a :class:`UnimmError` as one message and exit 2; Ctrl-C exits 130 with a hint."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UnimmError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho(
+                "interrupted; finished work is kept (rerun with --resume)", fg=typer.colors.YELLOW, err=True
+            )
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def comma_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
