@@ -469,3 +469,16 @@ def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards
     with pytest.raises(RuntimeError, match="collation failed"):
         failing.next()
     failing.close()
+
+
+def test_sharded_launchers_are_refused_up_front():
+    """FSDP/DeepSpeed would checkpoint one rank's shard hours into a run; refuse them at start."""
+    from accelerate.utils import DistributedType
+
+    from unimm.train import check_parallelism
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UnimmError, match=r"recipes/accelerate/ddp\.yaml"):
+            check_parallelism(kind)
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        check_parallelism(kind)  # the supported ones pass

@@ -492,6 +492,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         # Without it, accelerate treats several CPU processes (torchrun) as one and skips DDP.
         cpu=not torch.cuda.is_available(),
     )
+    check_parallelism(accelerator.distributed_type)
     with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
         model, processor = build_model(cfg, run_dir, resume_from)
     if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
@@ -673,6 +674,26 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             merge_lora=True,
         )
     return {**last, "history": history, "main": accelerator.is_main_process}
+
+
+def check_parallelism(distributed_type) -> None:
+    """Refuse sharded training (FSDP, DeepSpeed) before any work is done.
+
+    Checkpoints are written by rank 0 from the unwrapped model and its optimizer state; with
+    sharded parameters and optimizer state that would save one rank's shard (or hang), hours into
+    a run. Until sharded checkpoints are implemented and tested on GPUs, say so up front.
+
+    Raises:
+        UnimmError: naming the launcher setting and the supported alternative.
+    """
+    name = getattr(distributed_type, "value", str(distributed_type))
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UnimmError(
+            f"unimm train does not support {name} yet (checkpoints of sharded models are not "
+            "implemented); launch with DDP instead (accelerate launch --config_file "
+            "recipes/accelerate/ddp.yaml, or torchrun) — with LoRA a 7B model fits one GPU per process, "
+            "and train.grad_cache_chunk grows the global batch past memory"
+        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
