@@ -15,7 +15,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     from unimm.quickstart import run
 
     summary = run(
-        tmp_path / "qs", records=40, eval_records=30, steps=4, clip_steps=3, workers=1, progress=False
+        tmp_path / "qs", records=40, eval_records=30, steps=4, fit_steps=3, workers=1, progress=False
     )
     printed = capsys.readouterr().out
     for command in (
@@ -98,3 +98,40 @@ def test_scene_pixels_match_caption():
     red = [(x, y) for x in range(64) for y in range(64) if pixels[x, y] == COLOURS["red"]]
     assert red and all(x < 32 for x, _ in red)  # all red pixels in the left half
     assert isinstance(img, Image.Image)
+
+
+def test_fitted_teachers_see_the_scenes(tmp_path):
+    """Fitted tiny teachers (the quickstart's) rank same-scene pairs above different-scene pairs:
+    the image expert across re-renderings, the text expert across phrasings, CLIP across modalities."""
+    import random
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer, CLIPModel, CLIPProcessor
+
+    from unimm.data.synthetic import caption_pairs, random_scene
+    from unimm.model.tiny import save_tiny_teachers
+
+    data = write_synthetic(tmp_path / "d", 300, seed=0)
+    paths = save_tiny_teachers(tmp_path / "t", fit_pairs=caption_pairs(data), fit_steps=400, fit_experts=True)
+    rng = random.Random(11)
+    scenes = [random_scene(rng) for _ in range(40)]
+    captions = [s.caption for s in scenes]
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+
+    def gap(x, y):  # mean similarity of same-scene pairs minus that of different-scene pairs
+        sim = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(y, dim=-1).T
+        return float(sim[same].mean() - sim[~same].mean())
+
+    with torch.no_grad():
+        clip = CLIPModel.from_pretrained(paths["clip"]).eval()
+        processor = CLIPProcessor.from_pretrained(paths["clip"])
+        images = [draw_scene(s, 64, rng) for s in scenes]
+        enc = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+        out = clip(**enc)
+        assert gap(out.text_embeds, out.image_embeds) > 0.2
+        bert = AutoModel.from_pretrained(paths["text_expert"]).eval()
+        tokenizer = AutoTokenizer.from_pretrained(paths["text_expert"])
+        plain = bert(**tokenizer(captions, return_tensors="pt", padding=True)).last_hidden_state[:, 0]
+        then = [f"Then, {c}." for c in captions]
+        phrased = bert(**tokenizer(then, return_tensors="pt", padding=True)).last_hidden_state[:, 0]
+        assert gap(plain, phrased) > 0.1

@@ -67,7 +67,7 @@ def run(
     records: int = 1000,
     eval_records: int = 300,
     steps: int = 1500,
-    clip_steps: int = 400,
+    fit_steps: int = 400,
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -104,10 +104,10 @@ def run(
         _python(
             "from unimm.model.tiny import save_tiny_teachers; "
             "from unimm.data.synthetic import caption_pairs; "
-            f"save_tiny_teachers('{out}/teachers', clip_pairs=caption_pairs('{data}'))"
+            f"save_tiny_teachers('{out}/teachers', fit_pairs=caption_pairs('{data}'))"
         ),
     )
-    teachers = save_tiny_teachers(out / "teachers", clip_pairs=caption_pairs(data), clip_steps=clip_steps)
+    teachers = save_tiny_teachers(out / "teachers", fit_pairs=caption_pairs(data), fit_steps=fit_steps)
 
     title = "prepare {} shards with teacher features"
     result = _prepare("3. " + title.format("training"), data, out / "shards", teachers, workers, progress)
