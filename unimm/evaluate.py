@@ -101,9 +101,7 @@ def _text_of(sample: dict) -> str:
     return next(s["text"] for s in sample["slices"] if s["kind"] == "text")
 
 
-def _image_of(sample: dict, index: int | None = None) -> dict:
-    if index is not None:
-        return sample["slices"][index]
+def _image_of(sample: dict) -> dict:
     return next(s for s in sample["slices"] if s["kind"] == "image")
 
 
