@@ -50,6 +50,10 @@ def test_eval_cli_errors_and_table(tmp_path, trained):
         ],
     )
     assert result.exit_code == 2 and "--variants: unknown typo" in result.output
+    result = runner.invoke(
+        app, ["eval", "ablate", "--recipe", "r.yaml", "--train", "s", "--eval", "e", "--seeds", "0,x"]
+    )
+    assert result.exit_code == 2 and "--seeds: give whole numbers" in result.output
 
 
 def test_config_errors_are_one_message_without_traceback(tmp_path, unimm_records):

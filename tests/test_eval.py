@@ -265,10 +265,25 @@ def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
     assert all(v is not None for v in summary["rows"]["joint"].values())
     from unimm.model.checkpoint import read_meta
 
-    assert read_meta(tmp_path / "abl" / "without-avg-pooling" / "step-000002")["pooling"] == "last"
+    assert read_meta(tmp_path / "abl" / "without-avg-pooling" / "seed-0" / "step-000002")["pooling"] == "last"
     for name in ("ablation.md", "ablation.json", "ablation.png", "loss.png"):
         assert (tmp_path / "abl" / name).stat().st_size > 0
-    stored = tmp_path / "abl" / "joint" / "eval.json"
+    stored = tmp_path / "abl" / "joint" / "seed-0" / "eval.json"
     before = stored.stat().st_mtime_ns
     again = run(opts, progress=False)  # finished variants are reused, not retrained
     assert stored.stat().st_mtime_ns == before and again["rows"] == summary["rows"]
+
+
+def test_ablation_over_seeds_reports_mean_and_spread():
+    from unimm.ablate import COLUMNS, _aggregate, format_markdown
+
+    columns = [c for c, _, _ in COLUMNS]
+    seeds = [dict.fromkeys(columns, 0.2), dict.fromkeys(columns, 0.4) | {"QA EM": None}]
+    import statistics
+
+    mean = _aggregate(seeds, statistics.fmean)
+    std = _aggregate(seeds, statistics.stdev)
+    assert mean["t→i R@1"] == pytest.approx(0.3) and std["t→i R@1"] == pytest.approx(0.1414, abs=1e-4)
+    assert mean["QA EM"] is None  # a seed without the value leaves the cell empty
+    table = format_markdown({"joint": mean}, {"joint": std})
+    assert "| joint | – | 0.300 ± 0.141 |" in table

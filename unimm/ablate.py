@@ -1,12 +1,13 @@
 """``unimm eval ablate``: the paper's ablation (its Table 4) at small scale, on your data.
 
     unimm eval ablate --recipe recipes/tiny-cpu.yaml --train shards --eval eval.jsonl --steps 1500 \
-        --out ablation
+        --seeds 0,1,2 --out ablation
 
-Trains every variant on the same data with the same seed and step budget, evaluates each with
-``unimm eval`` and writes ``ablation.json``, ``ablation.md`` (the table), ``ablation.png`` (bars)
-and ``loss.png`` (all runs' loss curves). A variant whose ``eval.json`` exists is not trained
-again, so an interrupted ablation resumes where it stopped.
+Trains every variant on the same data with the same seeds and step budget (``OUT/VARIANT/seed-N``),
+evaluates each run with ``unimm eval`` and writes ``ablation.json``, ``ablation.md`` (the table:
+means over seeds, ± the sample standard deviation when there are several), ``ablation.png``
+(bars) and ``loss.png`` (the first seed's loss curves). A run whose ``eval.json`` exists is not
+trained again, so an interrupted ablation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,8 @@ class AblateOptions:
     eval: list[str] = dataclasses.field(default_factory=list)
     """Records or shard directories to evaluate on."""
     steps: int = 1500
-    seed: int = 0
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """Training seeds; every variant is trained once per seed and the table shows the mean."""
     out: str = "ablation"
     variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
     overrides: list[str] = dataclasses.field(default_factory=list)
@@ -70,6 +73,8 @@ class AblateOptions:
             problems.append(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
         if self.steps < 1:
             problems.append("--steps must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"--seeds: give one or more different seeds, got {self.seeds}")
         return problems
 
 
@@ -101,41 +106,59 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(opts.eval)
-    rows: dict[str, dict[str, float | None]] = {}
+    runs: dict[str, list[dict[str, float | None]]] = {}
     for name in opts.variants:
         overrides, _ = VARIANTS[name]
-        run_dir = out / _slug(name)
-        result_path = run_dir / "eval.json"
-        if result_path.is_file():
-            results = json.loads(result_path.read_text(encoding="utf-8"))
-            typer.echo(f"{name}: evaluated before, reusing {result_path}")
-        else:
-            typer.secho(f"\n==> {name}: {' '.join(overrides) or '(no change)'}", bold=True)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            cfg = build_config(
-                TrainConfig,
-                recipe=opts.recipe,
-                options={"out": str(run_dir)},
-                overrides=[
-                    *[f"data.train={d}" for d in opts.train],
-                    f"train.max_steps={opts.steps}",
-                    f"train.save_every={opts.steps}",
-                    f"train.seed={opts.seed}",
-                    *opts.overrides,
-                    *overrides,
-                ],
+        for seed in opts.seeds:
+            run_dir = out / _slug(name) / f"seed-{seed}"
+            result_path = run_dir / "eval.json"
+            if result_path.is_file():
+                results = json.loads(result_path.read_text(encoding="utf-8"))
+                typer.echo(f"{name}, seed {seed}: evaluated before, reusing {result_path}")
+            else:
+                typer.secho(f"\n==> {name}, seed {seed}: {' '.join(overrides) or '(no change)'}", bold=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                cfg = build_config(
+                    TrainConfig,
+                    recipe=opts.recipe,
+                    options={"out": str(run_dir)},
+                    overrides=[
+                        *[f"data.train={d}" for d in opts.train],
+                        f"train.max_steps={opts.steps}",
+                        f"train.save_every={opts.steps}",
+                        f"train.seed={seed}",
+                        *opts.overrides,
+                        *overrides,
+                    ],
+                )
+                train(cfg, progress=progress)
+                ev = Evaluator.load(run_dir / f"step-{opts.steps:06d}")
+                results = evaluate(ev, samples, EvalOptions(model=str(run_dir), data=list(opts.eval)))
+                atomic_write_json(result_path, strict_json(results))
+            runs.setdefault(name, []).append(
+                {column: _value(results, section, metric) for column, section, metric in COLUMNS}
             )
-            train(cfg, progress=progress)
-            ev = Evaluator.load(run_dir / f"step-{opts.steps:06d}")
-            results = evaluate(ev, samples, EvalOptions(model=str(run_dir), data=list(opts.eval)))
-            atomic_write_json(result_path, strict_json(results))
-        rows[name] = {column: _value(results, section, metric) for column, section, metric in COLUMNS}
-    table = format_markdown(rows)
-    summary = {"steps": opts.steps, "seed": opts.seed, "train": opts.train, "eval": opts.eval, "rows": rows}
+    rows = {name: _aggregate(values, statistics.fmean) for name, values in runs.items()}
+    spread = (
+        {name: _aggregate(values, statistics.stdev) for name, values in runs.items()}
+        if len(opts.seeds) > 1
+        else None
+    )
+    table = format_markdown(rows, spread)
+    summary = {
+        "steps": opts.steps,
+        "seeds": opts.seeds,
+        "train": opts.train,
+        "eval": opts.eval,
+        "rows": rows,
+        "std": spread,
+        "runs": runs,
+    }
     summary["verdict"] = verdict(rows)
     atomic_write_json(out / "ablation.json", summary)
     atomic_write_bytes(out / "ablation.md", (table + "\n\n" + "\n".join(summary["verdict"]) + "\n").encode())
-    metrics = {name: out / _slug(name) / "metrics.jsonl" for name in opts.variants}
+    first = opts.seeds[0]
+    metrics = {name: out / _slug(name) / f"seed-{first}" / "metrics.jsonl" for name in opts.variants}
     loss_curves({k: v for k, v in metrics.items() if v.is_file()}, out / "loss.png")
     ablation_bars(
         {n: {c: v for c, v in r.items() if v is not None} for n, r in rows.items()},
@@ -146,12 +169,31 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def format_markdown(rows: dict[str, dict[str, float | None]]) -> str:
-    """The ablation as a Markdown table (rows = variants, columns = generative, then retrieval)."""
+def _aggregate(values: list[dict[str, float | None]], reduce) -> dict[str, float | None]:
+    """Column-wise ``reduce`` over the seeds' rows (``None`` where any seed lacks the value)."""
+    out: dict[str, float | None] = {}
+    for column in values[0]:
+        column_values = [v[column] for v in values]
+        out[column] = None if any(x is None for x in column_values) else reduce(column_values)
+    return out
+
+
+def format_markdown(
+    rows: dict[str, dict[str, float | None]], spread: dict[str, dict[str, float | None]] | None = None
+) -> str:
+    """The ablation as a Markdown table (rows = variants, columns = generative, then retrieval);
+    with ``spread``, each cell reads ``mean ± std``."""
     columns = [c for c, _, _ in COLUMNS]
     lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = ["–" if row.get(c) is None else f"{row[c]:.3f}" for c in columns]
+        cells = []
+        for c in columns:
+            if row.get(c) is None:
+                cells.append("–")
+            elif spread is not None and spread[name].get(c) is not None:
+                cells.append(f"{row[c]:.3f} ± {spread[name][c]:.3f}")
+            else:
+                cells.append(f"{row[c]:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -65,6 +65,13 @@ def eval_(
     typer.echo(format_table(run(cfg)))
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(v) for v in comma_list(text) or []]
+    except ValueError:
+        raise UnimmError(f"--seeds: give whole numbers separated by commas, got {text!r}") from None
+
+
 @eval_app.command("ablate")
 @user_errors
 def eval_ablate(
@@ -76,7 +83,9 @@ def eval_ablate(
         list[Path], typer.Option("--eval", help="Evaluation records or shards; repeatable.")
     ],
     steps: Annotated[int, typer.Option(help="Training steps per variant.", min=1)] = 1500,
-    seed: Annotated[int, typer.Option(help="Training seed (the same for every variant).")] = 0,
+    seeds: Annotated[
+        str, typer.Option(help="Comma list of training seeds; each variant is trained once per seed.")
+    ] = "0",
     out: Annotated[Path, typer.Option("--out", help="Folder for the runs and the table.")] = Path("ablation"),
     variants: Annotated[
         str | None,
@@ -93,7 +102,7 @@ def eval_ablate(
         train=[str(t) for t in train],
         eval=[str(e) for e in eval_data],
         steps=steps,
-        seed=seed,
+        seeds=_seeds(seeds),
         out=str(out),
         variants=comma_list(variants) or list(VARIANTS),
         overrides=list(set_ or []),
