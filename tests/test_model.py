@@ -160,3 +160,20 @@ def test_load_errors_are_clear(tmp_path):
 
     with pytest.raises(UnimmError, match=r"no config\.json"):
         load_mllm(tmp_path)
+
+
+def test_generation_prompt_has_no_document_end(tiny):
+    """A prompt to generate from is the training prefix up to `` ASSISTANT: `` (or the slice
+    separator), with no ``</s>`` in between: the document-end token is for finished documents."""
+    _, model, processor = tiny
+    col = collator(processor, model)
+    tok = processor.tokenizer
+    image = Image.new("RGB", (32, 32), "red")
+    trained = col.encode(sample([image, "What colour?"], response="Red."))
+    answer_at = len(trained.input_ids) - len([*ids(tok, "Red."), tok.eos_token_id])
+    prompt = col.prompt(sample([image, "What colour?"]), after="assistant")
+    assert prompt.input_ids == trained.input_ids[:answer_at]  # exactly the trained prefix
+    assert tok.eos_token_id not in prompt.input_ids and set(prompt.labels) == {IGNORE}
+    document = col.encode(sample([image, "a red square"]))
+    caption = col.prompt(sample([image]), after="slice")
+    assert caption.input_ids == document.input_ids[: len(caption.input_ids)]  # the caption follows

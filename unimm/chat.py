@@ -149,9 +149,7 @@ class ChatSession:
         self.last_retrieved = [d["id"] for d in retrieved]
         sample = build_prompt(question, retrieved, self.history)
         self.last_prompt = sample
-        encoded = self.collator.encode(sample)
-        ids = encoded.input_ids + self.collator.template.assistant
-        batch = self.collator.batch([dataclasses.replace(encoded, input_ids=ids, labels=[-100] * len(ids))])
+        batch = self.collator.batch([self.collator.prompt(sample)])
         pixels = batch["pixel_values"]
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.opts.max_new_tokens,

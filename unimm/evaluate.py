@@ -202,16 +202,11 @@ class Evaluator:
         ``after="assistant"`` appends `` ASSISTANT: `` (answer a question); ``after="slice"`` the
         slice separator (continue the interleaved document). Each answer is its first line.
         """
-        t = self.collator.template
-        tail = t.assistant if after == "assistant" else t.separator
         pad = self.collator.pad_id
         answers: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            encoded = [
-                self.collator.encode({**p, "response": None})
-                for p in prompts[start : start + self.batch_size]
-            ]
-            seqs = [e.input_ids + tail for e in encoded]
+            encoded = [self.collator.prompt(p, after=after) for p in prompts[start : start + self.batch_size]]
+            seqs = [e.input_ids for e in encoded]
             longest = max(map(len, seqs))
             ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)

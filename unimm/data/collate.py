@@ -126,8 +126,12 @@ class Collator:
 
     # -----------------------------------------------------------------------------------------
 
-    def encode(self, sample: dict) -> Encoded:
-        """Encode one decoded sample (see :func:`unimm.data.shards.decode_sample`)."""
+    def encode(self, sample: dict, *, document_end: bool = True) -> Encoded:
+        """Encode one decoded sample (see :func:`unimm.data.shards.decode_sample`).
+
+        ``document_end=False`` leaves out the ``</s>`` that closes a document without a response
+        (for prompts, see :meth:`prompt`).
+        """
         t = self.template
         ids: list[int] = [*t.bos, *t.prefix]
         labels: list[int] = [IGNORE] * len(ids)
@@ -175,7 +179,8 @@ class Collator:
             if len(ids) >= budget:
                 dropped = len(slices) - n - 1
                 break
-        if not has_response and spans and dropped == 0 and len(ids) + len(t.eos) <= self.max_length:
+        complete = spans and dropped == 0 and len(ids) + len(t.eos) <= self.max_length
+        if document_end and not has_response and complete:
             # A document ends with </s> (as LLaVA's pre-training captions do), so that text
             # generated after its last slice learns to stop; the slice spans are unchanged.
             ids.extend(t.eos)
@@ -188,6 +193,18 @@ class Collator:
             ids.extend(answer)
             labels.extend(answer)
         return Encoded(ids, labels, spans, images, dropped, str(sample.get("key", sample.get("id", ""))))
+
+    def prompt(self, sample: dict, *, after: str = "assistant") -> Encoded:
+        """``sample`` (without its response) as a prompt to generate from.
+
+        ``after="assistant"`` ends it with `` ASSISTANT: `` (answer the question), ``"slice"`` with
+        the slice separator (continue the document). The tokens are exactly the prefix that
+        training saw before the answer or the next slice: no ``</s>``, nothing labelled.
+        """
+        encoded = self.encode({**sample, "response": None}, document_end=False)
+        tail = self.template.assistant if after == "assistant" else self.template.separator
+        ids = encoded.input_ids + tail
+        return dataclasses.replace(encoded, input_ids=ids, labels=[IGNORE] * len(ids))
 
     def cuts(self, encoded: Encoded) -> list[int]:
         """Up to ``cut_points`` slice indices to embed (sorted), always including the last kept slice.
