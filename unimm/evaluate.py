@@ -311,13 +311,33 @@ def _two_choice(ev: Evaluator, samples: list[dict], items: list[int]) -> dict:
     return out
 
 
-def _retrieval(ev: Evaluator, samples: list[dict], items: list[int]) -> dict:
+class _PairEmbeddings:
+    """Text and image embeddings of image–text records, each computed once per evaluation
+    (retrieval and the Winoground pairs share most of them)."""
+
+    def __init__(self, ev: Evaluator, samples: list[dict]) -> None:
+        self.ev, self.samples = ev, samples
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(texts [n, d], images [n, d])`` for the records ``indices``."""
+        missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
+        if missing:
+            texts = self.ev.embed(
+                [[{"kind": "text", "text": _text_of(self.samples[i]), "role": "user"}] for i in missing]
+            )
+            images = self.ev.embed([_user([_image_of(self.samples[i])]) for i in missing])
+            self.cache.update(zip(missing, zip(texts, images, strict=True), strict=True))
+        return torch.stack([self.cache[i][0] for i in indices]), torch.stack(
+            [self.cache[i][1] for i in indices]
+        )
+
+
+def _retrieval(pairs: _PairEmbeddings, samples: list[dict], items: list[int]) -> dict:
     from unimm.scores import ranking_scores
 
-    texts = [_text_of(samples[i]) for i in items]
-    text_emb = ev.embed([[{"kind": "text", "text": t, "role": "user"}] for t in texts])
-    image_emb = ev.embed([_user([_image_of(samples[i])]) for i in items])
-    relevant = relevant_by_text(texts)
+    text_emb, image_emb = pairs(items)
+    relevant = relevant_by_text([_text_of(samples[i]) for i in items])
     return {
         "text_to_image": ranking_scores(text_emb @ image_emb.T, relevant),
         "image_to_text": ranking_scores(image_emb @ text_emb.T, relevant),
@@ -332,12 +352,10 @@ def _interleaved(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]
     return ranking_scores(context @ targets.T, [{q} for q in range(len(items))])
 
 
-def _winoground(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]]) -> dict:
+def _winoground(pairs: _PairEmbeddings, items: list[tuple[int, int]]) -> dict:
     from unimm.scores import winoground_scores
 
-    members = [i for pair in items for i in pair]
-    texts = ev.embed([[{"kind": "text", "text": _text_of(samples[i]), "role": "user"}] for i in members])
-    images = ev.embed([_user([_image_of(samples[i])]) for i in members])
+    texts, images = pairs([i for pair in items for i in pair])
     texts = texts.view(len(items), 2, -1)
     images = images.view(len(items), 2, -1)
     return winoground_scores(torch.einsum("pcd,pid->pci", texts, images))
@@ -350,6 +368,7 @@ def evaluate(ev: Evaluator, samples: list[dict], opts: EvalOptions, *, progress:
     tasks = build_tasks(samples)
     results: dict[str, Any] = {"samples": len(samples)}
     skipped: dict[str, str] = {}
+    pairs = _PairEmbeddings(ev, samples)
     minimum = {"retrieval": 2, "interleaved": 2}
     for name in tqdm(opts.tasks, desc="eval", unit="task", disable=not progress):
         items = tasks[name][: opts.limit] if opts.limit else tasks[name]
@@ -363,23 +382,26 @@ def evaluate(ev: Evaluator, samples: list[dict], opts: EvalOptions, *, progress:
         elif name == "two_choice":
             results["two_choice"] = _two_choice(ev, samples, items)
         elif name == "retrieval":
-            results.update(_retrieval(ev, samples, items))
+            results.update(_retrieval(pairs, samples, items))
         elif name == "interleaved":
             results["interleaved"] = _interleaved(ev, samples, items)
         else:
-            results["winoground"] = _winoground(ev, samples, items)
+            results["winoground"] = _winoground(pairs, items)
     if skipped:
         results["skipped"] = skipped
     return results
 
 
-def run(cfg: EvalConfig, *, progress: bool = True) -> dict:
-    """Load the checkpoint and the data, evaluate, write ``eval.out`` (JSON) when given."""
+def run(cfg: EvalConfig, *, progress: bool = True, evaluator: Evaluator | None = None) -> dict:
+    """Load the checkpoint and the data, evaluate, write ``eval.out`` (JSON) when given.
+
+    ``evaluator``: the checkpoint already loaded (``eval.model`` is then only recorded).
+    """
     from unimm.utils import atomic_write_json
 
     opts = cfg.eval
     samples = load_samples(opts.data, opts.format, opts.image_root)
-    ev = Evaluator.load(opts.model, opts.device, opts.batch_size)
+    ev = evaluator or Evaluator.load(opts.model, opts.device, opts.batch_size)
     results = {
         "model": str(opts.model),
         "data": list(opts.data),

@@ -76,7 +76,7 @@ def run(
     from unimm.data.synthetic import caption_pairs, write_synthetic
     from unimm.embed import EmbedConfig
     from unimm.embed import run as embed
-    from unimm.evaluate import EvalConfig, EvalOptions, format_table
+    from unimm.evaluate import EvalConfig, EvalOptions, Evaluator, format_table
     from unimm.evaluate import run as evaluate
     from unimm.model.tiny import save_tiny_teachers
     from unimm.retrieve import RetrieveConfig
@@ -199,9 +199,11 @@ def run(
         "8. evaluate (generation, two-choice, retrieval, Winoground-style pairs)",
         ["unimm", "eval", "--model", str(checkpoint), "--data", str(eval_data), "--out", str(eval_json)],
     )
+    evaluator = Evaluator.load(checkpoint)  # shared with the plots below
     scores = evaluate(
         EvalConfig(EvalOptions(model=str(checkpoint), data=[str(eval_data)], out=str(eval_json))),
         progress=False,
+        evaluator=evaluator,
     )
     typer.echo("    " + format_table(scores).replace("\n", "\n    "))
 
@@ -223,7 +225,7 @@ def run(
         "10. plots",
         _python(f"from unimm.plots import loss_curves; loss_curves('{run_dir}/metrics.jsonl', 'loss.png')"),
     )
-    plots = _plots(out, run_dir, checkpoint)
+    plots = _plots(out, run_dir, checkpoint, evaluator)
     for path in plots["files"]:
         typer.echo(f"    {path}")
 
@@ -248,20 +250,20 @@ def run(
     return summary
 
 
-def _plots(out: Path, run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+def _plots(out: Path, run_dir: Path, checkpoint: Path, ev) -> dict[str, Any]:
     """Loss curves, and target vs learned similarity over the views of 12 evaluation documents."""
     from unimm.config import AlignOptions
     from unimm.data.shards import read_samples
-    from unimm.evaluate import Evaluator
     from unimm.model.checkpoint import read_meta
     from unimm.plots import loss_curves, off_diagonal_correlation, similarity_heatmap
 
     files = [loss_curves(run_dir / "metrics.jsonl", out / "loss.png")]
     samples = []
     for sample in read_samples(out / "eval-shards", split_by_node=False, split_by_worker=False):
-        if (sample["meta"] or {}).get("kind") in ("caption", "story") and len(samples) < 12:
+        if (sample["meta"] or {}).get("kind") in ("caption", "story"):
             samples.append(sample)
-    ev = Evaluator.load(checkpoint, "cpu")
+            if len(samples) == 12:
+                break
     align = AlignOptions(**read_meta(checkpoint)["recipe"]["align"])
     targets, learned, same, labels = ev.view_similarities(samples, align)
     files.append(similarity_heatmap(targets, learned, out / "similarity.png", labels))

@@ -241,7 +241,7 @@ def fit_tiny_expert(
     for _ in range(steps):
         chosen = rng.sample(keys, min(batch_size // 2, len(keys)))
         index = [i for k in chosen for i in (rng.choice(groups[k]), rng.choice(groups[k]))]
-        batch_labels = torch.tensor([keys.index(k) for k in chosen for _ in range(2)])
+        batch_labels = torch.arange(len(chosen)).repeat_interleave(2)  # pairs of one label
         z = torch.nn.functional.normalize(features(torch.tensor(index)), dim=-1)
         logits = (z @ z.T) / temperature
         self_mask = torch.eye(len(index), dtype=torch.bool)
