@@ -586,11 +586,12 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 history["dropped_slices"] += batch["dropped_slices"]
                 with accelerator.accumulate(model):
                     result = train_step(model, batch, cfg)
-                    if not torch.isfinite(result.loss):
-                        skipped = True
-                    else:
+                    finite = bool(torch.isfinite(result.loss))  # one device sync per micro-step
+                    if finite:
                         accelerator.backward(result.loss / opts.grad_accum)
-                parts.append(result.objective if torch.isfinite(result.loss) else float("nan"))
+                    else:
+                        skipped = True
+                parts.append(result.objective if finite else float("nan"))
                 gen += result.loss_gen / opts.grad_accum
                 disc += result.loss_disc / opts.grad_accum
                 views += result.views
