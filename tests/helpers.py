@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: small images and record files."""
+"""Helpers shared by the tests: small images, record files, training configurations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from PIL import Image
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (250, 250, 250), (10, 10, 10)]
 
@@ -30,3 +32,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+def config(out, shards, *overrides, resume=False):
+    """The tiny-cpu recipe on ``shards``, logging every step, with ``overrides`` (``key=value``)."""
+    from unimm.config import build_config
+    from unimm.train import TrainConfig
+
+    return build_config(
+        TrainConfig,
+        recipe=RECIPE,
+        options={"out": str(out), "resume": resume or None},
+        overrides=[f"data.train={shards}", "train.log_every=1", *overrides],
+    )
+
+
+def metrics(run_dir) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""Training: resume equivalence, learning, distributed equivalence, checkpoints, bad configs."""
+"""Training: resume equivalence, learning, checkpoints, bad configs (several processes: test_parallel)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import RECIPE, config, metrics
 
 from unimm.config import build_config
 from unimm.errors import ConfigError, UnimmError
 from unimm.train import TrainConfig, run
-
-RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
-
-
-def config(out, shards, *overrides, resume=False) -> TrainConfig:
-    return build_config(
-        TrainConfig,
-        recipe=RECIPE,
-        options={"out": str(out), "resume": resume or None},
-        overrides=[f"data.train={shards}", "train.log_every=1", *overrides],
-    )
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
@@ -133,79 +118,6 @@ def test_joint_training_learns_to_caption_and_retrieve(tmp_path, tiny_teachers):
     assert (top1 == torch.arange(8)).float().mean().item() == 1.0
 
 
-def _distributed_worker(rank: int, world: int, folder: str, shards: str, out: str) -> None:
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNIMM_TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result, grads = _one_step(folder, shards, rank, world)
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= world  # what DDP does
-        if rank == 0:
-            save_file(
-                {
-                    "loss_disc": torch.tensor([result.loss_disc]),
-                    "loss_gen": torch.tensor([result.loss_gen]),
-                    **grads,
-                },
-                out,
-            )
-    finally:
-        dist.destroy_process_group()
-
-
-def _one_step(folder: str, shards: str, rank: int, world: int):
-    from unimm.data.collate import Collator
-    from unimm.data.shards import read_samples
-    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-    from unimm.train import train_step
-
-    mllm, processor = load_mllm(folder)
-    torch.manual_seed(0)
-    model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 16))
-    cfg = config("unused", shards, "train.alpha=1.0")
-    samples = list(read_samples(shards, split_by_node=False, split_by_worker=False))[:8]
-    col = Collator.for_model(
-        model,
-        processor,
-        max_length=256,
-        cut_points=3,
-    )
-    share = len(samples) // world
-    batch = col(samples[rank * share : (rank + 1) * share])
-    result = train_step(model, batch, cfg)
-    result.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return result, grads
-
-
-def test_two_processes_match_one(tmp_path, tiny_shards):
-    import socket
-
-    from safetensors.torch import load_file
-
-    from unimm.model.tiny import save_tiny_llava
-
-    folder = save_tiny_llava(tmp_path / "llava", ["a red square"])
-    single, grads = _one_step(str(folder), str(tiny_shards), 0, 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["UNIMM_TEST_PORT"] = str(s.getsockname()[1])
-    out = tmp_path / "dist.safetensors"
-    torch.multiprocessing.spawn(
-        _distributed_worker, args=(2, str(folder), str(tiny_shards), str(out)), nprocs=2
-    )
-    got = load_file(out)
-    assert got["loss_disc"].item() == pytest.approx(single.loss_disc, rel=1e-5)
-    assert got["loss_gen"].item() == pytest.approx(single.loss_gen, rel=1e-5)
-    assert set(grads) <= set(got)
-    for name, grad in grads.items():
-        torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4, msg=name)
-
-
 @pytest.mark.parametrize("variant", ["full", "lora", "lora-merged"])
 def test_checkpoint_round_trip(tmp_path, tiny_shards, variant):
     from unimm.data.collate import Collator
@@ -296,49 +208,6 @@ def test_bad_configurations_are_clear(tmp_path, tiny_shards):
         run(config(tmp_path / "run2", tmp_path / "missing"), progress=False)
 
 
-def test_torchrun_two_processes_end_to_end(tmp_path, tiny_shards):
-    """`torchrun` with 2 CPU processes: one log line per step, the single run's schedule, a checkpoint."""
-    import shutil
-
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun is not on PATH")
-    args = [
-        "-m",
-        "unimm.cli",
-        "train",
-        "--recipe",
-        str(RECIPE),
-        "--set",
-        f"data.train={tiny_shards}",
-        "--set",
-        "train.max_steps=3",
-        "--set",
-        "train.save_every=3",
-        "--set",
-        "train.batch_size=2",
-        "-q",
-    ]
-    done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", *args, "--out", str(tmp_path / "ddp")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("trained to step 3") == 1  # printed by rank 0 only
-    single = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True
-    )
-    assert single.returncode == 0, single.stderr
-    ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
-    assert [m["step"] for m in ddp] == [1, 2, 3]
-    assert [m["lr"] for m in ddp] == pytest.approx([m["lr"] for m in one])
-    from unimm.model.checkpoint import read_meta
-
-    assert read_meta(tmp_path / "ddp" / "step-000003")["step"] == 3
-
-
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_shards):
     cfg = config(
         tmp_path / "run",
@@ -376,7 +245,8 @@ def test_gradient_caching_equals_the_full_batch(tmp_path, tiny_shards):
 
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
-    from unimm.train import build_model, train_step, train_step_cached
+    from unimm.steps import train_step, train_step_cached
+    from unimm.train import build_model
 
     cfg = config(tmp_path / "run", tiny_shards, "train.alpha=2.0")
     (tmp_path / "run").mkdir()
@@ -469,16 +339,3 @@ def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards
     with pytest.raises(RuntimeError, match="collation failed"):
         failing.next()
     failing.close()
-
-
-def test_sharded_launchers_are_refused_up_front():
-    """FSDP/DeepSpeed would checkpoint one rank's shard hours into a run; refuse them at start."""
-    from accelerate.utils import DistributedType
-
-    from unimm.train import check_parallelism
-
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(UnimmError, match=r"recipes/accelerate/ddp\.yaml"):
-            check_parallelism(kind)
-    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-        check_parallelism(kind)  # the supported ones pass

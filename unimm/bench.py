@@ -367,7 +367,8 @@ def bench_train(*, steps: int = 20, batch_size: int = 8, cut_points: int = 4, re
     from unimm.model.tiny import save_tiny_teachers
     from unimm.prepare import run as prepare
     from unimm.quickstart import RECIPE
-    from unimm.train import TrainConfig, build_model, train_step
+    from unimm.steps import train_step
+    from unimm.train import TrainConfig, build_model
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:

@@ -42,3 +42,13 @@ def global_sum(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return float(t.item())
+
+
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (``[value]`` in one process); a collective."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

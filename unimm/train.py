@@ -7,11 +7,8 @@
 One lifecycle: setup (data, model, optimizer) → train (steps) → save → cleanup. The per-step
 function :func:`train_step` returns ``loss``, ``loss_gen`` and ``loss_disc``.
 
-Distributed: ``L_d`` is computed over the *global* batch — view embeddings are gathered from every
-rank (the local part keeps its gradient) and the targets are computed from every rank's teacher
-features — and scaled by the world size, while ``L_g`` is normalised by the global number of
-labelled tokens; DDP's gradient averaging then gives exactly the single-process gradient of the
-same global batch.
+The step itself (losses, gradient caching, evaluation) is in :mod:`unimm.steps`; this module
+holds the configuration, the model set-up and the loop.
 
 Resume: a checkpoint holds the model, the optimizer, the scheduler, the RNG states and the data
 position, all as safetensors/JSON; ``--resume`` continues from the newest one and reproduces the
@@ -20,7 +17,6 @@ uninterrupted run's losses.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -35,8 +31,9 @@ import torch
 
 from unimm.config import AlignOptions, config_to_dict
 from unimm.data.stream import DataStream, Prefetcher, check_shards, training_texts
-from unimm.distributed import gather_views, global_sum, rank_and_world
+from unimm.distributed import gather_objects
 from unimm.errors import UnimmError
+from unimm.steps import evaluate, load_eval_batches, train_step, train_step_cached
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
 _FAULT_ENV = "UNIMM_FAULT_AFTER_STEPS"
@@ -260,186 +257,6 @@ def _set_trainable(model, opts: ModelOptions, *, lora_done: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# One step
-
-
-@dataclasses.dataclass
-class StepResult:
-    loss: torch.Tensor
-    """What this rank back-propagates (scaled so that DDP's average is the global gradient)."""
-    objective: float
-    """The global objective ``gen_weight·L_g + α·L_d``, the same on every rank."""
-    loss_gen: float
-    loss_disc: float
-    views: int
-    tokens: int
-
-
-def _merge_views(chunks: list[dict]) -> tuple[list, list[tuple[int, int]]]:
-    teacher, views, offset = [], [], 0
-    for chunk in chunks:
-        views.extend((b + offset, c) for b, c in chunk["views"])
-        teacher.extend(chunk["teacher"])
-        offset += len(chunk["teacher"])
-    return teacher, views
-
-
-def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_sync) -> StepResult:
-    """One step with gradient caching (Gao et al. 2021); runs the backward passes itself.
-
-    1. Embed every chunk without gradients (each chunk's RNG state is saved).
-    2. ``L_d`` over all embeddings of the global batch, differentiated to the embeddings only.
-    3. Each chunk again with gradients under its saved RNG state; back-propagate
-       ``embeddings · ∂L_d/∂embeddings`` plus the chunk's share of ``L_g``.
-
-    Args:
-        backward: ``loss -> None`` (the accelerator's backward).
-        no_sync: context manager that defers DDP's gradient sync (used for all but the last chunk).
-    """
-    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
-
-    opts = cfg.train
-    _, world = rank_and_world()
-    use_views = opts.alpha > 0
-    states, embedded = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            states.append(_rng_state())
-            if use_views:
-                embedded.append(model(chunk, with_lm=False, with_views=True).embeddings)
-    grads: list[torch.Tensor | None] = [None] * len(chunks)
-    loss_disc = 0.0
-    if use_views:
-        local = torch.cat(embedded).requires_grad_()
-        teacher, views = _merge_views(chunks)
-        embeddings, all_teacher, all_views = gather_views(local, teacher, views)
-        targets = view_targets(all_teacher, all_views, cfg.align).to(embeddings.device)
-        same = same_sample_mask(all_views, device=embeddings.device)
-        disc = discriminative_loss(
-            embeddings, targets, same, kind=opts.disc_loss, temperature=opts.temperature
-        )
-        (grad,) = torch.autograd.grad(opts.alpha * disc * world, local)
-        grads = list(torch.split(grad, [e.shape[0] for e in embedded]))
-        loss_disc = float(disc.detach())
-    tokens = [int((c["labels"][:, 1:] != -100).sum()) for c in chunks]
-    global_tokens = global_sum(float(sum(tokens))) if opts.gen_weight > 0 else 0.0
-    loss_gen = 0.0
-    after = _rng_state()
-    for k, chunk in enumerate(chunks):
-        _set_rng_state(states[k])  # the same dropout as in step 1
-        context = no_sync() if k < len(chunks) - 1 else contextlib.nullcontext()
-        with context:
-            out = model(chunk, with_lm=opts.gen_weight > 0, with_views=use_views)
-            loss = torch.zeros((), device=next(model.parameters()).device)
-            if opts.gen_weight > 0 and global_tokens:
-                share = tokens[k] / global_tokens
-                loss = loss + opts.gen_weight * out.loss_gen * share * world
-                loss_gen += float(out.loss_gen.detach()) * share
-            if use_views:
-                loss = loss + (out.embeddings * grads[k].to(out.embeddings)).sum()
-            backward(loss)
-    _set_rng_state(after)
-    loss_gen = global_sum(loss_gen)
-    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
-    views_count = sum(len(c["views"]) for c in chunks)
-    return StepResult(torch.tensor(objective), objective, loss_gen, loss_disc, views_count, sum(tokens))
-
-
-def _rng_state() -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
-@torch.no_grad()
-def evaluate(model, batches: list[dict], cfg: TrainConfig) -> dict[str, float]:
-    """Mean ``L_g`` and ``L_d`` over fixed batches (this process only, no distributed ops)."""
-    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
-
-    was_training = model.training
-    model.eval()
-    gen, disc = [], []
-    for batch in batches:
-        out = model(batch, with_lm=True, with_views=cfg.train.alpha > 0)
-        gen.append(float(out.loss_gen))
-        if cfg.train.alpha > 0 and out.embeddings is not None:
-            targets = view_targets(batch["teacher"], batch["views"], cfg.align).to(out.embeddings.device)
-            same = same_sample_mask(batch["views"], device=out.embeddings.device)
-            disc.append(
-                float(
-                    discriminative_loss(
-                        out.embeddings,
-                        targets,
-                        same,
-                        kind=cfg.train.disc_loss,
-                        temperature=cfg.train.temperature,
-                    )
-                )
-            )
-    model.train(was_training)
-    result = {"eval_loss_gen": sum(gen) / len(gen)}
-    if disc:
-        result["eval_loss_disc"] = sum(disc) / len(disc)
-    return result
-
-
-def _eval_batches(cfg: TrainConfig, collator) -> list[dict]:
-    from unimm.data.shards import read_samples
-
-    if not cfg.data.eval or cfg.train.eval_every <= 0:
-        return []
-    samples = []
-    wanted = cfg.train.eval_batches * cfg.train.batch_size
-    for folder in cfg.data.eval:
-        for sample in read_samples(folder, split_by_node=False, split_by_worker=False):
-            samples.append(sample)
-            if len(samples) >= wanted:
-                break
-    size = cfg.train.batch_size
-    return [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
-
-
-def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
-    """Loss of one (micro-)batch; call ``.loss.backward()`` (or the accelerator's) on the result.
-
-    ``loss = gen_weight·L_g + α·L_d``, normalised so that averaging gradients over ranks gives
-    the gradient of the global batch (see the module docs).
-    """
-    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
-
-    opts = cfg.train
-    _, world = rank_and_world()
-    need_views = opts.alpha > 0
-    out = model(batch, with_lm=opts.gen_weight > 0, with_views=need_views)
-    loss = torch.zeros((), device=next(model.parameters()).device)
-    loss_gen = loss_disc = 0.0
-    tokens = out.label_tokens
-    if opts.gen_weight > 0:
-        global_tokens = global_sum(float(tokens))
-        # local mean × (local share of the global tokens) × world = this rank's part of the global mean
-        scale = world * tokens / global_tokens if global_tokens else 0.0
-        loss = loss + opts.gen_weight * out.loss_gen * scale
-        loss_gen = float(out.loss_gen.detach()) * tokens / global_tokens * world if global_tokens else 0.0
-    if need_views:
-        embeddings, teacher, views = gather_views(out.embeddings, batch["teacher"], batch["views"])
-        targets = view_targets(teacher, views, cfg.align).to(embeddings.device)
-        same = same_sample_mask(views, device=embeddings.device)
-        disc = discriminative_loss(
-            embeddings, targets, same, kind=opts.disc_loss, temperature=opts.temperature
-        )
-        loss = loss + opts.alpha * disc * world
-        loss_disc = float(disc.detach())
-    if world > 1:  # report the global mean of L_g
-        loss_gen = global_sum(loss_gen) / world
-    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
-    return StepResult(loss, objective, loss_gen, loss_disc, len(batch.get("views", [])), tokens)
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -456,8 +273,11 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     from unimm.data.collate import Collator
     from unimm.model.checkpoint import (
+        gather_training_state,
+        load_checkpoint,
         load_train_state,
         pack_train_state,
+        rank_state,
         restore_train_state,
         save_checkpoint,
     )
@@ -492,7 +312,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         # Without it, accelerate treats several CPU processes (torchrun) as one and skips DDP.
         cpu=not torch.cuda.is_available(),
     )
-    check_parallelism(accelerator.distributed_type)
+    check_parallelism(accelerator)
     with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
         model, processor = build_model(cfg, run_dir, resume_from)
     if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
@@ -506,24 +326,38 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         cut_points=cfg.data.cut_points,
         seed=opts.seed,
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=opts.weight_decay
+    )
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
     )
     stream = DataStream(cfg.data, opts.seed + accelerator.process_index)
-    eval_batches = _eval_batches(cfg, collator) if accelerator.is_main_process else []
+    # Under FSDP a forward pass gathers parameters from every rank, so every rank evaluates.
+    sharded = accelerator.is_fsdp2
+    eval_batches = load_eval_batches(cfg, collator) if accelerator.is_main_process or sharded else []
     step, history = 0, {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0}
-    if resume_from is not None:
-        meta = restore_train_state(load_train_state(resume_from), optimizer, scheduler)
-        step = int(meta["step"])
-        history.update(meta.get("history", {}))
-        stream.restore(meta["data_position"])
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
     # The scheduler stays outside prepare(): accelerate would step it once per process per call,
     # while train.max_steps counts optimizer steps of the whole run.
     model, optimizer = accelerator.prepare(model, optimizer)
+    # After prepare: FSDP replaces the parameters by sharded ones (the optimizer follows).
+    params = [p for p in model.parameters() if p.requires_grad]
+    if resume_from is not None:
+        meta = restore_train_state(
+            load_train_state(resume_from),
+            model,
+            optimizer,
+            scheduler,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
+        step = int(meta["step"])
+        history.update(meta.get("history", {}))
+        stream.restore(meta["data_position"])
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
     data_hash = [m["fingerprint"] for m in manifests]
+    parallelism = {"kind": accelerator.distributed_type.value, "processes": accelerator.num_processes}
     recipe = config_to_dict(cfg)
     bar = tqdm(
         total=opts.max_steps,
@@ -610,7 +444,8 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             else:
                 history["nonfinite"] = 0
                 if opts.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, opts.max_grad_norm))
+                    norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -639,26 +474,27 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             if fault_after is not None and step == fault_after:
                 os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
             if step % opts.save_every == 0 or step == opts.max_steps:
-                accelerator.wait_for_everyone()
+                model_state, optimizer_state = gather_training_state(accelerator, model, optimizer)
+                rank_states = gather_objects(rank_state(consumed_position()))
                 if accelerator.is_main_process:
-                    unwrapped = accelerator.unwrap_model(model)
                     state = pack_train_state(
-                        optimizer,
-                        scheduler,
-                        {
-                            "step": step,
-                            "data_position": consumed_position(),
-                            "history": history,
-                        },
+                        optimizer_state, scheduler, rank_states, {"step": step, "history": history}
                     )
                     save_checkpoint(
                         run_dir / f"step-{step:06d}",
-                        unwrapped,
+                        accelerator.unwrap_model(model),
                         processor,
-                        {"recipe": recipe, "step": step, "data_manifests": data_hash},
+                        {
+                            "recipe": recipe,
+                            "step": step,
+                            "data_manifests": data_hash,
+                            "parallelism": parallelism,
+                        },
                         train_state=state,
+                        state_dict=model_state,
                     )
                     _prune(run_dir, opts.keep_last)
+                accelerator.wait_for_everyone()
     finally:
         if prefetcher is not None:
             prefetcher.close()
@@ -666,34 +502,42 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if metrics_file is not None:
             metrics_file.close()
     if accelerator.is_main_process and opts.merge_lora:
-        unwrapped = accelerator.unwrap_model(model)
+        # From the final checkpoint, not the live model: its parameters may be sharded (FSDP).
+        final, final_processor, final_meta = load_checkpoint(run_dir / f"step-{step:06d}")
         save_checkpoint(
             run_dir / "final-merged",
-            unwrapped,
-            processor,
-            {"recipe": recipe, "step": step, "data_manifests": data_hash},
+            final,
+            final_processor,
+            {key: final_meta[key] for key in ("recipe", "step", "data_manifests")},
             merge_lora=True,
         )
     return {**last, "history": history, "main": accelerator.is_main_process}
 
 
-def check_parallelism(distributed_type) -> None:
-    """Refuse sharded training (FSDP, DeepSpeed) before any work is done.
+def check_parallelism(accelerator) -> None:
+    """Refuse launchers ``unimm train`` does not support, before any work is done.
 
-    Checkpoints are written by rank 0 from the unwrapped model and its optimizer state; with
-    sharded parameters and optimizer state that would save one rank's shard (or hang), hours into
-    a run. Until sharded checkpoints are implemented and tested on GPUs, say so up front.
+    Supported: one process, DDP (several GPUs or CPU processes) and FSDP version 2 (checkpoints
+    gather the full model and optimizer state from every rank). Not supported: FSDP version 1
+    (deprecated by PyTorch; only version 2 is tested) and DeepSpeed (it owns the optimizer and
+    checkpoints in its own pickle-based format).
 
     Raises:
         UnimmError: naming the launcher setting and the supported alternative.
     """
-    name = getattr(distributed_type, "value", str(distributed_type))
-    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind == "FSDP" and not accelerator.is_fsdp2:
         raise UnimmError(
-            f"unimm train does not support {name} yet (checkpoints of sharded models are not "
-            "implemented); launch with DDP instead (accelerate launch --config_file "
-            "recipes/accelerate/ddp.yaml, or torchrun) — with LoRA a 7B model fits one GPU per process, "
-            "and train.grad_cache_chunk grows the global batch past memory"
+            "unimm train supports FSDP version 2 only; set fsdp_version: 2 in the accelerate config "
+            "(as recipes/accelerate/fsdp.yaml does)"
+        )
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise UnimmError(
+            f"unimm train does not support {kind} (it owns the optimizer and checkpoints in its own "
+            "pickle-based format); launch with FSDP to shard the model (accelerate launch --config_file "
+            "recipes/accelerate/fsdp.yaml) or with DDP (recipes/accelerate/ddp.yaml, or torchrun) — with "
+            "LoRA a 7B model fits one GPU per process, and train.grad_cache_chunk grows the global batch "
+            "past memory"
         )
 
 

@@ -46,6 +46,7 @@ def save_checkpoint(
     *,
     merge_lora: bool = False,
     train_state: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint atomically into ``folder`` (replacing an older one there).
 
@@ -56,6 +57,8 @@ def save_checkpoint(
         meta: stored in ``unimm.json`` (recipe, step, data manifest hash, ...).
         merge_lora: fold LoRA adapters into the weights (a copy; the live model is untouched).
         train_state: optimizer/scheduler/RNG/data position (see :func:`pack_train_state`).
+        state_dict: the model's full state dict when its live parameters are sharded (FSDP; see
+            :func:`gather_training_state`); by default the live model's own.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -64,7 +67,11 @@ def save_checkpoint(
     try:
         mllm = model.mllm
         is_peft = hasattr(mllm, "peft_config")
+        state = state_dict if state_dict is not None else model.state_dict()
+        mllm_state = _strip_prefix(state, "mllm.")
         if is_peft and merge_lora:
+            if state_dict is not None:
+                raise UnimmError("merge_lora needs the live, unsharded model; merge a saved checkpoint")
             import copy
 
             merged = copy.deepcopy(mllm).merge_and_unload()
@@ -73,17 +80,19 @@ def save_checkpoint(
             # The base weights as the original model names them (peft renames a wrapped layer's
             # weight to ...base_layer.weight); the adapters go to adapter/, where transformers
             # does not pick them up on its own when the base is loaded.
-            base = mllm.get_base_model()
-            state = {
-                k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k
+            base_state = {
+                k.replace(".base_layer.", "."): v
+                for k, v in _strip_prefix(mllm_state, "base_model.model.").items()
+                if "lora_" not in k
             }
-            base.save_pretrained(tmp, state_dict=state)
-            mllm.save_pretrained(tmp / ADAPTER_DIR)
+            mllm.get_base_model().save_pretrained(tmp, state_dict=base_state)
+            mllm.save_pretrained(tmp / ADAPTER_DIR, state_dict=mllm_state)
         else:
-            mllm.save_pretrained(tmp)
+            mllm.save_pretrained(tmp, state_dict=mllm_state)
         processor.save_pretrained(tmp)
         save_file(
-            {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, tmp / HEAD_NAME
+            {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "head.").items()},
+            tmp / HEAD_NAME,
         )
         full_meta = {
             **meta,
@@ -105,6 +114,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -162,29 +175,78 @@ def load_checkpoint(
 # Training state without pickle
 
 
-def pack_train_state(optimizer, scheduler, extra: dict[str, Any]) -> dict[str, Any]:
-    """Everything a resumed run needs, as tensors and JSON-able values."""
-    opt = optimizer.state_dict()
+# Version 2: optimizer state by parameter name (not by position), the format of
+# ``torch.distributed.checkpoint.state_dict``, so one file serves a single process, DDP and FSDP;
+# RNG states and data positions of every rank.
+TRAIN_STATE_FORMAT = 2
+
+
+def gather_training_state(accelerator, model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full model and optimizer state dicts; on the main process, empty elsewhere.
+
+    A collective: every rank must call it (under FSDP each holds a shard that is gathered here).
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator``.
+        model: the prepared model (DDP- or FSDP-wrapped, or plain).
+        optimizer: the prepared optimizer.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model_state = accelerator.get_state_dict(model)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper → the torch optimizer
+    optimizer_state = get_optimizer_state_dict(
+        model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not accelerator.is_main_process:
+        return {}, {}
+    return model_state, optimizer_state
+
+
+def rank_state(data_position: dict[str, Any]) -> dict[str, Any]:
+    """This process's RNG states and data position (gather them from every rank for a checkpoint)."""
+    python_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "data_position": data_position,
+    }
+
+
+def pack_train_state(
+    optimizer_state: dict[str, Any], scheduler, rank_states: list[dict[str, Any]], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything a resumed run needs, as tensors and JSON-able values.
+
+    Args:
+        optimizer_state: the full optimizer state by parameter name (:func:`gather_training_state`).
+        scheduler: the learning-rate scheduler (or None).
+        rank_states: :func:`rank_state` of every rank, in rank order.
+        extra: JSON-able values stored as they are (step, history, ...).
+    """
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, state in opt["state"].items():
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, state in optimizer_state["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer/{name}/{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{pid}.{key}"] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    python_state = random.getstate()
+                scalars.setdefault(name, {})[key] = value
+    for rank, state in enumerate(rank_states):
+        tensors[f"rng/{rank}/torch"] = state["torch"]
+        if state["cuda"] is not None:
+            tensors[f"rng/{rank}/cuda"] = state["cuda"]
     return {
         "tensors": tensors,
         "json": {
-            "optimizer_param_groups": opt["param_groups"],
+            "format": TRAIN_STATE_FORMAT,
+            "processes": len(rank_states),
+            "optimizer_param_groups": optimizer_state["param_groups"],
             "optimizer_scalars": scalars,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng_python": [python_state[0], list(python_state[1]), python_state[2]],
+            "rng_python": [state["python"] for state in rank_states],
+            "data_positions": [state["data_position"] for state in rank_states],
             **extra,
         },
     }
@@ -209,24 +271,50 @@ def load_train_state(folder: str | Path) -> dict[str, Any]:
     }
 
 
-def restore_train_state(state: dict[str, Any], optimizer, scheduler) -> dict[str, Any]:
-    """Load optimizer, scheduler and RNG state back; return the JSON part (data position, ...)."""
+def restore_train_state(
+    state: dict[str, Any], model, optimizer, scheduler, *, rank: int = 0, world: int = 1
+) -> dict[str, Any]:
+    """Load optimizer, scheduler and this rank's RNG state back; return the JSON part.
+
+    Call it on every rank after ``accelerator.prepare`` (under FSDP each rank keeps its shard).
+    The returned ``data_position`` is this rank's.
+
+    Raises:
+        UnimmError: the training state is in an older format, or was saved by another number
+            of processes (each rank's data split and RNG would not match).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     tensors, meta = state["tensors"], state["json"]
-    opt_state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, pid, key = name.split(".", 2)
-            opt_state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["optimizer_scalars"].items():
-        pid, key = name.split(".", 1)
-        opt_state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+    if meta.get("format") != TRAIN_STATE_FORMAT:
+        raise UnimmError(
+            "resume: this checkpoint's training state was written by an older unimm and cannot be "
+            "resumed; start a new run from its weights with --set model.path=CHECKPOINT instead"
+        )
+    if meta["processes"] != world:
+        raise UnimmError(
+            f"resume: the run was saved by {meta['processes']} process(es) but is launched with {world}; "
+            f"launch it with {meta['processes']} again (an exact resume needs each rank's data split and "
+            "random state), or start a new run from its weights with --set model.path=CHECKPOINT"
+        )
+    by_name: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, name, field = key.split("/", 2)
+            by_name.setdefault(name, {})[field] = value
+    for name, fields in meta["optimizer_scalars"].items():
+        by_name.setdefault(name, {}).update(fields)
+    set_optimizer_state_dict(
+        model,
+        getattr(optimizer, "optimizer", optimizer),
+        optim_state_dict={"state": by_name, "param_groups": meta["optimizer_param_groups"]},
+        options=StateDictOptions(full_state_dict=True),
+    )
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    version, inner, gauss = meta["rng_python"]
+    torch.set_rng_state(tensors[f"rng/{rank}/torch"])
+    if f"rng/{rank}/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng/{rank}/cuda"])
+    version, inner, gauss = meta["rng_python"][rank]
     random.setstate((version, tuple(inner), gauss))
-    return meta
+    return {**meta, "data_position": meta["data_positions"][rank]}

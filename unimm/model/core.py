@@ -86,6 +86,13 @@ class UnimmModel(nn.Module):
         return self.base.config
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        # What FSDP's transformer-based wrapping shards one by one (decoder and encoder layers):
+        # the base model's list, kept to classes this model has (a Llava lists CLIP text classes).
+        present = {type(module).__name__ for module in self.modules()}
+        return sorted(set(getattr(self.base, "_no_split_modules", None) or []) & present)
+
+    @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_index)
 
