@@ -22,6 +22,8 @@ class FSDPOnCPU(accelerate.Accelerator):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set
+        if self.state.mixed_precision != "no":  # as accelerate's own FSDP set-up does
+            plugin.set_mixed_precision(self.state.mixed_precision)
         self.state.fsdp_plugin = plugin
         self.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP

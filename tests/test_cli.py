@@ -133,3 +133,23 @@ def test_unavailable_teacher_device_is_clear(tmp_path, unimm_records, tiny_teach
     assert (
         result.exit_code == 2 and "CUDA is not available on this machine; use --device cpu" in result.output
     )
+
+
+def test_bench_data_times_each_loader_on_the_same_batches(tmp_path):
+    result = runner.invoke(app, ["bench", "data", "--workers", "1,x"])
+    assert result.exit_code == 2 and "--workers 1,x" in result.output and "Traceback" not in result.output
+    out = tmp_path / "data.json"
+    result = runner.invoke(
+        app,
+        [
+            *("bench", "data", "--batch-size", "4", "--image-size", "56"),
+            *("--batches", "2", "--workers", "2", "--json", str(out)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["in the loop", "prefetch thread", "2 worker processes"]
+    assert rows[0]["ratio"] == 1.0 and all(r["batches_per_s"] > 0 for r in rows)
+    assert rows[0]["image"] == "56px, 16 tokens"  # (56 / 14)² image tokens

@@ -27,14 +27,15 @@ def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
         "--set",
         "train.save_every=3",
         "--set",
-        "data.prefetch=2",  # resume through the prefetch thread
+        "data.prefetch=2",  # the full run reads through the prefetch thread
         "-q",
     ]
     cmd = [sys.executable, "-m", "unimm.cli", "train", *args]
     full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
+    workers = ["--set", "data.workers=2"]  # the interrupted run through worker processes
     killed = subprocess.run(
-        [*cmd, "--out", str(tmp_path / "part")],
+        [*cmd, *workers, "--out", str(tmp_path / "part")],
         capture_output=True,
         text=True,
         env={**os.environ, "UNIMM_FAULT_AFTER_STEPS": "4"},
@@ -44,7 +45,7 @@ def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
     again = subprocess.run([*cmd, "--out", str(tmp_path / "part")], capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = subprocess.run(
-        [*cmd, "--out", str(tmp_path / "part"), "--resume"], capture_output=True, text=True
+        [*cmd, *workers, "--out", str(tmp_path / "part"), "--resume"], capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr
     want, got = metrics(tmp_path / "full"), metrics(tmp_path / "part")
@@ -339,3 +340,58 @@ def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards
     with pytest.raises(RuntimeError, match="collation failed"):
         failing.next()
     failing.close()
+
+
+def _ids(samples: list[dict]) -> tuple[list, int]:
+    return [s["id"] for s in samples], 0
+
+
+def _fail_on_third(samples: list[dict]):
+    raise UnimmError("a clear problem")
+
+
+def test_worker_processes_make_the_same_batches_in_the_same_order(tiny_shards):
+    """Worker processes (each making every n-th batch) give the single-process sequence and positions."""
+    from unimm.data.stream import DataStream, InlineBatches, WorkerBatches
+    from unimm.train import DataOptions
+
+    data = DataOptions(train=[str(tiny_shards)] * 2, weights=[2.0, 1.0], shuffle_buffer=4)
+    inline = InlineBatches(DataStream(data, seed=3), 3, _ids)
+    want = []
+    for _ in range(10):  # 30 samples of 24: into the second epoch
+        want.append((inline.next(), inline.position))
+    workers = WorkerBatches(data, 3, None, 3, _ids, workers=2, depth=2)
+    got = []
+    for _ in range(10):
+        got.append((workers.next(), workers.position))
+    workers.close()
+    assert got == want
+    resumed = WorkerBatches(data, 3, want[3][1], 3, _ids, workers=3, depth=1)
+    assert [(resumed.next(), resumed.position) for _ in range(6)] == want[4:]
+    resumed.close()
+    failing = WorkerBatches(data, 3, None, 3, _fail_on_third, workers=2, depth=1)
+    with pytest.raises(UnimmError) as err:
+        failing.next()
+    assert str(err.value) == "a clear problem"  # no worker traceback in the message
+    failing.close()
+
+
+def test_a_sample_with_a_corrupt_image_is_left_out_of_its_batch(tiny_shards):
+    from unimm.data.shards import read_samples
+    from unimm.data.stream import BatchMaker
+
+    samples = list(read_samples(tiny_shards, split_by_node=False, split_by_worker=False, decode_images=False))
+    with_image = [s for s in samples if any(x["kind"] == "image" for x in s["slices"])][:3]
+    broken = dict(with_image[1])
+    broken["slices"] = [
+        {**x, "image": b"not a jpeg"} if x["kind"] == "image" else x for x in with_image[1]["slices"]
+    ]
+    made = BatchMaker(
+        lambda kept: [(s["id"], [type(x.get("image")).__name__ for x in s["slices"]]) for s in kept]
+    )
+    payload, left_out = made([with_image[0], broken, with_image[2]])
+    assert left_out == 1
+    assert [sid for sid, _ in payload] == [with_image[0]["id"], with_image[2]["id"]]
+    assert all("bytes" not in kinds for _, kinds in payload)  # images decoded
+    with pytest.raises(UnimmError, match="prepare them again"):
+        made([broken])

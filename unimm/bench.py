@@ -1,6 +1,10 @@
 """Benchmarks: ours against a baseline on the same data, in the same run, reported as ratios.
 
     unimm bench prepare            # samples/s of `unimm prepare` vs a plain tarfile writer
+    unimm bench align              # all-pairs GAK: Triton / reference / tslearn
+    unimm bench retrieve           # exact search and embedding throughput
+
+Training throughput (``bench train``, ``bench data``) is in :mod:`unimm.bench_train`.
 
 Absolute times depend on the machine; the ratios are what the goals in docs/benchmarks.md
 refer to. Each variant is timed ``repeats`` times, interleaved with the baseline, best kept.
@@ -345,110 +349,6 @@ def print_align_table(rows: list[dict]) -> None:
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
     for t in text:
         print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
-
-
-# ---------------------------------------------------------------------------------------------
-# unimm bench train
-
-
-def bench_train(*, steps: int = 20, batch_size: int = 8, cut_points: int = 4, repeats: int = 3) -> list[dict]:
-    """Step time of joint training (α = 1) against generative-only (α = 0, no views), same batch.
-
-    Builds a synthetic set, tiny teachers, shards and the tiny model in a temporary folder; each
-    variant runs ``steps`` optimizer steps on one fixed batch (forward, backward, update), the
-    variants interleaved, best of ``repeats``.
-    """
-    import torch
-
-    from unimm.config import PrepareConfig, build_config
-    from unimm.data.collate import Collator
-    from unimm.data.shards import read_samples
-    from unimm.data.synthetic import write_synthetic
-    from unimm.model.tiny import save_tiny_teachers
-    from unimm.prepare import run as prepare
-    from unimm.quickstart import RECIPE
-    from unimm.steps import train_step
-    from unimm.train import TrainConfig, build_model
-
-    work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
-    try:
-        data = write_synthetic(work / "data", max(64, batch_size))
-        teachers = save_tiny_teachers(work / "teachers")
-        prepare(
-            build_config(
-                PrepareConfig,
-                recipe=RECIPE,
-                options={
-                    "prepare.inputs": [str(data)],
-                    "prepare.out": str(work / "shards"),
-                    **{f"teachers.{k}": str(v) for k, v in teachers.items()},
-                },
-            ),
-            progress=False,
-        )
-        rows = []
-        times: dict[str, list[float]] = {"joint": [], "generative-only": []}
-        setups = {}
-        for name, alpha in (("joint", 1.0), ("generative-only", 0.0)):
-            cfg = build_config(
-                TrainConfig,
-                recipe=RECIPE,
-                options={"out": str(work / name)},
-                overrides=[
-                    f"data.train={work / 'shards'}",
-                    f"train.alpha={alpha}",
-                    f"data.cut_points={cut_points}",
-                ],
-            )
-            (work / name).mkdir()
-            model, processor = build_model(cfg, work / name, None)
-            collator = Collator.for_model(
-                model,
-                processor,
-                max_length=cfg.model.max_length,
-                cut_points=cut_points,
-            )
-            samples = list(read_samples(work / "shards", split_by_node=False, split_by_worker=False))[
-                :batch_size
-            ]
-            batch = collator(samples)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            setups[name] = (cfg, model, batch, optimizer)
-
-        def steps_of(name: str) -> float:
-            cfg, model, batch, optimizer = setups[name]
-            start = time.perf_counter()
-            for _ in range(steps):
-                result = train_step(model, batch, cfg)
-                result.loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            return (time.perf_counter() - start) / steps
-
-        for name in setups:
-            steps_of(name)  # warm-up
-        for _ in range(repeats):
-            for name in setups:
-                times[name].append(steps_of(name))
-        base = min(times["generative-only"])
-        tokens = int((setups["joint"][2]["attention_mask"]).sum())
-        for name in setups:
-            best = min(times[name])
-            rows.append(
-                {
-                    "variant": name,
-                    "step_s": round(best, 4),
-                    "ratio_vs_generative_only": round(best / base, 3),
-                    "batch": batch_size,
-                    "views": len(setups[name][2]["views"]) if name == "joint" else 0,
-                    "tokens": tokens,
-                    "model": "tiny LLaVA (2 layers, width 64)",
-                    "device": "cpu",
-                }
-            )
-        return rows
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,6 +220,18 @@ def train(
         f"gen {result.get('loss_gen', float('nan')):.4f}, disc {result.get('loss_disc', float('nan')):.4f}); "
         f"checkpoints in {cfg.out}"
     )
+    history = result.get("history", {})
+    notes = [
+        f"{history[key]} {what}"
+        for key, what in (
+            ("dropped_slices", "slice(s) cut by model.max_length"),
+            ("nonfinite_total", "step(s) skipped for a non-finite loss"),
+            ("corrupt_samples", "sample(s) left out for an undecodable image"),
+        )
+        if history.get(key)
+    ]
+    if notes:
+        typer.echo("note: " + "; ".join(notes) + " (this process)")
 
 
 @app.command(rich_help_panel="Model")

@@ -128,10 +128,7 @@ def bench_prepare_cmd(
         records=records, images_per_record=images_per_record, image_width=image_width, repeats=repeats
     )
     print_table(rows)
-    if json_out is not None:
-        from unimm.utils import atomic_write_json
-
-        atomic_write_json(json_out, rows)
+    _write_json(json_out, rows)
 
 
 @bench_app.command("align")
@@ -152,10 +149,7 @@ def bench_align_cmd(
         raise UnimmError("--device cuda: CUDA is not available on this machine")
     rows = bench_align(device=device, quick=quick)
     print_align_table(rows)
-    if json_out is not None:
-        from unimm.utils import atomic_write_json
-
-        atomic_write_json(json_out, rows)
+    _write_json(json_out, rows)
 
 
 @bench_app.command("train")
@@ -166,18 +160,35 @@ def bench_train_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Step time of joint training vs generative-only on the same batch (tiny model, CPU)."""
-    from unimm.bench import bench_train
+    from unimm.bench_train import bench_train
 
     rows = bench_train(steps=steps, batch_size=batch_size)
-    keys = ["variant", "step_s", "ratio_vs_generative_only", "batch", "views", "tokens"]
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
-    typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
-    for r in rows:
-        typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
-    if json_out is not None:
-        from unimm.utils import atomic_write_json
+    _echo_table(rows, ["variant", "step_s", "ratio_vs_generative_only", "batch", "views", "tokens"])
+    _write_json(json_out, rows)
 
-        atomic_write_json(json_out, rows)
+
+@bench_app.command("data")
+@user_errors
+def bench_data_cmd(
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels (336: LLaVA-1.5).")] = 336,
+    batches: Annotated[int, typer.Option(help="Batches timed per variant.")] = 24,
+    workers: Annotated[str, typer.Option(help="Worker counts to time, comma-separated.")] = "1,2,4",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Batches/s of the training data path: worker processes and the prefetch thread vs inline."""
+    from unimm.bench_train import bench_data
+
+    try:
+        counts = tuple(int(n) for n in workers.split(","))
+    except ValueError:
+        raise UnimmError(f"--workers {workers}: give whole numbers separated by commas, e.g. 1,2,4") from None
+    if any(n < 1 for n in counts) or batch_size < 1 or batches < 1 or image_size < 14:
+        raise UnimmError("--workers, --batch-size and --batches must be >= 1, --image-size >= 14")
+    rows = bench_data(batch_size=batch_size, image_size=image_size, batches=batches, workers=counts)
+    _echo_table(rows, ["variant", "batches_per_s", "samples_per_s", "ratio"])
+    typer.echo(f"batch {rows[0]['batch']}, images {rows[0]['image']}, {rows[0]['cpus']} CPUs")
+    _write_json(json_out, rows)
 
 
 @bench_app.command("retrieve")
@@ -196,7 +207,18 @@ def bench_retrieve_cmd(
             f"{row['what']}: ours {row['ours_per_s']}/s, {row['baseline']} {row['baseline_per_s']}/s, "
             f"ratio {row['ratio']}"
         )
-    if json_out is not None:
+    _write_json(json_out, rows)
+
+
+def _echo_table(rows: list[dict], keys: list[str]) -> None:
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+
+
+def _write_json(path: Path | None, rows: list[dict]) -> None:
+    if path is not None:
         from unimm.utils import atomic_write_json
 
-        atomic_write_json(json_out, rows)
+        atomic_write_json(path, rows)

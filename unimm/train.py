@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from unimm.config import AlignOptions, config_to_dict
-from unimm.data.stream import DataStream, Prefetcher, check_shards, training_texts
+from unimm.data.stream import BatchMaker, check_shards, open_batches, training_texts
 from unimm.distributed import gather_objects
 from unimm.errors import UnimmError
 from unimm.steps import evaluate, load_eval_batches, train_step, train_step_cached
@@ -95,7 +95,11 @@ class DataOptions:
     """Shard directories evaluated every train.eval_every steps (fixed batches, no shuffle)."""
     shuffle_buffer: int = 256
     prefetch: int = 2
-    """Batches decoded and collated ahead on a background thread (0 = in the training loop)."""
+    """Batches decoded and collated ahead (0 = in the training loop): on a background thread, or
+    per worker process when ``workers > 0``."""
+    workers: int = 0
+    """Worker processes that decode and collate batches (0 = none). The batches and their order
+    are the same for any number of workers, so resuming and changing it are both exact."""
     cut_points: int = 4
     """Views per sample (the paper's P); the last slice is always one of them."""
 
@@ -109,6 +113,10 @@ class DataOptions:
             problems.append("data.weights: every weight must be > 0")
         if self.prefetch < 0:
             problems.append(f"data.prefetch: must be >= 0 (0 = off), got {self.prefetch}")
+        if self.workers < 0:
+            problems.append(f"data.workers: must be >= 0 (0 = no worker processes), got {self.workers}")
+        if self.workers > 0 and self.prefetch == 0:
+            problems.append("data.prefetch: must be >= 1 with data.workers > 0 (batches ahead per worker)")
         if self.cut_points < 1:
             problems.append(f"data.cut_points: must be >= 1, got {self.cut_points}")
         return problems
@@ -332,11 +340,11 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
     )
-    stream = DataStream(cfg.data, opts.seed + accelerator.process_index)
     # Under FSDP a forward pass gathers parameters from every rank, so every rank evaluates.
     sharded = accelerator.is_fsdp2
     eval_batches = load_eval_batches(cfg, collator) if accelerator.is_main_process or sharded else []
-    step, history = 0, {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0}
+    step, history = 0, {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0, "corrupt_samples": 0}
+    data_position = None
     # The scheduler stays outside prepare(): accelerate would step it once per process per call,
     # while train.max_steps counts optimizer steps of the whole run.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -353,7 +361,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         step = int(meta["step"])
         history.update(meta.get("history", {}))
-        stream.restore(meta["data_position"])
+        data_position = meta["data_position"]
         if accelerator.is_main_process:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
     data_hash = [m["fingerprint"] for m in manifests]
@@ -372,33 +380,22 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     last: dict[str, Any] = {}
     fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
 
-    def make(samples: list[dict]):
-        if opts.grad_cache_chunk:
-            size = opts.grad_cache_chunk
-            return [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
-        return collator(samples)
-
-    prefetcher = (
-        Prefetcher(stream, opts.batch_size, make, cfg.data.prefetch) if cfg.data.prefetch > 0 else None
-    )
-
-    def next_item():
-        return (
-            prefetcher.next()
-            if prefetcher is not None
-            else make([stream.next() for _ in range(opts.batch_size)])
-        )
-
-    def consumed_position() -> dict:
-        return prefetcher.position if prefetcher is not None else stream.position()
-
+    batches = None
     try:
+        batches = open_batches(
+            cfg.data,
+            opts.seed + accelerator.process_index,
+            opts.batch_size,
+            BatchMaker(collator, opts.grad_cache_chunk),
+            data_position,
+        )
         while step < opts.max_steps:
             start = time.perf_counter()
             parts, gen, disc, views, tokens = [], 0.0, 0.0, 0, 0
             skipped = False
             for _ in range(opts.grad_accum):
-                payload = next_item()
+                payload, corrupt = batches.next()
+                history["corrupt_samples"] += corrupt
                 if opts.grad_cache_chunk:
                     chunks = payload
                     history["dropped_slices"] += sum(c["dropped_slices"] for c in chunks)
@@ -475,7 +472,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
             if step % opts.save_every == 0 or step == opts.max_steps:
                 model_state, optimizer_state = gather_training_state(accelerator, model, optimizer)
-                rank_states = gather_objects(rank_state(consumed_position()))
+                rank_states = gather_objects(rank_state(batches.position))
                 if accelerator.is_main_process:
                     state = pack_train_state(
                         optimizer_state, scheduler, rank_states, {"step": step, "history": history}
@@ -496,8 +493,8 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     _prune(run_dir, opts.keep_last)
                 accelerator.wait_for_everyone()
     finally:
-        if prefetcher is not None:
-            prefetcher.close()
+        if batches is not None:
+            batches.close()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()

@@ -407,6 +407,29 @@ def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> dict[st
     }
 
 
+def decode_images_in(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Decode the JPEG bytes of samples read with ``decode_images=False``.
+
+    Returns:
+        ``(kept, problems)``: the samples with PIL images, without those holding an undecodable
+        image, and one message per sample left out (naming its shard and member).
+    """
+    kept, problems = [], []
+    for sample in samples:
+        try:
+            slices = [
+                {**item, "image": _decode_jpeg(item["image"], sample["url"], f"{sample['key']}.{n}.jpg")}
+                if item.get("kind") == "image" and isinstance(item.get("image"), bytes)
+                else item
+                for n, item in enumerate(sample["slices"])
+            ]
+        except SampleError as exc:
+            problems.append(exc.describe())
+            continue
+        kept.append({**sample, "slices": slices})
+    return kept, problems
+
+
 def _decode_jpeg(data: bytes, url: str, member: str):
     from PIL import Image
 
@@ -418,14 +441,18 @@ def _decode_jpeg(data: bytes, url: str, member: str):
         raise SampleError(url, member, f"cannot decode image ({exc})") from None
 
 
-def _seeded_shuffle(bufsize: int, seed: int) -> Callable[[Iterator], Iterator]:
-    """A buffer shuffle whose RNG is seeded per (seed, node, worker), decided when iterated."""
+def _seeded_shuffle(bufsize: int, seed: int, per_worker: bool) -> Callable[[Iterator], Iterator]:
+    """A buffer shuffle whose RNG is seeded per (seed, node[, worker]), decided when iterated.
+
+    ``per_worker`` is false when every DataLoader worker reads the same samples (and must see
+    them in the same order).
+    """
 
     def stage(src: Iterator) -> Iterator:
         import webdataset as wds
 
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{seed}/{rank}/{worker}")
+        rng = random.Random(f"{seed}/{rank}/{worker if per_worker else 0}")
         buf: list = []
         for sample in src:
             buf.append(sample)
@@ -483,7 +510,7 @@ def read_samples(
         stages.append(wds.split_by_worker)
     stages.append(wds.tarfile_to_samples(handler=handler))
     if shuffle_buffer > 0:
-        stages.append(_seeded_shuffle(shuffle_buffer, seed))
+        stages.append(_seeded_shuffle(shuffle_buffer, seed, per_worker=split_by_worker))
     stages.append(_decode_stage(handler, stats, decode_images))
     return wds.DataPipeline(*stages)
 

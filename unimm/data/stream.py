@@ -1,16 +1,25 @@
-"""Training data: shard checks, a deterministic mixed stream with a resumable position.
+"""Training data: shard checks, a deterministic mixed stream with a resumable position, batches.
 
 Used by ``unimm train``: :class:`DataStream` mixes several prepared shard directories by weight
 and can replay to a saved position, so a resumed run sees exactly the samples an uninterrupted
-one would.
+one would. The stream keeps images as JPEG bytes (replaying is cheap); :class:`BatchMaker`
+decodes and collates them, in the training loop (:class:`InlineBatches`), on a thread
+(:class:`Prefetcher`) or in worker processes (:class:`WorkerBatches`) — the same batches in the
+same order either way (:func:`open_batches` picks one).
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unimm.errors import UnimmError
+
+log = logging.getLogger(__name__)
 
 
 def check_shards(data, need_teachers: bool) -> list[dict]:
@@ -68,6 +77,7 @@ class DataStream:
                 seed=self.seed * 1000 + self.epochs[k],
                 split_by_node=True,
                 split_by_worker=False,
+                decode_images=False,  # decoded per batch by BatchMaker, where the batch is made
             )
             got = False
             for sample in pipeline:
@@ -169,3 +179,135 @@ class Prefetcher:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._thread.join(timeout=5)
+
+
+class BatchMaker:
+    """Turns drawn samples into what the training loop consumes: ``(payload, samples left out)``.
+
+    Decodes the images (a sample with an undecodable image is left out with a warning), then
+    collates the batch whole, or in chunks of ``chunk`` samples (gradient caching). Picklable when
+    the collator is, so worker processes can run it.
+    """
+
+    def __init__(self, collator: Callable[[list[dict]], dict], chunk: int = 0) -> None:
+        self.collator = collator
+        self.chunk = chunk
+
+    def __call__(self, samples: list[dict]) -> tuple[Any, int]:
+        from unimm.data.shards import decode_images_in
+
+        kept, problems = decode_images_in(samples)
+        for problem in problems:
+            log.warning("leaving out a sample with a corrupt image: %s", problem)
+        if not kept:
+            raise UnimmError(
+                f"every sample of a batch has an undecodable image ({problems[0]}); the shards are "
+                "damaged: prepare them again with unimm prepare"
+            )
+        if self.chunk:
+            payload: Any = [self.collator(kept[i : i + self.chunk]) for i in range(0, len(kept), self.chunk)]
+        else:
+            payload = self.collator(kept)
+        return payload, len(samples) - len(kept)
+
+
+class InlineBatches:
+    """Batches made in the training loop itself, when it asks for them."""
+
+    def __init__(self, stream: DataStream, count: int, make: Callable) -> None:
+        self.stream, self.count, self.make = stream, count, make
+
+    @property
+    def position(self) -> dict:
+        return self.stream.position()
+
+    def next(self):
+        return self.make([self.stream.next() for _ in range(self.count)])
+
+    def close(self) -> None:
+        pass
+
+
+class _WorkerShare(IterableDataset):
+    """The batches of one worker: every worker reads the whole stream (reading is cheap) and makes
+    batches ``worker, worker + workers, …`` of it; the DataLoader returns them round-robin, which
+    is the order a single process would make them in."""
+
+    def __init__(self, data, seed: int, position: dict | None, count: int, make: Callable) -> None:
+        super().__init__()
+        self.data, self.seed, self.position, self.count, self.make = data, seed, position, count, make
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            stream = DataStream(self.data, self.seed)
+            if self.position is not None:
+                stream.restore(self.position)
+            index = 0
+            while True:
+                samples = [stream.next() for _ in range(self.count)]
+                if index % workers == worker:
+                    yield self.make(samples), stream.position(), None
+                index += 1
+        except UnimmError as exc:  # raised by the training loop as it is, without a worker traceback
+            yield None, None, str(exc)
+
+
+def _as_is(item):
+    return item
+
+
+class WorkerBatches:
+    """Batches made ahead by ``workers`` processes (a torch DataLoader), in single-process order.
+
+    Each item carries the stream position after its samples, so a checkpoint saves what was
+    consumed, not what was made ahead.
+    """
+
+    def __init__(
+        self, data, seed: int, position: dict | None, count: int, make: Callable, workers: int, depth: int
+    ) -> None:
+        self.position = position if position is not None else DataStream(data, seed).position()
+        loader = DataLoader(
+            _WorkerShare(data, seed, position, count, make),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=max(1, depth),
+            collate_fn=_as_is,
+        )
+        self._iterator = iter(loader)
+
+    def next(self):
+        item, position, error = next(self._iterator)
+        if error is not None:
+            raise UnimmError(error)
+        self.position = position
+        return item
+
+    def close(self) -> None:
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None
+
+
+def open_batches(data, seed: int, count: int, make: Callable, position: dict | None = None):
+    """The batch source ``unimm train`` reads: in worker processes (``data.workers``), on a thread
+    (``data.prefetch``) or inline; all give the same batches in the same order.
+
+    Args:
+        data: the ``data`` options (sources, weights, shuffle buffer, workers, prefetch).
+        seed: seeds the stream (``train.seed`` plus the rank).
+        count: samples per batch.
+        make: a :class:`BatchMaker`.
+        position: a saved stream position to continue from (resume).
+    """
+    if data.workers > 0:
+        return WorkerBatches(data, seed, position, count, make, data.workers, data.prefetch)
+    stream = DataStream(data, seed)
+    if position is not None:
+        stream.restore(position)
+    if data.prefetch > 0:
+        return Prefetcher(stream, count, make, data.prefetch)
+    return InlineBatches(stream, count, make)
