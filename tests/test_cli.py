@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from unimm import __version__
@@ -153,3 +154,25 @@ def test_bench_data_times_each_loader_on_the_same_batches(tmp_path):
     assert [r["variant"] for r in rows] == ["in the loop", "prefetch thread", "2 worker processes"]
     assert rows[0]["ratio"] == 1.0 and all(r["batches_per_s"] > 0 for r in rows)
     assert rows[0]["image"] == "56px, 16 tokens"  # (56 / 14)² image tokens
+
+
+def test_bench_train_reports_both_variants_and_model_flops(tmp_path):
+    result = runner.invoke(app, ["bench", "train", "--device", "tpu"])
+    assert result.exit_code == 2 and "--device tpu" in result.output and "Traceback" not in result.output
+    out = tmp_path / "train.json"
+    args = ["--hidden-size", "32", "--layers", "1", "--steps", "1", "--repeats", "1", "--batch-size", "2"]
+    result = runner.invoke(app, ["bench", "train", *args, "--peak-tflops", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    joint, generative = json.loads(out.read_text())
+    assert (joint["variant"], generative["variant"]) == ("joint", "generative-only")
+    assert generative["ratio_vs_generative_only"] == 1.0 and generative["views"] == 0 < joint["views"]
+    assert joint["tokens_per_s"] == pytest.approx(joint["tokens"] / joint["step_s"], rel=0.01)
+    # 6·N + 12·L·H·T per token. One Llama layer of width 32 (4 heads, 2 key/value heads, MLP width
+    # 64): q and o 32², k and v 32·16 each, MLP 3·32·64, two norms 32 each; plus the final norm.
+    weights = 2 * 32**2 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32 + 32
+    assert joint["flops_per_token"] == 6 * weights + 12 * 1 * 32 * joint["seq_len"]
+    achieved = joint["flops_per_token"] * joint["tokens"] / joint["step_s"] / 1e12
+    assert joint["model_tflops_per_s"] == pytest.approx(achieved, rel=0.01, abs=1e-4)
+    assert joint["mfu"] == pytest.approx(joint["model_tflops_per_s"], rel=1e-3, abs=1e-4)  # peak 1 TFLOP/s

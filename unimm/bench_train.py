@@ -13,42 +13,74 @@ import time
 from pathlib import Path
 
 
-def bench_train(*, steps: int = 20, batch_size: int = 8, cut_points: int = 4, repeats: int = 3) -> list[dict]:
+def bench_train(
+    *,
+    steps: int = 20,
+    batch_size: int = 8,
+    cut_points: int = 4,
+    repeats: int = 3,
+    hidden_size: int = 64,
+    layers: int = 2,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+    peak_tflops: float | None = None,
+) -> list[dict]:
     """Step time of joint training (α = 1) against generative-only (α = 0, no views), same batch.
 
-    Builds a synthetic set, tiny teachers, shards and the tiny model in a temporary folder; each
-    variant runs ``steps`` optimizer steps on one fixed batch (forward, backward, update), the
-    variants interleaved, best of ``repeats``.
+    Builds a synthetic set, tiny teachers, shards and a random LLaVA (CLIP vision tower + Llama
+    language model of ``layers`` × ``hidden_size``; the vision tower frozen, the rest trained)
+    in a temporary folder; each variant runs ``steps`` optimizer steps on one fixed batch
+    (forward, backward, update), the variants interleaved, best of ``repeats``.
+
+    Model FLOPs per token are estimated as ``6·N + 12·L·H·T`` (N: language model parameters
+    without embeddings, L layers, H width, T tokens per sample; the frozen vision tower and the
+    retrieval head are left out), so ``model_tflops_per_s`` and ``mfu`` (with ``peak_tflops``)
+    slightly understate the work done.
     """
+    import contextlib
+
     import torch
 
     from unimm.config import PrepareConfig, build_config
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
+    from unimm.data.stream import training_texts
     from unimm.data.synthetic import write_synthetic
-    from unimm.model.tiny import save_tiny_teachers
+    from unimm.model.tiny import save_tiny_llava, save_tiny_teachers
     from unimm.prepare import run as prepare
     from unimm.quickstart import RECIPE
     from unimm.steps import train_step
-    from unimm.train import TrainConfig, build_model
+    from unimm.train import DataOptions, TrainConfig, build_model
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:
         data = write_synthetic(work / "data", max(64, batch_size))
         teachers = save_tiny_teachers(work / "teachers")
+        shards = work / "shards"
         prepare(
             build_config(
                 PrepareConfig,
                 recipe=RECIPE,
                 options={
                     "prepare.inputs": [str(data)],
-                    "prepare.out": str(work / "shards"),
+                    "prepare.out": str(shards),
                     **{f"teachers.{k}": str(v) for k, v in teachers.items()},
                 },
             ),
             progress=False,
         )
-        rows = []
+        llava = save_tiny_llava(
+            work / "llava",
+            training_texts(DataOptions(train=[str(shards)])),
+            hidden_size=hidden_size,
+            num_layers=layers,
+        )
+        samples = list(read_samples(shards, split_by_node=False, split_by_worker=False))[:batch_size]
+        autocast = (
+            (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16))
+            if mixed_precision == "bf16"
+            else contextlib.nullcontext
+        )
         times: dict[str, list[float]] = {"joint": [], "generative-only": []}
         setups = {}
         for name, alpha in (("joint", 1.0), ("generative-only", 0.0)):
@@ -57,34 +89,37 @@ def bench_train(*, steps: int = 20, batch_size: int = 8, cut_points: int = 4, re
                 recipe=RECIPE,
                 options={"out": str(work / name)},
                 overrides=[
-                    f"data.train={work / 'shards'}",
+                    f"data.train={shards}",
                     f"train.alpha={alpha}",
                     f"data.cut_points={cut_points}",
+                    "model.tiny=false",
+                    f"model.path={llava}",
                 ],
             )
             (work / name).mkdir()
             model, processor = build_model(cfg, work / name, None)
-            collator = Collator.for_model(
-                model,
-                processor,
-                max_length=cfg.model.max_length,
-                cut_points=cut_points,
-            )
-            samples = list(read_samples(work / "shards", split_by_node=False, split_by_worker=False))[
-                :batch_size
-            ]
-            batch = collator(samples)
+            model.to(device)
+            batch = Collator.for_model(
+                model, processor, max_length=cfg.model.max_length, cut_points=cut_points
+            )(samples)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             setups[name] = (cfg, model, batch, optimizer)
 
+        def sync() -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
         def steps_of(name: str) -> float:
             cfg, model, batch, optimizer = setups[name]
+            sync()
             start = time.perf_counter()
             for _ in range(steps):
-                result = train_step(model, batch, cfg)
+                with autocast():
+                    result = train_step(model, batch, cfg)
                 result.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            sync()
             return (time.perf_counter() - start) / steps
 
         for name in setups:
@@ -93,19 +128,32 @@ def bench_train(*, steps: int = 20, batch_size: int = 8, cut_points: int = 4, re
             for name in setups:
                 times[name].append(steps_of(name))
         base = min(times["generative-only"])
-        tokens = int((setups["joint"][2]["attention_mask"]).sum())
+        batch = setups["joint"][2]
+        tokens = int(batch["attention_mask"].sum())
+        language_model = setups["joint"][1].base.model.language_model
+        n_params = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
+        per_sample = batch["attention_mask"].shape[1]
+        flops_per_token = 6 * n_params + 12 * layers * hidden_size * per_sample
+        rows = []
         for name in setups:
             best = min(times[name])
+            achieved = flops_per_token * tokens / best / 1e12
             rows.append(
                 {
                     "variant": name,
                     "step_s": round(best, 4),
                     "ratio_vs_generative_only": round(best / base, 3),
+                    "tokens_per_s": round(tokens / best, 1),
+                    "model_tflops_per_s": round(achieved, 4),
+                    "flops_per_token": flops_per_token,
+                    "seq_len": per_sample,
+                    "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
                     "batch": batch_size,
-                    "views": len(setups[name][2]["views"]) if name == "joint" else 0,
+                    "views": len(batch["views"]) if name == "joint" else 0,
                     "tokens": tokens,
-                    "model": "tiny LLaVA (2 layers, width 64)",
-                    "device": "cpu",
+                    "model": f"LLaVA: Llama {layers} x {hidden_size} ({n_params / 1e6:.1f} M), CLIP vision",
+                    "device": device,
+                    "mixed_precision": mixed_precision,
                 }
             )
         return rows

@@ -157,13 +157,46 @@ def bench_align_cmd(
 def bench_train_cmd(
     steps: Annotated[int, typer.Option(help="Optimizer steps per timing.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    hidden_size: Annotated[int, typer.Option(help="Language model width (64: the tiny model).")] = 64,
+    layers: Annotated[int, typer.Option(help="Language model layers.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    mixed_precision: Annotated[str, typer.Option(help="no or bf16 (autocast).")] = "no",
+    peak_tflops: Annotated[
+        float | None, typer.Option(help="The device's peak TFLOP/s for the dtype, to report MFU.")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per variant (best is kept).")] = 3,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
-    """Step time of joint training vs generative-only on the same batch (tiny model, CPU)."""
+    """Step time of joint training vs generative-only on the same batch; tokens/s and model FLOP/s."""
+    import torch
+
     from unimm.bench_train import bench_train
 
-    rows = bench_train(steps=steps, batch_size=batch_size)
-    _echo_table(rows, ["variant", "step_s", "ratio_vs_generative_only", "batch", "views", "tokens"])
+    if not device.startswith("cuda") and device != "cpu":
+        raise UnimmError(f"--device {device}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnimmError(f"--device {device}: CUDA is not available on this machine")
+    if mixed_precision not in ("no", "bf16"):
+        raise UnimmError(f"--mixed-precision {mixed_precision}: use no or bf16")
+    if min(steps, batch_size, layers, repeats) < 1 or hidden_size < 8 or hidden_size % 4:
+        raise UnimmError(
+            "--steps, --batch-size, --layers and --repeats must be >= 1; --hidden-size a multiple of 4"
+        )
+    rows = bench_train(
+        steps=steps,
+        batch_size=batch_size,
+        hidden_size=hidden_size,
+        layers=layers,
+        device=device,
+        mixed_precision=mixed_precision,
+        peak_tflops=peak_tflops,
+        repeats=repeats,
+    )
+    keys = ["variant", "step_s", "ratio_vs_generative_only", "tokens_per_s", "model_tflops_per_s"]
+    _echo_table(rows, keys + (["mfu"] if peak_tflops else []))
+    typer.echo(
+        f"{rows[0]['model']}; batch {rows[0]['batch']}, {rows[0]['tokens']} tokens, {rows[0]['views']} views"
+    )
     _write_json(json_out, rows)
 
 

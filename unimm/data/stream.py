@@ -11,6 +11,7 @@ same order either way (:func:`open_batches` picks one).
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -268,6 +269,9 @@ class WorkerBatches:
     def __init__(
         self, data, seed: int, position: dict | None, count: int, make: Callable, workers: int, depth: int
     ) -> None:
+        # The workers are forked; the tokenizers library turns its thread pool off in a forked
+        # process anyway, with a warning per worker. The workers are the parallelism here.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.position = position if position is not None else DataStream(data, seed).position()
         loader = DataLoader(
             _WorkerShare(data, seed, position, count, make),
