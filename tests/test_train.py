@@ -395,3 +395,19 @@ def test_a_sample_with_a_corrupt_image_is_left_out_of_its_batch(tiny_shards):
     assert all("bytes" not in kinds for _, kinds in payload)  # images decoded
     with pytest.raises(UnimmError, match="prepare them again"):
         made([broken])
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_follows_fp32_and_learns(tmp_path, tiny_shards):
+    """On a GPU: bf16 autocast stays near fp32 on the first step, and both learn (run with -m gpu)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    steps = ["train.max_steps=30", "train.save_every=30", "train.lr=3e-3"]
+    fp32 = run(config(tmp_path / "fp32", tiny_shards, *steps), progress=False)
+    bf16 = run(config(tmp_path / "bf16", tiny_shards, *steps, "train.mixed_precision=bf16"), progress=False)
+    first32, first16 = metrics(tmp_path / "fp32")[0], metrics(tmp_path / "bf16")[0]
+    assert first16["loss"] == pytest.approx(first32["loss"], rel=3e-2)
+    for result, first in ((fp32, first32), (bf16, first16)):
+        assert result["loss_gen"] < 0.8 * first["loss_gen"]
+    meta = json.loads((tmp_path / "bf16" / "step-000030" / "unimm.json").read_text())
+    assert meta["parallelism"]["kind"] == "NO"
