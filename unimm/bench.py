@@ -207,6 +207,9 @@ def bench_align(*, device: str = "cpu", quick: bool = False) -> list[dict]:
 
     from unimm.align import gak_matrix, gak_matrix_triple
 
+    if device.startswith("cuda:"):  # one named GPU: make it the current one
+        torch.cuda.set_device(device)
+        device = "cuda"
     timer = _timer(device)
     rows: list[dict] = []
     cpu = device == "cpu"

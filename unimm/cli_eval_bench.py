@@ -134,19 +134,14 @@ def bench_prepare_cmd(
 @bench_app.command("align")
 @user_errors
 def bench_align_cmd(
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     quick: Annotated[bool, typer.Option("--quick", help="A smaller grid.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""
-    import torch
-
     from unimm.bench import bench_align, print_align_table
 
-    if device not in ("cpu", "cuda"):
-        raise UnimmError(f"--device {device}: use cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UnimmError("--device cuda: CUDA is not available on this machine")
+    _check_device(device)
     rows = bench_align(device=device, quick=quick)
     print_align_table(rows)
     _write_json(json_out, rows)
@@ -168,14 +163,10 @@ def bench_train_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Step time of joint training vs generative-only on the same batch; tokens/s and model FLOP/s."""
-    import torch
 
     from unimm.bench_train import bench_train
 
-    if not device.startswith("cuda") and device != "cpu":
-        raise UnimmError(f"--device {device}: use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnimmError(f"--device {device}: CUDA is not available on this machine")
+    _check_device(device)
     if mixed_precision not in ("no", "bf16"):
         raise UnimmError(f"--mixed-precision {mixed_precision}: use no or bf16")
     if min(steps, batch_size, layers, repeats) < 1 or hidden_size < 8 or hidden_size % 4:
@@ -194,9 +185,8 @@ def bench_train_cmd(
     )
     keys = ["variant", "step_s", "ratio_vs_generative_only", "tokens_per_s", "model_tflops_per_s"]
     _echo_table(rows, keys + (["mfu"] if peak_tflops else []))
-    typer.echo(
-        f"{rows[0]['model']}; batch {rows[0]['batch']}, {rows[0]['tokens']} tokens, {rows[0]['views']} views"
-    )
+    first = rows[0]
+    typer.echo(f"{first['model']}; batch {first['batch']}, {first['tokens']} tokens, {first['views']} views")
     _write_json(json_out, rows)
 
 
@@ -255,3 +245,12 @@ def _write_json(path: Path | None, rows: list[dict]) -> None:
         from unimm.utils import atomic_write_json
 
         atomic_write_json(path, rows)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+        raise UnimmError(f"--device {device}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnimmError(f"--device {device}: CUDA is not available on this machine")
