@@ -29,7 +29,8 @@ class FSDPOnCPU(accelerate.Accelerator):
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     def prepare(self, *args, **kwargs):
-        """accelerate's prepare; then report how many parameters are sharded (the test reads it)."""
+        """accelerate's prepare; then report the sharded parameters and FSDP units (the test reads it)."""
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
         prepared = super().prepare(*args, **kwargs)
@@ -37,7 +38,11 @@ class FSDPOnCPU(accelerate.Accelerator):
             if isinstance(obj, torch.nn.Module):
                 params = list(obj.parameters())
                 sharded = sum(isinstance(p, DTensor) for p in params)
-                print(f"fsdp-on-cpu: {sharded}/{len(params)} parameters sharded", file=sys.stderr)
+                units = sum(isinstance(m, FSDPModule) for m in obj.modules())
+                print(
+                    f"fsdp-on-cpu: {sharded}/{len(params)} parameters sharded in {units} units",
+                    file=sys.stderr,
+                )
         return prepared
 
 

@@ -192,7 +192,8 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
     assert full.returncode == 0, full.stderr[-3000:]
     sharded = [line for line in full.stderr.splitlines() if line.startswith("fsdp-on-cpu:")]
     assert len(sharded) == 2, full.stderr[-3000:]
-    done, total = sharded[0].split()[1].split("/")
+    words = sharded[0].split()
+    done, total = words[1].split("/")
     assert done == total and int(total) > 0  # every parameter is a shard (DTensor)
     meta = json.loads((tmp_path / "fsdp" / "step-000004" / "unimm.json").read_text())
     assert meta["parallelism"] == {"kind": "FSDP", "processes": 2}
@@ -225,6 +226,11 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
     from unimm.model.checkpoint import load_checkpoint
 
     adapters, processor, _ = load_checkpoint(tmp_path / "fsdp" / "step-000004")
+    # Wrapped unit by unit (decoder layers, vision encoder layers, patch embeddings), plus the root.
+    layers = [m for m in adapters.modules() if type(m).__name__ in adapters._no_split_modules]
+    units = {"LlamaDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"}
+    assert {type(m).__name__ for m in layers} == units
+    assert int(words[words.index("in") + 1]) == len(layers) + 1
     merged, _, merged_meta = load_checkpoint(tmp_path / "fsdp" / "final-merged")
     assert not merged_meta["lora"] and merged_meta["step"] == 4
     batch = Collator.for_model(adapters, processor, max_length=256, cut_points=2)(
