@@ -200,6 +200,13 @@ def test_deterministic_across_runs_and_workers(tmp_path, unimm_records, tiny_tea
     )
     assert shard_hashes(a) == shard_hashes(b) and len(shard_hashes(a)) == 3
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    # JPEGs copied as they are (no image_size): the pool sends them back without their bytes.
+    copied_one = prepare([unimm_records], tmp_path / "c1", samples_per_shard=4)
+    copied_two = prepare([unimm_records], tmp_path / "c2", samples_per_shard=4, workers=2)
+    assert shard_hashes(copied_one) == shard_hashes(copied_two)
+    with tarfile.open(copied_two / "shard-000000.tar") as tar:
+        jpegs = [m for m in tar.getmembers() if m.name.endswith(".jpg")]
+        assert jpegs and all(m.size > 0 for m in jpegs)
 
 
 def test_max_shard_bytes_splits(tmp_path, unimm_records):

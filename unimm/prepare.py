@@ -320,6 +320,8 @@ def _processed(
         good = []
         for index, out in chunk:
             rec = pending[index].record
+            if in_pool and not isinstance(out, str):  # the pool sent copied images back without bytes
+                out = _fill_copied(out, pending[index].image_files)
             if isinstance(out, str):
                 results[index] = DataError(out, source=rec.source, line=rec.line, record_id=rec.id)
             else:
