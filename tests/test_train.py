@@ -179,6 +179,7 @@ def test_bad_configurations_are_clear(tmp_path, tiny_shards):
                 "model.train_lm=true",
                 "data.weights=[1, 2]",
                 "train.alpha=-1",
+                "align.student=gak",
             ],
         )
     text = str(info.value)
@@ -189,6 +190,7 @@ def test_bad_configurations_are_clear(tmp_path, tiny_shards):
         "model.train_lm",
         "data.weights",
         "train.alpha",
+        "align.student: gak is not implemented",
         "out: give a run",
     ):
         assert expected in text, text

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from unimm.errors import ShardError
-from unimm.utils import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -296,17 +295,6 @@ def shard_paths(source: str | Path | list) -> list[str]:
     if path.is_file():
         return [str(path)]
     raise ShardError(f"{source}: no such shard directory or file")
-
-
-def verify_shards(directory: str | Path) -> list[str]:
-    """Names of the shards whose sha256 does not match the manifest (empty when all are intact)."""
-    manifest = read_manifest(directory)
-    bad = []
-    for shard in manifest["shards"]:
-        path = Path(directory) / shard["name"]
-        if not path.is_file() or sha256_file(path) != shard["sha256"]:
-            bad.append(shard["name"])
-    return bad
 
 
 class ReadStats:
