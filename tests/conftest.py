@@ -53,7 +53,7 @@ def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
     from unimm.train import run as train
 
     root = tmp_path_factory.mktemp("trained")
-    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+    recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
     train(
         build_config(
             TrainConfig,

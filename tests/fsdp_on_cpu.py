@@ -39,10 +39,10 @@ class FSDPOnCPU(accelerate.Accelerator):
                 params = list(obj.parameters())
                 sharded = sum(isinstance(p, DTensor) for p in params)
                 units = sum(isinstance(m, FSDPModule) for m in obj.modules())
-                print(
-                    f"fsdp-on-cpu: {sharded}/{len(params)} parameters sharded in {units} units",
-                    file=sys.stderr,
-                )
+                # One write per line: two ranks share stderr, and print() writes the newline apart.
+                line = f"fsdp-on-cpu: {sharded}/{len(params)} parameters sharded in {units} units\n"
+                sys.stderr.write(line)
+                sys.stderr.flush()
         return prepared
 
 

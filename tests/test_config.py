@@ -9,7 +9,7 @@ import pytest
 from unimm.config import PrepareConfig, build_config, parse_override
 from unimm.errors import ConfigError
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[1] / "unimm" / "recipes").glob("*.yaml"))
 
 
 def test_layers_apply_in_order(tmp_path):
@@ -108,8 +108,27 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 
 def test_missing_recipe_is_clear(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read recipe"):
+    with pytest.raises(ConfigError, match=r"(?s)nope.yaml.*no such file, and no shipped recipe .*tiny-cpu"):
         build_config(PrepareConfig, recipe=tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not a file"):
+        build_config(PrepareConfig, recipe=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny-cpu", "tiny-cpu.yaml", "recipes/tiny-cpu.yaml", "./recipes/tiny-cpu.yaml"]
+)
+def test_shipped_recipes_by_name(name, tmp_path, monkeypatch):
+    """A shipped recipe is found by name from any directory; a file of that path there wins."""
+    from unimm.config import SHIPPED_RECIPES, resolve_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe(name) == SHIPPED_RECIPES / "tiny-cpu.yaml"
+    assert set(shipped_recipes()) >= {"tiny-cpu", "llava-7b-lora", "accelerate/ddp", "accelerate/fsdp"}
+    own = tmp_path / "recipes" / "tiny-cpu.yaml"
+    own.parent.mkdir()
+    own.write_text("train:\n  max_steps: 7\n")
+    assert resolve_recipe("recipes/tiny-cpu.yaml") == Path("recipes/tiny-cpu.yaml")
+    assert resolve_recipe("tiny-cpu") == SHIPPED_RECIPES / "tiny-cpu.yaml"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -131,7 +150,7 @@ def test_every_recipe_loads(recipe):
         assert train.train.max_steps >= 1
 
 
-ACCELERATE = sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+ACCELERATE = sorted((Path(__file__).parents[1] / "unimm" / "recipes" / "accelerate").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
         accelerate_cli,
         "launch",
         "--config_file",
-        str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"),
+        str(ROOT / "unimm" / "recipes" / "accelerate" / "fsdp.yaml"),
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -190,11 +191,11 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
     ]
     full = _launch([*fsdp, "--out", str(tmp_path / "fsdp")])
     assert full.returncode == 0, full.stderr[-3000:]
-    sharded = [line for line in full.stderr.splitlines() if line.startswith("fsdp-on-cpu:")]
+    # Found anywhere in the stream: the two ranks' lines may still interleave with other output.
+    sharded = re.findall(r"fsdp-on-cpu: (\d+)/(\d+) parameters sharded in (\d+) units", full.stderr)
     assert len(sharded) == 2, full.stderr[-3000:]
-    words = sharded[0].split()
-    done, total = words[1].split("/")
-    assert done == total and int(total) > 0  # every parameter is a shard (DTensor)
+    for done, total, _ in sharded:
+        assert done == total and int(total) > 0  # every parameter is a shard (DTensor)
     meta = json.loads((tmp_path / "fsdp" / "step-000004" / "unimm.json").read_text())
     assert meta["parallelism"] == {"kind": "FSDP", "processes": 2}
 
@@ -208,7 +209,9 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
     assert [m["step"] for m in got if "eval_loss_gen" in m] == [2, 4]
     for a, b in zip(want, got, strict=True):
         for key in ("loss", "loss_gen", "loss_disc", "grad_norm", "lr", "eval_loss_gen", "eval_loss_disc"):
-            assert b.get(key) == pytest.approx(a.get(key), rel=1e-5, abs=1e-6), (a["step"], key)
+            assert (key in a) == (key in b), (a["step"], key)  # evaluation on the same steps
+            if key in a:  # pytest >= 9.1 refuses approx(None)
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
     killed = _launch([*fsdp, "--out", str(tmp_path / "part")], UNIMM_FAULT_AFTER_STEPS="3")
     assert killed.returncode != 0
@@ -230,7 +233,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
     layers = [m for m in adapters.modules() if type(m).__name__ in adapters._no_split_modules]
     units = {"LlamaDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"}
     assert {type(m).__name__ for m in layers} == units
-    assert int(words[words.index("in") + 1]) == len(layers) + 1
+    assert {int(units) for _, _, units in sharded} == {len(layers) + 1}
     merged, _, merged_meta = load_checkpoint(tmp_path / "fsdp" / "final-merged")
     assert not merged_meta["lora"] and merged_meta["step"] == 4
     batch = Collator.for_model(adapters, processor, max_length=256, cut_points=2)(
@@ -253,7 +256,7 @@ def test_unsupported_launchers_are_refused_up_front():
 
     with pytest.raises(UnimmError, match="fsdp_version: 2"):
         check_parallelism(accelerator(DistributedType.FSDP))
-    with pytest.raises(UnimmError, match=r"recipes/accelerate/fsdp\.yaml"):
+    with pytest.raises(UnimmError, match=r"unimm recipes accelerate/fsdp"):
         check_parallelism(accelerator(DistributedType.DEEPSPEED))
     for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         check_parallelism(accelerator(kind))

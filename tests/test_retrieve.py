@@ -14,7 +14,7 @@ from unimm.config import build_config
 from unimm.errors import UnimmError
 from unimm.retrieve import RetrieveConfig, query_order, run
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+RECIPE = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
 
 
 @pytest.fixture

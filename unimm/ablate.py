@@ -1,6 +1,6 @@
 """``unimm eval ablate``: the paper's ablation (its Table 4) at small scale, on your data.
 
-    unimm eval ablate --recipe recipes/tiny-cpu.yaml --train shards --eval eval.jsonl --steps 1500 \
+    unimm eval ablate --recipe tiny-cpu --train shards --eval eval.jsonl --steps 1500 \
         --seeds 0,1,2 --out ablation
 
 Trains every variant on the same data with the same seeds and step budget (``OUT/VARIANT/seed-N``),
@@ -63,7 +63,7 @@ class AblateOptions:
     def validate(self) -> list[str]:
         problems = []
         if not self.recipe:
-            problems.append("--recipe: give the training recipe (e.g. recipes/tiny-cpu.yaml)")
+            problems.append("--recipe: give the training recipe (e.g. tiny-cpu)")
         if not self.train:
             problems.append("--train: give the prepared training shards")
         if not self.eval:

@@ -175,11 +175,40 @@ def quickstart(
     eval_records: Annotated[int, typer.Option(help="Synthetic evaluation records.", min=10)] = 300,
     workers: Annotated[int, typer.Option(help="Image processes.", min=1)] = 2,
     steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 1500,
+    seed: Annotated[int, typer.Option(help="Seed of the data, the teachers and training.", min=0)] = 0,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads for torch (the figures depend on it; the README's: 2).", min=1)
+    ] = 2,
 ) -> None:
     """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes."""
     from unimm.quickstart import run
 
-    run(out, records=records, eval_records=eval_records, workers=workers, steps=steps)
+    run(
+        out,
+        records=records,
+        eval_records=eval_records,
+        workers=workers,
+        steps=steps,
+        seed=seed,
+        threads=threads,
+    )
+
+
+@app.command(rich_help_panel="Start here")
+@user_errors
+def recipes(
+    name: Annotated[
+        str | None, typer.Argument(help="A shipped recipe's name (e.g. accelerate/fsdp): print its path.")
+    ] = None,
+) -> None:
+    """List the recipes shipped with unimm, or print one's file path (for accelerate --config_file)."""
+    from unimm.config import resolve_recipe, shipped_recipes
+
+    if name is not None:
+        typer.echo(resolve_recipe(name))
+        return
+    for recipe, path in shipped_recipes().items():
+        typer.echo(f"{recipe:<28} {path}")
 
 
 @app.command(rich_help_panel="Model")

@@ -12,7 +12,12 @@ from unimm.errors import UnimmError
 
 RecipeOpt = Annotated[
     Path | None,
-    typer.Option("--recipe", help="YAML recipe (sections: prepare, teachers, ...).", dir_okay=False),
+    typer.Option(
+        "--recipe",
+        help="YAML recipe file (sections: prepare, teachers, ...) or a shipped recipe's name "
+        "(`unimm recipes` lists them).",
+        dir_okay=False,
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,

@@ -4,7 +4,7 @@ Every subcommand has one config dataclass built from shared section dataclasses 
 ``teachers``, later ``model``, ``data``, ``align``, ``train``). A recipe is a YAML document whose
 top-level keys are section names, so one recipe can drive several commands::
 
-    unimm prepare data.jsonl --out shards --recipe recipes/tiny-cpu.yaml --set prepare.workers=2
+    unimm prepare data.jsonl --out shards --recipe tiny-cpu --set prepare.workers=2
 
 Unknown keys, wrong types and invalid values are all collected and raised together in one
 :class:`~unimm.errors.ConfigError`, each naming the dotted key and what to change.
@@ -168,9 +168,49 @@ class PrepareConfig:
 # Building a config from layers
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML file into a dict; raise :class:`ConfigError` naming the file on failure."""
-    path = Path(path)
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+"""Recipes shipped as package data (``tiny-cpu``, ``llava-7b-lora``, ``accelerate/ddp``, ...)."""
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of every recipe shipped with the package (``accelerate/fsdp`` for launch configs)."""
+    return {
+        path.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix(): path
+        for path in sorted(SHIPPED_RECIPES.rglob("*.yaml"))
+    }
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe file: ``recipe`` itself when it is a file, else the shipped recipe of that name.
+
+    ``tiny-cpu``, ``tiny-cpu.yaml`` and ``recipes/tiny-cpu.yaml`` all name the shipped
+    ``tiny-cpu`` recipe, so the commands in the docs work from any directory after ``pip install``.
+    A file of the same path in the working directory wins.
+
+    Raises:
+        ConfigError: when neither exists, listing the shipped names.
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.as_posix().removeprefix("./").removeprefix("recipes/").removesuffix(".yaml")
+    shipped = shipped_recipes()
+    if name in shipped:
+        return shipped[name]
+    if path.exists():
+        raise ConfigError(
+            ["not a file: give a recipe YAML file or a shipped recipe's name"], source=str(recipe)
+        )
+    raise ConfigError(
+        [f"no such file, and no shipped recipe of that name (shipped: {', '.join(shipped)})"],
+        source=str(recipe),
+    )
+
+
+def load_recipe(recipe: str | Path) -> dict[str, Any]:
+    """Read a recipe (a YAML file or a shipped recipe's name, see :func:`resolve_recipe`) into a
+    dict; raise :class:`ConfigError` naming the file on failure."""
+    path = resolve_recipe(recipe)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -4,7 +4,7 @@
 
 Stages: draw a synthetic interleaved dataset (training and evaluation files), write tiny teacher
 encoders (CLIP fitted on the training captions), prepare shards with teacher features, train the
-tiny model (``recipes/tiny-cpu.yaml``), embed the evaluation shards, retrieve, evaluate, chat
+tiny model (the shipped ``tiny-cpu`` recipe), embed the evaluation shards, retrieve, evaluate, chat
 once about an image, plot, and summarise. Each stage prints the equivalent ``unimm`` command.
 """
 
@@ -21,8 +21,9 @@ from typing import Any
 import typer
 
 from unimm.config import PrepareConfig, build_config
+from unimm.utils import atomic_write_bytes, atomic_write_json, environment
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+RECIPE = "tiny-cpu"  # a shipped recipe (unimm/recipes/tiny-cpu.yaml)
 
 
 def _stage(title: str, command: str | list[str] | None = None) -> None:
@@ -69,9 +70,49 @@ def run(
     steps: int = 1500,
     fit_steps: int = 400,
     workers: int = 2,
+    seed: int = 0,
+    threads: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the quickstart into ``out_dir``; return the summary numbers it prints."""
+    """Run the quickstart into ``out_dir``; return the summary numbers it prints.
+
+    ``seed`` draws the data (training records with ``2·seed``, evaluation records with
+    ``2·seed + 1``), the teachers and the training run; seed 0 is the README's run. ``threads``
+    fixes torch's CPU threads for the run: the order of a parallel reduction depends on the
+    thread count, and after 1500 steps so do the figures, so the same number of threads on any
+    machine gives the same summary (on the same CPU kind and library versions). The printed
+    summary is also written to ``out_dir/summary.txt``, and the numbers to ``summary.json``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _pipeline(
+            Path(out_dir),
+            records=records,
+            eval_records=eval_records,
+            steps=steps,
+            fit_steps=fit_steps,
+            workers=workers,
+            seed=seed,
+            progress=progress,
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pipeline(
+    out: Path,
+    *,
+    records: int,
+    eval_records: int,
+    steps: int,
+    fit_steps: int,
+    workers: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
     from unimm.chat import ChatOptions, one_shot
     from unimm.data.synthetic import caption_pairs, write_synthetic
     from unimm.embed import EmbedConfig
@@ -85,18 +126,18 @@ def run(
     from unimm.train import run as train
 
     start = time.perf_counter()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     _stage(
         f"1. synthetic interleaved data: {records} training and {eval_records} evaluation records",
         _python(
-            f"from unimm.data.synthetic import write_synthetic; write_synthetic('{out}/train', {records}); "
-            f"write_synthetic('{out}/eval', {eval_records}, seed=1)"
+            "from unimm.data.synthetic import write_synthetic; "
+            f"write_synthetic('{out}/train', {records}, seed={2 * seed}); "
+            f"write_synthetic('{out}/eval', {eval_records}, seed={2 * seed + 1})"
         ),
     )
-    data = write_synthetic(out / "train", records)
-    eval_data = write_synthetic(out / "eval", eval_records, seed=1)
+    data = write_synthetic(out / "train", records, seed=2 * seed)
+    eval_data = write_synthetic(out / "eval", eval_records, seed=2 * seed + 1)
     typer.echo(f"    {data}\n    {eval_data}")
 
     _stage(
@@ -104,17 +145,24 @@ def run(
         _python(
             "from unimm.model.tiny import save_tiny_teachers; "
             "from unimm.data.synthetic import caption_pairs; "
-            f"save_tiny_teachers('{out}/teachers', fit_pairs=caption_pairs('{data}'))"
+            f"save_tiny_teachers('{out}/teachers', fit_pairs=caption_pairs('{data}'), seed={seed})"
         ),
     )
-    teachers = save_tiny_teachers(out / "teachers", fit_pairs=caption_pairs(data), fit_steps=fit_steps)
+    teachers = save_tiny_teachers(
+        out / "teachers", fit_pairs=caption_pairs(data), fit_steps=fit_steps, seed=seed
+    )
 
     title = "prepare {} shards with teacher features"
     result = _prepare("3. " + title.format("training"), data, out / "shards", teachers, workers, progress)
     _prepare("4. " + title.format("evaluation"), eval_data, out / "eval-shards", teachers, workers, progress)
 
     run_dir = out / "run"
-    overrides = [f"data.train={out / 'shards'}", f"train.max_steps={steps}", f"train.save_every={steps}"]
+    overrides = [
+        f"data.train={out / 'shards'}",
+        f"train.max_steps={steps}",
+        f"train.save_every={steps}",
+        f"train.seed={seed}",
+    ]
     train_args = ["unimm", "train", "--recipe", str(RECIPE)]
     for item in overrides:
         train_args += ["--set", item]
@@ -245,8 +293,9 @@ def run(
         "chat": {"question": prompt, "answer": answer, "gold": question["response"]},
         "plots": [str(p) for p in plots["files"]],
         "seconds": round(time.perf_counter() - start, 1),
+        "environment": environment(),
     }
-    _print_summary(summary, window)
+    _print_summary(summary, window, out)
     return summary
 
 
@@ -270,27 +319,34 @@ def _plots(out: Path, run_dir: Path, checkpoint: Path, ev) -> dict[str, Any]:
     return {"files": files, "correlation": round(off_diagonal_correlation(targets, learned, ~same), 3)}
 
 
-def _print_summary(summary: dict[str, Any], window: int) -> None:
+def summary_lines(summary: dict[str, Any], window: int) -> list[str]:
+    """The summary as the quickstart prints it (and as the README shows it), one line a figure."""
+
     def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    typer.secho("\nsummary", bold=True)
+    lines = ["summary"]
     for key, (first, last) in summary["losses"].items():
-        typer.echo(f"    {key:<26}: {first} -> {last} (mean of the first and last {window} steps)")
-    typer.echo(
+        lines.append(f"    {key:<26}: {first} -> {last} (mean of the first and last {window} steps)")
+    lines += [
         f"    {'caption accuracy':<26}: {number(summary['caption_exact_match'])} exact, "
-        f"{number(summary['caption_word_accuracy'])} of the words"
-    )
-    typer.echo(f"    {'QA exact match':<26}: {number(summary['qa_exact_match'])}")
-    typer.echo(f"    {'two-choice accuracy':<26}: {number(summary['two_choice_accuracy'])} (chance 0.5)")
-    typer.echo(
+        f"{number(summary['caption_word_accuracy'])} of the words",
+        f"    {'QA exact match':<26}: {number(summary['qa_exact_match'])}",
+        f"    {'two-choice accuracy':<26}: {number(summary['two_choice_accuracy'])} (chance 0.5)",
         f"    {'text→image R@1':<26}: {number(summary['text_to_image_r1'])} "
-        f"(chance {number(summary['text_to_image_chance'])})"
-    )
-    typer.echo(
+        f"(chance {number(summary['text_to_image_chance'])})",
         f"    {'target–learned similarity':<26}: correlation {summary['target_learned_correlation']} "
-        "(views of different documents)"
-    )
-    typer.echo(f"    {'checkpoint':<26}: {summary['checkpoint']}")
-    typer.echo(f"    {'plots':<26}: {', '.join(summary['plots'])}")
-    typer.echo(f"    {'time':<26}: {summary['seconds']} s")
+        "(views of different documents)",
+        f"    {'checkpoint':<26}: {summary['checkpoint']}",
+        f"    {'plots':<26}: {', '.join(summary['plots'])}",
+        f"    {'time':<26}: {summary['seconds']} s",
+    ]
+    return lines
+
+
+def _print_summary(summary: dict[str, Any], window: int, out: Path) -> None:
+    lines = summary_lines(summary, window)
+    typer.secho("\n" + lines[0], bold=True)
+    typer.echo("\n".join(lines[1:]))
+    atomic_write_bytes(out / "summary.txt", ("\n".join(lines) + "\n").encode())
+    atomic_write_json(out / "summary.json", summary)

@@ -1,8 +1,9 @@
 """``unimm train``: joint generative + structure-induced training (``L = L_g + α·L_d``).
 
-    unimm train --recipe recipes/tiny-cpu.yaml --set data.train=shards --set train.max_steps=50 \
+    unimm train --recipe tiny-cpu --set data.train=shards --set train.max_steps=50 \
         --out runs/tiny
-    accelerate launch --config_file recipes/accelerate/ddp.yaml -m unimm.cli train --recipe ... --out RUN
+    accelerate launch --config_file "$(unimm recipes accelerate/ddp)" -m unimm.cli train \
+        --recipe ... --out RUN
 
 One lifecycle: setup (data, model, optimizer) → train (steps) → save → cleanup. The per-step
 function :func:`train_step` returns ``loss``, ``loss_gen`` and ``loss_disc``.
@@ -526,13 +527,13 @@ def check_parallelism(accelerator) -> None:
     if kind == "FSDP" and not accelerator.is_fsdp2:
         raise UnimmError(
             "unimm train supports FSDP version 2 only; set fsdp_version: 2 in the accelerate config "
-            "(as recipes/accelerate/fsdp.yaml does)"
+            "(as the shipped recipe accelerate/fsdp does)"
         )
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise UnimmError(
             f"unimm train does not support {kind} (it owns the optimizer and checkpoints in its own "
             "pickle-based format); launch with FSDP to shard the model (accelerate launch --config_file "
-            "recipes/accelerate/fsdp.yaml) or with DDP (recipes/accelerate/ddp.yaml, or torchrun) — with "
+            '"$(unimm recipes accelerate/fsdp)") or with DDP (accelerate/ddp, or torchrun) — with '
             "LoRA a 7B model fits one GPU per process, and train.grad_cache_chunk grows the global batch "
             "past memory"
         )

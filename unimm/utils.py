@@ -80,3 +80,17 @@ def resolve_device(name: str, *, flag: str = "--device"):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UnimmError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def environment() -> dict[str, str]:
+    """Versions of Python and of the libraries our figures depend on (recorded beside results)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    for name in ("torch", "transformers", "tokenizers", "accelerate", "peft", "numpy"):
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            env[name] = "not installed"
+    return env
