@@ -176,3 +176,20 @@ def test_bench_train_reports_both_variants_and_model_flops(tmp_path):
     achieved = joint["flops_per_token"] * joint["tokens"] / joint["step_s"] / 1e12
     assert joint["model_tflops_per_s"] == pytest.approx(achieved, rel=0.01, abs=1e-4)
     assert joint["mfu"] == pytest.approx(joint["model_tflops_per_s"], rel=1e-3, abs=1e-4)  # peak 1 TFLOP/s
+
+
+def test_recipes_lists_the_shipped_recipes_and_prints_paths(tmp_path, monkeypatch):
+    from unimm.config import SHIPPED_RECIPES
+
+    monkeypatch.chdir(tmp_path)  # names work from any directory
+    listed = runner.invoke(app, ["recipes"])
+    assert listed.exit_code == 0, listed.output
+    names = [line.split()[0] for line in listed.output.splitlines()]
+    assert names == sorted(
+        p.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix() for p in SHIPPED_RECIPES.rglob("*.yaml")
+    )
+    one = runner.invoke(app, ["recipes", "accelerate/fsdp"])
+    assert one.exit_code == 0 and one.output.strip() == str(SHIPPED_RECIPES / "accelerate" / "fsdp.yaml")
+    bad = runner.invoke(app, ["recipes", "nope"])
+    assert bad.exit_code == 2 and "--recipe nope" in bad.output and "tiny-cpu" in bad.output
+    assert "Traceback" not in bad.output

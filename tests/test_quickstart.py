@@ -39,17 +39,31 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 
 
 def test_quickstart_shows_learning(tmp_path):
-    """A reduced quickstart (1000 records, 1200 steps, ~45 s) learns to look at the images and to
-    retrieve: the margins are wide (measured values in the comments) so float noise cannot flip them."""
+    """A reduced quickstart (1000 records, 1200 steps, ~45 s) learns both jobs.
+
+    Thresholds come from 10 seeds on the locked environment (``python scripts/quickstart_seeds.py
+    --seeds 0-9``, table in docs/benchmarks.md): min–max, mean ± std, and the margin to the
+    threshold in standard deviations are written next to each. Only figures whose spread leaves a
+    wide margin are asserted. Whether the model learns to *look at the images* within 1200 steps
+    varies with the seed (two-choice accuracy 0.52–0.83, text→image R@1 1.2–4.8× chance), so no
+    image-grounding figure is asserted here: a threshold that every seed clears would sit at chance.
+    """
     from unimm.quickstart import run
 
     s = run(tmp_path / "qs", records=1000, eval_records=200, steps=1200, progress=False)
     (gen_first, gen_last), (disc_first, disc_last) = s["losses"]["loss_gen"], s["losses"]["loss_disc"]
-    assert gen_last < 0.25 * gen_first and disc_last < 0.8 * disc_first, s["losses"]
-    assert s["two_choice_accuracy"] >= 0.75, s  # 0.88 measured; chance 0.5 (the answer is in the image)
-    assert s["caption_word_accuracy"] >= 0.65, s  # 0.77 measured
-    assert s["text_to_image_r1"] >= 2 * s["text_to_image_chance"], s  # 2.7x measured
-    assert s["target_learned_correlation"] >= 0.5, s  # 0.76 measured
+    # next-token loss falls: last/first 0.133–0.199, 0.165 ± 0.024; threshold at mean + 5.6 std
+    assert gen_last < 0.30 * gen_first, s["losses"]
+    # structure-induced loss falls: last/first 0.324–0.509, 0.416 ± 0.060; mean + 4.7 std
+    assert disc_last < 0.70 * disc_first, s["losses"]
+    # the learned view similarities follow the teachers' targets: 0.598–0.842, 0.712 ± 0.077;
+    # mean - 4.1 std (an untrained head gives about 0)
+    assert s["target_learned_correlation"] >= 0.40, s
+    # captions are learned as language: 0.520–0.824, 0.697 ± 0.101; mean - 2.9 std (an untrained
+    # model gives about 0; one that reads the grammar but not the image about 0.5)
+    assert s["caption_word_accuracy"] >= 0.40, s
+    for key in ("two_choice_accuracy", "qa_exact_match", "text_to_image_r1", "caption_exact_match"):
+        assert 0.0 <= s[key] <= 1.0, (key, s[key])
 
 
 def test_synthetic_data_is_deterministic_and_consistent(tmp_path):

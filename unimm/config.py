@@ -199,11 +199,11 @@ def resolve_recipe(recipe: str | Path) -> Path:
         return shipped[name]
     if path.exists():
         raise ConfigError(
-            ["not a file: give a recipe YAML file or a shipped recipe's name"], source=str(recipe)
+            ["not a file: give a recipe YAML file or a shipped recipe's name"], source=f"--recipe {recipe}"
         )
     raise ConfigError(
         [f"no such file, and no shipped recipe of that name (shipped: {', '.join(shipped)})"],
-        source=str(recipe),
+        source=f"--recipe {recipe}",
     )
 
 

@@ -77,7 +77,7 @@ def similarity_heatmap(
     targets: torch.Tensor, learned: torch.Tensor, out: str | Path, labels: list[str] | None = None
 ) -> Path:
     """Side-by-side heatmaps of the target ``M^l`` and the learned ``M^r`` over the same views."""
-    fig, axes = _figure(1, 2, figsize=(11, 5))
+    fig, axes = _figure(1, 2, figsize=(12, 5.5), layout="constrained")  # room for the colour bars
     for ax, matrix, title in (
         (axes[0], targets, "target M^l (teachers, GAK)"),
         (axes[1], learned, "learned M^r (student cosine)"),
