@@ -46,10 +46,8 @@ def tiny_shards(tmp_path_factory, tiny_teachers) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
     """A tiny checkpoint (2 steps on ``tiny_shards``) and a float32 index of those shards."""
-    from unimm.config import build_config
-    from unimm.embed import EmbedConfig
+    from unimm.config import EmbedConfig, TrainConfig, build_config
     from unimm.embed import run as embed
-    from unimm.train import TrainConfig
     from unimm.train import run as train
 
     root = tmp_path_factory.mktemp("trained")

@@ -36,8 +36,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def config(out, shards, *overrides, resume=False):
     """The tiny-cpu recipe on ``shards``, logging every step, with ``overrides`` (``key=value``)."""
-    from unimm.config import build_config
-    from unimm.train import TrainConfig
+    from unimm.config import TrainConfig, build_config
 
     return build_config(
         TrainConfig,

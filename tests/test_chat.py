@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from unimm.chat import ChatOptions, ChatSession, one_shot, repl
+from unimm.chat import ChatSession, one_shot, repl
+from unimm.config import ChatOptions
 from unimm.errors import UnimmError
 
 

@@ -134,8 +134,7 @@ def test_shipped_recipes_by_name(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_every_recipe_loads(recipe):
     """Every shipped recipe builds every command config it has sections for, without problems."""
-    from unimm.config import load_recipe
-    from unimm.train import TrainConfig
+    from unimm.config import TrainConfig, load_recipe
 
     data = load_recipe(recipe)
     assert data, f"{recipe} is empty"
@@ -163,3 +162,9 @@ def test_accelerate_configs_parse(path):
 
 def test_recipes_exist():
     assert RECIPES, "recipes/ must ship at least one recipe"
+
+
+def test_every_recipe_section_has_one_dataclass():
+    from unimm.config import RECIPE_SECTIONS, SECTIONS
+
+    assert set(SECTIONS) == RECIPE_SECTIONS

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unimm.config import build_config
-from unimm.embed import EmbedConfig, load_index, run
+from unimm.config import EmbedConfig, build_config
+from unimm.embed import load_index, run
 from unimm.errors import UnimmError
 
 

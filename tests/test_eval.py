@@ -145,8 +145,9 @@ class _OracleEvaluator:
 
 
 def test_retrieval_wiring_with_an_oracle(tmp_path):
+    from unimm.config import EvalOptions
     from unimm.data.synthetic import write_synthetic
-    from unimm.evaluate import EvalOptions, evaluate, load_samples
+    from unimm.evaluate import evaluate, load_samples
 
     samples = load_samples([str(write_synthetic(tmp_path, 120, seed=2))])
     opts = EvalOptions(model="oracle", data=["x"], tasks=["retrieval", "interleaved", "winoground"])
@@ -214,7 +215,8 @@ def test_evaluator_calls_match_direct_model_calls(trained, tmp_path):
 
 
 def test_eval_reports_tasks_the_data_cannot_serve(trained, tmp_path):
-    from unimm.evaluate import EvalConfig, EvalOptions, run
+    from unimm.config import EvalConfig, EvalOptions
+    from unimm.evaluate import run
 
     checkpoint, _ = trained
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "t", "slices": [{"text": "just text"}]}) + "\n")

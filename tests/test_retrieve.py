@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from unimm.cli import app
-from unimm.config import build_config
+from unimm.config import RetrieveConfig, build_config
 from unimm.errors import UnimmError
-from unimm.retrieve import RetrieveConfig, query_order, run
+from unimm.retrieve import query_order, run
 
 RECIPE = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
 
@@ -120,8 +120,8 @@ def test_clear_errors(tmp_path, setup):
 
 
 def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
+    from unimm.config import EmbedConfig
     from unimm.data.shards import read_samples
-    from unimm.embed import EmbedConfig
     from unimm.embed import run as embed
 
     checkpoint, _, shards = setup
@@ -153,3 +153,34 @@ def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
     assert reranked["scores"] == sorted(reranked["scores"], reverse=True)
     with pytest.raises(UnimmError, match="--per-slice"):
         retrieve(checkpoint, setup[1], query=query, rerank="gak")
+
+
+def test_retrieve_and_chat_take_recipe_and_set(tmp_path, setup):
+    """Every option of retrieve/chat is a config key: --set reaches keys without a flag (block),
+    a recipe's section applies, and a flag given on the command line wins over the recipe."""
+    checkpoint, index, _ = setup
+    runner = CliRunner()
+    base = ["retrieve", "--model", str(checkpoint), "--index", str(index), "--query", "red"]
+
+    def ranked(output: str) -> list[str]:
+        return [line.split()[-1] for line in output.splitlines() if line.startswith("    ")]
+
+    plain = runner.invoke(app, [*base, "--top-k", "5"])
+    blocked = runner.invoke(app, [*base, "--top-k", "5", "--set", "retrieve.block=3"])
+    assert plain.exit_code == 0 and blocked.exit_code == 0, blocked.output
+    assert len(ranked(plain.output)) == 5 and ranked(blocked.output) == ranked(
+        plain.output
+    )  # blocks are exact
+    bad = runner.invoke(app, [*base, "--set", "retrieve.block=0"])
+    assert bad.exit_code == 2 and "retrieve.top_k and retrieve.block must be >= 1" in bad.output
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("retrieve:\n  top_k: 2\nchat:\n  max_new_tokens: 3\n")
+    assert len(ranked(runner.invoke(app, [*base, "--recipe", str(recipe)]).output)) == 2
+    assert len(ranked(runner.invoke(app, [*base, "--recipe", str(recipe), "--top-k", "4"]).output)) == 4
+
+    chat = ["chat", "--model", str(checkpoint), "--prompt", "What colour?", "--recipe", str(recipe)]
+    said = runner.invoke(app, chat)
+    assert said.exit_code == 0, said.output
+    wrong = runner.invoke(app, [*chat, "--set", "chat.top_p=0"])
+    assert wrong.exit_code == 2 and "chat.top_p" in wrong.output and "Traceback" not in wrong.output

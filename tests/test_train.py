@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import RECIPE, config, metrics
 
-from unimm.config import build_config
+from unimm.config import TrainConfig, build_config
 from unimm.errors import ConfigError, UnimmError
-from unimm.train import TrainConfig, run
+from unimm.train import run
 
 
 def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
@@ -308,8 +308,8 @@ def test_training_options_run_together(tmp_path, tiny_shards):
 
 
 def test_sources_are_mixed_by_weight(tiny_shards):
+    from unimm.config import DataOptions
     from unimm.data.stream import DataStream
-    from unimm.train import DataOptions
 
     stream = DataStream(
         DataOptions(train=[str(tiny_shards)] * 2, weights=[3.0, 1.0], shuffle_buffer=1), seed=0
@@ -323,8 +323,8 @@ def test_sources_are_mixed_by_weight(tiny_shards):
 def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards):
     import time
 
+    from unimm.config import DataOptions
     from unimm.data.stream import DataStream, Prefetcher
-    from unimm.train import DataOptions
 
     stream = DataStream(DataOptions(train=[str(tiny_shards)], shuffle_buffer=1), seed=0)
     prefetcher = Prefetcher(stream, 2, lambda samples: [s["id"] for s in samples], depth=2)
@@ -354,8 +354,8 @@ def _fail_on_third(samples: list[dict]):
 
 def test_worker_processes_make_the_same_batches_in_the_same_order(tiny_shards):
     """Worker processes (each making every n-th batch) give the single-process sequence and positions."""
+    from unimm.config import DataOptions
     from unimm.data.stream import DataStream, InlineBatches, WorkerBatches
-    from unimm.train import DataOptions
 
     data = DataOptions(train=[str(tiny_shards)] * 2, weights=[2.0, 1.0], shuffle_buffer=4)
     inline = InlineBatches(DataStream(data, seed=3), 3, _ids)

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-# name -> (overrides, what it removes); the switches are ../shared/DESIGN.md §1 "Ablation switches".
+# name -> (overrides, what it removes); the switches are docs/method.md, "Ablation switches".
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "joint": ([], "L_g + α·L_d, triple kernel + GAK, average pooling (the method)"),
     "generative-only": (["train.alpha=0"], "L_g only"),
@@ -92,11 +92,10 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every variant; return ``{"rows": {variant: {column: value}}, ...}``."""
     import typer
 
-    from unimm.config import build_config
+    from unimm.config import EvalOptions, TrainConfig, build_config
     from unimm.errors import ConfigError
-    from unimm.evaluate import EvalOptions, Evaluator, evaluate, load_samples, strict_json
+    from unimm.evaluate import Evaluator, evaluate, load_samples, strict_json
     from unimm.plots import ablation_bars, loss_curves
-    from unimm.train import TrainConfig
     from unimm.train import run as train
     from unimm.utils import atomic_write_bytes, atomic_write_json
 

@@ -41,7 +41,7 @@ def bench_train(
 
     import torch
 
-    from unimm.config import PrepareConfig, build_config
+    from unimm.config import DataOptions, PrepareConfig, TrainConfig, build_config
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
     from unimm.data.stream import training_texts
@@ -50,7 +50,7 @@ def bench_train(
     from unimm.prepare import run as prepare
     from unimm.quickstart import RECIPE
     from unimm.steps import train_step
-    from unimm.train import DataOptions, TrainConfig, build_model
+    from unimm.train import build_model
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:
@@ -178,14 +178,13 @@ def bench_data(
     patches (LLaVA-1.5 at 336: 576 image tokens per image). Nothing trains meanwhile, so this is
     the data path's own throughput; the time to start the workers is left out (first batch).
     """
-    from unimm.config import PrepareConfig, build_config
+    from unimm.config import DataOptions, PrepareConfig, build_config
     from unimm.data.collate import Collator
     from unimm.data.stream import BatchMaker, open_batches
     from unimm.data.synthetic import write_synthetic
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
     from unimm.model.tiny import save_tiny_llava
     from unimm.prepare import run as prepare
-    from unimm.train import DataOptions
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-data-"))
     try:

@@ -16,48 +16,13 @@ Tokens stream to the terminal as they are generated (greedy by default; ``--temp
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tarfile
 from pathlib import Path
 from typing import Any, TextIO
 
+from unimm.config import ChatOptions
 from unimm.errors import UnimmError
-
-
-@dataclasses.dataclass
-class ChatOptions:
-    """Section ``chat``."""
-
-    model: str = ""
-    index: str | None = None
-    top_k: int = 2
-    prompt: str | None = None
-    images: list[str] = dataclasses.field(default_factory=list)
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    device: str = "auto"
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("chat.model: give a checkpoint with --model RUN/step-…")
-        if self.top_k < 1 or self.max_new_tokens < 1:
-            problems.append("chat.top_k and chat.max_new_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            problems.append("chat.temperature must be >= 0 and chat.top_p in (0, 1]")
-        if self.images and self.prompt is None:
-            problems.append("chat: --image needs --prompt (in the REPL, attach images with /image PATH)")
-        return problems
-
-
-@dataclasses.dataclass
-class ChatConfig:
-    """Configuration of ``unimm chat``."""
-
-    chat: ChatOptions = dataclasses.field(default_factory=ChatOptions)
 
 
 def load_document(index_rows: list[dict], row: int, data_dirs: list[str]) -> dict:

@@ -19,7 +19,7 @@ import typer
 
 from unimm import __version__
 from unimm.cli_eval_bench import bench_app, eval_app
-from unimm.cli_options import RecipeOpt, SetOpt, user_errors
+from unimm.cli_options import RecipeOpt, SetOpt, default, user_errors
 
 app = typer.Typer(
     name="unimm",
@@ -228,8 +228,8 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train one model to generate and embed: L = L_g + alpha * L_d (structure-induced)."""
-    from unimm.config import build_config
-    from unimm.train import TrainConfig, run
+    from unimm.config import TrainConfig, build_config
+    from unimm.train import run
 
     cfg = build_config(
         TrainConfig,
@@ -280,8 +280,8 @@ def embed(
     set_: SetOpt = None,
 ) -> None:
     """Embed every document of prepared shards into an index (one unit vector per document)."""
-    from unimm.config import build_config
-    from unimm.embed import EmbedConfig, run
+    from unimm.config import EmbedConfig, build_config
+    from unimm.embed import run
 
     cfg = build_config(
         EmbedConfig,
@@ -319,11 +319,18 @@ def retrieve(
     image: Annotated[list[Path] | None, typer.Option("--image", help="Query image; repeatable.")] = None,
     queries: Annotated[Path | None, typer.Option("--queries", help="A file of query records.")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder of the query records' images.")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Results per query.")] = 10,
-    backend: Annotated[str, typer.Option(help="exact | faiss-flat | faiss-hnsw")] = "exact",
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help=f"Results per query. {default('retrieve.top_k')}")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help=f"exact | faiss-flat | faiss-hnsw {default('retrieve.backend')}")
+    ] = None,
     rerank: Annotated[
-        str, typer.Option(help="none | gak (needs an index embedded with --per-slice)")
-    ] = "none",
+        str | None,
+        typer.Option(
+            help=f"none | gak (needs an index embedded with --per-slice) {default('retrieve.rerank')}"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSONL.")] = None,
     qrels: Annotated[
         Path | None, typer.Option("--qrels", help="Relevance judgements (JSONL or TREC).")
@@ -331,11 +338,15 @@ def retrieve(
     metrics_out: Annotated[
         Path | None, typer.Option("--metrics-out", help="Write the metrics as JSON.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[
+        str | None, typer.Option(help=f"auto | cpu | cuda {default('retrieve.device')}")
+    ] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Search an index with text, image or interleaved queries (and score them against qrels)."""
-    from unimm.config import build_config
-    from unimm.retrieve import RetrieveConfig, query_order, run
+    from unimm.config import RetrieveConfig, build_config
+    from unimm.retrieve import query_order, run
 
     given = [["text", q] for q in query or []] + [["image", str(i)] for i in image or []]
     ordered = query_order(sys.argv)
@@ -343,6 +354,7 @@ def retrieve(
         given = ordered  # the order typed on the command line (texts and images interleaved)
     cfg = build_config(
         RetrieveConfig,
+        recipe=recipe,
         options={
             "retrieve.model": None if model is None else str(model),
             "retrieve.index": None if index is None else str(index),
@@ -357,6 +369,7 @@ def retrieve(
             "retrieve.metrics_out": None if metrics_out is None else str(metrics_out),
             "retrieve.device": device,
         },
+        overrides=set_,
     )
     result = run(cfg)
     for item in result["results"][:20]:
@@ -376,22 +389,33 @@ def retrieve(
 def chat(
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
     index: Annotated[Path | None, typer.Option("--index", help="Ground answers on this index (RAG).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Documents retrieved per message.")] = 2,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help=f"Documents retrieved per message. {default('chat.top_k')}")
+    ] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="One-shot: answer this and exit.")] = None,
     image: Annotated[
         list[Path] | None, typer.Option("--image", help="One-shot: image(s) before the prompt.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help=f"Longest answer in tokens. {default('chat.max_new_tokens')}")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help=f"0 = greedy; > 0 samples. {default('chat.temperature')}")
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help=f"Nucleus sampling mass. {default('chat.top_p')}")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('chat.device')}")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Chat with a checkpoint (REPL or --prompt), optionally grounded on retrieved documents."""
-    from unimm.chat import ChatConfig, one_shot, repl
-    from unimm.config import build_config
+    from unimm.chat import one_shot, repl
+    from unimm.config import ChatConfig, build_config
 
     cfg = build_config(
         ChatConfig,
+        recipe=recipe,
         options={
             "chat.model": None if model is None else str(model),
             "chat.index": None if index is None else str(index),
@@ -403,6 +427,7 @@ def chat(
             "chat.top_p": top_p,
             "chat.device": device,
         },
+        overrides=set_,
     )
     if cfg.chat.prompt is not None:
         one_shot(cfg.chat)

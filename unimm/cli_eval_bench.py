@@ -43,8 +43,8 @@ def eval_(
     interleaved, Winoground-style pairs), as a table and optionally JSON."""
     if ctx.invoked_subcommand is not None:
         return
-    from unimm.config import build_config
-    from unimm.evaluate import EvalConfig, format_table, run
+    from unimm.config import EvalConfig, build_config
+    from unimm.evaluate import format_table, run
 
     cfg = build_config(
         EvalConfig,

@@ -25,6 +25,16 @@ SetOpt = Annotated[
 ]
 
 
+def default(key: str) -> str:
+    """``[default: X]`` for a help text, read from the config section that owns ``key`` (e.g.
+    ``retrieve.top_k``), so that a default lives in one place; the option itself defaults to
+    ``None`` ("not given"), leaving the recipe's or the section's value in force."""
+    from unimm.config import SECTIONS
+
+    section, name = key.split(".")
+    return f"\\[default: {getattr(SECTIONS[section](), name)}]"
+
+
 def user_errors(fn):
     """Print a :class:`UnimmError` as one message and exit 2; Ctrl-C exits 130 with a hint."""
 

@@ -2,7 +2,7 @@
 
     unimm embed --model runs/tiny/step-000200 --data shards --out index
 
-Index layout (../shared/DESIGN.md §4)::
+Index layout (docs/formats.md)::
 
     INDEX/embeddings-00000.safetensors   "embeddings" [n, d] (unit rows; float16 or float32), and with
                                          --per-slice "slice_embeddings" [s, d] + "slice_offsets" [n+1]
@@ -16,62 +16,20 @@ prefix as in training). Parts of ``part_size`` documents are written atomically 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from unimm import __version__
+from unimm.config import EmbedConfig, EmbedOptions
 from unimm.errors import UnimmError
 from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
 
 INDEX_MANIFEST = "manifest.json"
 PART = "embeddings-{:05d}"
-
-
-@dataclasses.dataclass
-class EmbedOptions:
-    """Section ``embed``."""
-
-    model: str = ""
-    """A checkpoint folder written by `unimm train` (RUN/step-…)."""
-    data: list[str] = dataclasses.field(default_factory=list)
-    """Prepared shard directories (or shard files)."""
-    out: str = ""
-    batch_size: int = 16
-    dtype: Literal["float16", "float32"] = "float16"
-    """Storage dtype of the embeddings."""
-    per_slice: bool = False
-    """Also store an embedding after every slice (for GAK re-ranking)."""
-    part_size: int = 10000
-    device: str = "auto"
-    max_length: int = 2048
-    resume: bool = False
-    overwrite: bool = False
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("embed.model: give a checkpoint with --model RUN/step-…")
-        if not self.data:
-            problems.append("embed.data: give shard directories with --data DIR")
-        if not self.out:
-            problems.append("embed.out: give an index directory with --out DIR")
-        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 16:
-            problems.append("embed.batch_size and embed.part_size must be >= 1, embed.max_length >= 16")
-        if self.resume and self.overwrite:
-            problems.append("embed.resume and embed.overwrite: choose one")
-        return problems
-
-
-@dataclasses.dataclass
-class EmbedConfig:
-    """Configuration of ``unimm embed``."""
-
-    embed: EmbedOptions = dataclasses.field(default_factory=EmbedOptions)
 
 
 def model_hash(checkpoint: str | Path) -> str:

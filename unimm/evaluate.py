@@ -22,56 +22,14 @@ Metrics are the pure functions of :mod:`unimm.scores`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unimm.config import TASKS, EvalConfig, EvalOptions
 from unimm.errors import UnimmError
-
-TASKS = ("qa", "captioning", "two_choice", "retrieval", "interleaved", "winoground")
-
-
-@dataclasses.dataclass
-class EvalOptions:
-    """Section ``eval``."""
-
-    model: str = ""
-    data: list[str] = dataclasses.field(default_factory=list)
-    """Record files (any ``unimm prepare`` input format) or shard directories."""
-    format: str = "auto"
-    image_root: str | None = None
-    tasks: list[str] = dataclasses.field(default_factory=lambda: list(TASKS))
-    limit: int = 0
-    """At most this many items per task (0 = all)."""
-    batch_size: int = 16
-    max_new_tokens: int = 16
-    device: str = "auto"
-    out: str | None = None
-    """Write the results as JSON here."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("eval.model: give a checkpoint with --model RUN/step-…")
-        if not self.data:
-            problems.append("eval.data: give records or shard directories with --data PATH")
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            problems.append(f"eval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
-        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            problems.append("eval.limit must be >= 0; eval.batch_size and eval.max_new_tokens >= 1")
-        return problems
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """Configuration of ``unimm eval``."""
-
-    eval: EvalOptions = dataclasses.field(default_factory=EvalOptions)
-
 
 # ---------------------------------------------------------------------------------------------
 # Data → tasks (pure)

@@ -1,4 +1,4 @@
-"""Losses of structure-induced joint training (../shared/DESIGN.md §1, "Losses").
+"""Losses of structure-induced joint training (docs/method.md).
 
 - Targets ``M^l``: the normalised global alignment kernel between views with the triple kernel of
   the teacher features stored in the shards, and ``1`` for two views of the same sample.

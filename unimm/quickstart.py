@@ -113,16 +113,14 @@ def _pipeline(
     seed: int,
     progress: bool,
 ) -> dict[str, Any]:
-    from unimm.chat import ChatOptions, one_shot
+    from unimm.chat import one_shot
+    from unimm.config import ChatOptions, EmbedConfig, EvalConfig, EvalOptions, RetrieveConfig, TrainConfig
     from unimm.data.synthetic import caption_pairs, write_synthetic
-    from unimm.embed import EmbedConfig
     from unimm.embed import run as embed
-    from unimm.evaluate import EvalConfig, EvalOptions, Evaluator, format_table
+    from unimm.evaluate import Evaluator, format_table
     from unimm.evaluate import run as evaluate
     from unimm.model.tiny import save_tiny_teachers
-    from unimm.retrieve import RetrieveConfig
     from unimm.retrieve import run as retrieve
-    from unimm.train import TrainConfig
     from unimm.train import run as train
 
     start = time.perf_counter()

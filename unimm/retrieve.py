@@ -12,65 +12,14 @@ like a document: as one view cut after its last slice.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unimm.config import RetrieveConfig, RetrieveOptions
 from unimm.errors import UnimmError
-
-
-@dataclasses.dataclass
-class RetrieveOptions:
-    """Section ``retrieve``."""
-
-    model: str = ""
-    index: str = ""
-    query: list[list[str]] = dataclasses.field(default_factory=list)
-    """One interleaved query as ``[kind, value]`` pairs (``text`` or ``image``), from the CLI."""
-    queries: str | None = None
-    """A file of query records."""
-    format: str = "auto"
-    image_root: str | None = None
-    top_k: int = 10
-    backend: str = "exact"
-    """``exact`` (blocked matrix products), ``faiss-flat`` (exact, FAISS) or ``faiss-hnsw`` (approximate)."""
-    block: int = 65536
-    rerank: str = "none"
-    """``gak``: re-score the first-stage top-k by the normalised GAK between the query's and each
-    candidate's per-slice embeddings (the index needs ``--per-slice``)."""
-    rerank_delta: float = 1.0
-    device: str = "auto"
-    out: str | None = None
-    qrels: str | None = None
-    metrics_out: str | None = None
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("retrieve.model: give a checkpoint with --model RUN/step-…")
-        if not self.index:
-            problems.append("retrieve.index: give an index with --index DIR (made by `unimm embed`)")
-        if not self.query and not self.queries:
-            problems.append("retrieve: give a query (--query TEXT and/or --image PATH) or --queries FILE")
-        if self.query and self.queries:
-            problems.append("retrieve: give --query/--image or --queries, not both")
-        if self.backend not in ("exact", "faiss-flat", "faiss-hnsw"):
-            problems.append(f"retrieve.backend: use exact, faiss-flat or faiss-hnsw, got {self.backend!r}")
-        if self.rerank not in ("none", "gak"):
-            problems.append(f"retrieve.rerank: use none or gak, got {self.rerank!r}")
-        if self.top_k < 1 or self.block < 1:
-            problems.append("retrieve.top_k and retrieve.block must be >= 1")
-        return problems
-
-
-@dataclasses.dataclass
-class RetrieveConfig:
-    """Configuration of ``unimm retrieve``."""
-
-    retrieve: RetrieveOptions = dataclasses.field(default_factory=RetrieveOptions)
 
 
 def load_queries(opts: RetrieveOptions) -> list[dict]:

@@ -18,7 +18,7 @@ import torch
 from unimm.distributed import gather_views, global_sum, rank_and_world
 
 if TYPE_CHECKING:
-    from unimm.train import TrainConfig
+    from unimm.config import TrainConfig
 
 
 @dataclasses.dataclass

@@ -8,8 +8,8 @@
 One lifecycle: setup (data, model, optimizer) → train (steps) → save → cleanup. The per-step
 function :func:`train_step` returns ``loss``, ``loss_gen`` and ``loss_disc``.
 
-The step itself (losses, gradient caching, evaluation) is in :mod:`unimm.steps`; this module
-holds the configuration, the model set-up and the loop.
+The step itself (losses, gradient caching, evaluation) is in :mod:`unimm.steps`, the sections
+of the configuration in :mod:`unimm.config`; this module holds the model set-up and the loop.
 
 Resume: a checkpoint holds the model, the optimizer, the scheduler, the RNG states and the data
 position, all as safetensors/JSON; ``--resume`` continues from the newest one and reproduces the
@@ -26,11 +26,11 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from unimm.config import AlignOptions, config_to_dict
+from unimm.config import ModelOptions, TrainConfig, config_to_dict
 from unimm.data.stream import BatchMaker, check_shards, open_batches, training_texts
 from unimm.distributed import gather_objects
 from unimm.errors import UnimmError
@@ -38,169 +38,6 @@ from unimm.steps import evaluate, load_eval_batches, train_step, train_step_cach
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
 _FAULT_ENV = "UNIMM_FAULT_AFTER_STEPS"
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclasses.dataclass
-class ModelOptions:
-    """Section ``model``."""
-
-    path: str | None = None
-    """Local Hugging Face image-text-to-text folder (e.g. a LLaVA-1.5 checkpoint)."""
-    tiny: bool = False
-    """Build the tiny random LLaVA instead (its tokenizer trained on the training texts)."""
-    pooling: Literal["paper", "last"] = "paper"
-    embed_dim: int = 256
-    system_prompt: str = ""
-    max_length: int = 2048
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the weights are loaded in (mixed precision is train.mixed_precision)."""
-    trust_remote_code: bool = False
-    lora: bool = True
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names inside the language model that get LoRA adapters."""
-    train_projector: bool = True
-    train_vision: bool = False
-    train_lm: bool = False
-    """Fine-tune the whole language model (only without LoRA)."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.path is None and not self.tiny:
-            problems.append(
-                "model.path: give a local model folder (--set model.path=DIR), or model.tiny=true"
-            )
-        if self.path is not None and self.tiny:
-            problems.append("model.path and model.tiny: choose one")
-        if self.embed_dim < 1 or self.max_length < 16 or self.lora_r < 1:
-            problems.append("model.embed_dim, model.lora_r must be >= 1 and model.max_length >= 16")
-        if self.lora and self.train_lm:
-            problems.append("model.train_lm: full fine-tuning of the language model is for lora=false")
-        return problems
-
-
-@dataclasses.dataclass
-class DataOptions:
-    """Section ``data``."""
-
-    train: list[str] = dataclasses.field(default_factory=list)
-    """Prepared shard directories (``unimm prepare`` outputs)."""
-    weights: list[float] = dataclasses.field(default_factory=list)
-    """Mixing weight per directory (default: equal)."""
-    eval: list[str] = dataclasses.field(default_factory=list)
-    """Shard directories evaluated every train.eval_every steps (fixed batches, no shuffle)."""
-    shuffle_buffer: int = 256
-    prefetch: int = 2
-    """Batches decoded and collated ahead (0 = in the training loop): on a background thread, or
-    per worker process when ``workers > 0``."""
-    workers: int = 0
-    """Worker processes that decode and collate batches (0 = none). The batches and their order
-    are the same for any number of workers, so resuming and changing it are both exact."""
-    cut_points: int = 4
-    """Views per sample (the paper's P); the last slice is always one of them."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.train:
-            problems.append("data.train: give at least one shard directory (--set data.train=DIR)")
-        if self.weights and len(self.weights) != len(self.train):
-            problems.append(f"data.weights: {len(self.weights)} weights for {len(self.train)} directories")
-        if any(w <= 0 for w in self.weights):
-            problems.append("data.weights: every weight must be > 0")
-        if self.prefetch < 0:
-            problems.append(f"data.prefetch: must be >= 0 (0 = off), got {self.prefetch}")
-        if self.workers < 0:
-            problems.append(f"data.workers: must be >= 0 (0 = no worker processes), got {self.workers}")
-        if self.workers > 0 and self.prefetch == 0:
-            problems.append("data.prefetch: must be >= 1 with data.workers > 0 (batches ahead per worker)")
-        if self.cut_points < 1:
-            problems.append(f"data.cut_points: must be >= 1, got {self.cut_points}")
-        return problems
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    """Section ``train``."""
-
-    alpha: float = 1.0
-    """Weight of the discriminative loss (0 = generative only)."""
-    gen_weight: float = 1.0
-    """Weight of the generative loss (0 = discriminative only)."""
-    disc_loss: Literal["mse", "infonce", "kl"] = "mse"
-    temperature: float = 0.05
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_steps: int = 1000
-    batch_size: int = 8
-    """Samples per device per step."""
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 500
-    keep_last: int = 2
-    max_nonfinite: int = 10
-    """Consecutive steps with a non-finite loss before training stops."""
-    eval_every: int = 0
-    """Evaluate data.eval every this many steps (0 = never)."""
-    eval_batches: int = 4
-    grad_cache_chunk: int = 0
-    """Gradient caching: samples per forward chunk (0 = off). The step's gradient is exactly the
-    full batch's, while memory holds one chunk's activations, so batch_size (and with it the
-    number of views in L_d) can grow past what fits at once."""
-    merge_lora: bool = False
-    """Fold LoRA adapters into the weights of the final checkpoint."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.alpha < 0 or self.gen_weight < 0 or (self.alpha == 0 and self.gen_weight == 0):
-            problems.append("train.alpha and train.gen_weight: non-negative and not both 0")
-        for key in (
-            "max_steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "save_every",
-            "keep_last",
-            "max_nonfinite",
-        ):
-            if getattr(self, key) < 1:
-                problems.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            problems.append(f"train.lr: must be > 0, got {self.lr}")
-        if self.grad_cache_chunk < 0:
-            problems.append(f"train.grad_cache_chunk: must be >= 0 (0 = off), got {self.grad_cache_chunk}")
-        if self.eval_every < 0 or self.eval_batches < 1:
-            problems.append("train.eval_every must be >= 0 (0 = never) and train.eval_batches >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if not self.temperature > 0:
-            problems.append(f"train.temperature: must be > 0, got {self.temperature}")
-        return problems
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Configuration of ``unimm train``."""
-
-    model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
-    data: DataOptions = dataclasses.field(default_factory=DataOptions)
-    align: AlignOptions = dataclasses.field(default_factory=AlignOptions)
-    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
-    out: str = ""
-    resume: bool = False
-
-    def validate(self) -> list[str]:
-        return [] if self.out else ["out: give a run directory with --out RUN"]
-
 
 # ---------------------------------------------------------------------------------------------
 # Model

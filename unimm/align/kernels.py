@@ -1,7 +1,7 @@
 """Local distances between slices and the local log-kernel of the global alignment kernel.
 
 - plain vectors (student embeddings): ``φ(a, b) = ‖a − b‖²``;
-- teacher features ``(u, v, modality)`` with the triple kernel (../shared/DESIGN.md §1):
+- teacher features ``(u, v, modality)`` with the triple kernel (docs/method.md):
   same modality ``φ = ‖u_a − u_b‖²`` (the unimodal expert decides), different modality
   ``φ = ‖v_a − v_b‖²`` (CLIP's shared space decides). For unit rows these are ``2 − 2 a·b``; we
   compute the squared distance itself, which stays exact (and smooth) for rows stored in

@@ -1,6 +1,6 @@
 """Fused Triton kernels for the all-pairs global alignment kernel (forward and backward).
 
-Design (../shared/DESIGN.md §2):
+Design (docs/alignment.md):
 
 - Views are ``(offset, length)`` ranges of one slice array, so views that are prefixes of the
   same sample share slices; one Gram matrix per feature space is computed over those slices by

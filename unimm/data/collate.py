@@ -1,6 +1,6 @@
 """Collation: a record → token ids with image tokens, labels, slice spans and cut points.
 
-Prompt layout (LLaVA's template, ../shared/DESIGN.md §1)::
+Prompt layout (LLaVA's template, docs/method.md)::
 
     <s>{system} USER: {slice 1}\\n{slice 2}\\n… ASSISTANT: {response}</s>
 

@@ -1,6 +1,6 @@
 """The unimm record: an interleaved sequence of text and image slices plus an optional response.
 
-JSONL, one record per line (../shared/DESIGN.md §4)::
+JSONL, one record per line (docs/formats.md)::
 
     {"id": "doc-1", "slices": [{"text": "A red square."}, {"image": "imgs/a.jpg"}], "response": "..."}
 

@@ -1,6 +1,6 @@
 """WebDataset shards: a deterministic writer and a streaming reader.
 
-Layout of a prepared directory (../shared/DESIGN.md §4)::
+Layout of a prepared directory (docs/formats.md)::
 
     DIR/shard-000000.tar      per sample: KEY.json, KEY.N.jpg per image slice N,
     DIR/shard-000001.tar                  KEY.teacher.safetensors (u, v, modality) with teachers

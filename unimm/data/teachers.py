@@ -1,6 +1,6 @@
 """Frozen teacher encoders whose features the structure-induced loss compares slices with.
 
-Per slice two unit vectors (../shared/DESIGN.md §1, "Teacher features"):
+Per slice two unit vectors (docs/method.md):
 
 - image slice: ``u`` = image-expert embedding (e.g. DINOv2, ``pooler_output`` or the CLS
   token), ``v`` = CLIP image embedding;

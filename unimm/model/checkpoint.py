@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors and JSON only, written atomically (../shared/DESIGN.md §4).
+"""Checkpoints: safetensors and JSON only, written atomically (docs/formats.md).
 
 A checkpoint directory::
 

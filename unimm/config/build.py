@@ -1,13 +1,8 @@
-"""Typed configuration: dataclasses merged as defaults <- recipe YAML <- CLI options <- ``--set``.
-
-Every subcommand has one config dataclass built from shared section dataclasses (``prepare``,
-``teachers``, later ``model``, ``data``, ``align``, ``train``). A recipe is a YAML document whose
-top-level keys are section names, so one recipe can drive several commands::
-
-    unimm prepare data.jsonl --out shards --recipe tiny-cpu --set prepare.workers=2
+"""Building a config from layers: defaults <- recipe YAML <- CLI options <- ``--set a.b=value``.
 
 Unknown keys, wrong types and invalid values are all collected and raised together in one
-:class:`~unimm.errors.ConfigError`, each naming the dotted key and what to change.
+:class:`~unimm.errors.ConfigError`, each naming the dotted key and what to change. Recipes are
+YAML files or the names of recipes shipped in ``unimm/recipes/``.
 """
 
 from __future__ import annotations
@@ -22,153 +17,15 @@ import yaml
 
 from unimm.errors import ConfigError
 
+C = TypeVar("C")
+
 # Every section a recipe may hold. A command ignores the sections it does not use, so that one
 # recipe drives prepare, train and embed; a key outside this set is a typo and fails.
 RECIPE_SECTIONS = frozenset(
     {"prepare", "teachers", "model", "data", "align", "train", "embed", "retrieve", "chat", "eval"}
 )
 
-C = TypeVar("C")
-
-
-@dataclasses.dataclass
-class PrepareOptions:
-    """Options of ``unimm prepare`` (section ``prepare``)."""
-
-    inputs: list[str] = dataclasses.field(default_factory=list)
-    """Record files (JSONL, LLaVA JSON/JSONL, MMC4 JSONL, CSV/TSV)."""
-    out: str = ""
-    """Output shard directory."""
-    format: Literal["auto", "unimm", "llava", "mmc4", "csv"] = "auto"
-    """Input format; ``auto`` decides per file from its extension and first record."""
-    image_root: str | None = None
-    """Folder image paths are relative to (and must stay inside); default: each input's folder."""
-    samples_per_shard: int = 1000
-    max_shard_bytes: int = 1 << 30
-    """A shard is closed before it would pass this size (a single larger sample gets its own)."""
-    image_size: int | None = None
-    """Shorter image side after resizing (aspect kept, never upscaled); ``None`` keeps the size."""
-    jpeg_quality: int = 90
-    workers: int = 1
-    """Processes that decode, check and resize images (1 = in the main process)."""
-    on_error: Literal["fail", "skip"] = "fail"
-    """``skip`` leaves bad records out and lists them in ``DIR/rejects.jsonl``."""
-    verify_images: Literal["full", "header"] = "full"
-    """``full`` decodes every image (catches truncated or corrupt data); ``header`` only parses
-    the header, which is faster but lets a corrupt body through to training."""
-    max_image_pixels: int = 89_478_485
-    """Decompression-bomb limit in pixels (Pillow's default)."""
-    resume: bool = False
-    """Keep complete shards of an interrupted run (checked by sha256) and redo the rest."""
-    overwrite: bool = False
-    """Replace an existing prepared directory."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.inputs:
-            problems.append("prepare.inputs: give at least one input file")
-        if not self.out:
-            problems.append("prepare.out: give an output directory with --out DIR")
-        for key in ("samples_per_shard", "max_shard_bytes", "workers", "max_image_pixels"):
-            if getattr(self, key) < 1:
-                problems.append(f"prepare.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.image_size is not None and self.image_size < 8:
-            problems.append(f"prepare.image_size: must be >= 8 pixels (or unset), got {self.image_size}")
-        if not 1 <= self.jpeg_quality <= 100:
-            problems.append(f"prepare.jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
-        if self.resume and self.overwrite:
-            problems.append("prepare.resume and prepare.overwrite: choose one of them")
-        return problems
-
-
-@dataclasses.dataclass
-class TeacherOptions:
-    """Frozen teacher encoders whose features ``prepare`` stores (section ``teachers``)."""
-
-    image_expert: str | None = None
-    """Local directory of an image encoder loadable by ``AutoModel`` (e.g. DINOv2-base)."""
-    text_expert: str | None = None
-    """Local directory of a text encoder loadable by ``AutoModel`` (e.g. BGE-base; CLS pooling)."""
-    clip: str | None = None
-    """Local directory of a ``CLIPModel`` (image and text features in one space)."""
-    device: str = "cpu"
-    batch_size: int = 32
-    text_max_length: int = 512
-    """Longest text (in tokens) given to the text expert; CLIP is capped by its own limit."""
-    trust_remote_code: bool = False
-    """Allow model code from the checkpoint directory; off unless you trust that directory."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.batch_size < 1:
-            problems.append(f"teachers.batch_size: must be >= 1, got {self.batch_size}")
-        if self.text_max_length < 1:
-            problems.append(f"teachers.text_max_length: must be >= 1, got {self.text_max_length}")
-        experts = (self.image_expert is None, self.text_expert is None)
-        if experts[0] != experts[1]:
-            problems.append(
-                "teachers: give both --teacher-image-expert and --teacher-text-expert (the triple "
-                "kernel needs an expert per modality), or neither"
-            )
-        if self.image_expert is not None and self.clip is None:
-            problems.append(
-                "teachers.clip: the triple kernel compares an image with a text through CLIP; "
-                "add --teacher-clip PATH"
-            )
-        return problems
-
-    @property
-    def enabled(self) -> bool:
-        return self.clip is not None
-
-
-@dataclasses.dataclass
-class AlignOptions:
-    """How the structure-induced targets are computed (section ``align``; ../shared/DESIGN.md §1)."""
-
-    delta: float = 1.0
-    """Bandwidth scale δ (the paper gives no value)."""
-    sigma: float | str = "length_scaled"
-    """``length_scaled`` (σ = δ·sqrt((n+m)/2), the paper's), ``fixed`` (σ = δ; enables prefix
-    sharing, one DP table per sample pair) or a number (σ itself)."""
-    normalize: bool = True
-    """Normalised K̃ ∈ (0, 1] (raw K grows with length)."""
-    single_slice: Literal["cosine", "gak"] = "cosine"
-    teacher: Literal["triple", "clip", "mean"] = "triple"
-    """``triple`` (default), ``clip`` (the paper's "w/o TK"), ``mean`` (its "w/o GAK")."""
-    student: Literal["cosine", "gak"] = "cosine"
-    """Student similarity: cosine of the view embeddings. ``gak`` (GAK over per-slice student
-    embeddings, a DESIGN extension) is refused: training does not compute it yet."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not self.delta > 0:
-            problems.append(f"align.delta: must be > 0, got {self.delta}")
-        if isinstance(self.sigma, str) and self.sigma not in ("length_scaled", "fixed"):
-            problems.append(f"align.sigma: use length_scaled, fixed or a number, got {self.sigma!r}")
-        if not isinstance(self.sigma, str) and not self.sigma > 0:
-            problems.append(f"align.sigma: a number must be > 0, got {self.sigma}")
-        if self.student != "cosine":
-            problems.append(
-                f"align.student: {self.student} is not implemented in training yet (the targets use the "
-                "GAK; the student side is the cosine of view embeddings); use align.student=cosine"
-            )
-        return problems
-
-
-@dataclasses.dataclass
-class PrepareConfig:
-    """Configuration of ``unimm prepare``."""
-
-    prepare: PrepareOptions = dataclasses.field(default_factory=PrepareOptions)
-    teachers: TeacherOptions = dataclasses.field(default_factory=TeacherOptions)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building a config from layers
-
-
-SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 """Recipes shipped as package data (``tiny-cpu``, ``llava-7b-lora``, ``accelerate/ddp``, ...)."""
 
 

@@ -1,0 +1,63 @@
+"""The one typed config tree: every section of every command, and how a config is built.
+
+    unimm prepare data.jsonl --out shards --recipe tiny-cpu --set prepare.workers=2
+
+Each command has one config dataclass (:mod:`unimm.config.commands`) made of section dataclasses
+(:mod:`~unimm.config.data`: ``prepare``, ``teachers``, ``data``; :mod:`~unimm.config.model`:
+``model``, ``align``, ``train``; :mod:`~unimm.config.inference`: ``embed``, ``retrieve``,
+``chat``, ``eval``). A recipe is a YAML document whose top-level keys are section names, so one
+recipe drives several commands; :func:`build_config` merges defaults <- recipe <- CLI options <-
+``--set`` overrides and reports every problem at once (:mod:`unimm.config.build`).
+"""
+
+from unimm.config.build import (
+    RECIPE_SECTIONS,
+    SHIPPED_RECIPES,
+    build_config,
+    config_to_dict,
+    load_recipe,
+    parse_override,
+    resolve_recipe,
+    shipped_recipes,
+)
+from unimm.config.commands import (
+    SECTIONS,
+    ChatConfig,
+    EmbedConfig,
+    EvalConfig,
+    PrepareConfig,
+    RetrieveConfig,
+    TrainConfig,
+)
+from unimm.config.data import DataOptions, PrepareOptions, TeacherOptions
+from unimm.config.inference import TASKS, ChatOptions, EmbedOptions, EvalOptions, RetrieveOptions
+from unimm.config.model import AlignOptions, ModelOptions, TrainOptions
+
+__all__ = [
+    "RECIPE_SECTIONS",
+    "SECTIONS",
+    "SHIPPED_RECIPES",
+    "TASKS",
+    "AlignOptions",
+    "ChatConfig",
+    "ChatOptions",
+    "DataOptions",
+    "EmbedConfig",
+    "EmbedOptions",
+    "EvalConfig",
+    "EvalOptions",
+    "ModelOptions",
+    "PrepareConfig",
+    "PrepareOptions",
+    "RetrieveConfig",
+    "RetrieveOptions",
+    "TeacherOptions",
+    "TrainConfig",
+    "TrainOptions",
+    "build_config",
+    "config_to_dict",
+    "load_recipe",
+    "parse_override",
+    "resolve_recipe",
+    "shipped_recipes",
+]

@@ -1,0 +1,146 @@
+"""Sections of the model and how it learns: ``model`` (which model, which parts train, LoRA),
+``align`` (the structure-induced targets) and ``train`` (losses, optimisation, checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """Section ``model``."""
+
+    path: str | None = None
+    """Local Hugging Face image-text-to-text folder (e.g. a LLaVA-1.5 checkpoint)."""
+    tiny: bool = False
+    """Build the tiny random LLaVA instead (its tokenizer trained on the training texts)."""
+    pooling: Literal["paper", "last"] = "paper"
+    embed_dim: int = 256
+    system_prompt: str = ""
+    max_length: int = 2048
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (mixed precision is train.mixed_precision)."""
+    trust_remote_code: bool = False
+    lora: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names inside the language model that get LoRA adapters."""
+    train_projector: bool = True
+    train_vision: bool = False
+    train_lm: bool = False
+    """Fine-tune the whole language model (only without LoRA)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.path is None and not self.tiny:
+            problems.append(
+                "model.path: give a local model folder (--set model.path=DIR), or model.tiny=true"
+            )
+        if self.path is not None and self.tiny:
+            problems.append("model.path and model.tiny: choose one")
+        if self.embed_dim < 1 or self.max_length < 16 or self.lora_r < 1:
+            problems.append("model.embed_dim, model.lora_r must be >= 1 and model.max_length >= 16")
+        if self.lora and self.train_lm:
+            problems.append("model.train_lm: full fine-tuning of the language model is for lora=false")
+        return problems
+
+
+@dataclasses.dataclass
+class AlignOptions:
+    """How the structure-induced targets are computed (section ``align``; docs/method.md)."""
+
+    delta: float = 1.0
+    """Bandwidth scale δ (the paper gives no value)."""
+    sigma: float | str = "length_scaled"
+    """``length_scaled`` (σ = δ·sqrt((n+m)/2), the paper's), ``fixed`` (σ = δ; enables prefix
+    sharing, one DP table per sample pair) or a number (σ itself)."""
+    normalize: bool = True
+    """Normalised K̃ ∈ (0, 1] (raw K grows with length)."""
+    single_slice: Literal["cosine", "gak"] = "cosine"
+    teacher: Literal["triple", "clip", "mean"] = "triple"
+    """``triple`` (default), ``clip`` (the paper's "w/o TK"), ``mean`` (its "w/o GAK")."""
+    student: Literal["cosine", "gak"] = "cosine"
+    """Student similarity: cosine of the view embeddings. ``gak`` (GAK over per-slice student
+    embeddings, a DESIGN extension) is refused: training does not compute it yet."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.delta > 0:
+            problems.append(f"align.delta: must be > 0, got {self.delta}")
+        if isinstance(self.sigma, str) and self.sigma not in ("length_scaled", "fixed"):
+            problems.append(f"align.sigma: use length_scaled, fixed or a number, got {self.sigma!r}")
+        if not isinstance(self.sigma, str) and not self.sigma > 0:
+            problems.append(f"align.sigma: a number must be > 0, got {self.sigma}")
+        if self.student != "cosine":
+            problems.append(
+                f"align.student: {self.student} is not implemented in training yet (the targets use the "
+                "GAK; the student side is the cosine of view embeddings); use align.student=cosine"
+            )
+        return problems
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Section ``train``."""
+
+    alpha: float = 1.0
+    """Weight of the discriminative loss (0 = generative only)."""
+    gen_weight: float = 1.0
+    """Weight of the generative loss (0 = discriminative only)."""
+    disc_loss: Literal["mse", "infonce", "kl"] = "mse"
+    temperature: float = 0.05
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_steps: int = 1000
+    batch_size: int = 8
+    """Samples per device per step."""
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 500
+    keep_last: int = 2
+    max_nonfinite: int = 10
+    """Consecutive steps with a non-finite loss before training stops."""
+    eval_every: int = 0
+    """Evaluate data.eval every this many steps (0 = never)."""
+    eval_batches: int = 4
+    grad_cache_chunk: int = 0
+    """Gradient caching: samples per forward chunk (0 = off). The step's gradient is exactly the
+    full batch's, while memory holds one chunk's activations, so batch_size (and with it the
+    number of views in L_d) can grow past what fits at once."""
+    merge_lora: bool = False
+    """Fold LoRA adapters into the weights of the final checkpoint."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.alpha < 0 or self.gen_weight < 0 or (self.alpha == 0 and self.gen_weight == 0):
+            problems.append("train.alpha and train.gen_weight: non-negative and not both 0")
+        for key in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "save_every",
+            "keep_last",
+            "max_nonfinite",
+        ):
+            if getattr(self, key) < 1:
+                problems.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            problems.append(f"train.lr: must be > 0, got {self.lr}")
+        if self.grad_cache_chunk < 0:
+            problems.append(f"train.grad_cache_chunk: must be >= 0 (0 = off), got {self.grad_cache_chunk}")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            problems.append("train.eval_every must be >= 0 (0 = never) and train.eval_batches >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not self.temperature > 0:
+            problems.append(f"train.temperature: must be > 0, got {self.temperature}")
+        return problems
