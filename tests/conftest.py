@@ -48,7 +48,7 @@ def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
     """A tiny checkpoint (2 steps on ``tiny_shards``) and a float32 index of those shards."""
     from unimm.config import EmbedConfig, TrainConfig, build_config
     from unimm.embed import run as embed
-    from unimm.train import run as train
+    from unimm.training.trainer import run as train
 
     root = tmp_path_factory.mktemp("trained")
     recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"

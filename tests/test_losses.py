@@ -10,7 +10,8 @@ import torch
 from unimm.align import gak_matrix_triple
 from unimm.config import AlignOptions
 from unimm.errors import UnimmError
-from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+from unimm.model.targets import same_sample_mask, view_targets
+from unimm.training.losses import discriminative_loss
 
 
 def unit(*shape, seed=0):

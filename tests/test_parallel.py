@@ -48,7 +48,7 @@ def _one_step(folder: str, shards: str, rank: int, world: int):
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-    from unimm.steps import train_step
+    from unimm.training.step import train_step
 
     mllm, processor = load_mllm(folder)
     torch.manual_seed(0)
@@ -249,7 +249,7 @@ def test_unsupported_launchers_are_refused_up_front():
     """FSDP 1 and DeepSpeed are refused at start (not hours later, at the first checkpoint)."""
     from accelerate.utils import DistributedType
 
-    from unimm.train import check_parallelism
+    from unimm.training.trainer import check_parallelism
 
     def accelerator(kind, fsdp2=False):
         return SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2)

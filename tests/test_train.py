@@ -13,7 +13,7 @@ from helpers import RECIPE, config, metrics
 
 from unimm.config import TrainConfig, build_config
 from unimm.errors import ConfigError, UnimmError
-from unimm.train import run
+from unimm.training.trainer import run
 
 
 def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
@@ -124,7 +124,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_shards, variant):
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
     from unimm.model.checkpoint import load_checkpoint, save_checkpoint
-    from unimm.train import build_model
+    from unimm.training.trainer import build_model
 
     extra = (
         []
@@ -248,8 +248,8 @@ def test_gradient_caching_equals_the_full_batch(tmp_path, tiny_shards):
 
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
-    from unimm.steps import train_step, train_step_cached
-    from unimm.train import build_model
+    from unimm.training.step import train_step, train_step_cached
+    from unimm.training.trainer import build_model
 
     cfg = config(tmp_path / "run", tiny_shards, "train.alpha=2.0")
     (tmp_path / "run").mkdir()

@@ -96,7 +96,7 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     from unimm.errors import ConfigError
     from unimm.evaluate import Evaluator, evaluate, load_samples, strict_json
     from unimm.plots import ablation_bars, loss_curves
-    from unimm.train import run as train
+    from unimm.training.trainer import run as train
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
     problems = opts.validate()

@@ -49,8 +49,8 @@ def bench_train(
     from unimm.model.tiny import save_tiny_llava, save_tiny_teachers
     from unimm.prepare import run as prepare
     from unimm.quickstart import RECIPE
-    from unimm.steps import train_step
-    from unimm.train import build_model
+    from unimm.training.step import train_step
+    from unimm.training.trainer import build_model
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:

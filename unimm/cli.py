@@ -229,7 +229,7 @@ def train(
 ) -> None:
     """Train one model to generate and embed: L = L_g + alpha * L_d (structure-induced)."""
     from unimm.config import TrainConfig, build_config
-    from unimm.train import run
+    from unimm.training.trainer import run
 
     cfg = build_config(
         TrainConfig,

@@ -143,7 +143,7 @@ class Evaluator:
 
         Returns ``(targets, learned, same_sample, labels)``; labels read ``id:slices``.
         """
-        from unimm.losses import same_sample_mask, view_targets
+        from unimm.model.targets import same_sample_mask, view_targets
 
         batch = self.collator(samples)
         views = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]

@@ -121,7 +121,7 @@ def _pipeline(
     from unimm.evaluate import run as evaluate
     from unimm.model.tiny import save_tiny_teachers
     from unimm.retrieve import run as retrieve
-    from unimm.train import run as train
+    from unimm.training.trainer import run as train
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

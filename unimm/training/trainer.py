@@ -8,7 +8,7 @@
 One lifecycle: setup (data, model, optimizer) → train (steps) → save → cleanup. The per-step
 function :func:`train_step` returns ``loss``, ``loss_gen`` and ``loss_disc``.
 
-The step itself (losses, gradient caching, evaluation) is in :mod:`unimm.steps`, the sections
+The step itself (losses, gradient caching, evaluation) is in :mod:`unimm.training.step`, the sections
 of the configuration in :mod:`unimm.config`; this module holds the model set-up and the loop.
 
 Resume: a checkpoint holds the model, the optimizer, the scheduler, the RNG states and the data
@@ -32,9 +32,9 @@ import torch
 
 from unimm.config import ModelOptions, TrainConfig, config_to_dict
 from unimm.data.stream import BatchMaker, check_shards, open_batches, training_texts
-from unimm.distributed import gather_objects
 from unimm.errors import UnimmError
-from unimm.steps import evaluate, load_eval_batches, train_step, train_step_cached
+from unimm.training.distributed import gather_objects
+from unimm.training.step import evaluate, load_eval_batches, train_step, train_step_cached
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
 _FAULT_ENV = "UNIMM_FAULT_AFTER_STEPS"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unimm.distributed import gather_views, global_sum, rank_and_world
+from unimm.training.distributed import gather_views, global_sum, rank_and_world
 
 if TYPE_CHECKING:
     from unimm.config import TrainConfig
@@ -54,7 +54,8 @@ def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_
         backward: ``loss -> None`` (the accelerator's backward).
         no_sync: context manager that defers DDP's gradient sync (used for all but the last chunk).
     """
-    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+    from unimm.model.targets import same_sample_mask, view_targets
+    from unimm.training.losses import discriminative_loss
 
     opts = cfg.train
     _, world = rank_and_world()
@@ -116,7 +117,8 @@ def _set_rng_state(state: tuple) -> None:
 @torch.no_grad()
 def evaluate(model, batches: list[dict], cfg: TrainConfig) -> dict[str, float]:
     """Mean ``L_g`` and ``L_d`` over fixed batches of this process (under FSDP every rank calls it)."""
-    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+    from unimm.model.targets import same_sample_mask, view_targets
+    from unimm.training.losses import discriminative_loss
 
     was_training = model.training
     model.eval()
@@ -168,7 +170,8 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
     ``loss = gen_weight·L_g + α·L_d``, normalised so that averaging gradients over ranks gives
     the gradient of the global batch (see the module docs).
     """
-    from unimm.losses import discriminative_loss, same_sample_mask, view_targets
+    from unimm.model.targets import same_sample_mask, view_targets
+    from unimm.training.losses import discriminative_loss
 
     opts = cfg.train
     _, world = rank_and_world()

@@ -1,0 +1,57 @@
+"""Losses of structure-induced joint training (docs/method.md).
+
+- Targets ``M^l`` are computed by :func:`unimm.model.targets.view_targets` (shared with
+  evaluation): the normalised global alignment kernel between views with the triple kernel of
+  the teacher features stored in the shards, and ``1`` for two views of the same sample.
+- Discriminative loss ``L_d`` between the student similarities ``M^r = r_i·r_j`` and ``M^l``:
+  ``mse`` (the paper's, ``(1/N) Σ_i Σ_j (M^r_ij − M^l_ij)²``), ``infonce`` (same-sample views as
+  positives) or ``kl`` (soft labels: KL between the rows of ``softmax(M^l/τ)`` and
+  ``softmax(M^r/τ)``, as in UniME-V2).
+- The generative loss is computed by the model core (only at labelled positions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DISC_LOSSES = ("mse", "infonce", "kl")
+
+
+def discriminative_loss(
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    same_sample: torch.Tensor,
+    *,
+    kind: str = "mse",
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """``L_d`` between student similarities ``embeddings @ embeddings.T`` and ``targets``.
+
+    Args:
+        embeddings: ``[N, d]`` unit view embeddings of the global batch.
+        targets: ``[N, N]`` ``M^l``.
+        same_sample: ``[N, N]`` views of one sample (InfoNCE positives).
+        kind: ``mse``, ``infonce`` or ``kl``.
+        temperature: ``τ`` of ``infonce`` and ``kl``.
+    """
+    if kind not in DISC_LOSSES:
+        raise ValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
+    n = embeddings.shape[0]
+    sim = embeddings.float() @ embeddings.float().T
+    targets = targets.to(sim)
+    if kind == "mse":
+        return ((sim - targets) ** 2).sum() / n
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    logits = (sim / temperature).masked_fill(eye, float("-inf"))
+    if kind == "infonce":
+        positives = same_sample.to(sim.device) & ~eye
+        rows = positives.any(1)
+        if not bool(rows.any()):
+            return sim.sum() * 0.0  # no view has a same-sample partner (cut_points = 1)
+        pos = logits.masked_fill(~positives, float("-inf"))
+        loss = torch.logsumexp(logits[rows], 1) - torch.logsumexp(pos[rows], 1)
+        return loss.mean()
+    soft = torch.softmax((targets / temperature).masked_fill(eye, float("-inf")), dim=1)
+    log_q = torch.log_softmax(logits, dim=1).masked_fill(eye, 0.0)
+    log_p = torch.log(soft.clamp_min(1e-30)).masked_fill(eye, 0.0)
+    return (soft * (log_p - log_q)).sum(1).mean()
