@@ -3,7 +3,7 @@
 
     python scripts/quickstart_seeds.py --seeds 0-9 --out quickstart-seeds.json [--sizes readme]
 
-Runs ``unimm.quickstart.run`` once per seed with the test's sizes (1000 records, 200 evaluation
+Runs ``unimm.pipelines.quickstart.run`` once per seed with the test's sizes (1000 records, 200 evaluation
 records, 1200 steps; ``--sizes readme``: the README's 300 evaluation records and 1500 steps), and
 prints per figure the minimum, mean ± standard deviation and maximum over the seeds as Markdown
 (docs/benchmarks.md keeps the table with the command and the environment).
@@ -17,7 +17,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from unimm.quickstart import run
+from unimm.pipelines.quickstart import run
 from unimm.utils import environment
 
 # The test's sizes (tests/test_quickstart.py; change both together) and the README's (the defaults).

@@ -26,9 +26,9 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, tiny_teachers) -> Path:
     """Shards (3 of 8 samples) of a synthetic dataset, with tiny teacher features."""
+    from unimm.commands.prepare import run
     from unimm.config import PrepareConfig, build_config
     from unimm.data.synthetic import write_synthetic
-    from unimm.prepare import run
 
     root = tmp_path_factory.mktemp("shards")
     data = write_synthetic(root / "data", 24, seed=1)
@@ -46,9 +46,9 @@ def tiny_shards(tmp_path_factory, tiny_teachers) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
     """A tiny checkpoint (2 steps on ``tiny_shards``) and a float32 index of those shards."""
+    from unimm.commands.embed import run as embed
+    from unimm.commands.train import run as train
     from unimm.config import EmbedConfig, TrainConfig, build_config
-    from unimm.embed import run as embed
-    from unimm.training.trainer import run as train
 
     root = tmp_path_factory.mktemp("trained")
     recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"

@@ -7,9 +7,9 @@ import io
 import pytest
 from PIL import Image
 
-from unimm.chat import ChatSession, one_shot, repl
 from unimm.config import ChatOptions
 from unimm.errors import UnimmError
+from unimm.inference.chat import ChatSession, one_shot, repl
 
 
 def test_one_shot_answers_and_streams(tmp_path, trained):
@@ -49,7 +49,7 @@ def test_rag_puts_the_retrieved_documents_before_the_question(trained):
     assert texts[0] == f"Retrieved item 1 ({session.last_retrieved[0]}):"
     assert f"Retrieved item 2 ({session.last_retrieved[1]}):" in texts
     assert texts[-1] == "Which shapes are red?"
-    from unimm.chat import load_document
+    from unimm.inference.chat import load_document
 
     first = load_document(
         session.rows, [r["id"] for r in session.rows].index(session.last_retrieved[0]), session.data_dirs

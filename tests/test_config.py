@@ -157,7 +157,7 @@ def test_accelerate_configs_parse(path):
     import yaml
 
     cfg = yaml.safe_load(path.read_text())
-    assert cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and cfg["num_processes"] >= 1
+    assert cfg["distributed_type"] in ("MULTI_GPU", "FSDP") and cfg["num_processes"] >= 1
 
 
 def test_recipes_exist():

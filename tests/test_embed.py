@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from unimm.commands.embed import run
 from unimm.config import EmbedConfig, build_config
-from unimm.embed import load_index, run
 from unimm.errors import UnimmError
+from unimm.inference.index import load_index
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_per_slice_embeddings_and_float16(tmp_path, checkpoint, tiny_shards):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, checkpoint, tiny_shards):
-    from unimm.embed import model_hash
+    from unimm.inference.index import model_hash
 
     embed(tmp_path / "full", checkpoint, tiny_shards, dtype="float32", part_size=8)
     embed(tmp_path / "part", checkpoint, tiny_shards, dtype="float32", part_size=8)

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimm.scores import choice_scores, exact_match, normalize_answer, ranking_scores, winoground_scores
+from unimm.inference.metrics import (
+    choice_scores,
+    exact_match,
+    normalize_answer,
+    ranking_scores,
+    winoground_scores,
+)
 
 
 def test_normalize_and_exact_match():
@@ -43,7 +49,7 @@ def test_ranking_scores_by_hand():
 
 def test_ranking_scores_agree_with_the_qrels_metrics():
     """One relevant item per query: Recall@k and MRR equal `unimm retrieve`'s qrels metrics."""
-    from unimm.retrieval import metrics
+    from unimm.inference.search import metrics
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(40, 30, generator=gen)
@@ -85,7 +91,7 @@ def _sample(sid, kinds, response=None, meta=None):
 
 
 def test_build_tasks_reads_the_record_shapes():
-    from unimm.evaluate import build_tasks
+    from unimm.inference.evaluate import build_tasks
 
     samples = [
         _sample("qa", ["image", "text"], response="red"),
@@ -109,7 +115,7 @@ def test_build_tasks_reads_the_record_shapes():
 
 
 def test_relevance_by_equal_text():
-    from unimm.evaluate import relevant_by_text
+    from unimm.inference.evaluate import relevant_by_text
 
     assert relevant_by_text(["Two red", "blue", "two red."]) == [{0, 2}, {1}, {0, 2}]
 
@@ -147,7 +153,7 @@ class _OracleEvaluator:
 def test_retrieval_wiring_with_an_oracle(tmp_path):
     from unimm.config import EvalOptions
     from unimm.data.synthetic import write_synthetic
-    from unimm.evaluate import evaluate, load_samples
+    from unimm.inference.evaluate import evaluate, load_samples
 
     samples = load_samples([str(write_synthetic(tmp_path, 120, seed=2))])
     opts = EvalOptions(model="oracle", data=["x"], tasks=["retrieval", "interleaved", "winoground"])
@@ -161,16 +167,10 @@ def test_retrieval_wiring_with_an_oracle(tmp_path):
 def test_evaluator_calls_match_direct_model_calls(trained, tmp_path):
     """Batched left-padded generation equals one-at-a-time; option log-probabilities equal the
     model's own loss; the JSON output is strict and the table lists the tasks."""
+    from unimm.commands.eval import run
+    from unimm.config import EvalConfig, EvalOptions
     from unimm.data.synthetic import write_synthetic
-    from unimm.evaluate import (
-        EvalConfig,
-        EvalOptions,
-        Evaluator,
-        build_tasks,
-        format_table,
-        load_samples,
-        run,
-    )
+    from unimm.inference.evaluate import Evaluator, build_tasks, format_table, load_samples
 
     checkpoint, _ = trained
     data = write_synthetic(tmp_path / "d", 40, seed=4)
@@ -215,8 +215,8 @@ def test_evaluator_calls_match_direct_model_calls(trained, tmp_path):
 
 
 def test_eval_reports_tasks_the_data_cannot_serve(trained, tmp_path):
+    from unimm.commands.eval import run
     from unimm.config import EvalConfig, EvalOptions
-    from unimm.evaluate import run
 
     checkpoint, _ = trained
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "t", "slices": [{"text": "just text"}]}) + "\n")
@@ -234,7 +234,7 @@ def test_eval_reports_tasks_the_data_cannot_serve(trained, tmp_path):
 
 
 def test_ablation_table_and_verdict_by_hand():
-    from unimm.ablate import COLUMNS, format_markdown, verdict
+    from unimm.pipelines.ablate import COLUMNS, format_markdown, verdict
 
     columns = [c for c, _, _ in COLUMNS]
     joint = dict.fromkeys(columns, 0.5)
@@ -250,8 +250,8 @@ def test_ablation_table_and_verdict_by_hand():
 
 
 def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
-    from unimm.ablate import AblateOptions, run
     from unimm.data.synthetic import write_synthetic
+    from unimm.pipelines.ablate import AblateOptions, run
 
     recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
     opts = AblateOptions(
@@ -277,7 +277,7 @@ def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
 
 
 def test_ablation_over_seeds_reports_mean_and_spread():
-    from unimm.ablate import COLUMNS, _aggregate, format_markdown
+    from unimm.pipelines.ablate import COLUMNS, _aggregate, format_markdown
 
     columns = [c for c, _, _ in COLUMNS]
     seeds = [dict.fromkeys(columns, 0.2), dict.fromkeys(columns, 0.4) | {"QA EM": None}]

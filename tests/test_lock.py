@@ -87,7 +87,7 @@ def test_ci_runs_the_readme_commands_word_for_word():
 
 def test_readme_shows_the_quickstart_summary_as_printed():
     """The README's block has the lines the quickstart prints, in its order (CI compares values)."""
-    from unimm.quickstart import summary_lines
+    from unimm.pipelines.quickstart import summary_lines
 
     def keys(lines: list[str]) -> list[str]:
         return [line.split(":", 1)[0].strip() for line in lines]

@@ -40,6 +40,9 @@ def _distributed_worker(rank: int, world: int, folder: str, shards: str, out: st
                 },
                 out,
             )
+        # Leave together: a rank that tears the group down while its peer still uses it can abort
+        # gloo ("terminate called without an active exception", seen once under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

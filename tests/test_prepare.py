@@ -16,12 +16,12 @@ import webdataset as wds
 from helpers import COLOURS, make_image, write_jsonl
 from PIL import Image
 
+from unimm.commands.prepare import run
 from unimm.config import PrepareConfig, build_config
 from unimm.data.adapters import iter_records
 from unimm.data.images import target_size
 from unimm.data.shards import read_manifest, read_samples
 from unimm.errors import UnimmError
-from unimm.prepare import run
 from unimm.utils import sha256_file
 
 

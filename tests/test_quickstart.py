@@ -12,7 +12,7 @@ from unimm.data.synthetic import COLOURS, Scene, draw_scene, write_synthetic
 
 def test_quickstart_end_to_end(tmp_path, capsys):
     """Every stage runs and prints its command; the plots are PNG files; eval.json is written."""
-    from unimm.quickstart import run
+    from unimm.pipelines.quickstart import run
 
     summary = run(
         tmp_path / "qs", records=40, eval_records=30, steps=4, fit_steps=3, workers=1, progress=False
@@ -48,7 +48,7 @@ def test_quickstart_shows_learning(tmp_path):
     varies with the seed (two-choice accuracy 0.52–0.83, text→image R@1 1.2–4.8× chance), so no
     image-grounding figure is asserted here: a threshold that every seed clears would sit at chance.
     """
-    from unimm.quickstart import run
+    from unimm.pipelines.quickstart import run
 
     s = run(tmp_path / "qs", records=1000, eval_records=200, steps=1200, progress=False)
     (gen_first, gen_last), (disc_first, disc_last) = s["losses"]["loss_gen"], s["losses"]["loss_disc"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unimm.errors import UnimmError
-from unimm.retrieval import exact_search, metrics, read_qrels
+from unimm.inference.search import exact_search, metrics, read_qrels
 
 
 def test_blocked_search_equals_full_matrix():
@@ -56,7 +56,7 @@ def test_qrels_formats_and_errors(tmp_path):
 
 def test_faiss_flat_equals_exact_and_hnsw_recalls():
     pytest.importorskip("faiss")
-    from unimm.retrieval import faiss_search
+    from unimm.inference.search import faiss_search
 
     g = torch.Generator().manual_seed(3)
     index = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=-1)

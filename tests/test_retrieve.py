@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from unimm.cli import app
+from unimm.commands.retrieve import query_order, run
 from unimm.config import RetrieveConfig, build_config
 from unimm.errors import UnimmError
-from unimm.retrieve import query_order, run
 
 RECIPE = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
 
@@ -120,9 +120,9 @@ def test_clear_errors(tmp_path, setup):
 
 
 def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
+    from unimm.commands.embed import run as embed
     from unimm.config import EmbedConfig
     from unimm.data.shards import read_samples
-    from unimm.embed import run as embed
 
     checkpoint, _, shards = setup
     embed(

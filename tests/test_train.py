@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import RECIPE, config, metrics
 
+from unimm.commands.train import run
 from unimm.config import TrainConfig, build_config
 from unimm.errors import ConfigError, UnimmError
-from unimm.training.trainer import run
 
 
 def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
@@ -59,12 +59,12 @@ def test_joint_training_learns_to_caption_and_retrieve(tmp_path, tiny_teachers):
     """8 captioned images, one batch: loss_gen falls > 90 % and in-batch R@1 reaches 1.0."""
     import random
 
+    from unimm.commands.prepare import run as prepare
     from unimm.config import PrepareConfig
     from unimm.data.collate import Collator
     from unimm.data.shards import read_samples
     from unimm.data.synthetic import draw_scene, random_scene
     from unimm.model.checkpoint import load_checkpoint
-    from unimm.prepare import run as prepare
 
     rng = random.Random(3)
     scenes = []
@@ -195,9 +195,9 @@ def test_bad_configurations_are_clear(tmp_path, tiny_shards):
     ):
         assert expected in text, text
     no_teachers = tmp_path / "plain"
+    from unimm.commands.prepare import run as prepare
     from unimm.config import PrepareConfig
     from unimm.data.synthetic import write_synthetic
-    from unimm.prepare import run as prepare
 
     data = write_synthetic(tmp_path / "d", 10)
     prepare(

@@ -111,7 +111,7 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train as configured; return the final metrics. See the module docstring."""
     from accelerate import Accelerator
     from tqdm import tqdm

@@ -17,7 +17,7 @@ The tasks are read off the records themselves (docs/formats.md, "Evaluation reco
 - ``winoground`` — two image–text records sharing ``meta.pair``: text, image and group scores
   from the cosine of the text and image embeddings.
 
-Metrics are the pure functions of :mod:`unimm.scores`.
+Metrics are the pure functions of :mod:`unimm.inference.metrics`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from unimm.config import TASKS, EvalConfig, EvalOptions
+from unimm.config import TASKS, EvalOptions
 from unimm.errors import UnimmError
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def build_tasks(samples: list[dict]) -> dict[str, list]:
 
 def relevant_by_text(texts: list[str]) -> list[set[int]]:
     """For each text, the indices of the texts equal to it after normalisation (itself included)."""
-    from unimm.scores import normalize_answer
+    from unimm.inference.metrics import normalize_answer
 
     groups: dict[str, set[int]] = {}
     keys = [normalize_answer(t) for t in texts]
@@ -221,7 +221,7 @@ def _user(slices: list[dict]) -> list[dict]:
 
 
 def _generation_scores(ids: list[str], predicted: list[str], gold: list[str]) -> dict:
-    from unimm.scores import exact_match, word_accuracy
+    from unimm.inference.metrics import exact_match, word_accuracy
 
     return {
         "exact_match": exact_match(predicted, gold),
@@ -248,7 +248,7 @@ def _captioning(ev: Evaluator, samples: list[dict], items: list[int], opts: Eval
 
 
 def _two_choice(ev: Evaluator, samples: list[dict], items: list[int]) -> dict:
-    from unimm.scores import choice_scores
+    from unimm.inference.metrics import choice_scores
 
     expanded, owner = [], []
     for i in items:
@@ -292,7 +292,7 @@ class _PairEmbeddings:
 
 
 def _retrieval(pairs: _PairEmbeddings, samples: list[dict], items: list[int]) -> dict:
-    from unimm.scores import ranking_scores
+    from unimm.inference.metrics import ranking_scores
 
     text_emb, image_emb = pairs(items)
     relevant = relevant_by_text([_text_of(samples[i]) for i in items])
@@ -303,7 +303,7 @@ def _retrieval(pairs: _PairEmbeddings, samples: list[dict], items: list[int]) ->
 
 
 def _interleaved(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]]) -> dict:
-    from unimm.scores import ranking_scores
+    from unimm.inference.metrics import ranking_scores
 
     context = ev.embed([_user(samples[i]["slices"][:cut]) for i, cut in items])
     targets = ev.embed([_user([samples[i]["slices"][cut]]) for i, cut in items])
@@ -311,7 +311,7 @@ def _interleaved(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]
 
 
 def _winoground(pairs: _PairEmbeddings, items: list[tuple[int, int]]) -> dict:
-    from unimm.scores import winoground_scores
+    from unimm.inference.metrics import winoground_scores
 
     texts, images = pairs([i for pair in items for i in pair])
     texts = texts.view(len(items), 2, -1)
@@ -347,26 +347,6 @@ def evaluate(ev: Evaluator, samples: list[dict], opts: EvalOptions, *, progress:
             results["winoground"] = _winoground(pairs, items)
     if skipped:
         results["skipped"] = skipped
-    return results
-
-
-def run(cfg: EvalConfig, *, progress: bool = True, evaluator: Evaluator | None = None) -> dict:
-    """Load the checkpoint and the data, evaluate, write ``eval.out`` (JSON) when given.
-
-    ``evaluator``: the checkpoint already loaded (``eval.model`` is then only recorded).
-    """
-    from unimm.utils import atomic_write_json
-
-    opts = cfg.eval
-    samples = load_samples(opts.data, opts.format, opts.image_root)
-    ev = evaluator or Evaluator.load(opts.model, opts.device, opts.batch_size)
-    results = {
-        "model": str(opts.model),
-        "data": list(opts.data),
-        **evaluate(ev, samples, opts, progress=progress),
-    }
-    if opts.out:
-        atomic_write_json(opts.out, strict_json(results))
     return results
 
 

@@ -73,7 +73,7 @@ def _prepare_out(out: Path, opts: EmbedOptions, rank: int = 0, world: int = 1) -
     return []
 
 
-def run(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
+def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     """Embed every sample of the data with the checkpoint; see the module docstring."""
     from safetensors.torch import save
     from tqdm import tqdm

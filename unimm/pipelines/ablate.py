@@ -92,11 +92,11 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every variant; return ``{"rows": {variant: {column: value}}, ...}``."""
     import typer
 
+    from unimm.commands.train import run as train
     from unimm.config import EvalOptions, TrainConfig, build_config
     from unimm.errors import ConfigError
-    from unimm.evaluate import Evaluator, evaluate, load_samples, strict_json
+    from unimm.inference.evaluate import Evaluator, evaluate, load_samples, strict_json
     from unimm.plots import ablation_bars, loss_curves
-    from unimm.training.trainer import run as train
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
     problems = opts.validate()

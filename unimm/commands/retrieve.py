@@ -51,9 +51,9 @@ def load_queries(opts: RetrieveOptions) -> list[dict]:
 def run(cfg: RetrieveConfig) -> dict[str, Any]:
     """Search and (with qrels) score; return ``{"results": [...], "metrics": {...} | None}``."""
     from unimm.data.collate import Collator
-    from unimm.embed import load_index, model_hash
+    from unimm.inference.index import load_index, model_hash
+    from unimm.inference.search import exact_search, faiss_search, metrics, read_qrels
     from unimm.model.checkpoint import load_checkpoint
-    from unimm.retrieval import exact_search, faiss_search, metrics, read_qrels
     from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
 
     opts = cfg.retrieve
@@ -113,7 +113,7 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
 def _rerank_gak(queries: list[torch.Tensor], found: torch.Tensor, opts: RetrieveOptions):
     """Re-score each query's candidates by ``K̃`` over per-slice embeddings; highest first."""
     from unimm.align import gak_matrix
-    from unimm.embed import load_slice_embeddings
+    from unimm.inference.index import load_slice_embeddings
 
     slices, offsets = load_slice_embeddings(opts.index)
     new_scores, new_rows = [], []

@@ -37,7 +37,7 @@ def _python(code: str) -> str:
 
 
 def _prepare(title: str, data: Path, shards: Path, teachers: dict[str, Path], workers: int, progress: bool):
-    from unimm import prepare
+    from unimm.commands.prepare import run as prepare
 
     args = ["unimm", "prepare", str(data), "--out", str(shards), "--recipe", str(RECIPE)]
     args += ["--workers", str(workers), "--overwrite"]
@@ -55,7 +55,7 @@ def _prepare(title: str, data: Path, shards: Path, teachers: dict[str, Path], wo
             **{f"teachers.{k}": str(v) for k, v in teachers.items()},
         },
     )
-    return prepare.run(cfg, progress=progress)
+    return prepare(cfg, progress=progress)
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -113,15 +113,15 @@ def _pipeline(
     seed: int,
     progress: bool,
 ) -> dict[str, Any]:
-    from unimm.chat import one_shot
+    from unimm.commands.embed import run as embed
+    from unimm.commands.eval import run as evaluate
+    from unimm.commands.retrieve import run as retrieve
+    from unimm.commands.train import run as train
     from unimm.config import ChatOptions, EmbedConfig, EvalConfig, EvalOptions, RetrieveConfig, TrainConfig
     from unimm.data.synthetic import caption_pairs, write_synthetic
-    from unimm.embed import run as embed
-    from unimm.evaluate import Evaluator, format_table
-    from unimm.evaluate import run as evaluate
+    from unimm.inference.chat import one_shot
+    from unimm.inference.evaluate import Evaluator, format_table
     from unimm.model.tiny import save_tiny_teachers
-    from unimm.retrieve import run as retrieve
-    from unimm.training.trainer import run as train
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

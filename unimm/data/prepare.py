@@ -76,7 +76,7 @@ class _Pending:
     image_files: list[str]
 
 
-def run(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
+def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
     """Prepare shards as configured; see the module docstring.
 
     Raises:

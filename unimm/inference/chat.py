@@ -70,7 +70,7 @@ class ChatSession:
 
     def __init__(self, opts: ChatOptions) -> None:
         from unimm.data.collate import Collator
-        from unimm.embed import load_index, model_hash
+        from unimm.inference.index import load_index, model_hash
         from unimm.model.checkpoint import load_checkpoint
         from unimm.utils import resolve_device
 
@@ -95,7 +95,7 @@ class ChatSession:
         self.last_retrieved: list[str] = []
 
     def retrieve(self, question: list[dict]) -> list[dict]:
-        from unimm.retrieval import exact_search
+        from unimm.inference.search import exact_search
 
         if self.index is None:
             return []

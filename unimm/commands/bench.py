@@ -4,7 +4,7 @@
     unimm bench align              # all-pairs GAK: Triton / reference / tslearn
     unimm bench retrieve           # exact search and embedding throughput
 
-Training throughput (``bench train``, ``bench data``) is in :mod:`unimm.bench_train`.
+Training throughput (``bench train``, ``bench data``) is in :mod:`unimm.commands.bench_train`.
 
 Absolute times depend on the machine; the ratios are what the goals in docs/benchmarks.md
 refer to. Each variant is timed ``repeats`` times, interleaved with the baseline, best kept.
@@ -78,7 +78,7 @@ def bench_prepare(
         and ``ratio`` (ours / baseline; above 1 is faster than the baseline).
     """
     from unimm.config import PrepareConfig, build_config
-    from unimm.prepare import run
+    from unimm.data.prepare import write_shards as run
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-"))
     try:
@@ -364,7 +364,7 @@ def bench_retrieve(
     """Exact blocked search vs FAISS flat (queries/s), and embedding vs a bare transformers forward."""
     import torch
 
-    from unimm.retrieval import exact_search
+    from unimm.inference.search import exact_search
 
     timer = _timer("cpu")
     g = torch.Generator().manual_seed(0)

@@ -18,8 +18,8 @@ from typing import Annotated
 import typer
 
 from unimm import __version__
-from unimm.cli_eval_bench import bench_app, eval_app
-from unimm.cli_options import RecipeOpt, SetOpt, default, user_errors
+from unimm.cli.eval_bench import bench_app, eval_app
+from unimm.cli.options import RecipeOpt, SetOpt, default, user_errors
 
 app = typer.Typer(
     name="unimm",
@@ -118,8 +118,8 @@ def prepare(
     set_: SetOpt = None,
 ) -> None:
     """Turn records into WebDataset shards (+ frozen teacher features for the structure-induced loss)."""
+    from unimm.commands.prepare import run
     from unimm.config import PrepareConfig, build_config
-    from unimm.prepare import run
 
     def s(value):
         return None if value is None else str(value)
@@ -181,7 +181,7 @@ def quickstart(
     ] = 2,
 ) -> None:
     """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes."""
-    from unimm.quickstart import run
+    from unimm.pipelines.quickstart import run
 
     run(
         out,
@@ -228,8 +228,8 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train one model to generate and embed: L = L_g + alpha * L_d (structure-induced)."""
+    from unimm.commands.train import notes, run
     from unimm.config import TrainConfig, build_config
-    from unimm.training.trainer import run
 
     cfg = build_config(
         TrainConfig,
@@ -249,18 +249,9 @@ def train(
         f"gen {result.get('loss_gen', float('nan')):.4f}, disc {result.get('loss_disc', float('nan')):.4f}); "
         f"checkpoints in {cfg.out}"
     )
-    history = result.get("history", {})
-    notes = [
-        f"{history[key]} {what}"
-        for key, what in (
-            ("dropped_slices", "slice(s) cut by model.max_length"),
-            ("nonfinite_total", "step(s) skipped for a non-finite loss"),
-            ("corrupt_samples", "sample(s) left out for an undecodable image"),
-        )
-        if history.get(key)
-    ]
-    if notes:
-        typer.echo("note: " + "; ".join(notes) + " (this process)")
+    said = notes(result.get("history", {}))
+    if said:
+        typer.echo("note: " + "; ".join(said) + " (this process)")
 
 
 @app.command(rich_help_panel="Model")
@@ -280,8 +271,8 @@ def embed(
     set_: SetOpt = None,
 ) -> None:
     """Embed every document of prepared shards into an index (one unit vector per document)."""
+    from unimm.commands.embed import run
     from unimm.config import EmbedConfig, build_config
-    from unimm.embed import run
 
     cfg = build_config(
         EmbedConfig,
@@ -345,8 +336,8 @@ def retrieve(
     set_: SetOpt = None,
 ) -> None:
     """Search an index with text, image or interleaved queries (and score them against qrels)."""
+    from unimm.commands.retrieve import query_order, run
     from unimm.config import RetrieveConfig, build_config
-    from unimm.retrieve import query_order, run
 
     given = [["text", q] for q in query or []] + [["image", str(i)] for i in image or []]
     ordered = query_order(sys.argv)
@@ -410,7 +401,7 @@ def chat(
     set_: SetOpt = None,
 ) -> None:
     """Chat with a checkpoint (REPL or --prompt), optionally grounded on retrieved documents."""
-    from unimm.chat import one_shot, repl
+    from unimm.commands.chat import run
     from unimm.config import ChatConfig, build_config
 
     cfg = build_config(
@@ -429,16 +420,9 @@ def chat(
         },
         overrides=set_,
     )
-    if cfg.chat.prompt is not None:
-        one_shot(cfg.chat)
-    else:
-        repl(cfg.chat)
+    run(cfg)
 
 
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="unimm")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from unimm.cli_options import RecipeOpt, SetOpt, comma_list, user_errors
+from unimm.cli.options import RecipeOpt, SetOpt, comma_list, user_errors
 from unimm.errors import UnimmError
 
 eval_app = typer.Typer(help="Evaluate a checkpoint; `unimm eval ablate` runs the paper's ablation.")
@@ -43,8 +43,9 @@ def eval_(
     interleaved, Winoground-style pairs), as a table and optionally JSON."""
     if ctx.invoked_subcommand is not None:
         return
+    from unimm.commands.eval import run
     from unimm.config import EvalConfig, build_config
-    from unimm.evaluate import format_table, run
+    from unimm.inference.evaluate import format_table
 
     cfg = build_config(
         EvalConfig,
@@ -95,7 +96,7 @@ def eval_ablate(
     set_: SetOpt = None,
 ) -> None:
     """Train the paper's ablation variants on the same data, seed and steps; print the table."""
-    from unimm.ablate import VARIANTS, AblateOptions, run
+    from unimm.pipelines.ablate import VARIANTS, AblateOptions, run
 
     opts = AblateOptions(
         recipe=str(recipe),
@@ -122,7 +123,7 @@ def bench_prepare_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Samples/s of `unimm prepare` against writing the same files into a plain tar."""
-    from unimm.bench import bench_prepare, print_table
+    from unimm.commands.bench import bench_prepare, print_table
 
     rows = bench_prepare(
         records=records, images_per_record=images_per_record, image_width=image_width, repeats=repeats
@@ -139,7 +140,7 @@ def bench_align_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""
-    from unimm.bench import bench_align, print_align_table
+    from unimm.commands.bench import bench_align, print_align_table
 
     _check_device(device)
     rows = bench_align(device=device, quick=quick)
@@ -164,7 +165,7 @@ def bench_train_cmd(
 ) -> None:
     """Step time of joint training vs generative-only on the same batch; tokens/s and model FLOP/s."""
 
-    from unimm.bench_train import bench_train
+    from unimm.commands.bench_train import bench_train
 
     _check_device(device)
     if mixed_precision not in ("no", "bf16"):
@@ -200,7 +201,7 @@ def bench_data_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Batches/s of the training data path: worker processes and the prefetch thread vs inline."""
-    from unimm.bench_train import bench_data
+    from unimm.commands.bench_train import bench_data
 
     try:
         counts = tuple(int(n) for n in workers.split(","))
@@ -222,7 +223,7 @@ def bench_retrieve_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Exact search vs FAISS flat, and embedding vs a bare transformers forward (CPU)."""
-    from unimm.bench import bench_retrieve
+    from unimm.commands.bench import bench_retrieve
 
     rows = bench_retrieve(docs=docs, dim=dim)
     for row in rows:

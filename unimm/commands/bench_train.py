@@ -43,12 +43,11 @@ def bench_train(
 
     from unimm.config import DataOptions, PrepareConfig, TrainConfig, build_config
     from unimm.data.collate import Collator
+    from unimm.data.prepare import write_shards as prepare
     from unimm.data.shards import read_samples
     from unimm.data.stream import training_texts
     from unimm.data.synthetic import write_synthetic
     from unimm.model.tiny import save_tiny_llava, save_tiny_teachers
-    from unimm.prepare import run as prepare
-    from unimm.quickstart import RECIPE
     from unimm.training.step import train_step
     from unimm.training.trainer import build_model
 
@@ -60,7 +59,7 @@ def bench_train(
         prepare(
             build_config(
                 PrepareConfig,
-                recipe=RECIPE,
+                recipe="tiny-cpu",
                 options={
                     "prepare.inputs": [str(data)],
                     "prepare.out": str(shards),
@@ -86,7 +85,7 @@ def bench_train(
         for name, alpha in (("joint", 1.0), ("generative-only", 0.0)):
             cfg = build_config(
                 TrainConfig,
-                recipe=RECIPE,
+                recipe="tiny-cpu",
                 options={"out": str(work / name)},
                 overrides=[
                     f"data.train={shards}",
@@ -180,11 +179,11 @@ def bench_data(
     """
     from unimm.config import DataOptions, PrepareConfig, build_config
     from unimm.data.collate import Collator
+    from unimm.data.prepare import write_shards as prepare
     from unimm.data.stream import BatchMaker, open_batches
     from unimm.data.synthetic import write_synthetic
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
     from unimm.model.tiny import save_tiny_llava
-    from unimm.prepare import run as prepare
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-data-"))
     try:
