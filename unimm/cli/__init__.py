@@ -264,6 +264,13 @@ def embed(
     dtype: Annotated[str | None, typer.Option(help="float16 | float32 \\[default: float16]")] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also store per-slice embeddings.")] = False,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    model_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--model-dtype",
+            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished parts of an earlier run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -285,6 +292,7 @@ def embed(
             "embed.dtype": dtype,
             "embed.per_slice": per_slice or None,
             "embed.device": device,
+            "embed.model_dtype": model_dtype,
             "embed.resume": resume or None,
             "embed.overwrite": overwrite or None,
         },
@@ -332,6 +340,13 @@ def retrieve(
     device: Annotated[
         str | None, typer.Option(help=f"auto | cpu | cuda {default('retrieve.device')}")
     ] = None,
+    model_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--model-dtype",
+            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+        ),
+    ] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -359,6 +374,7 @@ def retrieve(
             "retrieve.qrels": None if qrels is None else str(qrels),
             "retrieve.metrics_out": None if metrics_out is None else str(metrics_out),
             "retrieve.device": device,
+            "retrieve.model_dtype": model_dtype,
         },
         overrides=set_,
     )
@@ -397,6 +413,13 @@ def chat(
         float | None, typer.Option(help=f"Nucleus sampling mass. {default('chat.top_p')}")
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('chat.device')}")] = None,
+    model_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--model-dtype",
+            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+        ),
+    ] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -417,6 +440,7 @@ def chat(
             "chat.temperature": temperature,
             "chat.top_p": top_p,
             "chat.device": device,
+            "chat.model_dtype": model_dtype,
         },
         overrides=set_,
     )

@@ -36,6 +36,13 @@ def eval_(
     ] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    model_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--model-dtype",
+            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+        ),
+    ] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -60,6 +67,7 @@ def eval_(
             "eval.format": input_format,
             "eval.image_root": None if image_root is None else str(image_root),
             "eval.device": device,
+            "eval.model_dtype": model_dtype,
         },
         overrides=set_,
     )

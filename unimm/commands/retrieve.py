@@ -50,11 +50,10 @@ def load_queries(opts: RetrieveOptions) -> list[dict]:
 
 def run(cfg: RetrieveConfig) -> dict[str, Any]:
     """Search and (with qrels) score; return ``{"results": [...], "metrics": {...} | None}``."""
-    from unimm.data.collate import Collator
     from unimm.inference.index import load_index, model_hash
     from unimm.inference.search import exact_search, faiss_search, metrics, read_qrels
-    from unimm.model.checkpoint import load_checkpoint
-    from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
+    from unimm.inference.session import Session
+    from unimm.utils import atomic_write_bytes, atomic_write_json
 
     opts = cfg.retrieve
     index, rows, manifest = load_index(opts.index)
@@ -63,27 +62,19 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
             f"--index {opts.index} was embedded with another model ({manifest['model']}); embed it again "
             f"with --model {opts.model}, or retrieve with the model it was built with"
         )
-    model, processor, meta = load_checkpoint(opts.model)
-    if model.head.embed_dim != manifest["dim"]:
+    session = Session.load(opts.model, device=opts.device, dtype=opts.model_dtype)
+    if session.model.head.embed_dim != manifest["dim"]:
         raise UnimmError(
-            f"dimension mismatch: the model embeds in {model.head.embed_dim}-d, the index holds "
+            f"dimension mismatch: the model embeds in {session.model.head.embed_dim}-d, the index holds "
             f"{manifest['dim']}-d vectors"
         )
-    device = resolve_device(opts.device)
-    model.to(device).eval()
     queries = load_queries(opts)
-    collator = Collator.for_model(
-        model, processor, system_prompt=meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
-    )
-    embedded, per_slice = [], []
-    for start in range(0, len(queries), 16):
-        batch = collator(queries[start : start + 16])
-        batch["views"] = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]
-        emb = model.embed(batch).cpu()
-        counts = [len(spans) for spans in batch["spans"]]
-        for part in torch.split(emb, counts):
-            per_slice.append(part)
-            embedded.append(part[-1:])  # the query as one view: cut after its last slice
+    per_slice = [
+        rows
+        for start in range(0, len(queries), 16)
+        for rows in session.embed_slices(queries[start : start + 16])
+    ]
+    embedded = [rows[-1:] for rows in per_slice]  # the query as one view: cut after its last slice
     if opts.backend == "exact":
         scores, found = exact_search(torch.cat(embedded), index, opts.top_k, block=opts.block)
     else:

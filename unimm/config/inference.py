@@ -24,7 +24,10 @@ class EmbedOptions:
     """Also store an embedding after every slice (for GAK re-ranking)."""
     part_size: int = 10000
     device: str = "auto"
-    max_length: int = 2048
+    max_length: int | None = None
+    """Longest document in tokens; default: the checkpoint's (its training length)."""
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     resume: bool = False
     overwrite: bool = False
 
@@ -36,7 +39,7 @@ class EmbedOptions:
             problems.append("embed.data: give shard directories with --data DIR")
         if not self.out:
             problems.append("embed.out: give an index directory with --out DIR")
-        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 16:
+        if self.batch_size < 1 or self.part_size < 1 or (self.max_length or 16) < 16:
             problems.append("embed.batch_size and embed.part_size must be >= 1, embed.max_length >= 16")
         if self.resume and self.overwrite:
             problems.append("embed.resume and embed.overwrite: choose one")
@@ -64,6 +67,8 @@ class RetrieveOptions:
     candidate's per-slice embeddings (the index needs ``--per-slice``)."""
     rerank_delta: float = 1.0
     device: str = "auto"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     out: str | None = None
     qrels: str | None = None
     metrics_out: str | None = None
@@ -101,6 +106,8 @@ class ChatOptions:
     """0 = greedy."""
     top_p: float = 1.0
     device: str = "auto"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -130,6 +137,8 @@ class EvalOptions:
     batch_size: int = 16
     max_new_tokens: int = 16
     device: str = "auto"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     out: str | None = None
     """Write the results as JSON here."""
 

@@ -69,17 +69,13 @@ class ChatSession:
     """A loaded model (and optional index) that answers messages and keeps the conversation."""
 
     def __init__(self, opts: ChatOptions) -> None:
-        from unimm.data.collate import Collator
         from unimm.inference.index import load_index, model_hash
-        from unimm.model.checkpoint import load_checkpoint
-        from unimm.utils import resolve_device
+        from unimm.inference.session import Session
 
         self.opts = opts
-        self.model, self.processor, meta = load_checkpoint(opts.model)
-        self.device = resolve_device(opts.device)
-        self.model.to(self.device).eval()
-        system = meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
-        self.collator = Collator.for_model(self.model, self.processor, system_prompt=system)
+        self.session = Session.load(opts.model, device=opts.device, dtype=opts.model_dtype)
+        self.model, self.processor = self.session.model, self.session.processor
+        self.device, self.collator = self.session.device, self.session.collator
         self.index = self.rows = None
         self.data_dirs: list[str] = []
         if opts.index:
@@ -99,10 +95,7 @@ class ChatSession:
 
         if self.index is None:
             return []
-        query = build_prompt(question, [], self.history)
-        batch = self.collator([query])
-        batch["views"] = [(0, len(batch["spans"][0]) - 1)]
-        emb = self.model.embed(batch).cpu()
+        emb = self.session.embed_views([build_prompt(question, [], self.history)])
         _, rows = exact_search(emb, self.index, self.opts.top_k)
         return [load_document(self.rows, int(r), self.data_dirs) for r in rows[0]]
 

@@ -108,33 +108,29 @@ def relevant_by_text(texts: list[str]) -> list[set[int]]:
 class Evaluator:
     """A loaded checkpoint with the three calls the tasks need: embed, generate, score options."""
 
-    def __init__(self, model, processor, meta: dict, device: torch.device, batch_size: int = 16) -> None:
-        from unimm.data.collate import Collator
-
-        self.model = model.to(device).eval()
-        self.device = device
+    def __init__(self, session, batch_size: int = 16) -> None:
+        self.session = session
+        self.model, self.device = session.model, session.device
+        self.collator, self.tokenizer = session.collator, session.tokenizer
         self.batch_size = batch_size
-        system = meta.get("recipe", {}).get("model", {}).get("system_prompt", "")
-        self.collator = Collator.for_model(model, processor, system_prompt=system)
-        self.tokenizer = processor.tokenizer
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16) -> Evaluator:
-        from unimm.model.checkpoint import load_checkpoint
-        from unimm.utils import resolve_device
+    def load(
+        cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16, dtype: str = "auto"
+    ) -> Evaluator:
+        """Load ``checkpoint`` for evaluation (see :meth:`unimm.inference.session.Session.load`)."""
+        from unimm.inference.session import Session
 
-        model, processor, meta = load_checkpoint(checkpoint)
-        return cls(model, processor, meta, resolve_device(device), batch_size)
+        return cls(Session.load(checkpoint, device=device, dtype=dtype), batch_size)
 
-    @torch.no_grad()
     def embed(self, slice_lists: list[list[dict]]) -> torch.Tensor:
         """Unit embeddings ``[n, d]`` of interleaved inputs, each one view cut after its last slice."""
         out = []
         for start in range(0, len(slice_lists), self.batch_size):
             chunk = slice_lists[start : start + self.batch_size]
-            batch = self.collator([{"key": str(start + i), "slices": s} for i, s in enumerate(chunk)])
-            batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
-            out.append(self.model.embed(batch).cpu())
+            out.append(
+                self.session.embed_views([{"key": str(start + i), "slices": s} for i, s in enumerate(chunk)])
+            )
         return torch.cat(out)
 
     @torch.no_grad()
@@ -145,11 +141,10 @@ class Evaluator:
         """
         from unimm.model.targets import same_sample_mask, view_targets
 
-        batch = self.collator(samples)
-        views = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]
-        batch["views"] = views
-        emb = self.model.embed(batch).cpu()
-        targets = view_targets(batch["teacher"], views, align)
+        slices = self.session.embed_slices(samples)
+        views = [(b, c) for b, rows in enumerate(slices) for c in range(len(rows))]
+        emb = torch.cat(slices)
+        targets = view_targets([s.get("teacher") for s in samples], views, align)
         labels = [f"{samples[b]['id']}:{c + 1}" for b, c in views]
         return targets, emb @ emb.T, same_sample_mask(views), labels
 

@@ -78,9 +78,8 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     from safetensors.torch import save
     from tqdm import tqdm
 
-    from unimm.data.collate import Collator
     from unimm.data.shards import ReadStats, read_samples, shard_paths
-    from unimm.model.checkpoint import load_checkpoint
+    from unimm.inference.session import Session
 
     opts = cfg.embed
     out = Path(opts.out)
@@ -92,14 +91,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         kept = _prepare_out(out, opts)
     device = state.device if state and opts.device == "auto" else resolve_device(opts.device)
-    model, processor, meta = load_checkpoint(opts.model)
-    model.to(device).eval()
-    collator = Collator.for_model(
-        model,
-        processor,
-        max_length=opts.max_length,
-        system_prompt=meta.get("recipe", {}).get("model", {}).get("system_prompt", ""),
-    )
+    session = Session.load(opts.model, device=str(device), dtype=opts.model_dtype, max_length=opts.max_length)
     for source in opts.data:
         shard_paths(source)  # clear error for a missing or unfinished directory
     digest = model_hash(opts.model)
@@ -133,22 +125,14 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     batch_samples: list[dict] = []
 
     def embed_batch(samples: list[dict]) -> None:
-        batch = collator(samples)
         if opts.per_slice:
-            batch["views"] = [(b, c) for b, spans in enumerate(batch["spans"]) for c in range(len(spans))]
-        else:
-            batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
-        with torch.no_grad():
-            emb = model.embed(batch).cpu()
-        if opts.per_slice:
-            counts = [len(spans) for spans in batch["spans"]]
-            per_doc = torch.split(emb, counts)
+            per_doc = session.embed_slices(samples)
             pending["emb"].append(torch.stack([d[-1] for d in per_doc]))
             for d in per_doc:
                 pending["slices"].append(d)
                 pending["offsets"].append(pending["offsets"][-1] + d.shape[0])
         else:
-            pending["emb"].append(emb)
+            pending["emb"].append(session.embed_views(samples))
         for s in samples:
             pending["rows"].append(
                 {"id": s["id"], "shard": Path(s["url"]).name, "key": s["key"], "source": s.get("source")}
@@ -190,7 +174,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         "unimm_version": __version__,
         "model": str(Path(opts.model).resolve()),
         "model_hash": digest,
-        "dim": int(model.head.embed_dim),
+        "dim": int(session.model.head.embed_dim),
         "count": count,
         "dtype": opts.dtype,
         "per_slice": opts.per_slice,

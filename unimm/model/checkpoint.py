@@ -6,7 +6,8 @@ A checkpoint directory::
     processor files                      tokenizer and image processor
     adapter/                             LoRA adapters (peft format), when not merged
     retrieval_head.safetensors           the trained retrieval head
-    unimm.json                           recipe, data manifest hash, step, head sizes, pooling
+    unimm.json                           recipe, data manifest hash, step, head sizes, pooling, and
+                                         the inference settings (system prompt, max length, dtype)
     train_state/                         (training only) optimizer, scheduler, RNG, data position
 
 It is written under a temporary name and renamed when complete. Nothing here unpickles:
@@ -36,6 +37,9 @@ HEAD_NAME = "retrieval_head.safetensors"
 STATE_DIR = "train_state"
 # Keys a current checkpoint's unimm.json has; older ones get these defaults when loaded.
 META_DEFAULTS: dict[str, Any] = {"pooling": "paper", "embed_dim": 256, "lora": False, "step": 0, "recipe": {}}
+# What inference needs to rebuild a checkpoint's inputs and load it as saved (unimm.json →
+# "inference"); inference reads these, never the training recipe.
+INFERENCE_DEFAULTS: dict[str, Any] = {"system_prompt": "", "max_length": 2048, "dtype": "float32"}
 
 
 def save_checkpoint(
@@ -101,6 +105,13 @@ def save_checkpoint(
             "embed_dim": model.head.embed_dim,
             "hidden_size": model.head.hidden_size,
             "lora": bool(is_peft and not merge_lora),
+            "inference": {
+                **INFERENCE_DEFAULTS,
+                **meta.get("inference", {}),
+                "dtype": _weights_dtype(mllm_state),
+                "pooling": model.pooling,
+                "embed_dim": model.head.embed_dim,
+            },
         }
         atomic_write_json(tmp / META_NAME, full_meta)
         if train_state is not None:
@@ -114,6 +125,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _weights_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The dtype most of the floating-point weights are stored in (``float32``, ``bfloat16``...)."""
+    counts: dict[torch.dtype, int] = {}
+    for value in state.values():
+        if value.is_floating_point():
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return str(dtype).removeprefix("torch.")
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -131,7 +152,28 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise UnimmError(f"{path}: not valid JSON ({exc})") from None
-    return {**META_DEFAULTS, **meta}
+    meta = {**META_DEFAULTS, **meta}
+    if "inference" not in meta:  # written before the inference settings were (unimm < 0.2)
+        meta["inference"] = _inference_of_old(Path(folder), meta)
+    return meta
+
+
+def _inference_of_old(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Inference settings of a checkpoint that predates them: from the recipe it recorded, the
+    weights' dtype from config.json, today's defaults for the rest."""
+    model = meta.get("recipe", {}).get("model", {})
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    dtype = config.get("dtype") or config.get("torch_dtype") or INFERENCE_DEFAULTS["dtype"]
+    return {
+        "system_prompt": model.get("system_prompt", INFERENCE_DEFAULTS["system_prompt"]),
+        "max_length": model.get("max_length", INFERENCE_DEFAULTS["max_length"]),
+        "dtype": dtype if dtype in ("float32", "bfloat16", "float16") else INFERENCE_DEFAULTS["dtype"],
+        "pooling": meta["pooling"],
+        "embed_dim": meta["embed_dim"],
+    }
 
 
 def load_checkpoint(

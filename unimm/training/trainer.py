@@ -205,6 +205,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     data_hash = [m["fingerprint"] for m in manifests]
     parallelism = {"kind": accelerator.distributed_type.value, "processes": accelerator.num_processes}
     recipe = config_to_dict(cfg)
+    # What inference rebuilds the inputs with (the checkpoint adds its dtype, pooling and size).
+    inference = {"system_prompt": cfg.model.system_prompt, "max_length": cfg.model.max_length}
     bar = tqdm(
         total=opts.max_steps,
         initial=step,
@@ -324,6 +326,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                             "step": step,
                             "data_manifests": data_hash,
                             "parallelism": parallelism,
+                            "inference": inference,
                         },
                         train_state=state,
                         state_dict=model_state,
@@ -343,7 +346,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             run_dir / "final-merged",
             final,
             final_processor,
-            {key: final_meta[key] for key in ("recipe", "step", "data_manifests")},
+            {key: final_meta[key] for key in ("recipe", "step", "data_manifests", "inference")},
             merge_lora=True,
         )
     return {**last, "history": history, "main": accelerator.is_main_process}
