@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -17,10 +16,6 @@ from unimm.align import (
     gak_matrix_triple,
     log_gak,
     log_gak_matrix,
-    soft_dtw,
-    soft_dtw_divergence,
-    soft_dtw_divergence_matrix,
-    soft_dtw_matrix,
     triple_distance,
 )
 
@@ -357,66 +352,6 @@ def test_prefix_sharing_rejects_length_scaled_sigma():
 
 
 # ---------------------------------------------------------------------------------------------
-# Soft-DTW
-
-
-def brute_soft_dtw(cost: torch.Tensor, gamma: float) -> float:
-    n, m = cost.shape
-    return -gamma * math.log(
-        sum(math.exp(-sum(float(cost[i, j]) for i, j in p) / gamma) for p in paths(n, m))
-    )
-
-
-def dtw(cost: torch.Tensor) -> float:
-    n, m = cost.shape
-    r = np.full((n + 1, m + 1), np.inf)
-    r[0, 0] = 0
-    for i, j in itertools.product(range(1, n + 1), range(1, m + 1)):
-        r[i, j] = float(cost[i - 1, j - 1]) + min(r[i - 1, j], r[i, j - 1], r[i - 1, j - 1])
-    return r[n, m]
-
-
-@pytest.mark.parametrize("gamma", [0.1, 1.0, 10.0])
-def test_soft_dtw_equals_brute_force(gamma):
-    g = torch.Generator().manual_seed(19)
-    x, y = (
-        torch.randn(4, 3, generator=g, dtype=torch.float64),
-        torch.randn(3, 3, generator=g, dtype=torch.float64),
-    )
-    want = brute_soft_dtw(torch.cdist(x, y) ** 2, gamma)
-    assert soft_dtw(x, y, gamma=gamma).item() == pytest.approx(want, rel=1e-10)
-
-
-def test_soft_dtw_tends_to_dtw_and_is_minus_log_gak():
-    g = torch.Generator().manual_seed(20)
-    x, y = (
-        torch.randn(6, 2, generator=g, dtype=torch.float64),
-        torch.randn(5, 2, generator=g, dtype=torch.float64),
-    )
-    cost = torch.cdist(x, y) ** 2
-    assert soft_dtw(x, y, gamma=1e-3).item() == pytest.approx(dtw(cost), abs=0.02)
-    # with cost −log k and γ = 1 soft-DTW is −log K
-    gak_cost = -local_logk(cost, 0.9)
-    sdtw = -alignment_log_kernel((-gak_cost).unsqueeze(0), torch.tensor([6]), torch.tensor([5]))[0]
-    assert sdtw.item() == pytest.approx(-log_gak(x, y, sigma=0.9).item(), rel=1e-12)
-
-
-def test_soft_dtw_divergence_properties_and_matrix():
-    x, y = unit(5, 3, seed=21), unit(7, 3, seed=22)
-    assert soft_dtw_divergence(x, x).abs().item() < 1e-12
-    assert soft_dtw_divergence(x, y).item() > 0
-    assert soft_dtw_divergence(x, y).item() == pytest.approx(soft_dtw_divergence(y, x).item(), rel=1e-12)
-    xs, lengths = packed([x, y, x[:3]])
-    mat = soft_dtw_matrix(xs, lengths, gamma=0.5)
-    assert mat[0, 1].item() == pytest.approx(soft_dtw(x, y, gamma=0.5).item(), rel=1e-12)
-    div = soft_dtw_divergence_matrix(xs, lengths, gamma=0.5)
-    assert div[0, 2].item() == pytest.approx(soft_dtw_divergence(x, x[:3], gamma=0.5).item(), rel=1e-12)
-    torch.testing.assert_close(div.diag(), torch.zeros(3, dtype=torch.float64))
-    xg = x.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: soft_dtw_divergence(t, y, gamma=0.7), (xg,))
-
-
-# ---------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -432,5 +367,3 @@ def test_clear_errors():
         gak_matrix_triple(x, x, torch.zeros(5), torch.tensor([5]), delta=1.0, teacher="dino")
     with pytest.raises(ValueError, match="needs expert features u"):
         gak_matrix_triple(None, x, torch.zeros(5), torch.tensor([5]), delta=1.0)
-    with pytest.raises(ValueError, match="gamma must be > 0"):
-        soft_dtw(x, x, gamma=0.0)

@@ -193,3 +193,17 @@ def test_recipes_lists_the_shipped_recipes_and_prints_paths(tmp_path, monkeypatc
     bad = runner.invoke(app, ["recipes", "nope"])
     assert bad.exit_code == 2 and "--recipe nope" in bad.output and "tiny-cpu" in bad.output
     assert "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("name", ["prepare", "train", "embed", "retrieve", "chat", "eval"])
+def test_config_commands_leave_defaults_to_their_sections(name):
+    """A flag left out is "not given": it never overrides the recipe, and its help shows the
+    section's default (read from the config, so a default lives in one place)."""
+    import typer
+
+    command = typer.main.get_command(app).commands[name]  # `eval` is a group: its callback's options
+    # typer may bring its own click: recognise options by their kind, not their class
+    options = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
+    assert len(options) >= 5, [p.name for p in options]
+    for param in options:
+        assert param.default in (None, False), (name, param.name, param.default)

@@ -190,7 +190,7 @@ def test_bad_configurations_are_clear(tmp_path, tiny_shards):
         "model.train_lm",
         "data.weights",
         "train.alpha",
-        "align.student: gak is not implemented",
+        "align.student: unknown key",
         "out: give a run",
     ):
         assert expected in text, text

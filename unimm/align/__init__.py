@@ -1,4 +1,4 @@
-"""The alignment core: the triple-kernel global alignment kernel (GAK) and soft-DTW.
+"""The alignment core: the triple-kernel global alignment kernel (GAK).
 
 Stable entry points (keep names and arguments):
 
@@ -7,8 +7,7 @@ Stable entry points (keep names and arguments):
   teacher)`` — the structure-induced loss's targets from teacher features.
 
 Also: :func:`gak_matrix` (plain vectors, normalised), :func:`log_gak` / :func:`gak` (one pair),
-:func:`soft_dtw`, :func:`soft_dtw_matrix`, :func:`soft_dtw_divergence`,
-:func:`soft_dtw_divergence_matrix`, :func:`gak_matrix_prefix` (one DP table per sample pair
+:func:`gak_matrix_prefix` (one DP table per sample pair
 for views that are prefixes), the local distances :func:`triple_distance`,
 :func:`squared_distance`, :func:`local_log_kernel`, and the DP itself,
 :func:`alignment_log_kernel` (differentiable) and :func:`read_log_kernels`.
@@ -21,7 +20,6 @@ from unimm.align.dp import alignment_log_kernel, read_log_kernels
 from unimm.align.gak import gak, gak_matrix, gak_matrix_triple, log_gak, log_gak_matrix, pad_views
 from unimm.align.kernels import local_log_kernel, squared_distance, triple_distance
 from unimm.align.prefix import gak_matrix_prefix
-from unimm.align.softdtw import soft_dtw, soft_dtw_divergence, soft_dtw_divergence_matrix, soft_dtw_matrix
 
 __all__ = [
     "alignment_log_kernel",
@@ -34,10 +32,6 @@ __all__ = [
     "log_gak_matrix",
     "pad_views",
     "read_log_kernels",
-    "soft_dtw",
-    "soft_dtw_divergence",
-    "soft_dtw_divergence_matrix",
-    "soft_dtw_matrix",
     "squared_distance",
     "triple_distance",
 ]

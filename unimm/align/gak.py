@@ -1,4 +1,4 @@
-"""Global alignment kernels between views: all pairs of a ragged batch, single pairs, soft-DTW.
+"""Global alignment kernels between views: all pairs of a ragged batch, and single pairs.
 
 A batch of ``N`` views is given packed: slice features ``[S, d]`` (views one after another) and
 ``lengths`` ``[N]`` (``S = lengths.sum()``). All-pairs functions return ``[N, N]`` matrices and

@@ -56,7 +56,8 @@ def prepare(
     ],
     out: Annotated[Path | None, typer.Option("--out", help="Output shard directory.")] = None,
     format: Annotated[
-        str | None, typer.Option("--format", help="auto | unimm | llava | mmc4 | csv  \\[default: auto]")
+        str | None,
+        typer.Option("--format", help=f"auto | unimm | llava | mmc4 | csv {default('prepare.format')}"),
     ] = None,
     image_root: Annotated[
         Path | None,
@@ -64,20 +65,25 @@ def prepare(
             help="Folder image paths are relative to and must stay in \\[default: the input's folder]."
         ),
     ] = None,
-    samples_per_shard: Annotated[int | None, typer.Option(help="\\[default: 1000]")] = None,
-    max_shard_bytes: Annotated[int | None, typer.Option(help="\\[default: 1 GiB]")] = None,
+    samples_per_shard: Annotated[int | None, typer.Option(help=default("prepare.samples_per_shard"))] = None,
+    max_shard_bytes: Annotated[int | None, typer.Option(help=default("prepare.max_shard_bytes"))] = None,
     image_size: Annotated[
         int | None,
         typer.Option(help="Resize so the shorter side is this (never upscales) \\[default: keep]."),
     ] = None,
-    jpeg_quality: Annotated[int | None, typer.Option(help="\\[default: 90]")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image processes \\[default: 1].")] = None,
+    jpeg_quality: Annotated[int | None, typer.Option(help=default("prepare.jpeg_quality"))] = None,
+    workers: Annotated[
+        int | None, typer.Option(help=f"Image processes {default('prepare.workers')}.")
+    ] = None,
     on_error: Annotated[
         str | None,
-        typer.Option(help="fail | skip (bad records listed in DIR/rejects.jsonl) \\[default: fail]"),
+        typer.Option(
+            help=f"fail | skip (bad records listed in DIR/rejects.jsonl) {default('prepare.on_error')}"
+        ),
     ] = None,
     verify_images: Annotated[
-        str | None, typer.Option(help="full (decode every image) | header (faster) \\[default: full]")
+        str | None,
+        typer.Option(help=f"full (decode every image) | header (faster) {default('prepare.verify_images')}"),
     ] = None,
     max_image_pixels: Annotated[
         int | None, typer.Option(help="Decompression-bomb limit \\[default: Pillow's].")
@@ -100,10 +106,11 @@ def prepare(
         Path | None, typer.Option(help="Local CLIPModel folder.", rich_help_panel="Teachers")
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="Teacher device \\[default: cpu].", rich_help_panel="Teachers")
+        str | None,
+        typer.Option(help=f"Teacher device {default('teachers.device')}.", rich_help_panel="Teachers"),
     ] = None,
     teacher_batch_size: Annotated[
-        int | None, typer.Option(help="\\[default: 32]", rich_help_panel="Teachers")
+        int | None, typer.Option(help=default("teachers.batch_size"), rich_help_panel="Teachers")
     ] = None,
     trust_remote_code: Annotated[
         bool,
@@ -260,15 +267,15 @@ def embed(
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
     data: Annotated[list[Path] | None, typer.Option("--data", help="Shard directory; repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Index directory.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="\\[default: 16]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float16 | float32 \\[default: float16]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=default("embed.batch_size"))] = None,
+    dtype: Annotated[str | None, typer.Option(help=f"float16 | float32 {default('embed.dtype')}")] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also store per-slice embeddings.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('embed.device')}")] = None,
     model_dtype: Annotated[
         str | None,
         typer.Option(
             "--model-dtype",
-            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('embed.model_dtype')}",
         ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished parts of an earlier run.")] = False,
@@ -344,7 +351,7 @@ def retrieve(
         str | None,
         typer.Option(
             "--model-dtype",
-            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('retrieve.model_dtype')}",
         ),
     ] = None,
     recipe: RecipeOpt = None,
@@ -417,7 +424,7 @@ def chat(
         str | None,
         typer.Option(
             "--model-dtype",
-            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('chat.model_dtype')}",
         ),
     ] = None,
     recipe: RecipeOpt = None,

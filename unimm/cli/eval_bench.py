@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from unimm.cli.options import RecipeOpt, SetOpt, comma_list, user_errors
+from unimm.cli.options import RecipeOpt, SetOpt, comma_list, default, user_errors
 from unimm.errors import UnimmError
 
 eval_app = typer.Typer(help="Evaluate a checkpoint; `unimm eval ablate` runs the paper's ablation.")
@@ -28,19 +28,21 @@ def eval_(
         str | None,
         typer.Option(help="Comma list of qa, captioning, two_choice, retrieval, interleaved, winoground."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Items per task, 0 = all \\[default: 0]")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help=f"Items per task, 0 = all {default('eval.limit')}")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON here.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="\\[default: 16]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=default("eval.batch_size"))] = None,
     input_format: Annotated[
-        str | None, typer.Option("--format", help="Record format \\[default: auto]")
+        str | None, typer.Option("--format", help=f"Record format {default('eval.format')}")
     ] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[default: auto]")] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('eval.device')}")] = None,
     model_dtype: Annotated[
         str | None,
         typer.Option(
             "--model-dtype",
-            help="auto (as the checkpoint was saved) | float32 | bfloat16 | float16 \\[default: auto]",
+            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('eval.model_dtype')}",
         ),
     ] = None,
     recipe: RecipeOpt = None,

@@ -62,9 +62,6 @@ class AlignOptions:
     single_slice: Literal["cosine", "gak"] = "cosine"
     teacher: Literal["triple", "clip", "mean"] = "triple"
     """``triple`` (default), ``clip`` (the paper's "w/o TK"), ``mean`` (its "w/o GAK")."""
-    student: Literal["cosine", "gak"] = "cosine"
-    """Student similarity: cosine of the view embeddings. ``gak`` (GAK over per-slice student
-    embeddings, a DESIGN extension) is refused: training does not compute it yet."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -74,11 +71,6 @@ class AlignOptions:
             problems.append(f"align.sigma: use length_scaled, fixed or a number, got {self.sigma!r}")
         if not isinstance(self.sigma, str) and not self.sigma > 0:
             problems.append(f"align.sigma: a number must be > 0, got {self.sigma}")
-        if self.student != "cosine":
-            problems.append(
-                f"align.student: {self.student} is not implemented in training yet (the targets use the "
-                "GAK; the student side is the cosine of view embeddings); use align.student=cosine"
-            )
         return problems
 
 

@@ -10,6 +10,7 @@ once about an image, plot, and summarise. Each stage prints the equivalent ``uni
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shlex
@@ -311,7 +312,8 @@ def _plots(out: Path, run_dir: Path, checkpoint: Path, ev) -> dict[str, Any]:
             samples.append(sample)
             if len(samples) == 12:
                 break
-    align = AlignOptions(**read_meta(checkpoint)["recipe"]["align"])
+    known = {f.name for f in dataclasses.fields(AlignOptions)}  # a recipe may hold retired keys
+    align = AlignOptions(**{k: v for k, v in read_meta(checkpoint)["recipe"]["align"].items() if k in known})
     targets, learned, same, labels = ev.view_similarities(samples, align)
     files.append(similarity_heatmap(targets, learned, out / "similarity.png", labels))
     return {"files": files, "correlation": round(off_diagonal_correlation(targets, learned, ~same), 3)}
