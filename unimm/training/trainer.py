@@ -112,244 +112,318 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train as configured; return the final metrics. See the module docstring."""
-    from accelerate import Accelerator
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    from unimm.data.collate import Collator
-    from unimm.model.checkpoint import (
-        gather_training_state,
-        load_checkpoint,
-        load_train_state,
-        pack_train_state,
-        rank_state,
-        restore_train_state,
-        save_checkpoint,
-    )
-
-    opts = cfg.train
-    run_dir = Path(cfg.out)
-    manifests = check_shards(cfg.data, need_teachers=opts.alpha > 0)
-    if cfg.data.eval:
-        check_shards(dataclasses.replace(cfg.data, train=cfg.data.eval), need_teachers=opts.alpha > 0)
-    resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
-        raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")
-    if not cfg.resume and any(run_dir.glob("step-*")):
-        raise UnimmError(
-            f"--out {run_dir} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(opts.seed)
-    torch.manual_seed(opts.seed)
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # accelerate keeps one state per process; a second run in the same process (a notebook, the
-    # tests) may ask for another precision. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-
-    # Unused parameters are normal here (the head when α = 0, the LM head when gen_weight = 0).
-    accelerator = Accelerator(
-        mixed_precision=opts.mixed_precision,
-        gradient_accumulation_steps=opts.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        # Without it, accelerate treats several CPU processes (torchrun) as one and skips DDP.
-        cpu=not torch.cuda.is_available(),
-    )
-    check_parallelism(accelerator)
-    with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
-        model, processor = build_model(cfg, run_dir, resume_from)
-    if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
-        enable = getattr(model.base, "activation_checkpointing_enable", None)
-        (enable or model.base.gradient_checkpointing_enable)()
-    collator = Collator.for_model(
-        model,
-        processor,
-        max_length=cfg.model.max_length,
-        system_prompt=cfg.model.system_prompt,
-        cut_points=cfg.data.cut_points,
-        seed=opts.seed,
-    )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=opts.weight_decay
-    )
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
-    )
-    # Under FSDP a forward pass gathers parameters from every rank, so every rank evaluates.
-    sharded = accelerator.is_fsdp2
-    eval_batches = load_eval_batches(cfg, collator) if accelerator.is_main_process or sharded else []
-    step, history = 0, {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0, "corrupt_samples": 0}
-    data_position = None
-    # The scheduler stays outside prepare(): accelerate would step it once per process per call,
-    # while train.max_steps counts optimizer steps of the whole run.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # After prepare: FSDP replaces the parameters by sharded ones (the optimizer follows).
-    params = [p for p in model.parameters() if p.requires_grad]
-    if resume_from is not None:
-        meta = restore_train_state(
-            load_train_state(resume_from),
-            model,
-            optimizer,
-            scheduler,
-            rank=accelerator.process_index,
-            world=accelerator.num_processes,
-        )
-        step = int(meta["step"])
-        history.update(meta.get("history", {}))
-        data_position = meta["data_position"]
-        if accelerator.is_main_process:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-    data_hash = [m["fingerprint"] for m in manifests]
-    parallelism = {"kind": accelerator.distributed_type.value, "processes": accelerator.num_processes}
-    recipe = config_to_dict(cfg)
-    # What inference rebuilds the inputs with (the checkpoint adds its dtype, pooling and size).
-    inference = {"system_prompt": cfg.model.system_prompt, "max_length": cfg.model.max_length}
-    bar = tqdm(
-        total=opts.max_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not (progress and accelerator.is_main_process),
-    )
-    metrics_file = (
-        (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
-    )
-    last: dict[str, Any] = {}
-    fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
-
-    batches = None
+    """Train as configured; return the final metrics (with ``history`` and ``main``, whether this
+    process is the main one). See the module docstring and :class:`Trainer`."""
+    trainer = Trainer(cfg, progress=progress)
     try:
-        batches = open_batches(
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+class Trainer:
+    """One training run, in four stages: :meth:`setup` (checks, accelerator, model, data,
+    optimizer, resumed state), :meth:`train` (optimizer steps; checkpoints every
+    ``train.save_every``), :meth:`save` (a checkpoint of the current step, a collective) and
+    :meth:`cleanup` (close the data stream and the logs; safe after a failure)."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        self.cfg, self.opts, self.progress = cfg, cfg.train, progress
+        self.run_dir = Path(cfg.out)
+        self.step = 0
+        self.history = {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0, "corrupt_samples": 0}
+        self.batches = self.bar = self.metrics_file = None
+        self.last: dict[str, Any] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Check the data and the output folder, build everything, restore a resumed state."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        from unimm.data.collate import Collator
+
+        cfg, opts = self.cfg, self.opts
+        self.manifests = check_shards(cfg.data, need_teachers=opts.alpha > 0)
+        if cfg.data.eval:
+            check_shards(dataclasses.replace(cfg.data, train=cfg.data.eval), need_teachers=opts.alpha > 0)
+        resume_from = self._check_out_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        random.seed(opts.seed)
+        torch.manual_seed(opts.seed)
+        accelerator = self.accelerator = self._accelerator()
+        with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
+            model, self.processor = build_model(cfg, self.run_dir, resume_from)
+        if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
+            enable = getattr(model.base, "activation_checkpointing_enable", None)
+            (enable or model.base.gradient_checkpointing_enable)()
+        self.collator = Collator.for_model(
+            model,
+            self.processor,
+            max_length=cfg.model.max_length,
+            system_prompt=cfg.model.system_prompt,
+            cut_points=cfg.data.cut_points,
+            seed=opts.seed,
+        )
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=opts.weight_decay
+        )
+        self.scheduler = get_cosine_schedule_with_warmup(
+            optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
+        )
+        # Under FSDP a forward pass gathers parameters from every rank, so every rank evaluates.
+        evaluating = accelerator.is_main_process or accelerator.is_fsdp2
+        self.eval_batches = load_eval_batches(cfg, self.collator) if evaluating else []
+        # The scheduler stays outside prepare(): accelerate would step it once per process per
+        # call, while train.max_steps counts optimizer steps of the whole run.
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # After prepare: FSDP replaces the parameters by sharded ones (the optimizer follows).
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        data_position = self._resume(resume_from) if resume_from is not None else None
+        self._open_logs()
+        self.batches = open_batches(
             cfg.data,
             opts.seed + accelerator.process_index,
             opts.batch_size,
-            BatchMaker(collator, opts.grad_cache_chunk),
+            BatchMaker(self.collator, opts.grad_cache_chunk),
             data_position,
         )
-        while step < opts.max_steps:
-            start = time.perf_counter()
-            parts, gen, disc, views, tokens = [], 0.0, 0.0, 0, 0
-            skipped = False
-            for _ in range(opts.grad_accum):
-                payload, corrupt = batches.next()
-                history["corrupt_samples"] += corrupt
-                if opts.grad_cache_chunk:
-                    chunks = payload
-                    history["dropped_slices"] += sum(c["dropped_slices"] for c in chunks)
-                    result = train_step_cached(
-                        model,
-                        chunks,
-                        cfg,
-                        lambda loss: accelerator.backward(loss / opts.grad_accum),
-                        lambda: accelerator.no_sync(model),
-                    )
-                    skipped = skipped or not math.isfinite(result.objective)
-                    parts.append(result.objective)
-                    gen += result.loss_gen / opts.grad_accum
-                    disc += result.loss_disc / opts.grad_accum
-                    views += result.views
-                    tokens += result.tokens
-                    continue
-                batch = payload
-                history["dropped_slices"] += batch["dropped_slices"]
-                with accelerator.accumulate(model):
-                    result = train_step(model, batch, cfg)
-                    finite = bool(torch.isfinite(result.loss))  # one device sync per micro-step
-                    if finite:
-                        accelerator.backward(result.loss / opts.grad_accum)
-                    else:
-                        skipped = True
-                parts.append(result.objective if finite else float("nan"))
-                gen += result.loss_gen / opts.grad_accum
-                disc += result.loss_disc / opts.grad_accum
-                views += result.views
-                tokens += result.tokens
-            grad_norm = None
-            if skipped:
-                optimizer.zero_grad(set_to_none=True)
-                history["nonfinite"] += 1
-                history["nonfinite_total"] += 1
-                if history["nonfinite"] >= opts.max_nonfinite:
-                    raise UnimmError(
-                        f"{history['nonfinite']} steps in a row had a non-finite loss (last at step "
-                        f"{step + 1}); lower train.lr, use train.mixed_precision=bf16 instead of fp16, or "
-                        "check the data"
-                    )
-            else:
-                history["nonfinite"] = 0
-                if opts.max_grad_norm > 0:
-                    norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seconds = time.perf_counter() - start
-            last = {
-                "step": step,
-                "loss": sum(parts) / len(parts),
-                "loss_gen": gen,
-                "loss_disc": disc,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "views": views,
-                "tokens": tokens,
-                "tokens_per_s": tokens / seconds if seconds else None,
-                "seconds": seconds,
-                "skipped": skipped,
-            }
-            if eval_batches and step % opts.eval_every == 0:
-                last.update(evaluate(accelerator.unwrap_model(model), eval_batches, cfg))
-            if metrics_file is not None and step % opts.log_every == 0:
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", gen=f"{gen:.3f}", disc=f"{disc:.4f}")
-            if fault_after is not None and step == fault_after:
-                os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
-            if step % opts.save_every == 0 or step == opts.max_steps:
-                model_state, optimizer_state = gather_training_state(accelerator, model, optimizer)
-                rank_states = gather_objects(rank_state(batches.position))
-                if accelerator.is_main_process:
-                    state = pack_train_state(
-                        optimizer_state, scheduler, rank_states, {"step": step, "history": history}
-                    )
-                    save_checkpoint(
-                        run_dir / f"step-{step:06d}",
-                        accelerator.unwrap_model(model),
-                        processor,
-                        {
-                            "recipe": recipe,
-                            "step": step,
-                            "data_manifests": data_hash,
-                            "parallelism": parallelism,
-                            "inference": inference,
-                        },
-                        train_state=state,
-                        state_dict=model_state,
-                    )
-                    _prune(run_dir, opts.keep_last)
-                accelerator.wait_for_everyone()
-    finally:
-        if batches is not None:
-            batches.close()
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-    if accelerator.is_main_process and opts.merge_lora:
-        # From the final checkpoint, not the live model: its parameters may be sharded (FSDP).
-        final, final_processor, final_meta = load_checkpoint(run_dir / f"step-{step:06d}")
-        save_checkpoint(
-            run_dir / "final-merged",
-            final,
-            final_processor,
-            {key: final_meta[key] for key in ("recipe", "step", "data_manifests", "inference")},
-            merge_lora=True,
+
+    def _check_out_dir(self) -> Path | None:
+        """The checkpoint to resume from (``--resume``), after refusing to mix runs in one folder."""
+        cfg, run_dir = self.cfg, self.run_dir
+        resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
+        if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
+            raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")
+        if not cfg.resume and any(run_dir.glob("step-*")):
+            raise UnimmError(
+                f"--out {run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        return resume_from
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # accelerate keeps one state per process; a second run in the same process (a notebook,
+        # the tests) may ask for another precision. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        accelerator = Accelerator(
+            mixed_precision=self.opts.mixed_precision,
+            gradient_accumulation_steps=self.opts.grad_accum,
+            # Unused parameters are normal here (the head when α = 0, the LM head when gen_weight = 0).
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # Without it, accelerate treats several CPU processes (torchrun) as one and skips DDP.
+            cpu=not torch.cuda.is_available(),
         )
-    return {**last, "history": history, "main": accelerator.is_main_process}
+        check_parallelism(accelerator)
+        return accelerator
+
+    def _resume(self, checkpoint: Path) -> Any:
+        """Restore optimizer, scheduler, RNG and counters; return this rank's data position."""
+        from unimm.model.checkpoint import load_train_state, restore_train_state
+
+        meta = restore_train_state(
+            load_train_state(checkpoint),
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
+        self.step = int(meta["step"])
+        self.history.update(meta.get("history", {}))
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        return meta["data_position"]
+
+    def _open_logs(self) -> None:
+        from tqdm import tqdm
+
+        main = self.accelerator.is_main_process
+        self.bar = tqdm(
+            total=self.opts.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and main),
+        )
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
+
+    # -- train ---------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Optimizer steps up to ``train.max_steps``: log, evaluate and save on their schedules."""
+        opts = self.opts
+        fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
+        while self.step < opts.max_steps:
+            self.last = self.optimizer_step()
+            if self.eval_batches and self.step % opts.eval_every == 0:
+                self.last.update(
+                    evaluate(self.accelerator.unwrap_model(self.model), self.eval_batches, self.cfg)
+                )
+            if self.metrics_file is not None and self.step % opts.log_every == 0:
+                self.metrics_file.write(json.dumps(self.last) + "\n")
+                self.metrics_file.flush()
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{self.last['loss']:.4f}",
+                gen=f"{self.last['loss_gen']:.3f}",
+                disc=f"{self.last['loss_disc']:.4f}",
+            )
+            if fault_after is not None and self.step == fault_after:
+                os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
+            if self.step % opts.save_every == 0 or self.step == opts.max_steps:
+                self.save()
+        if opts.merge_lora:
+            self._save_merged()
+        return {**self.last, "history": self.history, "main": self.accelerator.is_main_process}
+
+    def optimizer_step(self) -> dict[str, Any]:
+        """``train.grad_accum`` micro-steps and one optimizer step (skipped when a loss was not
+        finite); the step's metrics."""
+        opts, history = self.opts, self.history
+        start = time.perf_counter()
+        parts, gen, disc, views, tokens, skipped = [], 0.0, 0.0, 0, 0, False
+        for _ in range(opts.grad_accum):
+            payload, corrupt = self.batches.next()
+            history["corrupt_samples"] += corrupt
+            result, finite, logged = self._micro_step(payload)
+            skipped = skipped or not finite
+            parts.append(logged)
+            gen += result.loss_gen / opts.grad_accum
+            disc += result.loss_disc / opts.grad_accum
+            views += result.views
+            tokens += result.tokens
+        grad_norm = self._apply_gradients(skipped)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        return {
+            "step": self.step,
+            "loss": sum(parts) / len(parts),
+            "loss_gen": gen,
+            "loss_disc": disc,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "views": views,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds if seconds else None,
+            "seconds": seconds,
+            "skipped": skipped,
+        }
+
+    def _micro_step(self, payload) -> tuple[Any, bool, float]:
+        """Forward and backward of one micro-batch (or its gradient-cache chunks): the step's
+        result, whether its loss was finite, and the objective to log."""
+        opts, accelerator, model = self.opts, self.accelerator, self.model
+        if opts.grad_cache_chunk:
+            self.history["dropped_slices"] += sum(c["dropped_slices"] for c in payload)
+            result = train_step_cached(
+                model,
+                payload,
+                self.cfg,
+                lambda loss: accelerator.backward(loss / opts.grad_accum),
+                lambda: accelerator.no_sync(model),
+            )
+            finite = math.isfinite(result.objective)
+            return result, finite, result.objective
+        self.history["dropped_slices"] += payload["dropped_slices"]
+        with accelerator.accumulate(model):
+            result = train_step(model, payload, self.cfg)
+            finite = bool(torch.isfinite(result.loss))  # one device sync per micro-step
+            if finite:
+                accelerator.backward(result.loss / opts.grad_accum)
+        return result, finite, result.objective if finite else float("nan")
+
+    def _apply_gradients(self, skipped: bool) -> float | None:
+        """Clip, step the optimizer and the schedule; or drop the gradients of a skipped step."""
+        history = self.history
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            history["nonfinite"] += 1
+            history["nonfinite_total"] += 1
+            if history["nonfinite"] >= self.opts.max_nonfinite:
+                raise UnimmError(
+                    f"{history['nonfinite']} steps in a row had a non-finite loss (last at step "
+                    f"{self.step + 1}); lower train.lr, use train.mixed_precision=bf16 instead of fp16, or "
+                    "check the data"
+                )
+            return None
+        history["nonfinite"] = 0
+        grad_norm = None
+        if self.opts.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.opts.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Checkpoint the current step (a collective: every rank calls it; rank 0 writes)."""
+        from unimm.model.checkpoint import (
+            gather_training_state,
+            pack_train_state,
+            rank_state,
+            save_checkpoint,
+        )
+
+        accelerator, cfg = self.accelerator, self.cfg
+        model_state, optimizer_state = gather_training_state(accelerator, self.model, self.optimizer)
+        rank_states = gather_objects(rank_state(self.batches.position))
+        if accelerator.is_main_process:
+            state = pack_train_state(
+                optimizer_state, self.scheduler, rank_states, {"step": self.step, "history": self.history}
+            )
+            meta = {
+                "recipe": config_to_dict(cfg),
+                "step": self.step,
+                "data_manifests": [m["fingerprint"] for m in self.manifests],
+                "parallelism": {
+                    "kind": accelerator.distributed_type.value,
+                    "processes": accelerator.num_processes,
+                },
+                # What inference rebuilds the inputs with (the checkpoint adds dtype, pooling, size).
+                "inference": {"system_prompt": cfg.model.system_prompt, "max_length": cfg.model.max_length},
+            }
+            save_checkpoint(
+                self.run_dir / f"step-{self.step:06d}",
+                accelerator.unwrap_model(self.model),
+                self.processor,
+                meta,
+                train_state=state,
+                state_dict=model_state,
+            )
+            _prune(self.run_dir, self.opts.keep_last)
+        accelerator.wait_for_everyone()
+
+    def _save_merged(self) -> None:
+        """``RUN/final-merged``: LoRA folded into the weights of the final checkpoint."""
+        from unimm.model.checkpoint import load_checkpoint, save_checkpoint
+
+        if not self.accelerator.is_main_process:
+            return
+        # From the final checkpoint, not the live model: its parameters may be sharded (FSDP).
+        final, processor, meta = load_checkpoint(self.run_dir / f"step-{self.step:06d}")
+        keep = ("recipe", "step", "data_manifests", "inference")
+        save_checkpoint(
+            self.run_dir / "final-merged", final, processor, {k: meta[k] for k in keep}, merge_lora=True
+        )
+
+    # -- cleanup -------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Close the data stream (its worker processes), the progress bar and the metrics log."""
+        if self.batches is not None:
+            self.batches.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
 
 
 def check_parallelism(accelerator) -> None:
