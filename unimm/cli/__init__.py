@@ -19,7 +19,7 @@ import typer
 
 from unimm import __version__
 from unimm.cli.eval_bench import bench_app, eval_app
-from unimm.cli.options import RecipeOpt, SetOpt, default, user_errors
+from unimm.cli.options import RecipeOpt, SetOpt, as_options, default, user_errors
 
 app = typer.Typer(
     name="unimm",
@@ -125,38 +125,16 @@ def prepare(
     set_: SetOpt = None,
 ) -> None:
     """Turn records into WebDataset shards (+ frozen teacher features for the structure-induced loss)."""
+    # Long only because it declares the command's 19 options; the mapping is by name.
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.commands.prepare import run
     from unimm.config import PrepareConfig, build_config
 
-    def s(value):
-        return None if value is None else str(value)
-
+    teacher_keys = ("image_expert", "text_expert", "clip", "batch_size")
+    renames = {f"teacher_{k}": f"teachers.{k}" for k in teacher_keys}
+    renames |= {"device": "teachers.device", "trust_remote_code": "teachers.trust_remote_code"}
     cfg = build_config(
-        PrepareConfig,
-        recipe=recipe,
-        options={
-            "prepare.inputs": [str(p) for p in inputs],
-            "prepare.out": s(out),
-            "prepare.format": format,
-            "prepare.image_root": s(image_root),
-            "prepare.samples_per_shard": samples_per_shard,
-            "prepare.max_shard_bytes": max_shard_bytes,
-            "prepare.image_size": image_size,
-            "prepare.jpeg_quality": jpeg_quality,
-            "prepare.workers": workers,
-            "prepare.on_error": on_error,
-            "prepare.verify_images": verify_images,
-            "prepare.max_image_pixels": max_image_pixels,
-            "prepare.resume": resume or None,
-            "prepare.overwrite": overwrite or None,
-            "teachers.image_expert": s(teacher_image_expert),
-            "teachers.text_expert": s(teacher_text_expert),
-            "teachers.clip": s(teacher_clip),
-            "teachers.device": device,
-            "teachers.batch_size": teacher_batch_size,
-            "teachers.trust_remote_code": trust_remote_code or None,
-        },
-        overrides=set_,
+        PrepareConfig, recipe=recipe, options=as_options("prepare", given, renames), overrides=set_
     )
     result = run(cfg, progress=not quiet)
     kept = f" ({result.kept_shards} kept from the earlier run)" if result.kept_shards else ""

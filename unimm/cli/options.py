@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,6 +33,21 @@ def default(key: str) -> str:
 
     section, name = key.split(".")
     return f"\\[default: {getattr(SECTIONS[section](), name)}]"
+
+
+def as_options(section: str, values: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
+    """CLI values as dotted config options: parameter ``name`` → ``section.name`` unless
+    ``renames`` says otherwise. Paths become strings; ``None``, an empty list and a flag left off
+    (``False``) are "not given", so they leave the recipe's value in force."""
+    renames = renames or {}
+    options: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, list):
+            value = [str(v) if isinstance(v, Path) else v for v in value] or None
+        options[renames.get(name, f"{section}.{name}")] = None if value is False else value
+    return options
 
 
 def user_errors(fn):

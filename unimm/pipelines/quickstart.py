@@ -114,18 +114,57 @@ def _pipeline(
     seed: int,
     progress: bool,
 ) -> dict[str, Any]:
-    from unimm.commands.embed import run as embed
-    from unimm.commands.eval import run as evaluate
-    from unimm.commands.retrieve import run as retrieve
-    from unimm.commands.train import run as train
-    from unimm.config import ChatOptions, EmbedConfig, EvalConfig, EvalOptions, RetrieveConfig, TrainConfig
-    from unimm.data.synthetic import caption_pairs, write_synthetic
-    from unimm.inference.chat import one_shot
-    from unimm.inference.evaluate import Evaluator, format_table
-    from unimm.model.tiny import save_tiny_teachers
-
+    """The stages in order (each prints the command a user would type for it)."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    data, eval_data = _data(out, records, eval_records, seed)
+    teachers = _teachers(out, data, fit_steps, seed)
+    title = "prepare {} shards with teacher features"
+    result = _prepare("3. " + title.format("training"), data, out / "shards", teachers, workers, progress)
+    _prepare("4. " + title.format("evaluation"), eval_data, out / "eval-shards", teachers, workers, progress)
+    run_dir, checkpoint = _train(out, steps, seed, progress)
+    index = _embed(out, checkpoint, progress)
+    rows = [json.loads(line) for line in eval_data.read_text().splitlines()]
+    _retrieve(checkpoint, index, rows)
+    scores, evaluator = _evaluate(out, checkpoint, eval_data)
+    chat = _chat(checkpoint, eval_data, rows)
+    _stage(
+        "10. plots",
+        _python(f"from unimm.plots import loss_curves; loss_curves('{run_dir}/metrics.jsonl', 'loss.png')"),
+    )
+    plots = _plots(out, run_dir, checkpoint, evaluator)
+    for path in plots["files"]:
+        typer.echo(f"    {path}")
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    window = max(1, len(history) // 10)
+    t2i = scores.get("text_to_image", {})
+    summary = {
+        "records": records,
+        "shards": result.shards,
+        "losses": {
+            key: (_mean(history[:window], key), _mean(history[-window:], key))
+            for key in ("loss_gen", "loss_disc")
+        },
+        "checkpoint": str(checkpoint),
+        "caption_exact_match": scores.get("captioning", {}).get("exact_match"),
+        "caption_word_accuracy": scores.get("captioning", {}).get("word_accuracy"),
+        "qa_exact_match": scores.get("qa", {}).get("exact_match"),
+        "two_choice_accuracy": scores.get("two_choice", {}).get("accuracy"),
+        "text_to_image_r1": t2i.get("R@1"),
+        "text_to_image_chance": t2i.get("chance@1"),
+        "target_learned_correlation": plots["correlation"],
+        "chat": chat,
+        "plots": [str(p) for p in plots["files"]],
+        "seconds": round(time.perf_counter() - start, 1),
+        "environment": environment(),
+    }
+    _print_summary(summary, window, out)
+    return summary
+
+
+def _data(out: Path, records: int, eval_records: int, seed: int) -> tuple[Path, Path]:
+    from unimm.data.synthetic import write_synthetic
 
     _stage(
         f"1. synthetic interleaved data: {records} training and {eval_records} evaluation records",
@@ -138,6 +177,12 @@ def _pipeline(
     data = write_synthetic(out / "train", records, seed=2 * seed)
     eval_data = write_synthetic(out / "eval", eval_records, seed=2 * seed + 1)
     typer.echo(f"    {data}\n    {eval_data}")
+    return data, eval_data
+
+
+def _teachers(out: Path, data: Path, fit_steps: int, seed: int) -> dict[str, Path]:
+    from unimm.data.synthetic import caption_pairs
+    from unimm.model.tiny import save_tiny_teachers
 
     _stage(
         "2. tiny teacher encoders: random DINOv2 and BERT experts, a CLIP fitted on the training captions",
@@ -147,13 +192,12 @@ def _pipeline(
             f"save_tiny_teachers('{out}/teachers', fit_pairs=caption_pairs('{data}'), seed={seed})"
         ),
     )
-    teachers = save_tiny_teachers(
-        out / "teachers", fit_pairs=caption_pairs(data), fit_steps=fit_steps, seed=seed
-    )
+    return save_tiny_teachers(out / "teachers", fit_pairs=caption_pairs(data), fit_steps=fit_steps, seed=seed)
 
-    title = "prepare {} shards with teacher features"
-    result = _prepare("3. " + title.format("training"), data, out / "shards", teachers, workers, progress)
-    _prepare("4. " + title.format("evaluation"), eval_data, out / "eval-shards", teachers, workers, progress)
+
+def _train(out: Path, steps: int, seed: int, progress: bool) -> tuple[Path, Path]:
+    from unimm.commands.train import run as train
+    from unimm.config import TrainConfig
 
     run_dir = out / "run"
     overrides = [
@@ -162,54 +206,37 @@ def _pipeline(
         f"train.save_every={steps}",
         f"train.seed={seed}",
     ]
-    train_args = ["unimm", "train", "--recipe", str(RECIPE)]
+    args = ["unimm", "train", "--recipe", str(RECIPE)]
     for item in overrides:
-        train_args += ["--set", item]
-    _stage(
-        f"5. train the tiny model ({steps} steps, L = L_g + alpha * L_d)",
-        [*train_args, "--out", str(run_dir)],
-    )
+        args += ["--set", item]
+    _stage(f"5. train the tiny model ({steps} steps, L = L_g + alpha * L_d)", [*args, "--out", str(run_dir)])
     shutil.rmtree(run_dir, ignore_errors=True)
     train(
         build_config(TrainConfig, recipe=RECIPE, options={"out": str(run_dir)}, overrides=overrides),
         progress=progress,
     )
-    checkpoint = run_dir / f"step-{steps:06d}"
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    window = max(1, len(history) // 10)
-    losses = {
-        key: (_mean(history[:window], key), _mean(history[-window:], key))
-        for key in ("loss_gen", "loss_disc")
-    }
+    return run_dir, run_dir / f"step-{steps:06d}"
 
-    index = out / "index"
+
+def _embed(out: Path, checkpoint: Path, progress: bool) -> Path:
+    from unimm.commands.embed import run as embed
+    from unimm.config import EmbedConfig
+
+    index, shards = out / "index", out / "eval-shards"
     _stage(
         "6. embed the evaluation documents",
-        [
-            "unimm",
-            "embed",
-            "--model",
-            str(checkpoint),
-            "--data",
-            str(out / "eval-shards"),
-            "--out",
-            str(index),
-        ],
+        ["unimm", "embed", "--model", str(checkpoint), "--data", str(shards), "--out", str(index)],
     )
     shutil.rmtree(index, ignore_errors=True)
-    embed(
-        build_config(
-            EmbedConfig,
-            options={
-                "embed.model": str(checkpoint),
-                "embed.data": [str(out / "eval-shards")],
-                "embed.out": str(index),
-            },
-        ),
-        progress=progress,
-    )
+    options = {"embed.model": str(checkpoint), "embed.data": [str(shards)], "embed.out": str(index)}
+    embed(build_config(EmbedConfig, options=options), progress=progress)
+    return index
 
-    rows = [json.loads(line) for line in eval_data.read_text().splitlines()]
+
+def _retrieve(checkpoint: Path, index: Path, rows: list[dict]) -> None:
+    from unimm.commands.retrieve import run as retrieve
+    from unimm.config import RetrieveConfig
+
     captions = {r["id"]: r["meta"].get("caption", "") for r in rows}
     query = next(r["meta"]["caption"] for r in rows if r["meta"]["kind"] == "caption")
     _stage(
@@ -227,32 +254,40 @@ def _pipeline(
             "3",
         ],
     )
-    found = retrieve(
-        build_config(
-            RetrieveConfig,
-            options={
-                "retrieve.model": str(checkpoint),
-                "retrieve.index": str(index),
-                "retrieve.query": [["text", query]],
-                "retrieve.top_k": 3,
-            },
-        )
-    )["results"][0]
+    options = {
+        "retrieve.model": str(checkpoint),
+        "retrieve.index": str(index),
+        "retrieve.query": [["text", query]],
+        "retrieve.top_k": 3,
+    }
+    found = retrieve(build_config(RetrieveConfig, options=options))["results"][0]
     for doc, score in zip(found["ids"], found["scores"], strict=True):
         typer.echo(f"    {score:6.3f}  {doc:<14} {captions.get(doc) or '(a story)'}")
+
+
+def _evaluate(out: Path, checkpoint: Path, eval_data: Path):
+    from unimm.commands.eval import run as evaluate
+    from unimm.config import EvalConfig, EvalOptions
+    from unimm.inference.evaluate import Evaluator, format_table
 
     eval_json = out / "eval.json"
     _stage(
         "8. evaluate (generation, two-choice, retrieval, Winoground-style pairs)",
         ["unimm", "eval", "--model", str(checkpoint), "--data", str(eval_data), "--out", str(eval_json)],
     )
-    evaluator = Evaluator.load(checkpoint)  # shared with the plots below
+    evaluator = Evaluator.load(checkpoint)  # shared with the plots
     scores = evaluate(
         EvalConfig(EvalOptions(model=str(checkpoint), data=[str(eval_data)], out=str(eval_json))),
         progress=False,
         evaluator=evaluator,
     )
     typer.echo("    " + format_table(scores).replace("\n", "\n    "))
+    return scores, evaluator
+
+
+def _chat(checkpoint: Path, eval_data: Path, rows: list[dict]) -> dict[str, Any]:
+    from unimm.config import ChatOptions
+    from unimm.inference.chat import one_shot
 
     question = next(r for r in rows if r["meta"]["kind"] == "qa")
     image = eval_data.parent / question["slices"][0]["image"]
@@ -267,35 +302,7 @@ def _pipeline(
     )
     typer.echo(f"    USER: <image> {prompt}\n    ASSISTANT: {answer}")
     typer.echo(f"    (the image shows {question['meta']['caption']})")
-
-    _stage(
-        "10. plots",
-        _python(f"from unimm.plots import loss_curves; loss_curves('{run_dir}/metrics.jsonl', 'loss.png')"),
-    )
-    plots = _plots(out, run_dir, checkpoint, evaluator)
-    for path in plots["files"]:
-        typer.echo(f"    {path}")
-
-    t2i = scores.get("text_to_image", {})
-    summary = {
-        "records": records,
-        "shards": result.shards,
-        "losses": losses,
-        "checkpoint": str(checkpoint),
-        "caption_exact_match": scores.get("captioning", {}).get("exact_match"),
-        "caption_word_accuracy": scores.get("captioning", {}).get("word_accuracy"),
-        "qa_exact_match": scores.get("qa", {}).get("exact_match"),
-        "two_choice_accuracy": scores.get("two_choice", {}).get("accuracy"),
-        "text_to_image_r1": t2i.get("R@1"),
-        "text_to_image_chance": t2i.get("chance@1"),
-        "target_learned_correlation": plots["correlation"],
-        "chat": {"question": prompt, "answer": answer, "gold": question["response"]},
-        "plots": [str(p) for p in plots["files"]],
-        "seconds": round(time.perf_counter() - start, 1),
-        "environment": environment(),
-    }
-    _print_summary(summary, window, out)
-    return summary
+    return {"question": prompt, "answer": answer, "gold": question["response"]}
 
 
 def _plots(out: Path, run_dir: Path, checkpoint: Path, ev) -> dict[str, Any]:
