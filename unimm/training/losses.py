@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from unimm.model.targets import same_sample_mask, view_targets
+
 DISC_LOSSES = ("mse", "infonce", "kl")
 
 
@@ -55,3 +57,22 @@ def discriminative_loss(
     log_q = torch.log_softmax(logits, dim=1).masked_fill(eye, 0.0)
     log_p = torch.log(soft.clamp_min(1e-30)).masked_fill(eye, 0.0)
     return (soft * (log_p - log_q)).sum(1).mean()
+
+
+def structure_loss(
+    embeddings: torch.Tensor, teacher: list, views: list[tuple[int, int]], cfg
+) -> torch.Tensor:
+    """``L_d`` of a batch's views — the one place it is assembled: the targets ``M^l`` from the
+    teachers' features (:func:`~unimm.model.targets.view_targets`, ``cfg.align``), the same-sample
+    mask, and the loss ``cfg.train.disc_loss`` between them and ``embeddings @ embeddings.T``.
+
+    Args:
+        embeddings: ``[N, d]`` unit view embeddings (of the global batch when distributed).
+        teacher: per sample of the batch, its teacher features (as stored in the shards).
+        views: ``(sample, cut slice)`` of each embedding row.
+        cfg: the training config (sections ``align`` and ``train``).
+    """
+    targets = view_targets(teacher, views, cfg.align).to(embeddings.device)
+    same = same_sample_mask(views, device=embeddings.device)
+    train = cfg.train
+    return discriminative_loss(embeddings, targets, same, kind=train.disc_loss, temperature=train.temperature)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from unimm.training.distributed import gather_views, global_sum, rank_and_world
+from unimm.training.losses import structure_loss
 
 if TYPE_CHECKING:
     from unimm.config import TrainConfig
@@ -54,9 +55,6 @@ def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_
         backward: ``loss -> None`` (the accelerator's backward).
         no_sync: context manager that defers DDP's gradient sync (used for all but the last chunk).
     """
-    from unimm.model.targets import same_sample_mask, view_targets
-    from unimm.training.losses import discriminative_loss
-
     opts = cfg.train
     _, world = rank_and_world()
     use_views = opts.alpha > 0
@@ -71,12 +69,7 @@ def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_
     if use_views:
         local = torch.cat(embedded).requires_grad_()
         teacher, views = _merge_views(chunks)
-        embeddings, all_teacher, all_views = gather_views(local, teacher, views)
-        targets = view_targets(all_teacher, all_views, cfg.align).to(embeddings.device)
-        same = same_sample_mask(all_views, device=embeddings.device)
-        disc = discriminative_loss(
-            embeddings, targets, same, kind=opts.disc_loss, temperature=opts.temperature
-        )
+        disc = structure_loss(*gather_views(local, teacher, views), cfg)
         (grad,) = torch.autograd.grad(opts.alpha * disc * world, local)
         grads = list(torch.split(grad, [e.shape[0] for e in embedded]))
         loss_disc = float(disc.detach())
@@ -117,9 +110,6 @@ def _set_rng_state(state: tuple) -> None:
 @torch.no_grad()
 def evaluate(model, batches: list[dict], cfg: TrainConfig) -> dict[str, float]:
     """Mean ``L_g`` and ``L_d`` over fixed batches of this process (under FSDP every rank calls it)."""
-    from unimm.model.targets import same_sample_mask, view_targets
-    from unimm.training.losses import discriminative_loss
-
     was_training = model.training
     model.eval()
     gen, disc = [], []
@@ -127,19 +117,7 @@ def evaluate(model, batches: list[dict], cfg: TrainConfig) -> dict[str, float]:
         out = model(batch, with_lm=True, with_views=cfg.train.alpha > 0)
         gen.append(float(out.loss_gen))
         if cfg.train.alpha > 0 and out.embeddings is not None:
-            targets = view_targets(batch["teacher"], batch["views"], cfg.align).to(out.embeddings.device)
-            same = same_sample_mask(batch["views"], device=out.embeddings.device)
-            disc.append(
-                float(
-                    discriminative_loss(
-                        out.embeddings,
-                        targets,
-                        same,
-                        kind=cfg.train.disc_loss,
-                        temperature=cfg.train.temperature,
-                    )
-                )
-            )
+            disc.append(float(structure_loss(out.embeddings, batch["teacher"], batch["views"], cfg)))
     model.train(was_training)
     result = {"eval_loss_gen": sum(gen) / len(gen)}
     if disc:
@@ -170,9 +148,6 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
     ``loss = gen_weight·L_g + α·L_d``, normalised so that averaging gradients over ranks gives
     the gradient of the global batch (see the module docs).
     """
-    from unimm.model.targets import same_sample_mask, view_targets
-    from unimm.training.losses import discriminative_loss
-
     opts = cfg.train
     _, world = rank_and_world()
     need_views = opts.alpha > 0
@@ -187,12 +162,7 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
         loss = loss + opts.gen_weight * out.loss_gen * scale
         loss_gen = float(out.loss_gen.detach()) * tokens / global_tokens * world if global_tokens else 0.0
     if need_views:
-        embeddings, teacher, views = gather_views(out.embeddings, batch["teacher"], batch["views"])
-        targets = view_targets(teacher, views, cfg.align).to(embeddings.device)
-        same = same_sample_mask(views, device=embeddings.device)
-        disc = discriminative_loss(
-            embeddings, targets, same, kind=opts.disc_loss, temperature=opts.temperature
-        )
+        disc = structure_loss(*gather_views(out.embeddings, batch["teacher"], batch["views"]), cfg)
         loss = loss + opts.alpha * disc * world
         loss_disc = float(disc.detach())
     if world > 1:  # report the global mean of L_g
