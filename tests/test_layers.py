@@ -130,7 +130,6 @@ LONG_FUNCTIONS = {
     "data.synthetic.write_synthetic": 99,
     "inference.index.write_index": 113,
     "model.checkpoint.save_checkpoint": 83,
-    "model.tiny.save_tiny_teachers": 157,
     "model.tiny.save_tiny_llava": 118,
 }
 

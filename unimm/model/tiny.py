@@ -79,20 +79,24 @@ def save_tiny_teachers(
     Returns:
         ``{"image_expert": path, "text_expert": path, "clip": path}``.
     """
-    from transformers import (
-        BertConfig,
-        BertModel,
-        BertTokenizer,
-        CLIPConfig,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-        Dinov2Config,
-        Dinov2Model,
-    )
-
     from unimm.utils import quiet_transformers
 
+    quiet_transformers()
+    out = Path(out_dir)
+    paths = {name: out / name for name in ("image_expert", "text_expert", "clip")}
+    torch.manual_seed(seed)  # one stream for the three, built and fitted in this order
+    # Networks to be fitted start from the usual small init (std 1.0 does not train); random
+    # ones need the large init to tell inputs apart (see _TEACHER_INIT).
+    experts = fit_pairs if fit_experts else None
+    init = 0.02 if experts is not None else _TEACHER_INIT
+    _save_image_expert(paths["image_expert"], image_size, init, experts, fit_steps, seed)
+    _save_text_expert(paths["text_expert"], init, experts, fit_steps, seed)
+    init = 0.02 if fit_pairs is not None else _TEACHER_INIT
+    _save_clip(paths["clip"], image_size, init, fit_pairs, fit_steps, seed)
+    return paths
+
+
+def _pil_image_processors():
     # The PIL image processors need no torchvision (which has no CPU wheel here); the saved
     # folders load with AutoImageProcessor either way.
     try:
@@ -100,15 +104,16 @@ def save_tiny_teachers(
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:  # older transformers
         from transformers import BitImageProcessor, CLIPImageProcessor
+    return BitImageProcessor, CLIPImageProcessor
 
-    quiet_transformers()
-    out = Path(out_dir)
-    paths = {name: out / name for name in ("image_expert", "text_expert", "clip")}
-    torch.manual_seed(seed)
-    # Networks to be fitted start from the usual small init (std 1.0 does not train); random
-    # ones need the large init to tell inputs apart (see _TEACHER_INIT).
-    fitted_experts = fit_pairs is not None and fit_experts
-    init = 0.02 if fitted_experts else _TEACHER_INIT
+
+def _save_image_expert(
+    folder: Path, image_size: int, init: float, fit_pairs, fit_steps: int, seed: int
+) -> None:
+    """A tiny DINOv2; fitted within its modality when ``fit_pairs`` is given."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    bit_processor, _ = _pil_image_processors()
     dinov2 = Dinov2Model(
         Dinov2Config(
             image_size=image_size,
@@ -121,8 +126,8 @@ def save_tiny_teachers(
         )
     )
     square = {"height": image_size, "width": image_size}
-    image_processor = BitImageProcessor(size={"shortest_edge": image_size}, crop_size=square)
-    if fitted_experts:
+    image_processor = bit_processor(size={"shortest_edge": image_size}, crop_size=square)
+    if fit_pairs is not None:
         images, captions = fit_pairs
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
         fit_tiny_expert(
@@ -132,8 +137,13 @@ def save_tiny_teachers(
             steps=fit_steps,
             seed=seed,
         )
-    dinov2.save_pretrained(paths["image_expert"])
-    image_processor.save_pretrained(paths["image_expert"])
+    dinov2.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+
+
+def _save_text_expert(folder: Path, init: float, fit_pairs, fit_steps: int, seed: int) -> None:
+    """A tiny BERT (CLS pooling); fitted within its modality when ``fit_pairs`` is given."""
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     vocab = _bert_vocab()
     bert = BertModel(
@@ -147,13 +157,13 @@ def save_tiny_teachers(
             max_position_embeddings=128,
         )
     )
-    bert_tokenizer = BertTokenizer(vocab=vocab, model_max_length=128)
-    if fitted_experts:
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=128)
+    if fit_pairs is not None:
         # The same scene in the phrasings the data uses ("two red circles…", "Then, two red circles….")
         scenes = sorted(set(fit_pairs[1]))
         texts = [t for c in scenes for t in (c, f"First, {c}.", f"Then, {c}.", f"Finally, {c}.")]
         labels = [c for c in scenes for _ in range(4)]
-        tokens = bert_tokenizer(texts, return_tensors="pt", padding=True)
+        tokens = tokenizer(texts, return_tensors="pt", padding=True)
         fit_tiny_expert(
             bert,
             lambda idx: bert(**{k: v[idx] for k, v in tokens.items()}).last_hidden_state[:, 0],
@@ -162,12 +172,18 @@ def save_tiny_teachers(
             lr=3e-3,  # at 1e-3 the text expert is still near chance after 400 steps
             seed=seed,
         )
-    bert.save_pretrained(paths["text_expert"])
-    bert_tokenizer.save_pretrained(paths["text_expert"])
+    bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
+
+def _save_clip(folder: Path, image_size: int, init: float, fit_pairs, fit_steps: int, seed: int) -> None:
+    """A tiny CLIP; fitted contrastively on ``fit_pairs`` when given."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    _, clip_image_processor = _pil_image_processors()
     clip_vocab, merges = _clip_vocab()
     tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=merges, model_max_length=_CLIP_LENGTH)
-    init = 0.02 if fit_pairs is not None else _TEACHER_INIT
+    tower = {"initializer_range": init, "initializer_factor": init / 0.02}  # CLIP scales its init by this
     clip = CLIPModel(
         CLIPConfig(
             text_config={
@@ -175,8 +191,7 @@ def save_tiny_teachers(
                 "hidden_size": 32,
                 "intermediate_size": 64,
                 "num_hidden_layers": 2,
-                "initializer_range": init,
-                "initializer_factor": init / 0.02,  # CLIP scales its init by this
+                **tower,
                 "num_attention_heads": 2,
                 "max_position_embeddings": _CLIP_LENGTH,
                 "bos_token_id": tokenizer.bos_token_id,
@@ -189,22 +204,21 @@ def save_tiny_teachers(
                 "hidden_size": 32,
                 "intermediate_size": 64,
                 "num_hidden_layers": 2,
-                "initializer_range": init,
-                "initializer_factor": init / 0.02,  # CLIP scales its init by this
+                **tower,
                 "num_attention_heads": 2,
             },
             projection_dim=24,
         )
     )
+    square = {"height": image_size, "width": image_size}
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=square),
+        image_processor=clip_image_processor(size={"shortest_edge": image_size}, crop_size=square),
         tokenizer=tokenizer,
     )
     if fit_pairs is not None:
         fit_tiny_clip(clip, processor, *fit_pairs, steps=fit_steps, seed=seed)
-    clip.save_pretrained(paths["clip"])
-    processor.save_pretrained(paths["clip"])
-    return paths
+    clip.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def fit_tiny_expert(
