@@ -207,3 +207,14 @@ def test_config_commands_leave_defaults_to_their_sections(name):
     assert len(options) >= 5, [p.name for p in options]
     for param in options:
         assert param.default in (None, False), (name, param.name, param.default)
+
+
+def test_text_table_aligns_columns_and_drops_blank_ones():
+    from unimm.utils import text_table
+
+    rows = [{"variant": "joint", "ratio": 1.07, "note": None}, {"variant": "generative-only", "ratio": 1.0}]
+    assert text_table(rows, ["variant", "ratio", "note"]).splitlines() == [
+        "variant          ratio",
+        "joint            1.07",
+        "generative-only  1.0",
+    ]

@@ -245,10 +245,9 @@ def bench_retrieve_cmd(
 
 
 def _echo_table(rows: list[dict], keys: list[str]) -> None:
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
-    typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
-    for r in rows:
-        typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+    from unimm.utils import text_table
+
+    typer.echo(text_table(rows, keys))
 
 
 def _write_json(path: Path | None, rows: list[dict]) -> None:

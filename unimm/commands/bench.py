@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unimm.utils import text_table
+
 
 def _synthetic_images(folder: Path, count: int, width: int, seed: int = 0) -> list[Path]:
     """Photo-like JPEGs (smooth gradients, shapes, mild noise) so that sizes resemble real ones."""
@@ -144,11 +146,7 @@ def bench_prepare(
 
 def print_table(rows: list[dict]) -> None:
     """Print benchmark rows as an aligned text table."""
-    keys = ["variant", "workers", "samples_per_s", "baseline_samples_per_s", "ratio"]
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
-    print("  ".join(k.ljust(widths[k]) for k in keys))
-    for r in rows:
-        print("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+    print(text_table(rows, ["variant", "workers", "samples_per_s", "baseline_samples_per_s", "ratio"]))
     if rows:
         first = rows[0]
         print(
@@ -346,12 +344,7 @@ def print_align_table(rows: list[dict]) -> None:
         "speedup_vs_tslearn",
         "max_rel_diff_vs_tslearn",
     ]
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
-    text = [[str(r.get(k, "")) if r.get(k) is not None else "" for k in keys] for r in rows]
-    widths = [max(len(k), *(len(t[i]) for t in text)) for i, k in enumerate(keys)]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
-    for t in text:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
+    print(text_table(rows, keys))
 
 
 # ---------------------------------------------------------------------------------------------
