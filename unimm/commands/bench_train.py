@@ -140,7 +140,7 @@ def bench_train(
             rows.append(
                 {
                     "variant": name,
-                    "step_s": round(best, 4),
+                    "step_s": float(f"{best:.4g}"),  # 4 significant digits: tiny models step in ms
                     "ratio_vs_generative_only": round(best / base, 3),
                     "tokens_per_s": round(tokens / best, 1),
                     "model_tflops_per_s": round(achieved, 4),
