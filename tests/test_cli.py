@@ -159,6 +159,8 @@ def test_bench_data_times_each_loader_on_the_same_batches(tmp_path):
 def test_bench_train_reports_both_variants_and_model_flops(tmp_path):
     result = runner.invoke(app, ["bench", "train", "--device", "tpu"])
     assert result.exit_code == 2 and "--device tpu" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["bench", "align", "--device", "mps"])
+    assert result.exit_code == 2 and "the benches run on cpu, cuda or cuda:N" in result.output
     out = tmp_path / "train.json"
     args = ["--hidden-size", "32", "--layers", "1", "--steps", "1", "--repeats", "1", "--batch-size", "2"]
     result = runner.invoke(app, ["bench", "train", *args, "--peak-tflops", "1", "--json", str(out)])

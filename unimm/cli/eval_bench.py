@@ -145,14 +145,14 @@ def bench_prepare_cmd(
 @bench_app.command("align")
 @user_errors
 def bench_align_cmd(
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     quick: Annotated[bool, typer.Option("--quick", help="A smaller grid.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""
     from unimm.commands.bench import bench_align, print_align_table
 
-    _check_device(device)
+    device = _check_device(device)
     rows = bench_align(device=device, quick=quick)
     print_align_table(rows)
     _write_json(json_out, rows)
@@ -165,7 +165,7 @@ def bench_train_cmd(
     batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
     hidden_size: Annotated[int, typer.Option(help="Language model width (64: the tiny model).")] = 64,
     layers: Annotated[int, typer.Option(help="Language model layers.")] = 2,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     mixed_precision: Annotated[str, typer.Option(help="no or bf16 (autocast).")] = "no",
     peak_tflops: Annotated[
         float | None, typer.Option(help="The device's peak TFLOP/s for the dtype, to report MFU.")
@@ -177,7 +177,7 @@ def bench_train_cmd(
 
     from unimm.commands.bench_train import bench_train
 
-    _check_device(device)
+    device = _check_device(device)
     if mixed_precision not in ("no", "bf16"):
         raise UnimmError(f"--mixed-precision {mixed_precision}: use no or bf16")
     if min(steps, batch_size, layers, repeats) < 1 or hidden_size < 8 or hidden_size % 4:
@@ -257,10 +257,12 @@ def _write_json(path: Path | None, rows: list[dict]) -> None:
         atomic_write_json(path, rows)
 
 
-def _check_device(device: str) -> None:
-    import torch
+def _check_device(device: str) -> str:
+    """The device the benches time on: ``cpu`` or CUDA, present (``auto`` resolved, via
+    :func:`~unimm.utils.resolve_device`)."""
+    from unimm.utils import resolve_device
 
-    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
-        raise UnimmError(f"--device {device}: use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnimmError(f"--device {device}: CUDA is not available on this machine")
+    resolved = resolve_device(device)
+    if resolved.type not in ("cpu", "cuda"):
+        raise UnimmError(f"--device {device}: the benches run on cpu, cuda or cuda:N")
+    return str(resolved)
