@@ -433,5 +433,24 @@ def chat(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="unimm")
+    """Console-script entry point (also ``python -m unimm.cli`` under torchrun or accelerate)."""
+    try:
+        app(prog_name="unimm")
+    except SystemExit as done:
+        if not done.code:
+            _close_process_group()
+        raise
+
+
+def _close_process_group() -> None:
+    """Leave a distributed run together and tear the process group down before the interpreter
+    does: a process that exits with gloo's worker threads alive can abort ("terminate called
+    without an active exception", pytorch/pytorch#190489). Only after success — tearing down
+    while another rank is still in a collective would hang it."""
+    if "torch" not in sys.modules:  # nothing distributed ran (e.g. --help)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
