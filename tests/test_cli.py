@@ -220,3 +220,12 @@ def test_text_table_aligns_columns_and_drops_blank_ones():
         "joint            1.07",
         "generative-only  1.0",
     ]
+
+
+def test_model_dtype_flag_shows_the_sections_default():
+    """`--model-dtype` is one option type for embed, retrieve, chat and eval: their sections agree."""
+    from unimm.cli.options import default
+
+    assert {default(f"{s}.model_dtype") for s in ("embed", "retrieve", "chat", "eval")} == {
+        "\\[default: auto]"
+    }

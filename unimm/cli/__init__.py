@@ -19,7 +19,7 @@ import typer
 
 from unimm import __version__
 from unimm.cli.eval_bench import bench_app, eval_app
-from unimm.cli.options import RecipeOpt, SetOpt, as_options, default, user_errors
+from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, default, user_errors
 
 app = typer.Typer(
     name="unimm",
@@ -249,13 +249,7 @@ def embed(
     dtype: Annotated[str | None, typer.Option(help=f"float16 | float32 {default('embed.dtype')}")] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also store per-slice embeddings.")] = False,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('embed.device')}")] = None,
-    model_dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--model-dtype",
-            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('embed.model_dtype')}",
-        ),
-    ] = None,
+    model_dtype: ModelDtypeOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished parts of an earlier run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -263,26 +257,11 @@ def embed(
     set_: SetOpt = None,
 ) -> None:
     """Embed every document of prepared shards into an index (one unit vector per document)."""
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.commands.embed import run
     from unimm.config import EmbedConfig, build_config
 
-    cfg = build_config(
-        EmbedConfig,
-        recipe=recipe,
-        options={
-            "embed.model": None if model is None else str(model),
-            "embed.data": None if not data else [str(d) for d in data],
-            "embed.out": None if out is None else str(out),
-            "embed.batch_size": batch_size,
-            "embed.dtype": dtype,
-            "embed.per_slice": per_slice or None,
-            "embed.device": device,
-            "embed.model_dtype": model_dtype,
-            "embed.resume": resume or None,
-            "embed.overwrite": overwrite or None,
-        },
-        overrides=set_,
-    )
+    cfg = build_config(EmbedConfig, recipe=recipe, options=as_options("embed", given), overrides=set_)
     manifest = run(cfg, progress=not quiet)
     if not manifest.get("main", True):
         return
@@ -325,44 +304,21 @@ def retrieve(
     device: Annotated[
         str | None, typer.Option(help=f"auto | cpu | cuda {default('retrieve.device')}")
     ] = None,
-    model_dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--model-dtype",
-            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('retrieve.model_dtype')}",
-        ),
-    ] = None,
+    model_dtype: ModelDtypeOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Search an index with text, image or interleaved queries (and score them against qrels)."""
+    given = {k: v for k, v in locals().items() if k not in ("query", "image", "recipe", "set_")}
     from unimm.commands.retrieve import query_order, run
     from unimm.config import RetrieveConfig, build_config
 
-    given = [["text", q] for q in query or []] + [["image", str(i)] for i in image or []]
+    typed = [["text", q] for q in query or []] + [["image", str(i)] for i in image or []]
     ordered = query_order(sys.argv)
-    if sorted(map(tuple, ordered)) == sorted(map(tuple, given)):
-        given = ordered  # the order typed on the command line (texts and images interleaved)
-    cfg = build_config(
-        RetrieveConfig,
-        recipe=recipe,
-        options={
-            "retrieve.model": None if model is None else str(model),
-            "retrieve.index": None if index is None else str(index),
-            "retrieve.query": given or None,
-            "retrieve.queries": None if queries is None else str(queries),
-            "retrieve.image_root": None if image_root is None else str(image_root),
-            "retrieve.top_k": top_k,
-            "retrieve.backend": backend,
-            "retrieve.rerank": rerank,
-            "retrieve.out": None if out is None else str(out),
-            "retrieve.qrels": None if qrels is None else str(qrels),
-            "retrieve.metrics_out": None if metrics_out is None else str(metrics_out),
-            "retrieve.device": device,
-            "retrieve.model_dtype": model_dtype,
-        },
-        overrides=set_,
-    )
+    if sorted(map(tuple, ordered)) == sorted(map(tuple, typed)):
+        typed = ordered  # the order typed on the command line (texts and images interleaved)
+    options = as_options("retrieve", {**given, "query": typed})
+    cfg = build_config(RetrieveConfig, recipe=recipe, options=options, overrides=set_)
     result = run(cfg)
     for item in result["results"][:20]:
         typer.secho(f"query {item['query_id']}", bold=True)
@@ -398,37 +354,17 @@ def chat(
         float | None, typer.Option(help=f"Nucleus sampling mass. {default('chat.top_p')}")
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('chat.device')}")] = None,
-    model_dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--model-dtype",
-            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('chat.model_dtype')}",
-        ),
-    ] = None,
+    model_dtype: ModelDtypeOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Chat with a checkpoint (REPL or --prompt), optionally grounded on retrieved documents."""
+    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
     from unimm.commands.chat import run
     from unimm.config import ChatConfig, build_config
 
-    cfg = build_config(
-        ChatConfig,
-        recipe=recipe,
-        options={
-            "chat.model": None if model is None else str(model),
-            "chat.index": None if index is None else str(index),
-            "chat.top_k": top_k,
-            "chat.prompt": prompt,
-            "chat.images": [str(i) for i in image] if image else None,
-            "chat.max_new_tokens": max_new_tokens,
-            "chat.temperature": temperature,
-            "chat.top_p": top_p,
-            "chat.device": device,
-            "chat.model_dtype": model_dtype,
-        },
-        overrides=set_,
-    )
+    renames = {"image": "chat.images"}
+    cfg = build_config(ChatConfig, recipe=recipe, options=as_options("chat", given, renames), overrides=set_)
     run(cfg)
 
 

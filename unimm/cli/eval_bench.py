@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from unimm.cli.options import RecipeOpt, SetOpt, comma_list, default, user_errors
+from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, comma_list, default, user_errors
 from unimm.errors import UnimmError
 
 eval_app = typer.Typer(help="Evaluate a checkpoint; `unimm eval ablate` runs the paper's ablation.")
@@ -38,13 +38,7 @@ def eval_(
     ] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('eval.device')}")] = None,
-    model_dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--model-dtype",
-            help=f"auto (as saved) | float32 | bfloat16 | float16 {default('eval.model_dtype')}",
-        ),
-    ] = None,
+    model_dtype: ModelDtypeOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -52,27 +46,13 @@ def eval_(
     interleaved, Winoground-style pairs), as a table and optionally JSON."""
     if ctx.invoked_subcommand is not None:
         return
+    given = {k: v for k, v in locals().items() if k not in ("ctx", "recipe", "set_")}
     from unimm.commands.eval import run
     from unimm.config import EvalConfig, build_config
     from unimm.inference.evaluate import format_table
 
-    cfg = build_config(
-        EvalConfig,
-        recipe=recipe,
-        options={
-            "eval.model": None if model is None else str(model),
-            "eval.data": None if not data else [str(d) for d in data],
-            "eval.tasks": comma_list(tasks),
-            "eval.limit": limit,
-            "eval.out": None if out is None else str(out),
-            "eval.batch_size": batch_size,
-            "eval.format": input_format,
-            "eval.image_root": None if image_root is None else str(image_root),
-            "eval.device": device,
-            "eval.model_dtype": model_dtype,
-        },
-        overrides=set_,
-    )
+    options = as_options("eval", {**given, "tasks": comma_list(tasks)}, {"input_format": "eval.format"})
+    cfg = build_config(EvalConfig, recipe=recipe, options=options, overrides=set_)
     typer.echo(format_table(run(cfg)))
 
 

@@ -35,6 +35,16 @@ def default(key: str) -> str:
     return f"\\[default: {getattr(SECTIONS[section](), name)}]"
 
 
+ModelDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-dtype",
+        # every inference section has this field with the same default (tests/test_cli.py)
+        help="auto (as saved) | float32 | bfloat16 | float16 \\[default: auto]",
+    ),
+]
+
+
 def as_options(section: str, values: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
     """CLI values as dotted config options: parameter ``name`` → ``section.name`` unless
     ``renames`` says otherwise. Paths become strings; ``None``, an empty list and a flag left off
