@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
-    """Folders of tiny random DINOv2, BERT and CLIP models (see unimm.model.tiny)."""
-    from unimm.model.tiny import save_tiny_teachers
+    """Folders of tiny random DINOv2, BERT and CLIP models (see unimm.tiny)."""
+    from unimm.tiny import save_tiny_teachers
 
     return save_tiny_teachers(tmp_path_factory.mktemp("teachers"))
 

@@ -12,7 +12,7 @@ from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from unimm.model.tiny import save_tiny_llava
+    from unimm.tiny import save_tiny_llava
 
     folder = save_tiny_llava(tmp_path_factory.mktemp("llava"), ["a red square", "two blue circles"])
     model, processor = load_mllm(folder)

@@ -77,7 +77,7 @@ def test_two_processes_match_one(tmp_path, tiny_shards):
 
     from safetensors.torch import load_file
 
-    from unimm.model.tiny import save_tiny_llava
+    from unimm.tiny import save_tiny_llava
 
     folder = save_tiny_llava(tmp_path / "llava", ["a red square"])
     single, grads = _one_step(str(folder), str(tiny_shards), 0, 1)

@@ -123,7 +123,7 @@ def test_fitted_teachers_see_the_scenes(tmp_path):
     from transformers import AutoModel, AutoTokenizer, CLIPModel, CLIPProcessor
 
     from unimm.data.synthetic import caption_pairs, random_scene
-    from unimm.model.tiny import save_tiny_teachers
+    from unimm.tiny import save_tiny_teachers
 
     data = write_synthetic(tmp_path / "d", 300, seed=0)
     paths = save_tiny_teachers(tmp_path / "t", fit_pairs=caption_pairs(data), fit_steps=400, fit_experts=True)

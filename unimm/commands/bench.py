@@ -398,7 +398,7 @@ def _bench_embedding(timer, repeats: int) -> dict:
     from unimm.data.collate import Collator
     from unimm.data.synthetic import write_synthetic
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-    from unimm.model.tiny import save_tiny_llava
+    from unimm.tiny import save_tiny_llava
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-embed-"))
     try:

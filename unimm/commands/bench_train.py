@@ -47,7 +47,7 @@ def bench_train(
     from unimm.data.shards import read_samples
     from unimm.data.stream import training_texts
     from unimm.data.synthetic import write_synthetic
-    from unimm.model.tiny import save_tiny_llava, save_tiny_teachers
+    from unimm.tiny import save_tiny_llava, save_tiny_teachers
     from unimm.training.step import train_step
     from unimm.training.trainer import build_model
 
@@ -183,7 +183,7 @@ def bench_data(
     from unimm.data.stream import BatchMaker, open_batches
     from unimm.data.synthetic import write_synthetic
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-    from unimm.model.tiny import save_tiny_llava
+    from unimm.tiny import save_tiny_llava
 
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-data-"))
     try:

@@ -182,12 +182,12 @@ def _data(out: Path, records: int, eval_records: int, seed: int) -> tuple[Path, 
 
 def _teachers(out: Path, data: Path, fit_steps: int, seed: int) -> dict[str, Path]:
     from unimm.data.synthetic import caption_pairs
-    from unimm.model.tiny import save_tiny_teachers
+    from unimm.tiny import save_tiny_teachers
 
     _stage(
         "2. tiny teacher encoders: random DINOv2 and BERT experts, a CLIP fitted on the training captions",
         _python(
-            "from unimm.model.tiny import save_tiny_teachers; "
+            "from unimm.tiny import save_tiny_teachers; "
             "from unimm.data.synthetic import caption_pairs; "
             f"save_tiny_teachers('{out}/teachers', fit_pairs=caption_pairs('{data}'), seed={seed})"
         ),

@@ -58,7 +58,7 @@ def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
         _set_trainable(model, opts, lora_done=True)
         return model, processor
     if opts.tiny:
-        from unimm.model.tiny import save_tiny_llava
+        from unimm.tiny import save_tiny_llava
 
         base = run_dir / "tiny-base"
         if not (base / "config.json").is_file():
