@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from unimm.config import ChatOptions
+from unimm.data.samples import Slice
 from unimm.errors import UnimmError
 from unimm.inference.chat import ChatSession, one_shot, repl
 
@@ -40,12 +41,25 @@ def test_repl_through_a_stream(tmp_path, trained):
     assert session.history == []  # /reset cleared it
 
 
+def test_the_conversation_so_far_comes_before_the_next_question(trained):
+    checkpoint, _ = trained
+    session = ChatSession(ChatOptions(model=str(checkpoint), max_new_tokens=3))
+    first = session.answer([Slice.of_text("What shape?")])
+    session.answer([Slice.of_text("And its colour?")])
+    assert session.last_prompt.slices == [
+        Slice.of_text("What shape?"),
+        Slice.of_text(first or "…", role="assistant"),
+        Slice.of_text("And its colour?"),
+    ]
+    assert [s.role for s in session.history] == ["user", "assistant", "user", "assistant"]
+
+
 def test_rag_puts_the_retrieved_documents_before_the_question(trained):
     checkpoint, index = trained
     session = ChatSession(ChatOptions(model=str(checkpoint), index=str(index), top_k=2, max_new_tokens=3))
-    session.answer([{"kind": "text", "text": "Which shapes are red?", "role": "user"}], io.StringIO())
+    session.answer([Slice.of_text("Which shapes are red?")], io.StringIO())
     prompt = session.last_prompt
-    texts = [s.get("text") for s in prompt["slices"]]
+    texts = [s.text for s in prompt.slices]
     assert texts[0] == f"Retrieved item 1 ({session.last_retrieved[0]}):"
     assert f"Retrieved item 2 ({session.last_retrieved[1]}):" in texts
     assert texts[-1] == "Which shapes are red?"
@@ -54,11 +68,11 @@ def test_rag_puts_the_retrieved_documents_before_the_question(trained):
     first = load_document(
         session.rows, [r["id"] for r in session.rows].index(session.last_retrieved[0]), session.data_dirs
     )
-    n = len(first["slices"])
-    assert [s["kind"] for s in prompt["slices"][1 : 1 + n]] == [s["kind"] for s in first["slices"]]
-    encoded = session.collator.encode(prompt)
-    first_text = next(s["text"] for s in first["slices"] if s["kind"] == "text")
-    ids = session.collator._ids(first_text)
+    n = len(first.slices)
+    assert prompt.kinds()[1 : 1 + n] == first.kinds()
+    collator = session.session.collator
+    encoded = collator.encode(prompt)
+    ids = collator._ids(first.texts()[0])
     assert any(encoded.input_ids[i : i + len(ids)] == ids for i in range(len(encoded.input_ids)))
 
 

@@ -40,8 +40,8 @@ def test_index_holds_the_models_embeddings(tmp_path, checkpoint, tiny_shards):
     batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
     want = model.eval().embed(batch)
     torch.testing.assert_close(embeddings, want, atol=1e-5, rtol=1e-5)
-    assert [r["id"] for r in rows] == [s["id"] for s in samples]
-    assert rows[0]["shard"] == "shard-000000.tar" and rows[0]["key"] == samples[0]["key"]
+    assert [r["id"] for r in rows] == [s.id for s in samples]
+    assert rows[0]["shard"] == "shard-000000.tar" and rows[0]["key"] == samples[0].key
 
 
 def test_per_slice_embeddings_and_float16(tmp_path, checkpoint, tiny_shards):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unimm.data.samples import Sample, Slice
 from unimm.inference.metrics import (
     choice_scores,
     exact_match,
@@ -84,10 +85,10 @@ def test_winoground_scores_by_hand():
 
 def _sample(sid, kinds, response=None, meta=None):
     slices = [
-        {"kind": k, "text": f"{sid} text {n}"} if k == "text" else {"kind": k, "image": f"{sid}/{n}"}
+        Slice.of_text(f"{sid} text {n}") if k == "text" else Slice.of_image(f"{sid}/{n}")
         for n, k in enumerate(kinds)
     ]
-    return {"id": sid, "key": sid, "slices": slices, "response": response, "meta": meta}
+    return Sample(key=sid, slices=slices, id=sid, response=response, meta=meta)
 
 
 def test_build_tasks_reads_the_record_shapes():
@@ -128,21 +129,21 @@ class _OracleEvaluator:
     def __init__(self, samples):
         self.caption_of_image = {}
         for s in samples:
-            texts = [x["text"] for x in s["slices"] if x["kind"] == "text"]
-            images = [x for x in s["slices"] if x["kind"] == "image"]
-            if s["meta"]["kind"] == "story":
+            texts = s.texts()
+            images = [x for x in s.slices if x.kind == "image"]
+            if s.meta["kind"] == "story":
                 captions = [t.split(", ", 1)[1].rstrip(".") for t in texts[1:]]
             else:
-                captions = [s["meta"]["caption"]] * len(images)
+                captions = [s.meta["caption"]] * len(images)
             for image, caption in zip(images, captions, strict=True):
-                self.caption_of_image[id(image["image"])] = caption
+                self.caption_of_image[id(image.image)] = caption
         self.vocab: dict[str, int] = {}
 
     def _caption(self, slices):
         last = slices[-1]
-        if last["kind"] == "image":
-            return self.caption_of_image[id(last["image"])]
-        text = last["text"]
+        if last.kind == "image":
+            return self.caption_of_image[id(last.image)]
+        text = last.text
         return text.split(", ", 1)[1].rstrip(".") if ", " in text else text
 
     def embed(self, slice_lists):
@@ -184,7 +185,7 @@ def test_evaluator_calls_match_direct_model_calls(trained, tmp_path):
     assert batched == single
 
     sample = samples[tasks["two_choice"][0]]
-    options = [{**sample, "response": c} for c in sample["meta"]["choices"]]
+    options = [sample.replace(response=c) for c in sample.meta["choices"]]
     logprobs = ev.answer_logprobs(options)
     for option, lp in zip(options, logprobs, strict=True):
         batch = ev.collator([option])

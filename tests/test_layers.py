@@ -126,10 +126,8 @@ LONG_FUNCTIONS = {
     "align.prefix.gak_matrix_prefix": 95,
     "cli.__init__.prepare": 98,  # its 19 option declarations
     "commands.bench.bench_align": 91,
-    "commands.bench_train.bench_train": 145,
     "data.prepare.write_shards": 102,
     "data.synthetic.write_synthetic": 99,
-    "inference.index.write_index": 113,
     "model.checkpoint.save_checkpoint": 83,
 }
 

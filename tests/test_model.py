@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from unimm.data.collate import IGNORE, IMAGE, TEXT, Collator
+from unimm.data.samples import Sample, Slice
 from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
 
 
@@ -30,13 +31,8 @@ def collator(processor, model, **kwargs):
 
 
 def sample(slices, response=None, key="k"):
-    out = []
-    for s in slices:
-        if isinstance(s, str):
-            out.append({"kind": "text", "text": s, "role": "user"})
-        else:
-            out.append({"kind": "image", "image": s, "role": "user"})
-    return {"key": key, "slices": out, "response": response}
+    out = [Slice.of_text(s) if isinstance(s, str) else Slice.of_image(s) for s in slices]
+    return Sample(key=key, slices=out, response=response)
 
 
 def ids(tok, text):

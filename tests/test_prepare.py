@@ -43,21 +43,21 @@ def shard_hashes(out) -> dict[str, str]:
 
 
 def check_against_source(samples, source_records, image_root, image_size):
-    assert [s["id"] for s in samples] == [r.id for r in source_records]
+    assert [s.id for s in samples] == [r.id for r in source_records]
     for sample, rec in zip(samples, source_records, strict=True):
-        assert sample["response"] == rec.response
-        assert [s["kind"] for s in sample["slices"]] == [s.kind for s in rec.slices]
-        for got, want in zip(sample["slices"], rec.slices, strict=True):
-            assert got["role"] == want.role
+        assert sample.response == rec.response
+        assert [s.kind for s in sample.slices] == [s.kind for s in rec.slices]
+        for got, want in zip(sample.slices, rec.slices, strict=True):
+            assert got.role == want.role
             if want.kind == "text":
-                assert got["text"] == want.value
+                assert got.text == want.value
                 continue
             original = Image.open(image_root / want.value).convert("RGB")
-            assert got["image"].size == target_size(*original.size, image_size)
-            assert (got["width"], got["height"]) == got["image"].size
-            resized = np.asarray(original.resize(got["image"].size, Image.Resampling.BICUBIC), dtype=float)
+            assert got.image.size == target_size(*original.size, image_size)
+            assert (got.width, got.height) == got.image.size
+            resized = np.asarray(original.resize(got.image.size, Image.Resampling.BICUBIC), dtype=float)
             # JPEG and the DCT-domain downscale change pixels a little, never the content.
-            assert np.abs(np.asarray(got["image"], dtype=float).mean((0, 1)) - resized.mean((0, 1))).max() < 6
+            assert np.abs(np.asarray(got.image, dtype=float).mean((0, 1)) - resized.mean((0, 1))).max() < 6
 
 
 @pytest.mark.parametrize("image_size", [None, 40])
@@ -104,8 +104,8 @@ def test_round_trip_llava(tmp_path, image_dir):
     out = prepare([path], tmp_path / "out", image_size=32)
     samples = read_back(out)
     check_against_source(samples, list(iter_records(path)), tmp_path, 32)
-    assert [s.get("text") for s in samples[1]["slices"]] == [None, "vs", None, "Green, blue.", "Sure?"]
-    assert samples[1]["slices"][3]["role"] == "assistant"
+    assert [s.text for s in samples[1].slices] == [None, "vs", None, "Green, blue.", "Sure?"]
+    assert samples[1].slices[3].role == "assistant"
 
 
 def test_round_trip_mmc4(tmp_path, image_dir):
@@ -123,7 +123,7 @@ def test_round_trip_mmc4(tmp_path, image_dir):
     out = prepare([path], tmp_path / "out", image_root=str(image_dir), image_size=48, format="mmc4")
     samples = read_back(out)
     check_against_source(samples, list(iter_records(path)), image_dir, 48)
-    assert [s["kind"] for s in samples[0]["slices"]] == ["image", "text", "image", "text", "text"]
+    assert [s.kind for s in samples[0].slices] == ["image", "text", "image", "text", "text"]
 
 
 def test_round_trip_csv(tmp_path, image_dir):
@@ -171,21 +171,21 @@ def test_teacher_features_equal_direct_model_calls(tmp_path, unimm_records, tiny
 
     with torch.no_grad():
         for sample in read_back(out):
-            t = sample["teacher"]
+            t = sample.teacher
             assert t["u"].dtype == torch.float16 and t["v"].dtype == torch.float16
-            for n, s in enumerate(sample["slices"]):
-                if s["kind"] == "image":
-                    u = dino(**dino_proc(images=s["image"], return_tensors="pt")).pooler_output
+            for n, s in enumerate(sample.slices):
+                if s.kind == "image":
+                    u = dino(**dino_proc(images=s.image, return_tensors="pt")).pooler_output
                     v = clip.get_image_features(
-                        **clip_proc(images=s["image"], return_tensors="pt")
+                        **clip_proc(images=s.image, return_tensors="pt")
                     ).pooler_output
                     assert t["modality"][n] == 1
                     assert torch.all(t["u"][n, 32:] == 0)  # padded from 32 to 48
                     u_stored = t["u"][n, :32]
                 else:
-                    u = bert(**bert_tok(s["text"], return_tensors="pt")).last_hidden_state[:, 0]
+                    u = bert(**bert_tok(s.text, return_tensors="pt")).last_hidden_state[:, 0]
                     v = clip.get_text_features(
-                        **clip_proc.tokenizer(s["text"], return_tensors="pt")
+                        **clip_proc.tokenizer(s.text, return_tensors="pt")
                     ).pooler_output
                     assert t["modality"][n] == 0
                     u_stored = t["u"][n]
@@ -414,7 +414,7 @@ def test_reader_skips_corrupt_sample_and_counts(tmp_path, unimm_records, caplog)
                 m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     stats = ReadStats()
-    ids = [s["id"] for s in read_samples(out, split_by_node=False, split_by_worker=False, stats=stats)]
+    ids = [s.id for s in read_samples(out, split_by_node=False, split_by_worker=False, stats=stats)]
     assert ids == [f"r{i}" for i in range(12) if i != 2]
     assert stats.skipped == 1 and stats.samples == 11
     assert "shard-000000.tar: member 000000002.1.jpg: cannot decode image" in stats.problems[0]
@@ -428,12 +428,12 @@ def test_reader_workers_split_shards_and_shuffle_is_seeded(tmp_path, unimm_recor
     out = prepare([unimm_records], tmp_path / "out", samples_per_shard=3)
     pipeline = read_samples(out, split_by_node=False, decode_images=False)
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2)
-    ids = [s["id"] for s in loader]
+    ids = [s.id for s in loader]
     assert sorted(ids) == sorted(f"r{i}" for i in range(12))  # every sample exactly once
 
     def order(seed):
         return [
-            s["id"]
+            s.id
             for s in read_samples(
                 out,
                 split_by_node=False,

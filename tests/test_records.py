@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unimm.data.adapters import iter_records
-from unimm.data.records import Record, Slice, record_from_obj, record_to_obj
+from unimm.data.records import Record, RecordSlice, record_from_obj, record_to_obj
 from unimm.errors import DataError, UnimmError
 
 
@@ -27,9 +27,9 @@ def test_unimm_round_trip(tmp_path):
     }
     (rec,) = records(write_jsonl(tmp_path / "d.jsonl", [obj]))
     assert rec.slices == [
-        Slice("text", "hi"),
-        Slice("image", "x.jpg"),
-        Slice("text", "earlier answer", "assistant"),
+        RecordSlice("text", "hi"),
+        RecordSlice("image", "x.jpg"),
+        RecordSlice("text", "earlier answer", "assistant"),
     ]
     assert (rec.source, rec.line) == (str(tmp_path / "d.jsonl"), 1)
     assert record_to_obj(rec) == obj
@@ -83,12 +83,12 @@ def test_llava_multi_turn_multi_image(tmp_path):
     (rec,) = records(path)
     assert rec.id == "7"
     assert rec.slices == [
-        Slice("image", "a.jpg"),
-        Slice("text", "Compare with"),
-        Slice("image", "b.jpg"),
-        Slice("text", "please."),
-        Slice("text", "The first is red.", "assistant"),
-        Slice("text", "And the second?"),
+        RecordSlice("image", "a.jpg"),
+        RecordSlice("text", "Compare with"),
+        RecordSlice("image", "b.jpg"),
+        RecordSlice("text", "please."),
+        RecordSlice("text", "The first is red.", "assistant"),
+        RecordSlice("text", "And the second?"),
     ]
     assert rec.response == "Blue."
 
@@ -100,7 +100,7 @@ def test_llava_without_placeholder_puts_image_first(tmp_path):
         "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A cat."}],
     }
     (rec,) = records(write_jsonl(tmp_path / "l.jsonl", [sample]))
-    assert rec.slices == [Slice("image", "a.jpg"), Slice("text", "What is it?")]
+    assert rec.slices == [RecordSlice("image", "a.jpg"), RecordSlice("text", "What is it?")]
     assert rec.response == "A cat."
 
 
@@ -127,11 +127,11 @@ def test_mmc4_images_before_matched_sentence(tmp_path):
     (rec,) = records(write_jsonl(tmp_path / "docs.jsonl", [doc]))
     assert rec.id == "docs-1"
     assert rec.slices == [
-        Slice("image", "a.jpg"),
-        Slice("text", "First sentence."),
-        Slice("image", "b.jpg"),
-        Slice("image", "c.jpg"),
-        Slice("text", "Third sentence."),
+        RecordSlice("image", "a.jpg"),
+        RecordSlice("text", "First sentence."),
+        RecordSlice("image", "b.jpg"),
+        RecordSlice("image", "c.jpg"),
+        RecordSlice("text", "Third sentence."),
     ]
     assert rec.meta == {"url": "http://example.org/x"}
     bad = dict(doc, image_info=[{"image_name": "a.jpg", "matched_text_index": 9}])
@@ -142,7 +142,7 @@ def test_mmc4_images_before_matched_sentence(tmp_path):
 def test_csv_and_tsv(tmp_path):
     (tmp_path / "c.csv").write_text('image,caption\na.jpg,"A red, round thing"\nb.jpg,\n')
     out = records(tmp_path / "c.csv")
-    assert out[0].slices == [Slice("image", "a.jpg"), Slice("text", "A red, round thing")]
+    assert out[0].slices == [RecordSlice("image", "a.jpg"), RecordSlice("text", "A red, round thing")]
     assert out[0].id == "c-2"
     assert isinstance(out[1], DataError) and out[1].line == 3 and "empty 'caption'" in str(out[1])
     (tmp_path / "t.tsv").write_text("id\tImage\tCaption\nx1\ta.jpg\tTabbed caption\n")

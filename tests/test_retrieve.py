@@ -40,15 +40,15 @@ def test_documents_as_queries_find_themselves(tmp_path, setup):
         if n >= 6:
             break
         slices = []
-        for k, s in enumerate(sample["slices"]):
-            if s["kind"] == "text":
-                slices.append({"text": s["text"]})
+        for k, s in enumerate(sample.slices):
+            if s.kind == "text":
+                slices.append({"text": s.text})
             else:
                 name = f"images/{n}-{k}.png"
-                s["image"].save(tmp_path / name)
+                s.image.save(tmp_path / name)
                 slices.append({"image": name})
         queries.append({"id": f"q{n}", "slices": slices})
-        qrels.append({"query_id": f"q{n}", "doc_id": sample["id"], "relevance": 1})
+        qrels.append({"query_id": f"q{n}", "doc_id": sample.id, "relevance": 1})
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qrels))
     result = retrieve(
@@ -140,16 +140,16 @@ def test_gak_rerank_permutes_the_first_stage(tmp_path, setup):
     )
     sample = next(iter(read_samples(shards, split_by_node=False, split_by_worker=False)))
     query = []
-    for n, s in enumerate(sample["slices"]):
-        if s["kind"] == "text":
-            query.append(["text", s["text"]])
+    for n, s in enumerate(sample.slices):
+        if s.kind == "text":
+            query.append(["text", s.text])
         else:
-            s["image"].save(tmp_path / f"q{n}.png")
+            s.image.save(tmp_path / f"q{n}.png")
             query.append(["image", str(tmp_path / f"q{n}.png")])
     first = retrieve(checkpoint, tmp_path / "idx", query=query, top_k=5)["results"][0]
     reranked = retrieve(checkpoint, tmp_path / "idx", query=query, top_k=5, rerank="gak")["results"][0]
     assert sorted(reranked["ids"]) == sorted(first["ids"])  # a re-ordering of the same candidates
-    assert reranked["ids"][0] == sample["id"] and reranked["scores"][0] == pytest.approx(1.0, abs=1e-4)
+    assert reranked["ids"][0] == sample.id and reranked["scores"][0] == pytest.approx(1.0, abs=1e-4)
     assert reranked["scores"] == sorted(reranked["scores"], reverse=True)
     with pytest.raises(UnimmError, match="--per-slice"):
         retrieve(checkpoint, setup[1], query=query, rerank="gak")

@@ -114,3 +114,15 @@ def test_old_checkpoints_get_their_settings_patched(trained, tmp_path, tiny_shar
     terse = Session.load(old, device="cpu").collator.template.prefix
     plain = Session.load(checkpoint, device="cpu").collator.template.prefix
     assert prompt == plain != terse
+
+
+def test_generate_batched_with_left_padding_equals_one_at_a_time(trained, tiny_shards):
+    session = Session.load(trained[0], device="cpu")
+    prompts = _samples(tiny_shards, 6)
+    lengths = {len(session.collator.prompt(p, after="slice").input_ids) for p in prompts}
+    assert len(lengths) > 1  # padding is exercised
+    batched = session.generate(prompts, after="slice", max_new_tokens=6)
+    alone = [session.generate([p], after="slice", max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone and any(batched)
+    with pytest.raises(ValueError, match="one prompt"):
+        session.generate(prompts, streamer=object())

@@ -13,6 +13,7 @@ from helpers import RECIPE, config, metrics
 
 from unimm.commands.train import run
 from unimm.config import TrainConfig, build_config
+from unimm.data.samples import Slice
 from unimm.errors import ConfigError, UnimmError
 
 
@@ -327,12 +328,12 @@ def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards
     from unimm.data.stream import DataStream, Prefetcher
 
     stream = DataStream(DataOptions(train=[str(tiny_shards)], shuffle_buffer=1), seed=0)
-    prefetcher = Prefetcher(stream, 2, lambda samples: [s["id"] for s in samples], depth=2)
+    prefetcher = Prefetcher(stream, 2, lambda samples: [s.id for s in samples], depth=2)
     first = prefetcher.next()
     time.sleep(0.3)  # the thread reads ahead meanwhile
     assert prefetcher.position["draws"] == 2 and stream.position()["draws"] > 2
     replay = DataStream(DataOptions(train=[str(tiny_shards)], shuffle_buffer=1), seed=0)
-    assert [replay.next()["id"] for _ in range(2)] == first
+    assert [replay.next().id for _ in range(2)] == first
     prefetcher.close()
 
     def broken(samples):
@@ -345,7 +346,7 @@ def test_prefetcher_saves_what_was_consumed_and_raises_thread_errors(tiny_shards
 
 
 def _ids(samples: list[dict]) -> tuple[list, int]:
-    return [s["id"] for s in samples], 0
+    return [s.id for s in samples], 0
 
 
 def _fail_on_third(samples: list[dict]):
@@ -383,17 +384,14 @@ def test_a_sample_with_a_corrupt_image_is_left_out_of_its_batch(tiny_shards):
     from unimm.data.stream import BatchMaker
 
     samples = list(read_samples(tiny_shards, split_by_node=False, split_by_worker=False, decode_images=False))
-    with_image = [s for s in samples if any(x["kind"] == "image" for x in s["slices"])][:3]
-    broken = dict(with_image[1])
-    broken["slices"] = [
-        {**x, "image": b"not a jpeg"} if x["kind"] == "image" else x for x in with_image[1]["slices"]
-    ]
-    made = BatchMaker(
-        lambda kept: [(s["id"], [type(x.get("image")).__name__ for x in s["slices"]]) for s in kept]
+    with_image = [s for s in samples if "image" in s.kinds()][:3]
+    broken = with_image[1].replace(
+        slices=[Slice.of_image(b"not a jpeg") if x.kind == "image" else x for x in with_image[1].slices]
     )
+    made = BatchMaker(lambda kept: [(s.id, [type(x.image).__name__ for x in s.slices]) for s in kept])
     payload, left_out = made([with_image[0], broken, with_image[2]])
     assert left_out == 1
-    assert [sid for sid, _ in payload] == [with_image[0]["id"], with_image[2]["id"]]
+    assert [sid for sid, _ in payload] == [with_image[0].id, with_image[2].id]
     assert all("bytes" not in kinds for _, kinds in payload)  # images decoded
     with pytest.raises(UnimmError, match="prepare them again"):
         made([broken])

@@ -395,6 +395,7 @@ def _bench_embedding(timer, repeats: int) -> dict:
     """Our embedding pass vs the bare transformers forward (LlavaModel) on the same tiny batch."""
     import torch
 
+    from unimm.data.adapters import load_decoded_records
     from unimm.data.collate import Collator
     from unimm.data.synthetic import write_synthetic
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
@@ -403,27 +404,10 @@ def _bench_embedding(timer, repeats: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-embed-"))
     try:
         data = write_synthetic(work / "data", 32)
-        records = [json.loads(line) for line in data.read_text().splitlines()]
-        folder = save_tiny_llava(
-            work / "model", [s["text"] for r in records for s in r["slices"] if "text" in s]
-        )
+        samples = load_decoded_records(data)
+        folder = save_tiny_llava(work / "model", [t for s in samples for t in s.texts()])
         mllm, processor = load_mllm(folder)
         model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 64)).eval()
-        samples = []
-        for r in records:
-            slices = []
-            for s in r["slices"]:
-                if "text" in s:
-                    slices.append({"kind": "text", "text": s["text"], "role": "user"})
-                else:
-                    slices.append(
-                        {
-                            "kind": "image",
-                            "image": Image.open(work / "data" / s["image"]).convert("RGB"),
-                            "role": "user",
-                        }
-                    )
-            samples.append({"id": r["id"], "key": r["id"], "slices": slices})
         batch = Collator.for_model(model, processor)(samples)
         batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
         with torch.no_grad():

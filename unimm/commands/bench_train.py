@@ -37,102 +37,22 @@ def bench_train(
     retrieval head are left out), so ``model_tflops_per_s`` and ``mfu`` (with ``peak_tflops``)
     slightly understate the work done.
     """
-    import contextlib
-
-    import torch
-
-    from unimm.config import DataOptions, PrepareConfig, TrainConfig, build_config
-    from unimm.data.collate import Collator
-    from unimm.data.prepare import write_shards as prepare
-    from unimm.data.shards import read_samples
-    from unimm.data.stream import training_texts
-    from unimm.data.synthetic import write_synthetic
-    from unimm.tiny import save_tiny_llava, save_tiny_teachers
-    from unimm.training.step import train_step
-    from unimm.training.trainer import build_model
-
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:
-        data = write_synthetic(work / "data", max(64, batch_size))
-        teachers = save_tiny_teachers(work / "teachers")
-        shards = work / "shards"
-        prepare(
-            build_config(
-                PrepareConfig,
-                recipe="tiny-cpu",
-                options={
-                    "prepare.inputs": [str(data)],
-                    "prepare.out": str(shards),
-                    **{f"teachers.{k}": str(v) for k, v in teachers.items()},
-                },
-            ),
-            progress=False,
-        )
-        llava = save_tiny_llava(
-            work / "llava",
-            training_texts(DataOptions(train=[str(shards)])),
-            hidden_size=hidden_size,
-            num_layers=layers,
-        )
-        samples = list(read_samples(shards, split_by_node=False, split_by_worker=False))[:batch_size]
-        autocast = (
-            (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16))
-            if mixed_precision == "bf16"
-            else contextlib.nullcontext
-        )
-        times: dict[str, list[float]] = {"joint": [], "generative-only": []}
-        setups = {}
-        for name, alpha in (("joint", 1.0), ("generative-only", 0.0)):
-            cfg = build_config(
-                TrainConfig,
-                recipe="tiny-cpu",
-                options={"out": str(work / name)},
-                overrides=[
-                    f"data.train={shards}",
-                    f"train.alpha={alpha}",
-                    f"data.cut_points={cut_points}",
-                    "model.tiny=false",
-                    f"model.path={llava}",
-                ],
-            )
-            (work / name).mkdir()
-            model, processor = build_model(cfg, work / name, None)
-            model.to(device)
-            batch = Collator.for_model(
-                model, processor, max_length=cfg.model.max_length, cut_points=cut_points
-            )(samples)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            setups[name] = (cfg, model, batch, optimizer)
-
-        def sync() -> None:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-
-        def steps_of(name: str) -> float:
-            cfg, model, batch, optimizer = setups[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                with autocast():
-                    result = train_step(model, batch, cfg)
-                result.loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sync()
-            return (time.perf_counter() - start) / steps
-
-        for name in setups:
-            steps_of(name)  # warm-up
-        for _ in range(repeats):
-            for name in setups:
-                times[name].append(steps_of(name))
-        base = min(times["generative-only"])
+        shards, llava = _tiny_training_set(work, max(64, batch_size), hidden_size, layers)
+        samples = _first_samples(shards, batch_size)
+        setups = {
+            name: _variant(work, name, alpha, shards, llava, samples, cut_points, device)
+            for name, alpha in (("joint", 1.0), ("generative-only", 0.0))
+        }
+        times = _time_variants(setups, steps, repeats, device, mixed_precision)
         batch = setups["joint"][2]
-        tokens = int(batch["attention_mask"].sum())
         language_model = setups["joint"][1].base.model.language_model
         n_params = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
+        tokens = int(batch["attention_mask"].sum())
         per_sample = batch["attention_mask"].shape[1]
         flops_per_token = 6 * n_params + 12 * layers * hidden_size * per_sample
+        base = min(times["generative-only"])
         rows = []
         for name in setups:
             best = min(times[name])
@@ -158,6 +78,93 @@ def bench_train(
         return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tiny_training_set(work: Path, records: int, hidden_size: int, layers: int) -> tuple[Path, Path]:
+    """Synthetic records prepared into shards with tiny teachers, and a tiny LLaVA for them."""
+    from unimm.config import DataOptions, PrepareConfig, build_config
+    from unimm.data.prepare import write_shards
+    from unimm.data.stream import training_texts
+    from unimm.data.synthetic import write_synthetic
+    from unimm.tiny import save_tiny_llava, save_tiny_teachers
+
+    data = write_synthetic(work / "data", records)
+    teachers = save_tiny_teachers(work / "teachers")
+    shards = work / "shards"
+    options = {"prepare.inputs": [str(data)], "prepare.out": str(shards)}
+    options.update({f"teachers.{k}": str(v) for k, v in teachers.items()})
+    write_shards(build_config(PrepareConfig, recipe="tiny-cpu", options=options), progress=False)
+    texts = training_texts(DataOptions(train=[str(shards)]))
+    llava = save_tiny_llava(work / "llava", texts, hidden_size=hidden_size, num_layers=layers)
+    return shards, llava
+
+
+def _first_samples(shards: Path, count: int) -> list:
+    from unimm.data.shards import read_samples
+
+    return list(read_samples(shards, split_by_node=False, split_by_worker=False))[:count]
+
+
+def _variant(work: Path, name: str, alpha: float, shards, llava, samples, cut_points: int, device: str):
+    """``(cfg, model, batch, optimizer)`` of one variant: the tiny-cpu recipe with ``alpha``."""
+    import torch
+
+    from unimm.config import TrainConfig, build_config
+    from unimm.data.collate import Collator
+    from unimm.training.trainer import build_model
+
+    overrides = [f"data.train={shards}", f"train.alpha={alpha}", f"data.cut_points={cut_points}"]
+    overrides += ["model.tiny=false", f"model.path={llava}"]
+    cfg = build_config(TrainConfig, recipe="tiny-cpu", options={"out": str(work / name)}, overrides=overrides)
+    (work / name).mkdir()
+    model, processor = build_model(cfg, work / name, None)
+    model.to(device)
+    batch = Collator.for_model(model, processor, max_length=cfg.model.max_length, cut_points=cut_points)(
+        samples
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return cfg, model, batch, optimizer
+
+
+def _time_variants(
+    setups: dict, steps: int, repeats: int, device: str, mixed_precision: str
+) -> dict[str, list]:
+    """Seconds per optimizer step of each variant: one warm-up, then ``repeats`` interleaved runs."""
+    import contextlib
+
+    import torch
+
+    from unimm.training.step import train_step
+
+    def autocast():
+        if mixed_precision == "bf16":
+            return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def steps_of(name: str) -> float:
+        cfg, model, batch, optimizer = setups[name]
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with autocast():
+                result = train_step(model, batch, cfg)
+            result.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    for name in setups:
+        steps_of(name)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name in setups:
+            times[name].append(steps_of(name))
+    return times
 
 
 def bench_data(

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unimm.config import RetrieveConfig, RetrieveOptions
 from unimm.errors import UnimmError
 
+if TYPE_CHECKING:
+    from unimm.data.samples import Sample
 
-def load_queries(opts: RetrieveOptions) -> list[dict]:
-    """Queries as decoded samples ``{"id", "key", "slices"}`` (images opened)."""
+
+def load_queries(opts: RetrieveOptions) -> list[Sample]:
+    """Queries as decoded samples (images opened)."""
     from unimm.data.adapters import load_decoded_records, open_image
+    from unimm.data.samples import Sample, Slice
 
     if opts.query:
         slices = []
@@ -32,10 +36,10 @@ def load_queries(opts: RetrieveOptions) -> list[dict]:
             if kind == "text":
                 if not value.strip():
                     raise UnimmError("--query: the text is empty")
-                slices.append({"kind": "text", "text": value, "role": "user"})
+                slices.append(Slice.of_text(value))
             else:
-                slices.append({"kind": "image", "image": open_image(value), "role": "user"})
-        return [{"id": "query", "key": "query", "slices": slices}]
+                slices.append(Slice.of_image(open_image(value)))
+        return [Sample.of_slices(slices, key="query", id="query")]
     path = Path(opts.queries)
     if not path.is_file():
         raise UnimmError(f"--queries {path}: no such file")
@@ -85,7 +89,7 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
         scores, found = _rerank_gak(per_slice, found, opts)
     results = [
         {
-            "query_id": q["id"],
+            "query_id": q.id,
             "ids": [rows[int(r)]["id"] for r in found[i]],
             "scores": [round(float(s), 6) for s in scores[i]],
         }

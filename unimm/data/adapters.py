@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unimm.data.records import Record, Slice, record_from_obj
+from unimm.data.records import Record, RecordSlice, record_from_obj
+from unimm.data.samples import Sample, Slice
 from unimm.errors import DataError
 
 FORMATS = ("unimm", "llava", "mmc4", "csv")
@@ -210,19 +211,19 @@ def _llava(obj: Any, source: str, line: int, default_id: str) -> Record:
     response = None
     if parsed[-1][0] == "assistant":
         response = parsed.pop()[1].strip() or None
-    slices: list[Slice] = []
+    slices: list[RecordSlice] = []
     next_image = 0
     if not placeholders:
-        slices.extend(Slice("image", path) for path in images)
+        slices.extend(RecordSlice("image", path) for path in images)
         next_image = len(images)
     for role, value in parsed:
         pieces = value.split(_IMAGE_TOKEN) if role == "user" else [value]
         for j, piece in enumerate(pieces):
             if j > 0:
-                slices.append(Slice("image", images[next_image]))
+                slices.append(RecordSlice("image", images[next_image]))
                 next_image += 1
             if piece.strip():
-                slices.append(Slice("text", piece.strip(), role))
+                slices.append(RecordSlice("text", piece.strip(), role))
     if not slices:
         raise fail("the conversation has no question text or image before the answer")
     return Record(id=rid, slices=slices, response=response, source=source, line=line)
@@ -256,11 +257,11 @@ def _mmc4(obj: Any, source: str, line: int, default_id: str) -> Record:
                 f"image_info[{k}].matched_text_index must be an index into text_list (0..{len(texts) - 1})"
             )
         before.setdefault(index, []).append(name)
-    slices: list[Slice] = []
+    slices: list[RecordSlice] = []
     for i, text in enumerate(texts):
-        slices.extend(Slice("image", name) for name in before.get(i, []))
+        slices.extend(RecordSlice("image", name) for name in before.get(i, []))
         if text.strip():
-            slices.append(Slice("text", text.strip()))
+            slices.append(RecordSlice("text", text.strip()))
     if not slices:
         raise fail("the document has no text and no image")
     meta = {"url": obj["url"]} if isinstance(obj.get("url"), str) else None
@@ -299,7 +300,10 @@ def _iter_csv(data: bytes, path: Path) -> Iterator[Record | DataError]:
             yield DataError("empty 'caption' field", source=source, line=line, record_id=rid)
         else:
             yield Record(
-                id=rid, slices=[Slice("image", image), Slice("text", caption)], source=source, line=line
+                id=rid,
+                slices=[RecordSlice("image", image), RecordSlice("text", caption)],
+                source=source,
+                line=line,
             )
 
 
@@ -326,11 +330,11 @@ def open_image(path: str | Path, root: str | Path | None = None):
 
 def load_decoded_records(
     path: str | Path, fmt: str = "auto", image_root: str | Path | None = None
-) -> list[dict[str, Any]]:
-    """Read a record file into decoded samples, the shape shard readers give (images opened).
+) -> list[Sample]:
+    """Read a record file into decoded samples, as shard readers give them (images opened).
 
-    Each sample is ``{"id", "key", "slices", "response", "meta", "source", "teacher": None}``;
-    image paths are resolved against ``image_root`` (default: the file's folder).
+    Image paths are resolved against ``image_root`` (default: the file's folder); each sample's
+    key is its id and its ``source`` the file and line.
 
     Raises:
         UnimmError: the file is missing or a record or image is invalid (file, line and reason).
@@ -345,21 +349,16 @@ def load_decoded_records(
     for item in iter_records(path, fmt):
         if isinstance(item, DataError):
             raise UnimmError(str(item))
-        slices = []
-        for s in item.slices:
-            if s.kind == "text":
-                slices.append({"kind": "text", "text": s.value, "role": s.role})
-            else:
-                slices.append({"kind": "image", "image": open_image(s.value, root), "role": s.role})
+        slices = [
+            Slice.of_text(s.value, s.role)
+            if s.kind == "text"
+            else Slice.of_image(open_image(s.value, root), s.role)
+            for s in item.slices
+        ]
+        source = f"{path}:{item.line}" if item.line else str(path)
         out.append(
-            {
-                "id": item.id,
-                "key": item.id,
-                "slices": slices,
-                "response": item.response,
-                "meta": item.meta,
-                "source": f"{path}:{item.line}" if item.line else str(path),
-                "teacher": None,
-            }
+            Sample(
+                key=item.id, slices=slices, id=item.id, response=item.response, meta=item.meta, source=source
+            )
         )
     return out

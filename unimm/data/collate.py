@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from unimm.data.samples import Sample
+
 IGNORE = -100
 TEXT, IMAGE = 0, 1
 
@@ -126,8 +128,8 @@ class Collator:
 
     # -----------------------------------------------------------------------------------------
 
-    def encode(self, sample: dict, *, document_end: bool = True) -> Encoded:
-        """Encode one decoded sample (see :func:`unimm.data.shards.decode_sample`).
+    def encode(self, sample: Sample, *, document_end: bool = True) -> Encoded:
+        """Encode one decoded sample.
 
         ``document_end=False`` leaves out the ``</s>`` that closes a document without a response
         (for prompts, see :meth:`prompt`).
@@ -137,43 +139,43 @@ class Collator:
         labels: list[int] = [IGNORE] * len(ids)
         spans: list[tuple[int, int, int]] = []
         images: list[Any] = []
-        slices = sample["slices"]
-        has_response = bool(sample.get("response"))
-        response_ids = [*self._ids(sample["response"]), *t.eos] if has_response else []
+        slices = sample.slices
+        has_response = bool(sample.response)
+        response_ids = [*self._ids(sample.response), *t.eos] if has_response else []
         # Room for the answer comes first: the prompt is cut before the answer is.
         budget = self.max_length - (len(t.assistant) + len(response_ids) if has_response else 0)
         budget = max(budget, len(ids) + 1)
         dropped = 0
         for n, item in enumerate(slices):
             pieces: list[int] = list(t.separator) if n > 0 else []
-            if item.get("role") == "assistant":
+            if item.role == "assistant":
                 pieces = [*t.assistant]
-            if item["kind"] == "image":
+            if item.kind == "image":
                 body = [self.image_token_id] * self.image_seq_length
             else:
-                body = self._ids(item["text"])
-            tail = [*t.eos, *t.user_again] if item.get("role") == "assistant" else []
+                body = self._ids(item.text)
+            tail = [*t.eos, *t.user_again] if item.role == "assistant" else []
             room = budget - len(ids) - len(pieces)
-            if item["kind"] == "image" and len(body) > room:
+            if item.kind == "image" and len(body) > room:
                 dropped = len(slices) - n
                 break
-            if item["kind"] == "text" and room <= 0:
+            if item.kind == "text" and room <= 0:
                 dropped = len(slices) - n
                 break
-            if item["kind"] == "text" and len(body) > room:
+            if item.kind == "text" and len(body) > room:
                 body = body[:room]
                 tail = []
             ids.extend(pieces)
             labels.extend([IGNORE] * len(pieces))
             start = len(ids)
             ids.extend(body)
-            if item["kind"] == "text" and not has_response and item.get("role") != "assistant":
+            if item.kind == "text" and not has_response and item.role != "assistant":
                 labels.extend(body)
             else:
                 labels.extend([IGNORE] * len(body))
-            spans.append((IMAGE if item["kind"] == "image" else TEXT, start, len(ids)))
-            if item["kind"] == "image":
-                images.append(item["image"])
+            spans.append((IMAGE if item.kind == "image" else TEXT, start, len(ids)))
+            if item.kind == "image":
+                images.append(item.image)
             ids.extend(tail)
             labels.extend([IGNORE] * len(tail))
             if len(ids) >= budget:
@@ -192,16 +194,16 @@ class Collator:
             answer = response_ids[:room]
             ids.extend(answer)
             labels.extend(answer)
-        return Encoded(ids, labels, spans, images, dropped, str(sample.get("key", sample.get("id", ""))))
+        return Encoded(ids, labels, spans, images, dropped, sample.key)
 
-    def prompt(self, sample: dict, *, after: str = "assistant") -> Encoded:
+    def prompt(self, sample: Sample, *, after: str = "assistant") -> Encoded:
         """``sample`` (without its response) as a prompt to generate from.
 
         ``after="assistant"`` ends it with `` ASSISTANT: `` (answer the question), ``"slice"`` with
         the slice separator (continue the document). The tokens are exactly the prefix that
         training saw before the answer or the next slice: no ``</s>``, nothing labelled.
         """
-        encoded = self.encode({**sample, "response": None}, document_end=False)
+        encoded = self.encode(sample.replace(response=None), document_end=False)
         tail = self.template.assistant if after == "assistant" else self.template.separator
         ids = encoded.input_ids + tail
         return dataclasses.replace(encoded, input_ids=ids, labels=[IGNORE] * len(ids))
@@ -220,12 +222,12 @@ class Collator:
         others = rng.sample(range(n - 1), min(self.cut_points - 1, n - 1)) if self.cut_points > 1 else []
         return sorted({*others, n - 1})
 
-    def __call__(self, samples: Sequence[dict]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """Collate decoded samples into a batch (right-padded)."""
         encoded = [self.encode(s) for s in samples]
         return self.batch(encoded, samples)
 
-    def batch(self, encoded: list[Encoded], samples: Sequence[dict] | None = None) -> dict[str, Any]:
+    def batch(self, encoded: list[Encoded], samples: Sequence[Sample] | None = None) -> dict[str, Any]:
         longest = max(len(e.input_ids) for e in encoded)
         size = len(encoded)
         input_ids = torch.full((size, longest), self.pad_id, dtype=torch.long)
@@ -253,6 +255,6 @@ class Collator:
             "dropped_slices": sum(e.dropped for e in encoded),
         }
         if samples is not None:
-            batch["teacher"] = [s.get("teacher") for s in samples]
-            batch["ids"] = [s.get("id") for s in samples]
+            batch["teacher"] = [s.teacher for s in samples]
+            batch["ids"] = [s.id for s in samples]
         return batch

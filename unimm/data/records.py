@@ -23,7 +23,7 @@ RECORD_KEYS = ("id", "slices", "response", "meta")
 
 
 @dataclasses.dataclass(frozen=True)
-class Slice:
+class RecordSlice:
     """One text or image slice. ``value`` is the text, or the image path as written in the input."""
 
     kind: SliceKind
@@ -36,7 +36,7 @@ class Record:
     """A validated record and where it came from (for error messages and provenance)."""
 
     id: str
-    slices: list[Slice]
+    slices: list[RecordSlice]
     response: str | None = None
     meta: dict[str, Any] | None = None
     source: str | None = None
@@ -86,7 +86,7 @@ def record_from_obj(obj: Any, *, source: str | None = None, line: int | None = N
     return Record(id=rid_text, slices=slices, response=response, meta=meta, source=source, line=line)
 
 
-def _slice_from_obj(obj: Any, index: int, fail) -> Slice:
+def _slice_from_obj(obj: Any, index: int, fail) -> RecordSlice:
     if not isinstance(obj, dict):
         raise fail(f'slice {index} must be an object like {{"text": ...}}, got {type(obj).__name__}')
     role = obj.get("role", "user")
@@ -101,7 +101,7 @@ def _slice_from_obj(obj: Any, index: int, fail) -> Slice:
         raise fail(f"slice {index}: '{kind}' must be a string, got {type(value).__name__}")
     if not value.strip():
         raise fail(f"slice {index}: '{kind}' is empty")
-    return Slice(kind=kind, value=value, role=role)
+    return RecordSlice(kind=kind, value=value, role=role)
 
 
 def record_to_obj(record: Record) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from unimm.data.samples import Sample, Slice
 from unimm.errors import ShardError
 
 SCHEMA_VERSION = 1
@@ -342,14 +343,11 @@ class SampleError(ShardError):
         return f"{self.url}: member {self.member}: {self.reason}"
 
 
-def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> dict[str, Any]:
-    """Turn the raw members of one sample into a record dict.
+def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> Sample:
+    """Turn the raw members of one sample into a :class:`~unimm.data.samples.Sample`.
 
-    Returns:
-        ``{"key", "url", "id", "slices", "response", "meta", "source", "teacher"}``; each slice is
-        ``{"kind": "text", "text": str, "role": str}`` or ``{"kind": "image", "image": PIL image
-        (or the JPEG bytes when ``decode_images`` is false), "width", "height", "role"}``;
-        ``teacher`` is ``{"u", "v", "modality"}`` tensors or ``None``.
+    Image slices hold PIL images, or the JPEG bytes when ``decode_images`` is false; ``teacher``
+    is ``{"u", "v", "modality"}`` tensors or ``None``.
 
     Raises:
         SampleError: naming the shard and member that is missing or corrupt.
@@ -359,20 +357,11 @@ def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> dict[st
         raise SampleError(url, f"{key}.json", "missing")
     try:
         header = json.loads(raw["json"])
-        slices_meta = header["slices"]
-    except (ValueError, KeyError, TypeError) as exc:
+        slices = [
+            _decode_slice(raw, key, url, n, meta, decode_images) for n, meta in enumerate(header["slices"])
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SampleError(url, f"{key}.json", f"not a unimm sample header ({exc})") from None
-    slices = []
-    for n, meta in enumerate(slices_meta):
-        item = dict(meta)
-        if meta.get("kind") == "image":
-            member = f"{n}.jpg"
-            if member not in raw:
-                raise SampleError(url, f"{key}.{member}", "missing")
-            item["image"] = (
-                _decode_jpeg(raw[member], url, f"{key}.{member}") if decode_images else raw[member]
-            )
-        slices.append(item)
     teacher = None
     if "teacher.safetensors" in raw:
         from safetensors.torch import load
@@ -383,19 +372,30 @@ def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> dict[st
             raise SampleError(url, f"{key}.teacher.safetensors", f"cannot load ({exc})") from None
         if teacher["v"].shape[0] != len(slices):
             raise SampleError(url, f"{key}.teacher.safetensors", "row count differs from the slice count")
-    return {
-        "key": key,
-        "url": url,
-        "id": header.get("id"),
-        "slices": slices,
-        "response": header.get("response"),
-        "meta": header.get("meta"),
-        "source": header.get("source"),
-        "teacher": teacher,
-    }
+    return Sample(
+        key=key,
+        slices=slices,
+        id=header.get("id"),
+        response=header.get("response"),
+        meta=header.get("meta"),
+        source=header.get("source"),
+        url=url,
+        teacher=teacher,
+    )
 
 
-def decode_images_in(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+def _decode_slice(raw: dict[str, Any], key: str, url: str, n: int, meta: dict, decode_images: bool) -> Slice:
+    role = meta.get("role", "user")
+    if meta["kind"] != "image":
+        return Slice(meta["kind"], text=meta.get("text"), role=role)
+    member = f"{n}.jpg"
+    if member not in raw:
+        raise SampleError(url, f"{key}.{member}", "missing")
+    image = _decode_jpeg(raw[member], url, f"{key}.{member}") if decode_images else raw[member]
+    return Slice("image", image=image, role=role, width=meta.get("width"), height=meta.get("height"))
+
+
+def decode_images_in(samples: list[Sample]) -> tuple[list[Sample], list[str]]:
     """Decode the JPEG bytes of samples read with ``decode_images=False``.
 
     Returns:
@@ -406,15 +406,15 @@ def decode_images_in(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     for sample in samples:
         try:
             slices = [
-                {**item, "image": _decode_jpeg(item["image"], sample["url"], f"{sample['key']}.{n}.jpg")}
-                if item.get("kind") == "image" and isinstance(item.get("image"), bytes)
+                dataclasses.replace(item, image=_decode_jpeg(item.image, sample.url, f"{sample.key}.{n}.jpg"))
+                if item.kind == "image" and isinstance(item.image, bytes)
                 else item
-                for n, item in enumerate(sample["slices"])
+                for n, item in enumerate(sample.slices)
             ]
         except SampleError as exc:
             problems.append(exc.describe())
             continue
-        kept.append({**sample, "slices": slices})
+        kept.append(sample.replace(slices=slices))
     return kept, problems
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from unimm.data.samples import Sample
 from unimm.errors import UnimmError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class DataStream:
         self._iters: list[Iterator | None] = [None] * len(data.train)
         self._rng = random.Random(seed)
 
-    def _stream(self, k: int) -> Iterator[dict]:
+    def _stream(self, k: int) -> Iterator[Sample]:
         from unimm.data.shards import read_samples
 
         while True:
@@ -88,7 +89,7 @@ class DataStream:
                 raise UnimmError(f"{self.data.train[k]}: no readable sample (all skipped as corrupt?)")
             self.epochs[k] += 1
 
-    def next(self) -> dict:
+    def next(self) -> Sample:
         k = (
             self._rng.choices(range(len(self.weights)), weights=self.weights)[0]
             if len(self.weights) > 1
@@ -118,9 +119,9 @@ def training_texts(data, limit: int = 20000) -> list[str]:
     texts = []
     for folder in data.train:
         for sample in read_samples(folder, split_by_node=False, split_by_worker=False, decode_images=False):
-            texts.extend(s["text"] for s in sample["slices"] if s["kind"] == "text")
-            if sample.get("response"):
-                texts.append(sample["response"])
+            texts.extend(sample.texts())
+            if sample.response:
+                texts.append(sample.response)
             if len(texts) >= limit:
                 return texts
     return texts
@@ -190,11 +191,11 @@ class BatchMaker:
     the collator is, so worker processes can run it.
     """
 
-    def __init__(self, collator: Callable[[list[dict]], dict], chunk: int = 0) -> None:
+    def __init__(self, collator: Callable[[list[Sample]], dict], chunk: int = 0) -> None:
         self.collator = collator
         self.chunk = chunk
 
-    def __call__(self, samples: list[dict]) -> tuple[Any, int]:
+    def __call__(self, samples: list[Sample]) -> tuple[Any, int]:
         from unimm.data.shards import decode_images_in
 
         kept, problems = decode_images_in(samples)

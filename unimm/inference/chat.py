@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from unimm.config import ChatOptions
+from unimm.data.samples import Sample, Slice
 from unimm.errors import UnimmError
 
 
-def load_document(index_rows: list[dict], row: int, data_dirs: list[str]) -> dict:
+def load_document(index_rows: list[dict], row: int, data_dirs: list[str]) -> Sample:
     """Read the document behind index row ``row`` back from its shard (text and images)."""
     from unimm.data.shards import decode_sample
 
@@ -45,24 +46,19 @@ def load_document(index_rows: list[dict], row: int, data_dirs: list[str]) -> dic
     raise UnimmError(f"document {entry['id']}: its shard {entry['shard']} is not in {', '.join(data_dirs)}")
 
 
-def build_prompt(question: list[dict], retrieved: list[dict], history: list[dict]) -> dict:
+def build_prompt(question: list[Slice], retrieved: list[Sample], history: list[Slice]) -> Sample:
     """The sample to generate from: retrieved items, then the conversation, then the question.
 
-    ``question`` and each history turn's ``slices`` are lists of slice dicts (``kind``, ``text`` or
-    ``image``); history turns alternate ``{"role": "user", ...}`` and ``{"role": "assistant",
-    "text": ...}``.
+    ``history`` is the conversation so far as slices: the user's (role ``user``) and the answers
+    (text slices of role ``assistant``).
     """
-    slices: list[dict] = []
+    slices: list[Slice] = []
     for k, doc in enumerate(retrieved, start=1):
-        slices.append({"kind": "text", "text": f"Retrieved item {k} ({doc['id']}):", "role": "user"})
-        slices.extend({**s, "role": "user"} for s in doc["slices"])
-    for turn in history:
-        if turn["role"] == "assistant":
-            slices.append({"kind": "text", "text": turn["text"], "role": "assistant"})
-        else:
-            slices.extend(turn["slices"])
+        slices.append(Slice.of_text(f"Retrieved item {k} ({doc.id}):"))
+        slices.extend(s.as_role("user") for s in doc.slices)
+    slices.extend(history)
     slices.extend(question)
-    return {"id": "chat", "key": "chat", "slices": slices, "response": None}
+    return Sample.of_slices(slices, key="chat", id="chat")
 
 
 class ChatSession:
@@ -74,8 +70,6 @@ class ChatSession:
 
         self.opts = opts
         self.session = Session.load(opts.model, device=opts.device, dtype=opts.model_dtype)
-        self.model, self.processor = self.session.model, self.session.processor
-        self.device, self.collator = self.session.device, self.session.collator
         self.index = self.rows = None
         self.data_dirs: list[str] = []
         if opts.index:
@@ -86,11 +80,11 @@ class ChatSession:
                     f"{opts.model}"
                 )
             self.data_dirs = manifest["data"]
-        self.history: list[dict] = []
-        self.last_prompt: dict | None = None
+        self.history: list[Slice] = []
+        self.last_prompt: Sample | None = None
         self.last_retrieved: list[str] = []
 
-    def retrieve(self, question: list[dict]) -> list[dict]:
+    def retrieve(self, question: list[Slice]) -> list[Sample]:
         from unimm.inference.search import exact_search
 
         if self.index is None:
@@ -99,38 +93,24 @@ class ChatSession:
         _, rows = exact_search(emb, self.index, self.opts.top_k)
         return [load_document(self.rows, int(r), self.data_dirs) for r in rows[0]]
 
-    def answer(self, question: list[dict], stream: TextIO | None = None) -> str:
+    def answer(self, question: list[Slice], stream: TextIO | None = None) -> str:
         """Generate the answer to ``question`` (slices), streaming tokens to ``stream``."""
         if not question:
             raise UnimmError("empty message: type some text (and /image PATH to attach an image)")
         retrieved = self.retrieve(question)
-        self.last_retrieved = [d["id"] for d in retrieved]
+        self.last_retrieved = [d.id for d in retrieved]
         sample = build_prompt(question, retrieved, self.history)
         self.last_prompt = sample
-        batch = self.collator.batch([self.collator.prompt(sample)])
-        pixels = batch["pixel_values"]
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.opts.max_new_tokens,
-            "pad_token_id": self.processor.tokenizer.pad_token_id,
-        }
-        if self.opts.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.opts.temperature, top_p=self.opts.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        if stream is not None:
-            kwargs["streamer"] = _Streamer(self.processor.tokenizer, stream)
-        out = self.model.generate(
-            batch["input_ids"].to(self.device),
-            batch["attention_mask"].to(self.device),
-            pixels.to(self.device) if pixels is not None else None,
-            **kwargs,
+        (text,) = self.session.generate(
+            [sample],
+            max_new_tokens=self.opts.max_new_tokens,
+            temperature=self.opts.temperature,
+            top_p=self.opts.top_p,
+            streamer=_Streamer(self.session.tokenizer, stream) if stream is not None else None,
         )
-        text = self.processor.tokenizer.decode(
-            out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        self.history.append({"role": "user", "slices": question})
-        self.history.append({"role": "assistant", "text": text.strip() or "…"})
-        return text.strip()
+        self.history.extend(question)
+        self.history.append(Slice.of_text(text or "…", role="assistant"))
+        return text
 
 
 class _Streamer:
@@ -154,10 +134,10 @@ class _Streamer:
         self._inner.end()
 
 
-def _image_slice(path: str) -> dict:
+def _image_slice(path: str) -> Slice:
     from unimm.data.adapters import open_image
 
-    return {"kind": "image", "image": open_image(path), "role": "user"}
+    return Slice.of_image(open_image(path))
 
 
 def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:
@@ -165,7 +145,7 @@ def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:
     session = ChatSession(opts)
     question = [_image_slice(p) for p in opts.images]
     if opts.prompt and opts.prompt.strip():
-        question.append({"kind": "text", "text": opts.prompt, "role": "user"})
+        question.append(Slice.of_text(opts.prompt))
     answer = session.answer(question, stream)
     if session.last_retrieved:
         stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
@@ -175,7 +155,7 @@ def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:
 def repl(opts: ChatOptions, lines: TextIO = sys.stdin, stream: TextIO = sys.stdout) -> ChatSession:
     """Interactive chat: a line is a message; ``/image PATH`` attaches an image, ``/reset``, ``/exit``."""
     session = ChatSession(opts)
-    pending: list[dict] = []
+    pending: list[Slice] = []
     stream.write("unimm chat — /image PATH attaches an image, /reset clears the conversation, /exit quits\n")
     for raw in lines:
         line = raw.strip()
@@ -196,7 +176,7 @@ def repl(opts: ChatOptions, lines: TextIO = sys.stdin, stream: TextIO = sys.stdo
                 stream.write(f"error: {exc}\n")
             continue
         stream.write("assistant: ")
-        session.answer([*pending, {"kind": "text", "text": line, "role": "user"}], stream)
+        session.answer([*pending, Slice.of_text(line)], stream)
         if session.last_retrieved:
             stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
         pending = []

@@ -29,18 +29,19 @@ from typing import Any
 import torch
 
 from unimm.config import TASKS, EvalOptions
+from unimm.data.samples import Sample, Slice
 from unimm.errors import UnimmError
 
 # ---------------------------------------------------------------------------------------------
 # Data → tasks (pure)
 
 
-def load_samples(paths: list[str], fmt: str = "auto", image_root: str | None = None) -> list[dict]:
+def load_samples(paths: list[str], fmt: str = "auto", image_root: str | None = None) -> list[Sample]:
     """Decoded samples from record files and shard directories, in the order given."""
     from unimm.data.adapters import load_decoded_records
     from unimm.data.shards import read_samples
 
-    samples: list[dict] = []
+    samples: list[Sample] = []
     for path in paths:
         if Path(path).is_dir():
             samples.extend(read_samples(path, split_by_node=False, split_by_worker=False))
@@ -51,28 +52,24 @@ def load_samples(paths: list[str], fmt: str = "auto", image_root: str | None = N
     return samples
 
 
-def _kinds(sample: dict) -> list[str]:
-    return [s["kind"] for s in sample["slices"]]
+def _text_of(sample: Sample) -> str:
+    return sample.texts()[0]
 
 
-def _text_of(sample: dict) -> str:
-    return next(s["text"] for s in sample["slices"] if s["kind"] == "text")
+def _image_of(sample: Sample) -> Slice:
+    return next(s for s in sample.slices if s.kind == "image")
 
 
-def _image_of(sample: dict) -> dict:
-    return next(s for s in sample["slices"] if s["kind"] == "image")
-
-
-def build_tasks(samples: list[dict]) -> dict[str, list]:
+def build_tasks(samples: list[Sample]) -> dict[str, list]:
     """Which samples serve which task (see the module docstring); each task a list of items."""
     tasks: dict[str, list] = {name: [] for name in TASKS}
     pairs: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
-        meta = s.get("meta") or {}
-        kinds = _kinds(s)
+        meta = s.meta or {}
+        kinds = s.kinds()
         choices = meta.get("choices")
-        if s.get("response"):
-            if isinstance(choices, list) and len(choices) >= 2 and s["response"] in choices:
+        if s.response:
+            if isinstance(choices, list) and len(choices) >= 2 and s.response in choices:
                 tasks["two_choice"].append(i)
             else:
                 tasks["qa"].append(i)
@@ -123,18 +120,20 @@ class Evaluator:
 
         return cls(Session.load(checkpoint, device=device, dtype=dtype), batch_size)
 
-    def embed(self, slice_lists: list[list[dict]]) -> torch.Tensor:
+    def embed(self, slice_lists: list[list[Slice]]) -> torch.Tensor:
         """Unit embeddings ``[n, d]`` of interleaved inputs, each one view cut after its last slice."""
         out = []
         for start in range(0, len(slice_lists), self.batch_size):
             chunk = slice_lists[start : start + self.batch_size]
             out.append(
-                self.session.embed_views([{"key": str(start + i), "slices": s} for i, s in enumerate(chunk)])
+                self.session.embed_views(
+                    [Sample.of_slices(s, key=str(start + i)) for i, s in enumerate(chunk)]
+                )
             )
         return torch.cat(out)
 
     @torch.no_grad()
-    def view_similarities(self, samples: list[dict], align) -> tuple[torch.Tensor, ...]:
+    def view_similarities(self, samples: list[Sample], align) -> tuple[torch.Tensor, ...]:
         """Target ``M^l`` and learned ``M^r`` over every prefix view of ``samples`` (with teachers).
 
         Returns ``(targets, learned, same_sample, labels)``; labels read ``id:slices``.
@@ -144,48 +143,22 @@ class Evaluator:
         slices = self.session.embed_slices(samples)
         views = [(b, c) for b, rows in enumerate(slices) for c in range(len(rows))]
         emb = torch.cat(slices)
-        targets = view_targets([s.get("teacher") for s in samples], views, align)
-        labels = [f"{samples[b]['id']}:{c + 1}" for b, c in views]
+        targets = view_targets([s.teacher for s in samples], views, align)
+        labels = [f"{samples[b].id}:{c + 1}" for b, c in views]
         return targets, emb @ emb.T, same_sample_mask(views), labels
 
-    @torch.no_grad()
-    def generate(self, prompts: list[dict], *, after: str, max_new_tokens: int) -> list[str]:
-        """Greedy continuations of ``prompts`` (samples), batched with left padding.
-
-        ``after="assistant"`` appends `` ASSISTANT: `` (answer a question); ``after="slice"`` the
-        slice separator (continue the interleaved document). Each answer is its first line.
-        """
-        pad = self.collator.pad_id
+    def generate(self, prompts: list[Sample], *, after: str, max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``prompts`` in batches (:meth:`Session.generate`); each answer is
+        its first line."""
         answers: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            encoded = [self.collator.prompt(p, after=after) for p in prompts[start : start + self.batch_size]]
-            seqs = [e.input_ids for e in encoded]
-            longest = max(map(len, seqs))
-            ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, seq in enumerate(seqs):
-                ids[b, longest - len(seq) :] = torch.tensor(seq)
-                mask[b, longest - len(seq) :] = 1
-            images = [img for e in encoded for img in e.images]
-            pixels = None
-            if images:
-                pixels = self.collator.image_processor(images=images, return_tensors="pt")["pixel_values"]
-                pixels = pixels.to(self.device)
-            out = self.model.generate(
-                ids.to(self.device),
-                mask.to(self.device),
-                pixels,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-            for row in out[:, longest:]:
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                answers.append(text.strip().split("\n", 1)[0].strip())
+            chunk = prompts[start : start + self.batch_size]
+            texts = self.session.generate(chunk, after=after, max_new_tokens=max_new_tokens)
+            answers.extend(text.split("\n", 1)[0].strip() for text in texts)
         return answers
 
     @torch.no_grad()
-    def answer_logprobs(self, samples: list[dict]) -> torch.Tensor:
+    def answer_logprobs(self, samples: list[Sample]) -> torch.Tensor:
         """Summed log-probability of each sample's ``response`` (and end token) given its prompt."""
         from unimm.data.collate import IGNORE
 
@@ -211,8 +184,8 @@ class Evaluator:
 # Tasks
 
 
-def _user(slices: list[dict]) -> list[dict]:
-    return [{**s, "role": "user"} for s in slices]
+def _user(slices: list[Slice]) -> list[Slice]:
+    return [s.as_role("user") for s in slices]
 
 
 def _generation_scores(ids: list[str], predicted: list[str], gold: list[str]) -> dict:
@@ -229,38 +202,38 @@ def _generation_scores(ids: list[str], predicted: list[str], gold: list[str]) ->
     }
 
 
-def _qa(ev: Evaluator, samples: list[dict], items: list[int], opts: EvalOptions) -> dict:
+def _qa(ev: Evaluator, samples: list[Sample], items: list[int], opts: EvalOptions) -> dict:
     prompts = [samples[i] for i in items]
     predicted = ev.generate(prompts, after="assistant", max_new_tokens=opts.max_new_tokens)
-    return _generation_scores([p["id"] for p in prompts], predicted, [p["response"] for p in prompts])
+    return _generation_scores([p.id for p in prompts], predicted, [p.response for p in prompts])
 
 
-def _captioning(ev: Evaluator, samples: list[dict], items: list[int], opts: EvalOptions) -> dict:
-    prompts = [{"key": samples[i]["key"], "slices": [_image_of(samples[i])]} for i in items]
+def _captioning(ev: Evaluator, samples: list[Sample], items: list[int], opts: EvalOptions) -> dict:
+    prompts = [Sample.of_slices([_image_of(samples[i])], key=samples[i].key) for i in items]
     predicted = ev.generate(prompts, after="slice", max_new_tokens=opts.max_new_tokens)
     gold = [_text_of(samples[i]) for i in items]
-    return _generation_scores([samples[i]["id"] for i in items], predicted, gold)
+    return _generation_scores([samples[i].id for i in items], predicted, gold)
 
 
-def _two_choice(ev: Evaluator, samples: list[dict], items: list[int]) -> dict:
+def _two_choice(ev: Evaluator, samples: list[Sample], items: list[int]) -> dict:
     from unimm.inference.metrics import choice_scores
 
     expanded, owner = [], []
     for i in items:
-        for choice in samples[i]["meta"]["choices"]:
-            expanded.append({**samples[i], "response": choice})
+        for choice in samples[i].meta["choices"]:
+            expanded.append(samples[i].replace(response=choice))
             owner.append(i)
     logprobs = ev.answer_logprobs(expanded).tolist()
     best: dict[int, tuple[float, str]] = {}
     for i, lp, sample in zip(owner, logprobs, expanded, strict=True):
         if i not in best or lp > best[i][0]:
-            best[i] = (lp, sample["response"])
-    correct = [best[i][1] == samples[i]["response"] for i in items]
-    groups = [(samples[i]["meta"] or {}).get("pair") for i in items]
+            best[i] = (lp, sample.response)
+    correct = [best[i][1] == samples[i].response for i in items]
+    groups = [samples[i].meta.get("pair") for i in items]
     out = choice_scores(correct, [g if isinstance(g, str) else None for g in groups])
-    first = [samples[i]["response"] == samples[i]["meta"]["choices"][0] for i in items]
+    first = [samples[i].response == samples[i].meta["choices"][0] for i in items]
     out["answer_first"] = sum(first) / len(first)
-    out["chance"] = sum(1 / len(samples[i]["meta"]["choices"]) for i in items) / len(items)
+    out["chance"] = sum(1 / len(samples[i].meta["choices"]) for i in items) / len(items)
     return out
 
 
@@ -268,7 +241,7 @@ class _PairEmbeddings:
     """Text and image embeddings of image–text records, each computed once per evaluation
     (retrieval and the Winoground pairs share most of them)."""
 
-    def __init__(self, ev: Evaluator, samples: list[dict]) -> None:
+    def __init__(self, ev: Evaluator, samples: list[Sample]) -> None:
         self.ev, self.samples = ev, samples
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -276,9 +249,7 @@ class _PairEmbeddings:
         """``(texts [n, d], images [n, d])`` for the records ``indices``."""
         missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
         if missing:
-            texts = self.ev.embed(
-                [[{"kind": "text", "text": _text_of(self.samples[i]), "role": "user"}] for i in missing]
-            )
+            texts = self.ev.embed([[Slice.of_text(_text_of(self.samples[i]))] for i in missing])
             images = self.ev.embed([_user([_image_of(self.samples[i])]) for i in missing])
             self.cache.update(zip(missing, zip(texts, images, strict=True), strict=True))
         return torch.stack([self.cache[i][0] for i in indices]), torch.stack(
@@ -286,7 +257,7 @@ class _PairEmbeddings:
         )
 
 
-def _retrieval(pairs: _PairEmbeddings, samples: list[dict], items: list[int]) -> dict:
+def _retrieval(pairs: _PairEmbeddings, samples: list[Sample], items: list[int]) -> dict:
     from unimm.inference.metrics import ranking_scores
 
     text_emb, image_emb = pairs(items)
@@ -297,11 +268,11 @@ def _retrieval(pairs: _PairEmbeddings, samples: list[dict], items: list[int]) ->
     }
 
 
-def _interleaved(ev: Evaluator, samples: list[dict], items: list[tuple[int, int]]) -> dict:
+def _interleaved(ev: Evaluator, samples: list[Sample], items: list[tuple[int, int]]) -> dict:
     from unimm.inference.metrics import ranking_scores
 
-    context = ev.embed([_user(samples[i]["slices"][:cut]) for i, cut in items])
-    targets = ev.embed([_user([samples[i]["slices"][cut]]) for i, cut in items])
+    context = ev.embed([_user(samples[i].slices[:cut]) for i, cut in items])
+    targets = ev.embed([_user([samples[i].slices[cut]]) for i, cut in items])
     return ranking_scores(context @ targets.T, [{q} for q in range(len(items))])
 
 
@@ -314,7 +285,7 @@ def _winoground(pairs: _PairEmbeddings, items: list[tuple[int, int]]) -> dict:
     return winoground_scores(torch.einsum("pcd,pid->pci", texts, images))
 
 
-def evaluate(ev: Evaluator, samples: list[dict], opts: EvalOptions, *, progress: bool = False) -> dict:
+def evaluate(ev: Evaluator, samples: list[Sample], opts: EvalOptions, *, progress: bool = False) -> dict:
     """Run the requested tasks that the samples support; skipped tasks say why."""
     from tqdm import tqdm
 

@@ -25,6 +25,7 @@ import torch
 
 from unimm import __version__
 from unimm.config import EmbedConfig, EmbedOptions
+from unimm.data.samples import Sample
 from unimm.errors import UnimmError
 from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
 
@@ -73,9 +74,89 @@ def _prepare_out(out: Path, opts: EmbedOptions, rank: int = 0, world: int = 1) -
     return []
 
 
+class _PartWriter:
+    """Collects one rank's embeddings and writes them as numbered parts, journalled for resume.
+
+    A part (``embeddings-NNNNN.safetensors`` + its rows' ``.json``) is written atomically, then
+    the journal that lists it; a killed run resumes after its last journalled part.
+    """
+
+    def __init__(
+        self, out: Path, opts: EmbedOptions, rank: int, world: int, kept: list[dict], digest: str
+    ) -> None:
+        self.out, self.opts, self.rank, self.world = out, opts, rank, world
+        self.storage = torch.float16 if opts.dtype == "float16" else torch.float32
+        self.parts = list(kept)
+        self.journal = {"model_hash": digest, "data": list(opts.data), "parts": self.parts}
+        self._clear()
+
+    def _clear(self) -> None:
+        self.emb: list[torch.Tensor] = []
+        self.slices: list[torch.Tensor] = []
+        self.offsets = [0]
+        self.rows: list[dict] = []
+
+    @property
+    def room(self) -> int:
+        return self.opts.part_size - len(self.rows)
+
+    def add(self, session, samples: list[Sample]) -> None:
+        """Embed ``samples`` (a view each, and every slice with ``--per-slice``) into the open part."""
+        if self.opts.per_slice:
+            per_doc = session.embed_slices(samples)
+            self.emb.append(torch.stack([d[-1] for d in per_doc]))
+            for d in per_doc:
+                self.slices.append(d)
+                self.offsets.append(self.offsets[-1] + d.shape[0])
+        else:
+            self.emb.append(session.embed_views(samples))
+        self.rows.extend(
+            {"id": s.id, "shard": Path(s.url).name, "key": s.key, "source": s.source} for s in samples
+        )
+        if self.room <= 0:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save
+
+        if not self.rows:
+            return
+        name = _part_name(len(self.parts), self.rank, self.world)
+        tensors = {"embeddings": torch.cat(self.emb).to(self.storage).contiguous()}
+        if self.opts.per_slice:
+            tensors["slice_embeddings"] = torch.cat(self.slices).to(self.storage).contiguous()
+            tensors["slice_offsets"] = torch.tensor(self.offsets, dtype=torch.int64)
+        atomic_write_bytes(self.out / f"{name}.safetensors", save(tensors))
+        atomic_write_json(self.out / f"{name}.json", {"rows": self.rows})
+        self.parts.append({"name": name, "count": len(self.rows)})
+        self.write_journal()
+        self._clear()
+
+    def write_journal(self) -> None:
+        atomic_write_json(_journal(self.out, self.rank, self.world), self.journal)
+
+
+def _my_batches(stream, writer: _PartWriter, done: int, batch_size: int):
+    """This rank's documents (every ``world``-th) not finished before, in batches that never
+    cross a part boundary."""
+    batch: list[Sample] = []
+    mine = -1
+    for index, sample in enumerate(stream):
+        if index % writer.world != writer.rank:
+            continue  # another rank's document
+        mine += 1
+        if mine < done:
+            continue  # finished in an earlier run
+        batch.append(sample)
+        if len(batch) == min(batch_size, writer.room):
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     """Embed every sample of the data with the checkpoint; see the module docstring."""
-    from safetensors.torch import save
     from tqdm import tqdm
 
     from unimm.data.shards import ReadStats, read_samples, shard_paths
@@ -95,69 +176,21 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     for source in opts.data:
         shard_paths(source)  # clear error for a missing or unfinished directory
     digest = model_hash(opts.model)
-    storage = torch.float16 if opts.dtype == "float16" else torch.float32
+    writer = _PartWriter(out, opts, rank, world, kept, digest)
     done = sum(p["count"] for p in kept)
-    parts = list(kept)
-    pending: dict[str, list] = {"emb": [], "slices": [], "offsets": [0], "rows": []}
-    journal = {"model_hash": digest, "data": list(opts.data), "parts": parts}
-
-    def flush() -> None:
-        if not pending["rows"]:
-            return
-        name = _part_name(len(parts), rank, world)
-        tensors = {"embeddings": torch.cat(pending["emb"]).to(storage).contiguous()}
-        if opts.per_slice:
-            tensors["slice_embeddings"] = torch.cat(pending["slices"]).to(storage).contiguous()
-            tensors["slice_offsets"] = torch.tensor(pending["offsets"], dtype=torch.int64)
-        atomic_write_bytes(out / f"{name}.safetensors", save(tensors))
-        atomic_write_json(out / f"{name}.json", {"rows": pending["rows"]})
-        parts.append({"name": name, "count": len(pending["rows"])})
-        atomic_write_json(_journal(out, rank, world), journal)
-        pending.update(emb=[], slices=[], offsets=[0], rows=[])
-
     stats = ReadStats()
     stream = (
         s
         for source in opts.data
         for s in read_samples(source, split_by_node=False, split_by_worker=False, stats=stats)
     )
-    bar = tqdm(desc="embed", unit="doc", initial=done, disable=not progress or rank != 0)
-    batch_samples: list[dict] = []
-
-    def embed_batch(samples: list[dict]) -> None:
-        if opts.per_slice:
-            per_doc = session.embed_slices(samples)
-            pending["emb"].append(torch.stack([d[-1] for d in per_doc]))
-            for d in per_doc:
-                pending["slices"].append(d)
-                pending["offsets"].append(pending["offsets"][-1] + d.shape[0])
-        else:
-            pending["emb"].append(session.embed_views(samples))
-        for s in samples:
-            pending["rows"].append(
-                {"id": s["id"], "shard": Path(s["url"]).name, "key": s["key"], "source": s.get("source")}
-            )
-        bar.update(len(samples))
-
-    mine = -1
-    for index, sample in enumerate(stream):
-        if index % world != rank:
-            continue  # another rank's document
-        mine += 1
-        if mine < done:
-            continue  # finished in an earlier run
-        batch_samples.append(sample)
-        room = opts.part_size - len(pending["rows"])
-        if len(batch_samples) == min(opts.batch_size, room):
-            embed_batch(batch_samples)
-            batch_samples = []
-            if len(pending["rows"]) >= opts.part_size:
-                flush()
-    if batch_samples:
-        embed_batch(batch_samples)
-    flush()
-    bar.close()
-    atomic_write_json(_journal(out, rank, world), journal)
+    with tqdm(desc="embed", unit="doc", initial=done, disable=not progress or rank != 0) as bar:
+        for batch in _my_batches(stream, writer, done, opts.batch_size):
+            writer.add(session, batch)
+            bar.update(len(batch))
+    writer.flush()
+    writer.write_journal()
+    parts = writer.parts
     if state:
         state.wait_for_everyone()
         if rank != 0:

@@ -1,9 +1,12 @@
 """One inference session: a checkpoint loaded the way it was saved, ready to embed and generate.
 
+    from unimm.data.samples import Sample, Slice
     from unimm.inference.session import Session
 
     session = Session.load("runs/tiny/step-000200")           # its saved dtype, device "auto"
-    vectors = session.embed_views([{"key": "q", "slices": [{"kind": "text", "text": "red"}]}])
+    query = Sample.of_slices([Slice.of_text("two red circles")])
+    vectors = session.embed_views([query])                   # [1, d], unit norm
+    answer = session.generate([Sample.of_slices([Slice.of_text("What is red?")])])[0]
 
 Everything the session needs comes from the checkpoint's own inference settings
 (``unimm.json`` → ``inference``: system prompt, maximum length, dtype, pooling, embedding size),
@@ -15,11 +18,14 @@ were saved in, so a bf16 checkpoint of a 7B model is not inflated to float32.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unimm.errors import UnimmError
+
+if TYPE_CHECKING:
+    from unimm.data.samples import Sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +88,7 @@ class Session:
         return cls(model, processor, meta, resolve_device(device), max_length=max_length)
 
     @torch.no_grad()
-    def embed_views(self, samples: list[dict]) -> torch.Tensor:
+    def embed_views(self, samples: list[Sample]) -> torch.Tensor:
         """Unit float32 embeddings ``[n, d]`` on the CPU, one per sample: the view cut after its
         last slice (how documents and queries are embedded, as in training)."""
         batch = self.collator(samples)
@@ -90,7 +96,7 @@ class Session:
         return self.model.embed(batch).float().cpu()
 
     @torch.no_grad()
-    def embed_slices(self, samples: list[dict]) -> list[torch.Tensor]:
+    def embed_slices(self, samples: list[Sample]) -> list[torch.Tensor]:
         """Per sample, the unit embeddings ``[slices, d]`` of its views cut after every slice, in
         order (the last row is :meth:`embed_views`' vector); for per-slice indexes and GAK
         re-ranking. Slices cut by the maximum length have no row."""
@@ -98,3 +104,51 @@ class Session:
         counts = [len(s) for s in batch["spans"]]
         batch["views"] = [(b, c) for b, n in enumerate(counts) for c in range(n)]
         return list(torch.split(self.model.embed(batch).float().cpu(), counts))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[Sample],
+        *,
+        after: str = "assistant",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        streamer=None,
+    ) -> list[str]:
+        """Continuations of ``prompts`` (their responses ignored), batched with left padding.
+
+        ``after="assistant"`` ends each prompt with `` ASSISTANT: `` (answer it), ``"slice"`` with
+        the slice separator (continue the document). Greedy unless ``temperature > 0`` (then
+        nucleus sampling with ``top_p``). ``streamer`` (a ``transformers`` streamer; one prompt
+        only) receives the tokens as they are generated. Returns the decoded texts, stripped.
+        """
+        if streamer is not None and len(prompts) != 1:
+            raise ValueError("a streamer takes one prompt at a time")
+        encoded = [self.collator.prompt(p, after=after) for p in prompts]
+        pad = self.collator.pad_id
+        longest = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, e in enumerate(encoded):
+            ids[b, longest - len(e.input_ids) :] = torch.tensor(e.input_ids)
+            mask[b, longest - len(e.input_ids) :] = 1
+        images = [img for e in encoded for img in e.images]
+        pixels = None
+        if images:
+            pixels = self.collator.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(self.device)
+        if temperature > 0:
+            sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        else:
+            sampling = {"do_sample": False}
+        out = self.model.generate(
+            ids.to(self.device),
+            mask.to(self.device),
+            pixels,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **({"streamer": streamer} if streamer is not None else {}),
+            **sampling,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, longest:]]

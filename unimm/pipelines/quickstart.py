@@ -315,7 +315,7 @@ def _plots(out: Path, run_dir: Path, checkpoint: Path, ev) -> dict[str, Any]:
     files = [loss_curves(run_dir / "metrics.jsonl", out / "loss.png")]
     samples = []
     for sample in read_samples(out / "eval-shards", split_by_node=False, split_by_worker=False):
-        if (sample["meta"] or {}).get("kind") in ("caption", "story"):
+        if (sample.meta or {}).get("kind") in ("caption", "story"):
             samples.append(sample)
             if len(samples) == 12:
                 break
