@@ -220,6 +220,10 @@ def test_text_table_aligns_columns_and_drops_blank_ones():
         "joint            1.07",
         "generative-only  1.0",
     ]
+    assert text_table(rows, ["variant", "ratio"], right=("ratio",)).splitlines()[1:] == [
+        "joint             1.07",
+        "generative-only    1.0",
+    ]
 
 
 def test_model_dtype_flag_shows_the_sections_default():

@@ -120,26 +120,18 @@ def test_the_check_sees_a_wrong_import(tmp_path, monkeypatch):
     assert RANKS[_layer("unimm.commands.train")] > RANKS[_layer("unimm.data.shards")]
 
 
-# Functions past ~80 lines, with their length when this check was written: known debt, to be split
-# (the check fails if one grows or a new one appears; shrink a number or drop a line when splitting).
-LONG_FUNCTIONS = {
-    "align.prefix.gak_matrix_prefix": 95,
-    "cli.__init__.prepare": 98,  # its 19 option declarations
-    "commands.bench.bench_align": 91,
-    "data.prepare.write_shards": 102,
-    "data.synthetic.write_synthetic": 99,
-    "model.checkpoint.save_checkpoint": 83,
-}
+LIMIT = 80  # lines; past it a function must say why in a comment starting "# Long"
 
 
-def test_no_new_long_function():
-    grown = []
+def test_no_long_function_without_a_reason():
+    unexplained = []
     for path in sorted(ROOT.rglob("*.py")):
         module = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
-        for node in ast.walk(ast.parse(path.read_text())):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - node.lineno + 1
-                allowed = LONG_FUNCTIONS.get(f"{module}.{node.name}", 80)
-                if lines > allowed:
-                    grown.append(f"{module}.{node.name}: {lines} lines (allowed {allowed}); split it")
-    assert not grown, "\n".join(grown)
+                body = lines[node.lineno - 1 : node.end_lineno]
+                if len(body) > LIMIT and not any(line.strip().startswith("# Long") for line in body):
+                    unexplained.append(f"{module}.{node.name}: {len(body)} lines; split it or say why")
+    assert not unexplained, "\n".join(unexplained)

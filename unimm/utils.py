@@ -96,12 +96,19 @@ def environment() -> dict[str, str]:
     return env
 
 
-def text_table(rows: list[dict], keys: list[str]) -> str:
+def text_table(rows: list[dict], keys: list[str], *, right: tuple[str, ...] = ()) -> str:
     """``rows`` as an aligned text table of the columns ``keys`` (a missing or ``None`` cell is
-    blank; a column blank in every row is left out)."""
+    blank; a column blank in every row is left out). Columns named in ``right`` are right-aligned
+    (numbers), the others left-aligned."""
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     cells = [["" if r.get(k) is None else str(r[k]) for k in keys] for r in rows]
     widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if k in right else v.ljust(w) for k, v, w in zip(keys, values, widths, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    lines = [line(keys)] + [line(row) for row in cells]
+    return "\n".join(lines)

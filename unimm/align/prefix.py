@@ -23,6 +23,31 @@ from unimm.align.gak import (
 )
 
 
+def _checked_views(v, sample_lengths, view_sample, view_cut, sigma, single_slice: str, teacher: str):
+    """The view description as long tensors on ``v``'s device, after checking it and the options."""
+    if isinstance(sigma, str):
+        raise ValueError(
+            "prefix sharing needs a fixed sigma (a number); length-scaled tables differ per pair"
+        )
+    _check_options(float(sigma), single_slice, teacher)
+    sample_lengths = _check_lengths(sample_lengths, v.shape[0]).to(v.device)
+    view_sample = torch.as_tensor(view_sample, device=v.device, dtype=torch.long)
+    view_cut = torch.as_tensor(view_cut, device=v.device, dtype=torch.long)
+    if bool((view_cut < 1).any()) or bool((view_cut > sample_lengths[view_sample]).any()):
+        raise ValueError("each view's cut must be between 1 and its sample's length")
+    return sample_lengths, view_sample, view_cut
+
+
+def _tile_values(phi, lengths, pair, row, col, teacher: str, sigma: float, method: str) -> torch.Tensor:
+    """Values at prefix cells ``(row, col)`` of the tile's sample pairs ``pair``: ``log K`` from
+    the GAK table, or (``teacher="mean"``) the mean local similarity over the prefix block."""
+    if teacher == "mean":
+        csum = (1 - phi / 2).cumsum(0).cumsum(1)  # a prefix block's mean = its sum / (c_a c_b)
+        return csum[row - 1, col - 1, pair] / (row * col).to(phi.dtype)
+    t = phi * (0.5 / float(sigma) ** 2)
+    return read_log_kernels(t, lengths[0], lengths[1], pair, row, col, local="gak", method=method)
+
+
 def gak_matrix_prefix(
     u: torch.Tensor | None,
     v: torch.Tensor,
@@ -55,16 +80,9 @@ def gak_matrix_prefix(
     Returns:
         ``[N, N]`` similarities (``K̃``, or raw ``K`` when ``normalize=False``).
     """
-    if isinstance(sigma, str):
-        raise ValueError(
-            "prefix sharing needs a fixed sigma (a number); length-scaled tables differ per pair"
-        )
-    _check_options(float(sigma), single_slice, teacher)
-    sample_lengths = _check_lengths(sample_lengths, v.shape[0]).to(v.device)
-    view_sample = torch.as_tensor(view_sample, device=v.device, dtype=torch.long)
-    view_cut = torch.as_tensor(view_cut, device=v.device, dtype=torch.long)
-    if bool((view_cut < 1).any()) or bool((view_cut > sample_lengths[view_sample]).any()):
-        raise ValueError("each view's cut must be between 1 and its sample's length")
+    sample_lengths, view_sample, view_cut = _checked_views(
+        v, sample_lengths, view_sample, view_cut, sigma, single_slice, teacher
+    )
     dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
     with torch.no_grad():
         pv = pad_views(v.to(dtype), sample_lengths)
@@ -92,21 +110,8 @@ def gak_matrix_prefix(
             if mine.numel() == 0:
                 continue
             phi = _pairs_of_tile(distance(views_a, views_b), keep)
-            if teacher == "mean":
-                csum = (1 - phi / 2).cumsum(0).cumsum(1)  # a prefix block's mean = its sum / (c_a c_b)
-                vals[mine] = csum[row[mine] - 1, col[mine] - 1, pair] / (row[mine] * col[mine]).to(dtype)
-            else:
-                t = phi * (0.5 / float(sigma) ** 2)
-                vals[mine] = read_log_kernels(
-                    t,
-                    sample_lengths[ga],
-                    sample_lengths[gb],
-                    pair,
-                    row[mine],
-                    col[mine],
-                    local="gak",
-                    method=method,
-                )
+            lengths = (sample_lengths[ga], sample_lengths[gb])
+            vals[mine] = _tile_values(phi, lengths, pair, row[mine], col[mine], teacher, sigma, method)
         out = vals.new_zeros(n_views, n_views)
         out[va, vb] = vals
         out[vb, va] = vals

@@ -11,6 +11,7 @@ a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -373,20 +374,38 @@ def main() -> None:
     try:
         app(prog_name="unimm")
     except SystemExit as done:
-        if not done.code:
-            _close_process_group()
+        if not done.code and _close_process_group():
+            _exit_now()
         raise
 
 
-def _close_process_group() -> None:
-    """Leave a distributed run together and tear the process group down before the interpreter
-    does: a process that exits with gloo's worker threads alive can abort ("terminate called
-    without an active exception", pytorch/pytorch#190489). Only after success — tearing down
-    while another rank is still in a collective would hang it."""
+def _close_process_group() -> bool:
+    """Leave a distributed run together and tear the process group down; True if there was one.
+
+    Only after success: tearing down while another rank is still in a collective would hang it.
+    """
     if "torch" not in sys.modules:  # nothing distributed ran (e.g. --help)
-        return
+        return False
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def _exit_now() -> None:
+    """End a successful distributed process without interpreter finalization.
+
+    Finalization can still meet gloo's worker threads and abort the process ("terminate called
+    without an active exception", SIGABRT; pytorch/pytorch#190489, #179291), which a launcher
+    reports as a failed run although every file was written (atomically) before. Output is
+    flushed and logging shut down first; nothing of ours needs the skipped atexit handlers.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -12,6 +12,7 @@ refer to. Each variant is timed ``repeats`` times, interleaved with the baseline
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -199,91 +200,108 @@ def bench_align(*, device: str = "cpu", quick: bool = False) -> list[dict]:
     Grid: views × slices per view × features (``teacher``: triple kernel on 768 + 768 teacher
     features; ``student``: plain 4096-d vectors). CPU runs a grid sized for a small machine.
     """
-    import os
-
     import torch
-
-    from unimm.align import gak_matrix, gak_matrix_triple
 
     if device.startswith("cuda:"):  # one named GPU: make it the current one
         torch.cuda.set_device(device)
         device = "cuda"
     timer = _timer(device)
-    rows: list[dict] = []
     cpu = device == "cpu"
     if cpu:
-        grid = [(256, 4), (256, 16), (1024, 4), (1024, 16), (256, 64)]
-        if quick:
-            grid = [(256, 4), (256, 16)]
+        grid = [(256, 4), (256, 16)] if quick else [(256, 4), (256, 16), (1024, 4), (1024, 16), (256, 64)]
     else:
         grid = [(n, s) for n in (256, 1024, 4096) for s in (4, 16, 64)]
-
-    def with_backend(name, fn):
-        old = os.environ.get("UNIMM_ALIGN_BACKEND")
-        os.environ["UNIMM_ALIGN_BACKEND"] = name
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("UNIMM_ALIGN_BACKEND", None)
-            else:
-                os.environ["UNIMM_ALIGN_BACKEND"] = old
-
     backends = ["reference"] + ([] if cpu else ["triton"])
+    rows: list[dict] = []
     for n_views, slices in grid:
         for kind, width, triple in (("teacher", 768, True), ("student", 4096, False)):
             if kind == "student" and (n_views > (256 if cpu else 1024) or slices > 16):
                 continue  # the student Gram alone is ~(N·L)²·4096 flops
-            u, v, modality, lengths = _align_data(n_views, slices, width, triple, torch.float32, device)
-
-            def forward(u=u, v=v, modality=modality, lengths=lengths, triple=triple):
-                with torch.no_grad():
-                    if triple:
-                        return gak_matrix_triple(u, v, modality, lengths, delta=1.0)
-                    return gak_matrix(v, lengths, delta=1.0)
-
-            def forward_backward(v=v, lengths=lengths):
-                x = v.detach().requires_grad_()
-                gak_matrix(x, lengths, delta=1.0).sum().backward()
-
-            times = {}
-            for backend in backends:
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                fwd = with_backend(backend, lambda forward=forward: timer(forward))
-                peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-                both = None
-                if kind == "student":
-                    both = with_backend(backend, lambda fb=forward_backward: timer(fb))
-                times[backend] = fwd
-                cells = n_views * (n_views + 1) / 2 * slices * slices
-                rows.append(
-                    {
-                        "views": n_views,
-                        "slices": slices,
-                        "features": kind,
-                        "backend": backend,
-                        "dtype": "float32",
-                        "forward_s": round(fwd, 6),
-                        "forward_backward_s": round(both, 6) if both else None,
-                        "cells_per_s": round(cells / fwd),
-                        "peak_mib": round(peak, 1) if peak else None,
-                    }
-                )
-            if "triton" in times:
-                rows[-1]["speedup_vs_reference"] = round(times["reference"] / times["triton"], 1)
-            if kind == "student" and device == "cuda":
-                x = v.detach().requires_grad_()
-
-                def matmuls(x=x):  # the Gram and the backward's two products: the floor
-                    gram = x @ x.T
-                    w = torch.ones_like(gram)
-                    return w @ x, gram
-
-                rows[-1]["matmul_floor_s"] = round(timer(matmuls), 6)
+            case = _AlignCase(n_views, slices, kind, width, triple, device)
+            rows.extend(case.rows(backends, timer))
     if cpu:
         rows.extend(_bench_tslearn(timer))
     return rows
+
+
+@contextlib.contextmanager
+def _align_backend(name: str):
+    old = os.environ.get("UNIMM_ALIGN_BACKEND")
+    os.environ["UNIMM_ALIGN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("UNIMM_ALIGN_BACKEND", None)
+        else:
+            os.environ["UNIMM_ALIGN_BACKEND"] = old
+
+
+class _AlignCase:
+    """One cell of the alignment grid: random slice features of ``n_views`` views."""
+
+    def __init__(self, n_views: int, slices: int, kind: str, width: int, triple: bool, device: str) -> None:
+        import torch
+
+        self.n_views, self.slices, self.kind, self.triple, self.device = n_views, slices, kind, triple, device
+        self.u, self.v, self.modality, self.lengths = _align_data(
+            n_views, slices, width, triple, torch.float32, device
+        )
+
+    def forward(self):
+        import torch
+
+        from unimm.align import gak_matrix, gak_matrix_triple
+
+        with torch.no_grad():
+            if self.triple:
+                return gak_matrix_triple(self.u, self.v, self.modality, self.lengths, delta=1.0)
+            return gak_matrix(self.v, self.lengths, delta=1.0)
+
+    def forward_backward(self) -> None:
+        from unimm.align import gak_matrix
+
+        x = self.v.detach().requires_grad_()
+        gak_matrix(x, self.lengths, delta=1.0).sum().backward()
+
+    def rows(self, backends: list[str], timer) -> list[dict]:
+        import torch
+
+        cuda = self.device == "cuda"
+        rows, times = [], {}
+        for backend in backends:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with _align_backend(backend):
+                fwd = timer(self.forward)
+                peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+                both = timer(self.forward_backward) if self.kind == "student" else None
+            times[backend] = fwd
+            cells = self.n_views * (self.n_views + 1) / 2 * self.slices * self.slices
+            rows.append(
+                {
+                    "views": self.n_views,
+                    "slices": self.slices,
+                    "features": self.kind,
+                    "backend": backend,
+                    "dtype": "float32",
+                    "forward_s": round(fwd, 6),
+                    "forward_backward_s": round(both, 6) if both else None,
+                    "cells_per_s": round(cells / fwd),
+                    "peak_mib": round(peak, 1) if peak else None,
+                }
+            )
+        if "triton" in times:
+            rows[-1]["speedup_vs_reference"] = round(times["reference"] / times["triton"], 1)
+        if self.kind == "student" and cuda:
+            x = self.v.detach().requires_grad_()
+
+            def matmuls():  # the Gram and the backward's two products: the floor
+                gram = x @ x.T
+                return torch.ones_like(gram) @ x, gram
+
+            rows[-1]["matmul_floor_s"] = round(timer(matmuls), 6)
+        return rows
 
 
 def _bench_tslearn(timer) -> list[dict]:

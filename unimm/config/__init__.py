@@ -30,7 +30,14 @@ from unimm.config.commands import (
     TrainConfig,
 )
 from unimm.config.data import DataOptions, PrepareOptions, TeacherOptions
-from unimm.config.inference import TASKS, ChatOptions, EmbedOptions, EvalOptions, RetrieveOptions
+from unimm.config.inference import (
+    TASKS,
+    ChatOptions,
+    CheckpointOptions,
+    EmbedOptions,
+    EvalOptions,
+    RetrieveOptions,
+)
 from unimm.config.model import AlignOptions, ModelOptions, TrainOptions
 
 __all__ = [
@@ -41,6 +48,7 @@ __all__ = [
     "AlignOptions",
     "ChatConfig",
     "ChatOptions",
+    "CheckpointOptions",
     "DataOptions",
     "EmbedConfig",
     "EmbedOptions",

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 TASKS = ("qa", "captioning", "two_choice", "retrieval", "interleaved", "winoground")
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclasses.dataclass
-class EmbedOptions:
-    """Section ``embed``."""
+class CheckpointOptions:
+    """What every section of a command that loads a checkpoint holds (one place for its defaults)."""
 
+    section: ClassVar[str] = ""
     model: str = ""
     """A checkpoint folder written by `unimm train` (RUN/step-…)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    model_dtype: ModelDtype = "auto"
+    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
+
+    def validate(self) -> list[str]:
+        return [] if self.model else [f"{self.section}.model: give a checkpoint with --model RUN/step-…"]
+
+
+@dataclasses.dataclass
+class EmbedOptions(CheckpointOptions):
+    """Section ``embed``."""
+
+    section: ClassVar[str] = "embed"
     data: list[str] = dataclasses.field(default_factory=list)
     """Prepared shard directories (or shard files)."""
     out: str = ""
@@ -23,18 +39,13 @@ class EmbedOptions:
     per_slice: bool = False
     """Also store an embedding after every slice (for GAK re-ranking)."""
     part_size: int = 10000
-    device: str = "auto"
     max_length: int | None = None
     """Longest document in tokens; default: the checkpoint's (its training length)."""
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     resume: bool = False
     overwrite: bool = False
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("embed.model: give a checkpoint with --model RUN/step-…")
+        problems = super().validate()
         if not self.data:
             problems.append("embed.data: give shard directories with --data DIR")
         if not self.out:
@@ -47,10 +58,10 @@ class EmbedOptions:
 
 
 @dataclasses.dataclass
-class RetrieveOptions:
+class RetrieveOptions(CheckpointOptions):
     """Section ``retrieve``."""
 
-    model: str = ""
+    section: ClassVar[str] = "retrieve"
     index: str = ""
     query: list[list[str]] = dataclasses.field(default_factory=list)
     """One interleaved query as ``[kind, value]`` pairs (``text`` or ``image``), from the CLI."""
@@ -66,17 +77,12 @@ class RetrieveOptions:
     """``gak``: re-score the first-stage top-k by the normalised GAK between the query's and each
     candidate's per-slice embeddings (the index needs ``--per-slice``)."""
     rerank_delta: float = 1.0
-    device: str = "auto"
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     out: str | None = None
     qrels: str | None = None
     metrics_out: str | None = None
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("retrieve.model: give a checkpoint with --model RUN/step-…")
+        problems = super().validate()
         if not self.index:
             problems.append("retrieve.index: give an index with --index DIR (made by `unimm embed`)")
         if not self.query and not self.queries:
@@ -93,10 +99,10 @@ class RetrieveOptions:
 
 
 @dataclasses.dataclass
-class ChatOptions:
+class ChatOptions(CheckpointOptions):
     """Section ``chat``."""
 
-    model: str = ""
+    section: ClassVar[str] = "chat"
     index: str | None = None
     top_k: int = 2
     prompt: str | None = None
@@ -105,14 +111,9 @@ class ChatOptions:
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
-    device: str = "auto"
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("chat.model: give a checkpoint with --model RUN/step-…")
+        problems = super().validate()
         if self.top_k < 1 or self.max_new_tokens < 1:
             problems.append("chat.top_k and chat.max_new_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -123,10 +124,10 @@ class ChatOptions:
 
 
 @dataclasses.dataclass
-class EvalOptions:
+class EvalOptions(CheckpointOptions):
     """Section ``eval``."""
 
-    model: str = ""
+    section: ClassVar[str] = "eval"
     data: list[str] = dataclasses.field(default_factory=list)
     """Record files (any ``unimm prepare`` input format) or shard directories."""
     format: str = "auto"
@@ -136,16 +137,11 @@ class EvalOptions:
     """At most this many items per task (0 = all)."""
     batch_size: int = 16
     max_new_tokens: int = 16
-    device: str = "auto"
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     out: str | None = None
     """Write the results as JSON here."""
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.model:
-            problems.append("eval.model: give a checkpoint with --model RUN/step-…")
+        problems = super().validate()
         if not self.data:
             problems.append("eval.data: give records or shard directories with --data PATH")
         unknown = [t for t in self.tasks if t not in TASKS]

@@ -103,6 +103,34 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
     kept = _resume_point(out_dir, fingerprint) if opts.resume else []
     start = kept[-1].end_record if kept else 0
 
+    writer, journal = _open_writer(out_dir, opts, kept, fingerprint)
+    new_rejects = _write_samples(writer, pending, start, opts, teachers, progress)
+
+    shards = [ShardInfo(**s) for s in journal["shards"]]
+    all_rejects = [r.as_reject() for r in rejects] + [r for s in kept for r in s.rejects] + new_rejects
+    _write_rejects(out_dir, all_rejects)
+    if not shards:
+        raise UnimmError(
+            f"no record could be prepared: all {len(all_rejects)} were rejected; "
+            f"see {out_dir / REJECTS_NAME} for the reasons"
+        )
+    manifest = _manifest(inputs, input_hashes, cfg, teachers, fingerprint, shards, len(all_rejects))
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
+    (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
+    return PrepareResult(
+        out_dir=out_dir,
+        samples=manifest["counts"]["samples"],
+        shards=len(shards),
+        rejects=len(all_rejects),
+        kept_shards=len(kept),
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _open_writer(
+    out_dir: Path, opts: PrepareOptions, kept: list[ShardInfo], fingerprint: str
+) -> tuple[ShardWriter, dict]:
+    """A shard writer after the ``kept`` shards whose every closed shard lands in the journal."""
     journal = {"fingerprint": fingerprint, "shards": [dataclasses.asdict(s) for s in kept]}
     if kept:  # the manifest is gone until this run finishes: the journal must list what is kept
         atomic_write_json(out_dir / JOURNAL_NAME, journal)
@@ -118,6 +146,16 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         max_shard_bytes=opts.max_shard_bytes,
         on_close=on_close,
     )
+    return writer, journal
+
+
+def _write_samples(
+    writer: ShardWriter, pending: list[_Pending], start: int, opts: PrepareOptions, teachers, progress: bool
+) -> list[dict]:
+    """Process the records from ``start`` on and write them in order; return the new rejects.
+
+    On any error the open shard is discarded (the closed ones stay, journalled, for ``--resume``).
+    """
     fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
     new_rejects: list[dict] = []
     bar = tqdm(
@@ -158,26 +196,7 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         raise
     finally:
         bar.close()
-
-    shards = [ShardInfo(**s) for s in journal["shards"]]
-    all_rejects = [r.as_reject() for r in rejects] + [r for s in kept for r in s.rejects] + new_rejects
-    _write_rejects(out_dir, all_rejects)
-    if not shards:
-        raise UnimmError(
-            f"no record could be prepared: all {len(all_rejects)} were rejected; "
-            f"see {out_dir / REJECTS_NAME} for the reasons"
-        )
-    manifest = _manifest(inputs, input_hashes, cfg, teachers, fingerprint, shards, len(all_rejects))
-    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
-    (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
-    return PrepareResult(
-        out_dir=out_dir,
-        samples=manifest["counts"]["samples"],
-        shards=len(shards),
-        rejects=len(all_rejects),
-        kept_shards=len(kept),
-        seconds=time.perf_counter() - start_time,
-    )
+    return new_rejects
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,87 +135,102 @@ def write_synthetic(out_dir: str | Path, records: int = 200, *, seed: int = 0, i
 
     Same arguments, same files.
     """
-    rng = random.Random(seed)
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    writer = _SyntheticWriter(Path(out_dir), random.Random(seed), image_size)
+    kinds = {"caption": writer.caption, "story": writer.story, "qa": writer.qa, "pair": writer.pair}
     rows: list[dict] = []
-    counter = 0
-    story_endings: set[Scene] = set()
+    while len(rows) < records:
+        kind = writer.rng.choices(list(kinds), weights=[35, 20, 25, 20])[0]
+        rows.extend(kinds[kind](len(rows)))
+    path = writer.out / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:records]), encoding="utf-8")
+    return path
 
-    def image(scene: Scene) -> str:
-        nonlocal counter
-        name = f"images/{counter:05d}.png"
-        counter += 1
-        draw_scene(scene, image_size, rng).save(out / name)
+
+class _SyntheticWriter:
+    """Draws the records of one file from one generator (the order of draws is the file's seed)."""
+
+    def __init__(self, out: Path, rng: random.Random, image_size: int) -> None:
+        self.out, self.rng, self.image_size = out, rng, image_size
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        self.images = 0
+        self.story_endings: set[Scene] = set()
+
+    def image(self, scene: Scene) -> str:
+        name = f"images/{self.images:05d}.png"
+        self.images += 1
+        draw_scene(scene, self.image_size, self.rng).save(self.out / name)
         return name
 
-    def captioned(rid: str, scene: Scene, text_first: bool, meta: dict) -> dict:
-        pair = [{"image": image(scene)}, {"text": scene.caption}]
+    def captioned(self, rid: str, scene: Scene, text_first: bool, meta: dict) -> dict:
+        pair = [{"image": self.image(scene)}, {"text": scene.caption}]
         return {
             "id": rid,
             "slices": pair[::-1] if text_first else pair,
             "meta": {**meta, "caption": scene.caption},
         }
 
-    while len(rows) < records:
-        kind = rng.choices(["caption", "story", "qa", "pair"], weights=[35, 20, 25, 20])[0]
-        n = len(rows)
-        if kind == "caption":
-            rows.append(captioned(f"cap-{n}", random_scene(rng), rng.random() < 0.5, {"kind": "caption"}))
-        elif kind == "story":
-            scenes = [random_scene(rng)]
-            for step in range(2):
-                for _ in range(20):  # a final scene not used by an earlier story, if one is near
-                    scene = scenes[-1].changed(rng)
-                    if step == 0 or scene not in story_endings:
-                        break
-                scenes.append(scene)
-            story_endings.add(scenes[-1])
-            slices: list[dict] = [{"text": "A short story in pictures."}]
-            for word, scene in zip(("First", "Then", "Finally"), scenes, strict=True):
-                slices += [{"text": f"{word}, {scene.caption}."}, {"image": image(scene)}]
-            rows.append({"id": f"story-{n}", "slices": slices, "meta": {"kind": "story"}})
-        elif kind == "qa":
-            scene = random_scene(rng)
-            attribute = rng.choice(sorted(_QUESTIONS))
-            question, answer = _QUESTIONS[attribute]
+    def caption(self, n: int) -> list[dict]:
+        return [
+            self.captioned(f"cap-{n}", random_scene(self.rng), self.rng.random() < 0.5, {"kind": "caption"})
+        ]
+
+    def story(self, n: int) -> list[dict]:
+        scenes = [random_scene(self.rng)]
+        for step in range(2):
+            for _ in range(20):  # a final scene not used by an earlier story, if one is near
+                scene = scenes[-1].changed(self.rng)
+                if step == 0 or scene not in self.story_endings:
+                    break
+            scenes.append(scene)
+        self.story_endings.add(scenes[-1])
+        slices: list[dict] = [{"text": "A short story in pictures."}]
+        for word, scene in zip(("First", "Then", "Finally"), scenes, strict=True):
+            slices += [{"text": f"{word}, {scene.caption}."}, {"image": self.image(scene)}]
+        return [{"id": f"story-{n}", "slices": slices, "meta": {"kind": "story"}}]
+
+    def qa(self, n: int) -> list[dict]:
+        scene = random_scene(self.rng)
+        attribute = self.rng.choice(sorted(_QUESTIONS))
+        question, answer = _QUESTIONS[attribute]
+        return [
+            {
+                "id": f"qa-{n}",
+                "slices": [{"image": self.image(scene)}, {"text": question}],
+                "response": answer(scene),
+                "meta": {"kind": "qa", "attribute": attribute, "caption": scene.caption},
+            }
+        ]
+
+    def pair(self, n: int) -> list[dict]:
+        first = random_scene(self.rng)
+        second = first.changed(self.rng)
+        field = _changed_field(first, second)
+        options = [_value(first, field), _value(second, field)]
+        self.rng.shuffle(options)
+        question = _CHOICE_QUESTIONS[field].format(a=options[0], b=options[1])
+        group = f"pair-{n}"
+        scenes = (("a", first), ("b", second))
+        rows = [
+            self.captioned(f"{group}-{tag}", scene, False, {"kind": "pair", "pair": group, "field": field})
+            for tag, scene in scenes
+        ]
+        for tag, scene in scenes:
+            meta = {
+                "kind": "choice",
+                "pair": group,
+                "field": field,
+                "choices": options,
+                "caption": scene.caption,
+            }
             rows.append(
                 {
-                    "id": f"qa-{n}",
-                    "slices": [{"image": image(scene)}, {"text": question}],
-                    "response": answer(scene),
-                    "meta": {"kind": "qa", "attribute": attribute, "caption": scene.caption},
+                    "id": f"{group}-q{tag}",
+                    "slices": [{"image": self.image(scene)}, {"text": question}],
+                    "response": _value(scene, field),
+                    "meta": meta,
                 }
             )
-        else:
-            first = random_scene(rng)
-            second = first.changed(rng)
-            field = _changed_field(first, second)
-            options = [_value(first, field), _value(second, field)]
-            rng.shuffle(options)
-            question = _CHOICE_QUESTIONS[field].format(a=options[0], b=options[1])
-            group = f"pair-{n}"
-            for tag, scene in (("a", first), ("b", second)):
-                meta = {"kind": "pair", "pair": group, "field": field}
-                rows.append(captioned(f"{group}-{tag}", scene, False, meta))
-            for tag, scene in (("a", first), ("b", second)):
-                rows.append(
-                    {
-                        "id": f"{group}-q{tag}",
-                        "slices": [{"image": image(scene)}, {"text": question}],
-                        "response": _value(scene, field),
-                        "meta": {
-                            "kind": "choice",
-                            "pair": group,
-                            "field": field,
-                            "choices": options,
-                            "caption": scene.caption,
-                        },
-                    }
-                )
-    path = out / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:records]), encoding="utf-8")
-    return path
+        return rows
 
 
 def caption_pairs(jsonl: str | Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:

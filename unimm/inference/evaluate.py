@@ -31,6 +31,7 @@ import torch
 from unimm.config import TASKS, EvalOptions
 from unimm.data.samples import Sample, Slice
 from unimm.errors import UnimmError
+from unimm.utils import text_table
 
 # ---------------------------------------------------------------------------------------------
 # Data → tasks (pure)
@@ -367,11 +368,16 @@ def table_rows(results: dict) -> list[tuple[str, float, float | None, int]]:
 def format_table(results: dict) -> str:
     """The headline metrics as an aligned text table."""
     rows = table_rows(results)
-    width = max([len(r[0]) for r in rows] + [6])
-    lines = [f"{'metric':<{width}}  {'value':>6}  {'chance':>6}  {'n':>5}"]
-    for label, value, chance, count in rows:
-        chance_text = f"{chance:6.3f}" if chance is not None else f"{'':>6}"
-        lines.append(f"{label:<{width}}  {value:6.3f}  {chance_text}  {count:>5}")
+    cells = [
+        {
+            "metric": label,
+            "value": f"{value:.3f}",
+            "chance": None if chance is None else f"{chance:.3f}",
+            "n": count,
+        }
+        for label, value, chance, count in rows
+    ]
+    lines = [text_table(cells, ["metric", "value", "chance", "n"], right=("value", "chance", "n"))]
     for name, why in results.get("skipped", {}).items():
         lines.append(f"{name}: skipped ({why})")
     return "\n".join(lines)

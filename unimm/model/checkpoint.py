@@ -42,6 +42,31 @@ META_DEFAULTS: dict[str, Any] = {"pooling": "paper", "embed_dim": 256, "lora": F
 INFERENCE_DEFAULTS: dict[str, Any] = {"system_prompt": "", "max_length": 2048, "dtype": "float32"}
 
 
+def _save_weights(tmp: Path, mllm, mllm_state: dict, *, merge_lora: bool, sharded: bool) -> bool:
+    """Save the MLLM's weights into ``tmp``; return whether adapters were saved beside them."""
+    is_peft = hasattr(mllm, "peft_config")
+    if is_peft and merge_lora:
+        if sharded:
+            raise UnimmError("merge_lora needs the live, unsharded model; merge a saved checkpoint")
+        import copy
+
+        copy.deepcopy(mllm).merge_and_unload().save_pretrained(tmp)
+    elif is_peft:
+        # The base weights as the original model names them (peft renames a wrapped layer's
+        # weight to ...base_layer.weight); the adapters go to adapter/, where transformers
+        # does not pick them up on its own when the base is loaded.
+        base_state = {
+            k.replace(".base_layer.", "."): v
+            for k, v in _strip_prefix(mllm_state, "base_model.model.").items()
+            if "lora_" not in k
+        }
+        mllm.get_base_model().save_pretrained(tmp, state_dict=base_state)
+        mllm.save_pretrained(tmp / ADAPTER_DIR, state_dict=mllm_state)
+    else:
+        mllm.save_pretrained(tmp, state_dict=mllm_state)
+    return is_peft and not merge_lora
+
+
 def save_checkpoint(
     folder: str | Path,
     model: UnimmModel,
@@ -69,30 +94,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        mllm = model.mllm
-        is_peft = hasattr(mllm, "peft_config")
         state = state_dict if state_dict is not None else model.state_dict()
         mllm_state = _strip_prefix(state, "mllm.")
-        if is_peft and merge_lora:
-            if state_dict is not None:
-                raise UnimmError("merge_lora needs the live, unsharded model; merge a saved checkpoint")
-            import copy
-
-            merged = copy.deepcopy(mllm).merge_and_unload()
-            merged.save_pretrained(tmp)
-        elif is_peft:
-            # The base weights as the original model names them (peft renames a wrapped layer's
-            # weight to ...base_layer.weight); the adapters go to adapter/, where transformers
-            # does not pick them up on its own when the base is loaded.
-            base_state = {
-                k.replace(".base_layer.", "."): v
-                for k, v in _strip_prefix(mllm_state, "base_model.model.").items()
-                if "lora_" not in k
-            }
-            mllm.get_base_model().save_pretrained(tmp, state_dict=base_state)
-            mllm.save_pretrained(tmp / ADAPTER_DIR, state_dict=mllm_state)
-        else:
-            mllm.save_pretrained(tmp, state_dict=mllm_state)
+        lora = _save_weights(
+            tmp, model.mllm, mllm_state, merge_lora=merge_lora, sharded=state_dict is not None
+        )
         processor.save_pretrained(tmp)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "head.").items()},
@@ -104,7 +110,7 @@ def save_checkpoint(
             "pooling": model.pooling,
             "embed_dim": model.head.embed_dim,
             "hidden_size": model.head.hidden_size,
-            "lora": bool(is_peft and not merge_lora),
+            "lora": lora,
             "inference": {
                 **INFERENCE_DEFAULTS,
                 **meta.get("inference", {}),
