@@ -163,12 +163,17 @@ def test_bench_train_reports_both_variants_and_model_flops(tmp_path):
     assert result.exit_code == 2 and "the benches run on cpu, cuda or cuda:N" in result.output
     out = tmp_path / "train.json"
     args = ["--hidden-size", "32", "--layers", "1", "--steps", "1", "--repeats", "1", "--batch-size", "2"]
+    result = runner.invoke(app, ["bench", "train", *args, "--set", "train.alpha=0", "--set", "eval.limit=1"])
+    assert result.exit_code == 2 and "train.alpha: the benchmark sets it" in result.output
+    assert "eval.limit: not a training key" in result.output
+    args += ["--recipe", "tiny-cpu", "--set", "model.max_length=20"]  # --set reaches both (28 tokens without)
     result = runner.invoke(app, ["bench", "train", *args, "--peak-tflops", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     import json
 
     joint, generative = json.loads(out.read_text())
     assert (joint["variant"], generative["variant"]) == ("joint", "generative-only")
+    assert joint["seq_len"] <= 20 and generative["seq_len"] <= 20
     assert generative["ratio_vs_generative_only"] == 1.0 and generative["views"] == 0 < joint["views"]
     assert joint["tokens_per_s"] == pytest.approx(joint["tokens"] / joint["step_s"], rel=0.01)
     # 6·N + 12·L·H·T per token. One Llama layer of width 32 (4 heads, 2 key/value heads, MLP width

@@ -38,6 +38,48 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert summary["chat"]["answer"] is not None
 
 
+def test_quickstart_takes_a_recipe_and_overrides(tmp_path, capsys):
+    """--set reaches the stage that owns its section (and its printed command); a key the
+    quickstart sets itself, an unknown key or a wrong type is refused before any work."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from unimm.cli import app
+    from unimm.model.checkpoint import read_meta
+    from unimm.pipelines.quickstart import run
+
+    summary = run(
+        tmp_path / "qs",
+        records=40,
+        eval_records=30,
+        steps=2,
+        fit_steps=3,
+        workers=1,
+        progress=False,
+        recipe="tiny-cpu",
+        overrides=["train.lr=0.003", "eval.tasks=[qa]", "embed.batch_size=3", "chat.max_new_tokens=2"],
+    )
+    printed = capsys.readouterr().out
+    assert "--set train.lr=0.003 --out" in printed and "--set embed.batch_size=3" in printed
+    assert read_meta(summary["checkpoint"])["recipe"]["train"]["lr"] == pytest.approx(0.003)
+    results = json.loads((tmp_path / "qs" / "eval.json").read_text())
+    assert "qa" in results and "captioning" not in results and "text_to_image" not in results
+    assert summary["chat"]["answer"] == "" or len(summary["chat"]["answer"].split()) <= 2
+
+    out = tmp_path / "refused"
+    args = ["quickstart", "--out", str(out), "--set", "train.max_steps=3", "--set", "train.lrr=1"]
+    result = CliRunner().invoke(app, [*args, "--set", "train.lr=fast", "--set", "nope.x=1"])
+    assert result.exit_code == 2, result.output
+    for expected in (
+        "train.max_steps: the quickstart sets it itself (use --steps)",
+        "train.lrr: unknown key",
+        "train.lr: expected float",
+        "--set nope.x: unknown section",
+    ):
+        assert expected in result.output, expected
+    assert not out.exists()  # nothing was done
+
+
 def test_quickstart_shows_learning(tmp_path):
     """A reduced quickstart (1000 records, 1200 steps, ~45 s) learns both jobs.
 

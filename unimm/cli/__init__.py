@@ -165,8 +165,13 @@ def quickstart(
     threads: Annotated[
         int, typer.Option(help="CPU threads for torch (the figures depend on it; the README's: 2).", min=1)
     ] = 2,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes."""
+    """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes.
+
+    --recipe (default: tiny-cpu) and --set configure each stage as they would its command.
+    """
     from unimm.pipelines.quickstart import run
 
     run(
@@ -177,6 +182,8 @@ def quickstart(
         steps=steps,
         seed=seed,
         threads=threads,
+        recipe=recipe,
+        overrides=set_,
     )
 
 

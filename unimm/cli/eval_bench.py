@@ -152,8 +152,14 @@ def bench_train_cmd(
     ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per variant (best is kept).")] = 3,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Step time of joint training vs generative-only on the same batch; tokens/s and model FLOP/s."""
+    """Step time of joint training vs generative-only on the same batch; tokens/s and model FLOP/s.
+
+    The variants train the tiny model with --recipe (default: tiny-cpu) and --set, except the keys
+    that define them (train.alpha, data.train, data.cut_points, model.path, model.tiny).
+    """
 
     from unimm.commands.bench_train import bench_train
 
@@ -173,6 +179,8 @@ def bench_train_cmd(
         mixed_precision=mixed_precision,
         peak_tflops=peak_tflops,
         repeats=repeats,
+        recipe=str(recipe) if recipe is not None else "tiny-cpu",
+        overrides=list(set_ or ()),
     )
     keys = ["variant", "step_s", "ratio_vs_generative_only", "tokens_per_s", "model_tflops_per_s"]
     _echo_table(rows, keys + (["mfu"] if peak_tflops else []))

@@ -24,6 +24,8 @@ def bench_train(
     device: str = "cpu",
     mixed_precision: str = "no",
     peak_tflops: float | None = None,
+    recipe: str = "tiny-cpu",
+    overrides: list[str] | None = None,
 ) -> list[dict]:
     """Step time of joint training (α = 1) against generative-only (α = 0, no views), same batch.
 
@@ -36,13 +38,22 @@ def bench_train(
     without embeddings, L layers, H width, T tokens per sample; the frozen vision tower and the
     retrieval head are left out), so ``model_tflops_per_s`` and ``mfu`` (with ``peak_tflops``)
     slightly understate the work done.
+
+    ``recipe`` and ``overrides`` (``KEY=VALUE``) configure both variants' training, except the keys
+    that define the variants (:data:`VARIANT_KEYS`, refused).
+
+    Raises:
+        ConfigError: a broken recipe or override, before any work.
     """
+    _check_train_settings(recipe, overrides or [])
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:
         shards, llava = _tiny_training_set(work, max(64, batch_size), hidden_size, layers)
         samples = _first_samples(shards, batch_size)
         setups = {
-            name: _variant(work, name, alpha, shards, llava, samples, cut_points, device)
+            name: _variant(
+                work, name, alpha, (shards, llava, samples), cut_points, device, recipe, overrides or []
+            )
             for name, alpha in (("joint", 1.0), ("generative-only", 0.0))
         }
         times = _time_variants(setups, steps, repeats, device, mixed_precision)
@@ -105,17 +116,41 @@ def _first_samples(shards: Path, count: int) -> list:
     return list(read_samples(shards, split_by_node=False, split_by_worker=False))[:count]
 
 
-def _variant(work: Path, name: str, alpha: float, shards, llava, samples, cut_points: int, device: str):
-    """``(cfg, model, batch, optimizer)`` of one variant: the tiny-cpu recipe with ``alpha``."""
+VARIANT_KEYS = ("train.alpha", "data.train", "data.cut_points", "model.path", "model.tiny")
+
+
+def _check_train_settings(recipe: str, overrides: list[str]) -> None:
+    from unimm.config import load_recipe
+    from unimm.config.commands import check_overrides
+    from unimm.errors import ConfigError
+
+    load_recipe(recipe)
+    problems = check_overrides(overrides)
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in VARIANT_KEYS:
+            problems.append(f"--set {key}: the benchmark sets it (it defines the variants)")
+        elif key.split(".", 1)[0] not in ("model", "data", "align", "train"):
+            problems.append(f"--set {key}: not a training key (sections: model, data, align, train)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _variant(
+    work: Path, name: str, alpha: float, inputs, cut_points: int, device: str, recipe: str, user: list
+):
+    """``(cfg, model, batch, optimizer)`` of one variant: the recipe and ``user`` overrides, then
+    ``alpha``, the tiny model and the inputs ``(shards, llava, samples)``."""
     import torch
 
     from unimm.config import TrainConfig, build_config
     from unimm.data.collate import Collator
     from unimm.training.trainer import build_model
 
-    overrides = [f"data.train={shards}", f"train.alpha={alpha}", f"data.cut_points={cut_points}"]
+    shards, llava, samples = inputs
+    overrides = [*user, f"data.train={shards}", f"train.alpha={alpha}", f"data.cut_points={cut_points}"]
     overrides += ["model.tiny=false", f"model.path={llava}"]
-    cfg = build_config(TrainConfig, recipe="tiny-cpu", options={"out": str(work / name)}, overrides=overrides)
+    cfg = build_config(TrainConfig, recipe=recipe, options={"out": str(work / name)}, overrides=overrides)
     (work / name).mkdir()
     model, processor = build_model(cfg, work / name, None)
     model.to(device)

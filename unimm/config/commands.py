@@ -73,3 +73,29 @@ SECTIONS: dict[str, type] = {
     "eval": EvalOptions,
 }
 """Every recipe section and its dataclass (``RECIPE_SECTIONS`` names the same set)."""
+
+
+def check_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Problems of ``--set`` overrides on their own: syntax, unknown sections and keys, wrong types.
+
+    For a pipeline that builds several commands' configs later (the quickstart), so that a typo
+    is reported before any work; value checks that need the whole config still run per command.
+    """
+    from unimm.config.build import _build, _set_dotted, parse_override
+    from unimm.errors import ConfigError
+
+    problems: list[str] = []
+    tree: dict = {}
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if key.split(".", 1)[0] not in SECTIONS or "." not in key:
+            problems.append(f"--set {key}: unknown section (known: {', '.join(SECTIONS)})")
+            continue
+        _set_dotted(tree, key, value)
+    for section, body in tree.items():
+        _build(SECTIONS[section], body, f"{section}.", problems)
+    return problems

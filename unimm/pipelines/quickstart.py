@@ -26,6 +26,79 @@ from unimm.utils import atomic_write_bytes, atomic_write_json, environment
 
 RECIPE = "tiny-cpu"  # a shipped recipe (unimm/recipes/tiny-cpu.yaml)
 
+# Keys the quickstart sets itself (paths between its stages, and its own flags): a --set of one
+# would break the pipeline, so it is refused with the flag to use instead.
+OWNED = {
+    "out": "--out",
+    "resume": "",
+    "prepare.inputs": "",
+    "prepare.out": "--out",
+    "prepare.workers": "--workers",
+    "prepare.overwrite": "",
+    "teachers.image_expert": "",
+    "teachers.text_expert": "",
+    "teachers.clip": "",
+    "data.train": "",
+    "train.max_steps": "--steps",
+    "train.save_every": "--steps",
+    "train.seed": "--seed",
+    "embed.model": "",
+    "embed.data": "",
+    "embed.out": "--out",
+    "retrieve.model": "",
+    "retrieve.index": "",
+    "retrieve.query": "",
+    "eval.model": "",
+    "eval.data": "--eval-records",
+    "eval.out": "--out",
+    "chat.model": "",
+    "chat.prompt": "",
+    "chat.images": "",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The recipe and ``--set`` overrides every stage's config is built from (user's last)."""
+
+    recipe: str = RECIPE
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from unimm.config import load_recipe
+        from unimm.config.commands import check_overrides
+        from unimm.errors import ConfigError
+
+        load_recipe(self.recipe)  # a missing or broken recipe is reported before any work
+        problems = check_overrides(self.overrides)
+        for text in self.overrides:
+            key = text.partition("=")[0].strip()
+            if key in OWNED:
+                flag = f" (use {OWNED[key]})" if OWNED[key] else ""
+                problems.append(f"--set {key}: the quickstart sets it itself{flag}")
+        if problems:
+            raise ConfigError(problems)
+
+    def _mine(self, cls: type) -> list[str]:
+        own = {f.name for f in dataclasses.fields(cls)}
+        return [t for t in self.overrides if t.partition("=")[0].strip().split(".", 1)[0] in own]
+
+    def build(self, cls: type, options: dict[str, Any], overrides: tuple[str, ...] = ()):
+        """``cls``'s config: the recipe, then the quickstart's ``options``/``overrides``, then ``--set``."""
+        every = [*overrides, *self._mine(cls)]
+        return build_config(cls, recipe=self.recipe, options=options, overrides=every)
+
+    def flags(self, cls: type, overrides: tuple[str, ...] = ()) -> list[str]:
+        """The ``--recipe``/``--set`` flags of the equivalent command (``--recipe`` when the recipe
+        has a section of that command)."""
+        from unimm.config import load_recipe
+
+        own = {f.name for f in dataclasses.fields(cls)}
+        args = ["--recipe", str(self.recipe)] if own & set(load_recipe(self.recipe)) else []
+        for item in [*overrides, *self._mine(cls)]:
+            args += ["--set", item]
+        return args
+
 
 def _stage(title: str, command: str | list[str] | None = None) -> None:
     typer.secho(f"\n==> {title}", fg=typer.colors.CYAN, bold=True)
@@ -37,26 +110,30 @@ def _python(code: str) -> str:
     return f'python -c "{code}"'
 
 
-def _prepare(title: str, data: Path, shards: Path, teachers: dict[str, Path], workers: int, progress: bool):
+def _prepare(
+    settings: Settings,
+    title: str,
+    data: Path,
+    shards: Path,
+    teachers: dict[str, Path],
+    workers: int,
+    progress: bool,
+):
     from unimm.commands.prepare import run as prepare
 
-    args = ["unimm", "prepare", str(data), "--out", str(shards), "--recipe", str(RECIPE)]
+    args = ["unimm", "prepare", str(data), "--out", str(shards), *settings.flags(PrepareConfig)]
     args += ["--workers", str(workers), "--overwrite"]
     for key in ("image_expert", "text_expert", "clip"):
         args += [f"--teacher-{key.replace('_', '-')}", str(teachers[key])]
     _stage(title, args)
-    cfg = build_config(
-        PrepareConfig,
-        recipe=RECIPE,
-        options={
-            "prepare.inputs": [str(data)],
-            "prepare.out": str(shards),
-            "prepare.workers": workers,
-            "prepare.overwrite": True,
-            **{f"teachers.{k}": str(v) for k, v in teachers.items()},
-        },
-    )
-    return prepare(cfg, progress=progress)
+    options = {
+        "prepare.inputs": [str(data)],
+        "prepare.out": str(shards),
+        "prepare.workers": workers,
+        "prepare.overwrite": True,
+        **{f"teachers.{k}": str(v) for k, v in teachers.items()},
+    }
+    return prepare(settings.build(PrepareConfig, options), progress=progress)
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -74,6 +151,8 @@ def run(
     seed: int = 0,
     threads: int = 2,
     progress: bool = True,
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the quickstart into ``out_dir``; return the summary numbers it prints.
 
@@ -83,14 +162,24 @@ def run(
     thread count, and after 1500 steps so do the figures, so the same number of threads on any
     machine gives the same summary (on the same CPU kind and library versions). The printed
     summary is also written to ``out_dir/summary.txt``, and the numbers to ``summary.json``.
+
+    ``recipe`` (default: the shipped ``tiny-cpu``) and ``overrides`` (``--set KEY=VALUE``, applied
+    last) configure every stage as they would the command it stands for; keys the quickstart sets
+    itself (its paths, steps, seed) are refused with the flag to use instead.
+
+    Raises:
+        ConfigError: a broken recipe or override, before any work.
     """
     import torch
+
+    settings = Settings(str(recipe) if recipe is not None else RECIPE, tuple(overrides or ()))
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _pipeline(
             Path(out_dir),
+            settings,
             records=records,
             eval_records=eval_records,
             steps=steps,
@@ -105,6 +194,7 @@ def run(
 
 def _pipeline(
     out: Path,
+    settings: Settings,
     *,
     records: int,
     eval_records: int,
@@ -120,14 +210,16 @@ def _pipeline(
     data, eval_data = _data(out, records, eval_records, seed)
     teachers = _teachers(out, data, fit_steps, seed)
     title = "prepare {} shards with teacher features"
-    result = _prepare("3. " + title.format("training"), data, out / "shards", teachers, workers, progress)
-    _prepare("4. " + title.format("evaluation"), eval_data, out / "eval-shards", teachers, workers, progress)
-    run_dir, checkpoint = _train(out, steps, seed, progress)
-    index = _embed(out, checkpoint, progress)
+    stage = "3. " + title.format("training")
+    result = _prepare(settings, stage, data, out / "shards", teachers, workers, progress)
+    stage = "4. " + title.format("evaluation")
+    _prepare(settings, stage, eval_data, out / "eval-shards", teachers, workers, progress)
+    run_dir, checkpoint = _train(settings, out, steps, seed, progress)
+    index = _embed(settings, out, checkpoint, progress)
     rows = [json.loads(line) for line in eval_data.read_text().splitlines()]
-    _retrieve(checkpoint, index, rows)
-    scores, evaluator = _evaluate(out, checkpoint, eval_data)
-    chat = _chat(checkpoint, eval_data, rows)
+    _retrieve(settings, checkpoint, index, rows)
+    scores, evaluator = _evaluate(settings, out, checkpoint, eval_data)
+    chat = _chat(settings, checkpoint, eval_data, rows)
     _stage(
         "10. plots",
         _python(f"from unimm.plots import loss_curves; loss_curves('{run_dir}/metrics.jsonl', 'loss.png')"),
@@ -195,45 +287,41 @@ def _teachers(out: Path, data: Path, fit_steps: int, seed: int) -> dict[str, Pat
     return save_tiny_teachers(out / "teachers", fit_pairs=caption_pairs(data), fit_steps=fit_steps, seed=seed)
 
 
-def _train(out: Path, steps: int, seed: int, progress: bool) -> tuple[Path, Path]:
+def _train(settings: Settings, out: Path, steps: int, seed: int, progress: bool) -> tuple[Path, Path]:
     from unimm.commands.train import run as train
     from unimm.config import TrainConfig
 
     run_dir = out / "run"
-    overrides = [
+    overrides = (
         f"data.train={out / 'shards'}",
         f"train.max_steps={steps}",
         f"train.save_every={steps}",
         f"train.seed={seed}",
-    ]
-    args = ["unimm", "train", "--recipe", str(RECIPE)]
-    for item in overrides:
-        args += ["--set", item]
-    _stage(f"5. train the tiny model ({steps} steps, L = L_g + alpha * L_d)", [*args, "--out", str(run_dir)])
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train(
-        build_config(TrainConfig, recipe=RECIPE, options={"out": str(run_dir)}, overrides=overrides),
-        progress=progress,
     )
+    args = ["unimm", "train", *settings.flags(TrainConfig, overrides), "--out", str(run_dir)]
+    _stage(f"5. train the tiny model ({steps} steps, L = L_g + alpha * L_d)", args)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train(settings.build(TrainConfig, {"out": str(run_dir)}, overrides), progress=progress)
     return run_dir, run_dir / f"step-{steps:06d}"
 
 
-def _embed(out: Path, checkpoint: Path, progress: bool) -> Path:
+def _embed(settings: Settings, out: Path, checkpoint: Path, progress: bool) -> Path:
     from unimm.commands.embed import run as embed
     from unimm.config import EmbedConfig
 
     index, shards = out / "index", out / "eval-shards"
+    flags = settings.flags(EmbedConfig)
     _stage(
         "6. embed the evaluation documents",
-        ["unimm", "embed", "--model", str(checkpoint), "--data", str(shards), "--out", str(index)],
+        ["unimm", "embed", "--model", str(checkpoint), "--data", str(shards), "--out", str(index), *flags],
     )
     shutil.rmtree(index, ignore_errors=True)
     options = {"embed.model": str(checkpoint), "embed.data": [str(shards)], "embed.out": str(index)}
-    embed(build_config(EmbedConfig, options=options), progress=progress)
+    embed(settings.build(EmbedConfig, options), progress=progress)
     return index
 
 
-def _retrieve(checkpoint: Path, index: Path, rows: list[dict]) -> None:
+def _retrieve(settings: Settings, checkpoint: Path, index: Path, rows: list[dict]) -> None:
     from unimm.commands.retrieve import run as retrieve
     from unimm.config import RetrieveConfig
 
@@ -252,6 +340,7 @@ def _retrieve(checkpoint: Path, index: Path, rows: list[dict]) -> None:
             query,
             "--top-k",
             "3",
+            *settings.flags(RetrieveConfig),
         ],
     )
     options = {
@@ -260,46 +349,56 @@ def _retrieve(checkpoint: Path, index: Path, rows: list[dict]) -> None:
         "retrieve.query": [["text", query]],
         "retrieve.top_k": 3,
     }
-    found = retrieve(build_config(RetrieveConfig, options=options))["results"][0]
+    found = retrieve(settings.build(RetrieveConfig, options))["results"][0]
     for doc, score in zip(found["ids"], found["scores"], strict=True):
         typer.echo(f"    {score:6.3f}  {doc:<14} {captions.get(doc) or '(a story)'}")
 
 
-def _evaluate(out: Path, checkpoint: Path, eval_data: Path):
+def _evaluate(settings: Settings, out: Path, checkpoint: Path, eval_data: Path):
     from unimm.commands.eval import run as evaluate
-    from unimm.config import EvalConfig, EvalOptions
+    from unimm.config import EvalConfig
     from unimm.inference.evaluate import Evaluator, format_table
 
     eval_json = out / "eval.json"
+    flags = settings.flags(EvalConfig)
     _stage(
         "8. evaluate (generation, two-choice, retrieval, Winoground-style pairs)",
-        ["unimm", "eval", "--model", str(checkpoint), "--data", str(eval_data), "--out", str(eval_json)],
+        [
+            "unimm",
+            "eval",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(eval_data),
+            "--out",
+            str(eval_json),
+            *flags,
+        ],
     )
-    evaluator = Evaluator.load(checkpoint)  # shared with the plots
-    scores = evaluate(
-        EvalConfig(EvalOptions(model=str(checkpoint), data=[str(eval_data)], out=str(eval_json))),
-        progress=False,
-        evaluator=evaluator,
+    options = {"eval.model": str(checkpoint), "eval.data": [str(eval_data)], "eval.out": str(eval_json)}
+    cfg = settings.build(EvalConfig, options)
+    evaluator = Evaluator.load(  # shared with the plots
+        checkpoint, cfg.eval.device, batch_size=cfg.eval.batch_size, dtype=cfg.eval.model_dtype
     )
+    scores = evaluate(cfg, progress=False, evaluator=evaluator)
     typer.echo("    " + format_table(scores).replace("\n", "\n    "))
     return scores, evaluator
 
 
-def _chat(checkpoint: Path, eval_data: Path, rows: list[dict]) -> dict[str, Any]:
-    from unimm.config import ChatOptions
+def _chat(settings: Settings, checkpoint: Path, eval_data: Path, rows: list[dict]) -> dict[str, Any]:
+    from unimm.config import ChatConfig
     from unimm.inference.chat import one_shot
 
     question = next(r for r in rows if r["meta"]["kind"] == "qa")
     image = eval_data.parent / question["slices"][0]["image"]
     prompt = question["slices"][1]["text"]
+    flags = settings.flags(ChatConfig, ("chat.max_new_tokens=8",))
     _stage(
         "9. chat once about an image",
-        ["unimm", "chat", "--model", str(checkpoint), "--image", str(image), "--prompt", prompt],
+        ["unimm", "chat", "--model", str(checkpoint), "--image", str(image), "--prompt", prompt, *flags],
     )
-    answer = one_shot(
-        ChatOptions(model=str(checkpoint), prompt=prompt, images=[str(image)], max_new_tokens=8),
-        io.StringIO(),
-    )
+    options = {"chat.model": str(checkpoint), "chat.prompt": prompt, "chat.images": [str(image)]}
+    answer = one_shot(settings.build(ChatConfig, options, ("chat.max_new_tokens=8",)).chat, io.StringIO())
     typer.echo(f"    USER: <image> {prompt}\n    ASSISTANT: {answer}")
     typer.echo(f"    (the image shows {question['meta']['caption']})")
     return {"question": prompt, "answer": answer, "gold": question["response"]}
