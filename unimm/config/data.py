@@ -62,11 +62,15 @@ class TeacherOptions:
     """Frozen teacher encoders whose features ``prepare`` stores (section ``teachers``)."""
 
     image_expert: str | None = None
-    """Local directory of an image encoder loadable by ``AutoModel`` (e.g. DINOv2-base)."""
+    """Local directory of an image encoder loadable by ``AutoModel`` (DINOv2, a CLIP or SigLIP
+    vision tower, or a whole dual encoder: its image half)."""
     text_expert: str | None = None
-    """Local directory of a text encoder loadable by ``AutoModel`` (e.g. BGE-base; CLS pooling)."""
+    """Local directory of a text encoder loadable by ``AutoModel`` (BERT, XLM-R, BGE, E5, ...)."""
+    text_pooling: Literal["cls", "mean"] = "cls"
+    """How the text expert's tokens become one vector: ``cls`` (BGE) or ``mean`` (E5, GTE)."""
     clip: str | None = None
-    """Local directory of a ``CLIPModel`` (image and text features in one space)."""
+    """Local directory of the cross-modal teacher: a dual encoder with image and text features in
+    one space (CLIP, SigLIP, SigLIP 2)."""
     device: str = "cpu"
     batch_size: int = 32
     text_max_length: int = 512

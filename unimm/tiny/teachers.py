@@ -219,3 +219,50 @@ def _save_clip(folder: Path, image_size: int, init: float, fit_pairs, fit_steps:
         fit_tiny_clip(clip, processor, *fit_pairs, steps=fit_steps, seed=seed)
     clip.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def save_tiny_siglip(out_dir: str | Path, *, version: int = 1, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random SigLIP (``version=1``) or SigLIP 2 (``2``, NaFlex) dual encoder.
+
+    Its tokenizer is a byte-level BPE (no sentencepiece model is needed offline); the folder loads
+    with ``AutoModel`` and ``AutoProcessor`` like a downloaded one, for the cross-modal teacher
+    role. SigLIP 2's processor cuts images into up to 256 patches of 16 pixels, its default.
+    """
+    import transformers
+
+    from unimm.tiny.models import train_tiny_tokenizer
+
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version}")
+    quiet_transformers()
+    tokenizer = train_tiny_tokenizer([" ".join(_WORDS)], 400)
+    tokenizer.model_max_length = 16
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    torch.manual_seed(seed)
+    if version == 1:
+        vision = {**tower, "image_size": image_size, "patch_size": 8}
+        model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+        image_processor = transformers.SiglipImageProcessorPil(
+            size={"height": image_size, "width": image_size}
+        )
+        processor = transformers.SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    else:
+        vision = {**tower, "num_patches": 256, "patch_size": 16}
+        model = transformers.Siglip2Model(transformers.Siglip2Config(text_config=text, vision_config=vision))
+        image_processor = transformers.Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256)
+        processor = transformers.Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
