@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from unimm.data.collate import IGNORE, IMAGE
+from unimm.errors import UnimmError
 
 POOLINGS = ("paper", "last")
 
@@ -94,7 +95,13 @@ class UnimmModel(nn.Module):
 
     @property
     def image_token_id(self) -> int:
-        return int(self.config.image_token_index)
+        """The id the model replaces with image features (``image_token_id`` or, in older
+        configs, ``image_token_index``)."""
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int):
+                return value
+        raise UnimmError(f"{type(self.base).__name__}: its config names no image token (image_token_id)")
 
     @property
     def image_seq_length(self) -> int:

@@ -72,7 +72,9 @@ def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
     if opts.lora:
         from peft import LoraConfig, get_peft_model
 
-        pattern = r".*language_model.*\.(" + "|".join(opts.lora_targets) + r")$"
+        from unimm.model.parts import find_parts
+
+        pattern = find_parts(mllm).lora_pattern(opts.lora_targets)
         mllm = get_peft_model(
             mllm,
             LoraConfig(
@@ -88,17 +90,21 @@ def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
 
 
 def _set_trainable(model, opts: ModelOptions, *, lora_done: bool) -> None:
-    base = model.base
+    from unimm.model.parts import find_parts
+
+    parts = find_parts(model.mllm)
     for name, param in model.mllm.named_parameters():
         keep = lora_done and "lora_" in name
         param.requires_grad_(keep)
     if opts.train_projector:
-        base.model.multi_modal_projector.requires_grad_(True)
+        parts.connector.requires_grad_(True)
     if opts.train_vision:
-        base.model.vision_tower.requires_grad_(True)
+        parts.vision.requires_grad_(True)
     if opts.train_lm and not opts.lora:
-        base.model.language_model.requires_grad_(True)
-        base.lm_head.requires_grad_(True)
+        parts.language.requires_grad_(True)
+        lm_head = getattr(model.base, "lm_head", None)
+        if lm_head is not None:
+            lm_head.requires_grad_(True)
     model.head.requires_grad_(True)
 
 
