@@ -127,7 +127,7 @@ def test_pooled_embeddings_equal_manual_computation(tiny, pooling):
         full = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            **batch["image_inputs"],
             output_hidden_states=True,
         )
     hidden = full.hidden_states[-1]
@@ -151,10 +151,31 @@ def test_pooled_embeddings_equal_manual_computation(tiny, pooling):
     torch.testing.assert_close(out.loss_gen, want, atol=1e-5, rtol=1e-5)
 
 
+def test_image_pooling_is_over_that_images_own_tokens(tiny):
+    """Images of different token counts, with marker tokens around them inside their spans (as
+    Gemma 3, Idefics3 and Qwen-VL lay them out): each mean is over its own image tokens only."""
+    _, model, _ = tiny
+    core = UnimmModel(model, RetrievalHead(model.config.text_config.hidden_size, 8), pooling="paper")
+    image, other = core.image_token_id, core.image_token_id + 1
+    ids = torch.full((2, 12), other)
+    ids[0, 2:5] = image  # span 1..6: marker, 3 image tokens, marker
+    ids[1, 3:8] = image  # span 3..8: 5 image tokens
+    ids[1, 9] = image  # a later image's token, outside the span
+    spans = [[(IMAGE, 1, 6), (TEXT, 6, 9)], [(TEXT, 0, 3), (IMAGE, 3, 8)]]
+    views = [(0, 0), (1, 1), (0, 1)]
+    hidden = torch.randn(2, 12, 4)
+    got = core.pool(hidden, spans, views, ids)
+    want = torch.stack([hidden[0, 2:5].mean(0), hidden[1, 3:8].mean(0), hidden[0, 8]])
+    torch.testing.assert_close(got, want)
+
+
 def test_load_errors_are_clear(tmp_path):
     from unimm.errors import UnimmError
 
     with pytest.raises(UnimmError, match=r"no config\.json"):
+        load_mllm(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llava", "text_config": {"vocab_size": -3}}')
+    with pytest.raises(UnimmError, match=r"cannot load it as an image-text-to-text model \(\w+"):
         load_mllm(tmp_path)
 
 

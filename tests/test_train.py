@@ -155,12 +155,12 @@ def test_checkpoint_round_trip(tmp_path, tiny_shards, variant):
         logits_a = model.base(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            **batch["image_inputs"],
         ).logits
         logits_b = loaded.base(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            **batch["image_inputs"],
         ).logits
     tol = {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(b.embeddings, a.embeddings, **tol)

@@ -434,7 +434,7 @@ def _bench_embedding(timer, repeats: int) -> dict:
                 lambda: mllm.model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"],
+                    **batch["image_inputs"],
                 )
             )
         return {

@@ -69,7 +69,7 @@ class Collator:
         tokenizer: the model's tokenizer.
         image_token_id: the id the model replaces with image features.
         image_seq_length: image tokens per image.
-        image_processor: turns images into ``pixel_values``.
+        image_processor: turns images into the model's image inputs (``pixel_values``, ...).
         max_length: longest sequence in tokens.
         system_prompt: text before ``USER:``.
         cut_points: views per sample (``P``); the last kept slice is always one of them.
@@ -222,6 +222,16 @@ class Collator:
         others = rng.sample(range(n - 1), min(self.cut_points - 1, n - 1)) if self.cut_points > 1 else []
         return sorted({*others, n - 1})
 
+    def image_inputs(self, images: list[Any]) -> dict[str, torch.Tensor] | None:
+        """Everything the image processor returns for ``images`` (``pixel_values`` and, per family,
+        ``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``, ...), for the model's
+        forward; ``None`` without images."""
+        if not images:
+            return None
+        if self.image_processor is None:
+            raise ValueError("records have images but the collator has no image processor")
+        return dict(self.image_processor(images=images, return_tensors="pt"))
+
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """Collate decoded samples into a batch (right-padded)."""
         encoded = [self.encode(s) for s in samples]
@@ -239,17 +249,11 @@ class Collator:
             labels[b, : len(e.labels)] = torch.tensor(e.labels)
             attention[b, : len(e.input_ids)] = 1
             views.extend((b, c) for c in self.cuts(e))
-        images = [img for e in encoded for img in e.images]
-        pixel_values = None
-        if images:
-            if self.image_processor is None:
-                raise ValueError("records have images but the collator has no image processor")
-            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
-            "pixel_values": pixel_values,
+            "image_inputs": self.image_inputs([img for e in encoded for img in e.images]),
             "spans": [e.spans for e in encoded],
             "views": views,
             "dropped_slices": sum(e.dropped for e in encoded),

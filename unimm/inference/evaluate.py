@@ -166,11 +166,10 @@ class Evaluator:
         out = []
         for start in range(0, len(samples), self.batch_size):
             batch = self.collator(samples[start : start + self.batch_size])
-            pixels = batch["pixel_values"]
             hidden = self.model.hidden_states(
                 batch["input_ids"].to(self.device),
                 batch["attention_mask"].to(self.device),
-                pixels.to(self.device) if pixels is not None else None,
+                batch["image_inputs"],
             )
             target = batch["labels"][:, 1:].to(self.device)
             mask = target != IGNORE

@@ -133,11 +133,7 @@ class Session:
         for b, e in enumerate(encoded):
             ids[b, longest - len(e.input_ids) :] = torch.tensor(e.input_ids)
             mask[b, longest - len(e.input_ids) :] = 1
-        images = [img for e in encoded for img in e.images]
-        pixels = None
-        if images:
-            pixels = self.collator.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device)
+        image_inputs = self.collator.image_inputs([img for e in encoded for img in e.images])
         if temperature > 0:
             sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p}
         else:
@@ -145,7 +141,7 @@ class Session:
         out = self.model.generate(
             ids.to(self.device),
             mask.to(self.device),
-            pixels,
+            image_inputs,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             **({"streamer": streamer} if streamer is not None else {}),

@@ -112,31 +112,57 @@ class UnimmModel(nn.Module):
             tokens += 1
         return tokens
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
-        """Last-layer hidden states ``[B, T, H]`` (after the final norm, before the LM head)."""
-        inner = self.base.model  # LlavaModel: vision tower + projector + language model
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if pixel_values is not None:
-            kwargs["pixel_values"] = pixel_values.to(self.base.dtype)
-        return inner(**kwargs, use_cache=False).last_hidden_state
+    def _image_kwargs(self, image_inputs: dict[str, torch.Tensor] | None, device) -> dict[str, Any]:
+        """The collator's image inputs on ``device``; floating ones (pixels) in the model's dtype."""
+        out: dict[str, Any] = {}
+        for key, value in (image_inputs or {}).items():
+            value = value.to(device)
+            out[key] = value.to(self.base.dtype) if value.is_floating_point() else value
+        return out
 
-    def pool(self, hidden: torch.Tensor, spans: list, views: list[tuple[int, int]]) -> torch.Tensor:
-        """Hidden state of each view ``(sample, cut slice)``: ``[V, H]`` (see module docs)."""
-        rows, last, images = [], [], []
-        for b, cut in views:
+    def hidden_states(self, input_ids, attention_mask, image_inputs=None) -> torch.Tensor:
+        """Last-layer hidden states ``[B, T, H]`` (after the final norm, before the LM head).
+
+        ``image_inputs``: what :meth:`unimm.data.collate.Collator.image_inputs` returned.
+        """
+        inner = self.base.model  # e.g. LlavaModel: vision tower + projector + language model
+        kwargs = self._image_kwargs(image_inputs, input_ids.device)
+        return inner(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs, use_cache=False
+        ).last_hidden_state
+
+    def pool(
+        self, hidden: torch.Tensor, spans: list, views: list[tuple[int, int]], input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden state of each view ``(sample, cut slice)``: ``[V, H]`` (see module docs).
+
+        An image view (``paper`` pooling) is the mean over *that image's* own token positions: the
+        image tokens inside its span, however many the processor made of it, not the markers
+        around them some families add.
+        """
+        rows, last, image_views, positions = [], [], [], []
+        for v, (b, cut) in enumerate(views):
             kind, start, end = spans[b][cut]
             rows.append(b)
             last.append(end - 1)
-            images.append((kind == IMAGE and self.pooling == "paper", start, end))
+            if kind == IMAGE and self.pooling == "paper":
+                own = (input_ids[b, start:end] == self.image_token_id).nonzero().flatten() + start
+                image_views.append(v)
+                positions.append(own if own.numel() else torch.arange(start, end, device=input_ids.device))
         device = hidden.device
         b_idx = torch.tensor(rows, device=device)
         pooled = hidden[b_idx, torch.tensor(last, device=device)].float()
-        image_views = [v for v, (is_image, _, _) in enumerate(images) if is_image]
         if image_views:
-            width = self.image_seq_length
-            starts = torch.tensor([images[v][1] for v in image_views], device=device)
-            positions = starts.unsqueeze(1) + torch.arange(width, device=device)
-            means = hidden[b_idx[image_views].unsqueeze(1), positions].float().mean(1)
+            widest = max(len(p) for p in positions)
+            # Ragged images are padded with their first position and masked out of the mean.
+            index = torch.stack([torch.cat([p, p[:1].expand(widest - len(p))]) for p in positions]).to(device)
+            gathered = hidden[b_idx[image_views].unsqueeze(1), index].float()
+            if all(len(p) == widest for p in positions):
+                means = gathered.mean(1)
+            else:
+                counts = torch.tensor([len(p) for p in positions], device=device)
+                mask = torch.arange(widest, device=device) < counts.unsqueeze(1)
+                means = (gathered * mask.unsqueeze(-1)).sum(1) / counts.unsqueeze(1)
             pooled = pooled.index_put((torch.tensor(image_views, device=device),), means)
         return pooled
 
@@ -145,8 +171,7 @@ class UnimmModel(nn.Module):
         device = next(self.parameters()).device
         input_ids = batch["input_ids"].to(device)
         attention = batch["attention_mask"].to(device)
-        pixels = batch.get("pixel_values")
-        hidden = self.hidden_states(input_ids, attention, pixels.to(device) if pixels is not None else None)
+        hidden = self.hidden_states(input_ids, attention, batch.get("image_inputs"))
         loss_gen, label_tokens = None, 0
         if with_lm:
             labels = batch["labels"].to(device)
@@ -160,7 +185,7 @@ class UnimmModel(nn.Module):
                 loss_gen = hidden.sum() * 0.0
         embeddings = pooled = None
         if with_views and batch.get("views"):
-            pooled = self.pool(hidden, batch["spans"], batch["views"])
+            pooled = self.pool(hidden, batch["spans"], batch["views"], input_ids)
             embeddings = self.head(pooled)
         return ModelOutput(loss_gen, embeddings, pooled, label_tokens)
 
@@ -170,10 +195,9 @@ class UnimmModel(nn.Module):
         return self.forward(batch, with_lm=False).embeddings
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values=None, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask, image_inputs=None, **kwargs) -> torch.Tensor:
         """Token ids continuing ``input_ids`` (see ``transformers`` ``generate`` for ``kwargs``)."""
-        if pixel_values is not None:
-            kwargs["pixel_values"] = pixel_values.to(self.base.dtype)
+        kwargs.update(self._image_kwargs(image_inputs, input_ids.device))
         return self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
@@ -201,6 +225,8 @@ def load_mllm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remot
         processor = AutoProcessor.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnimmError(f"model {path}: cannot load it as an image-text-to-text model ({exc})") from None
+    except Exception as exc:  # transformers raises many types for an unusable folder
+        raise UnimmError(
+            f"model {path}: cannot load it as an image-text-to-text model ({type(exc).__name__}: {exc})"
+        ) from None
     return model, processor
