@@ -100,7 +100,13 @@ class Collator:
 
     @classmethod
     def for_model(cls, model, processor, **kwargs) -> Collator:
-        """A collator for a :class:`~unimm.model.core.UnimmModel` and its processor (``kwargs``: the rest)."""
+        """A collator for a :class:`~unimm.model.core.UnimmModel` and its processor (``kwargs``: the rest).
+
+        Raises:
+            UnimmError: the processor lays images out otherwise than this collator does (see
+                :func:`check_image_layout`).
+        """
+        check_image_layout(model, processor)
         return cls(
             processor.tokenizer,
             image_token_id=model.image_token_id,
@@ -262,3 +268,37 @@ class Collator:
             batch["teacher"] = [s.teacher for s in samples]
             batch["ids"] = [s.id for s in samples]
         return batch
+
+
+def check_image_layout(model, processor) -> None:
+    """Refuse a model whose processor gives an image other tokens than this collator would.
+
+    The collator writes ``image_seq_length`` image tokens per image (LLaVA-1.5's layout; PaliGemma
+    counts the same way). Families whose processors make the count depend on the image (LLaVA-NeXT,
+    Qwen-VL, Idefics3 tiles, Mistral 3) or pool to another count (Gemma 3, InternVL) would be fed
+    misaligned image features, so they are refused with what their processor does instead. Asked of
+    the processor itself, for two image shapes.
+
+    Raises:
+        UnimmError: naming the model type and both counts.
+    """
+    from PIL import Image
+
+    from unimm.errors import UnimmError
+
+    image_token = processor.tokenizer.convert_ids_to_tokens(model.image_token_id)
+    counts = set()
+    for size in ((64, 48), (40, 96)):
+        try:
+            ids = processor(text=[image_token], images=[Image.new("RGB", size)])["input_ids"][0]
+        except Exception as exc:  # a processor that cannot even expand one image
+            counts.add(f"an error ({type(exc).__name__}: {exc})")
+            continue
+        counts.add(sum(1 for i in ids if int(i) == model.image_token_id))
+    if counts != {model.image_seq_length}:
+        found = " and ".join(str(c) for c in sorted(counts, key=str))
+        raise UnimmError(
+            f"model type {model.config.model_type!r}: its processor turns an image into {found} image "
+            f"token(s), while unimm's collation lays out {model.image_seq_length} per image (LLaVA-1.5's "
+            "layout); this family is not supported yet (supported: llava, paligemma)"
+        )

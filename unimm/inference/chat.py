@@ -140,8 +140,10 @@ def _image_slice(path: str) -> Slice:
     return Slice.of_image(open_image(path))
 
 
-def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:
-    """Answer ``opts.prompt`` (with ``opts.images`` before it) once."""
+def one_shot(opts: ChatOptions, stream: TextIO | None = None) -> str:
+    """Answer ``opts.prompt`` (with ``opts.images`` before it) once, streaming to ``stream``
+    (default: the standard output at call time)."""
+    stream = stream if stream is not None else sys.stdout
     session = ChatSession(opts)
     question = [_image_slice(p) for p in opts.images]
     if opts.prompt and opts.prompt.strip():
@@ -152,8 +154,13 @@ def one_shot(opts: ChatOptions, stream: TextIO = sys.stdout) -> str:
     return answer
 
 
-def repl(opts: ChatOptions, lines: TextIO = sys.stdin, stream: TextIO = sys.stdout) -> ChatSession:
-    """Interactive chat: a line is a message; ``/image PATH`` attaches an image, ``/reset``, ``/exit``."""
+def repl(opts: ChatOptions, lines: TextIO | None = None, stream: TextIO | None = None) -> ChatSession:
+    """Interactive chat: a line is a message; ``/image PATH`` attaches an image, ``/reset``, ``/exit``.
+
+    ``lines`` and ``stream`` default to the standard input and output at call time.
+    """
+    lines = lines if lines is not None else sys.stdin
+    stream = stream if stream is not None else sys.stdout
     session = ChatSession(opts)
     pending: list[Slice] = []
     stream.write("unimm chat — /image PATH attaches an image, /reset clears the conversation, /exit quits\n")

@@ -7,7 +7,14 @@ quickstart), not a test double, hence not ``testing``.
 """
 
 from unimm.tiny.fit import fit_tiny_clip, fit_tiny_expert
-from unimm.tiny.models import save_tiny_llava
+from unimm.tiny.models import save_tiny_llava, save_tiny_mllm
 from unimm.tiny.teachers import save_tiny_siglip, save_tiny_teachers
 
-__all__ = ["fit_tiny_clip", "fit_tiny_expert", "save_tiny_llava", "save_tiny_siglip", "save_tiny_teachers"]
+__all__ = [
+    "fit_tiny_clip",
+    "fit_tiny_expert",
+    "save_tiny_llava",
+    "save_tiny_mllm",
+    "save_tiny_siglip",
+    "save_tiny_teachers",
+]

@@ -147,3 +147,100 @@ def _rescale_projector(projector: torch.nn.Module) -> None:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.normal_(0.0, _PROJECTOR_GAIN / layer.in_features**0.5)
                 layer.bias.zero_()
+
+
+FAMILIES = ("llava", "llava_next", "idefics3", "paligemma")
+"""Families :func:`save_tiny_mllm` builds (their processors need no torchvision)."""
+
+
+def save_tiny_mllm(
+    out_dir: str | Path, family: str, texts: list[str] | None = None, *, seed: int = 0
+) -> Path:
+    """Write a tiny random model of ``family`` (see :data:`FAMILIES`) with its own processor.
+
+    Built from the family's transformers config (a 2-layer language model of width 32) and
+    processor class, with a byte-level BPE tokenizer trained on ``texts``; loads with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor`` like a downloaded checkpoint.
+    """
+    if family == "llava":
+        return save_tiny_llava(out_dir, texts, seed=seed)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    quiet_transformers()
+    corpus = [*_TEMPLATE_TEXTS, *(texts or [])]
+    extra = {"idefics3": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]}.get(family, [])
+    tokenizer = train_tiny_tokenizer(corpus, 512)
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    model_class, config, processor = _family(family, tokenizer, text)
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    model_class(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _family(family: str, tokenizer, text: dict):
+    """``(model class, config, processor)`` of a tiny ``family`` model over ``text`` (its LM config)."""
+    import transformers as T
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    square = {"height": 32, "width": 32}
+    if family == "llava_next":
+        config = T.LlavaNextConfig(
+            vision_config=T.CLIPVisionConfig(**vision, image_size=32, patch_size=8),
+            text_config=T.LlamaConfig(**text),
+            image_token_index=image_token,
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+            vision_feature_select_strategy="default",
+        )
+        model_class = T.LlavaNextForConditionalGeneration
+        processor = T.LlavaNextProcessor(
+            image_processor=T.LlavaNextImageProcessorPil(
+                size={"shortest_edge": 32}, crop_size=square, image_grid_pinpoints=config.image_grid_pinpoints
+            ),
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+        )
+    elif family == "idefics3":
+        config = T.Idefics3Config(
+            vision_config={**vision, "image_size": 32, "patch_size": 8},
+            text_config={**text, "model_type": "llama"},
+            image_token_id=image_token,
+            scale_factor=2,
+        )
+        model_class = T.Idefics3ForConditionalGeneration
+        processor = T.Idefics3Processor(
+            image_processor=T.Idefics3ImageProcessorPil(
+                size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+            ),
+            tokenizer=tokenizer,
+            image_seq_len=4,
+        )
+    else:  # paligemma
+        config = T.PaliGemmaConfig(
+            vision_config={**vision, "model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8},
+            text_config={**text, "model_type": "gemma"},
+            image_token_index=image_token,
+            projection_dim=32,
+        )
+        model_class = T.PaliGemmaForConditionalGeneration
+        image_processor = T.SiglipImageProcessorPil(size=square)
+        image_processor.image_seq_length = 16
+        processor = T.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return model_class, config, processor
