@@ -39,37 +39,52 @@ def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def _processor_ids(processor, text: str, images=None) -> list[int]:
+    """The family's own processor on the whole text (the oracle for input ids)."""
+    out = processor(text=[text], images=[images] if images else None, add_special_tokens=False)
+    return [int(i) for i in out["input_ids"][0]]
+
+
 def test_tokens_labels_and_spans_exact(tiny):
+    """The ids are the processor's for the rendered conversation; spans and labels are exact."""
     _, model, processor = tiny
     tok = processor.tokenizer
     col = collator(processor, model, system_prompt="Be brief.")
     image = Image.new("RGB", (40, 40), "red")
     enc = col.encode(sample([image, "What colour?"], response="Red."))
+    prompt = "<s>Be brief. USER: <image>\nWhat colour? ASSISTANT:"
+    assert enc.input_ids == _processor_ids(processor, prompt + " Red.</s>", [image])
+    answer_at = len(_processor_ids(processor, prompt, [image]))
+    assert enc.labels == [IGNORE] * answer_at + enc.input_ids[answer_at:]  # only the answer is learned
     image_id = model.config.image_token_index
-    want = [
-        tok.bos_token_id,
-        *ids(tok, "Be brief. USER: "),
-        *[image_id] * 16,
-        *ids(tok, "\n"),
-        *ids(tok, "What colour?"),
-        *ids(tok, " ASSISTANT: "),
-        *ids(tok, "Red."),
-        tok.eos_token_id,
-    ]
-    assert enc.input_ids == want
-    answer = [*ids(tok, "Red."), tok.eos_token_id]
-    assert enc.labels == [IGNORE] * (len(want) - len(answer)) + answer  # only the answer is learned
-    first = 1 + len(ids(tok, "Be brief. USER: "))
-    question = first + 16 + len(ids(tok, "\n"))
+    first = enc.input_ids.index(image_id)
+    question = len(_processor_ids(processor, "<s>Be brief. USER: <image>\n", [image]))
     assert enc.spans == [
         (IMAGE, first, first + 16),
         (TEXT, question, question + len(ids(tok, "What colour?"))),
     ]
+    assert set(enc.input_ids[first : first + 16]) == {image_id}
     # without a response every text-slice token is learned, and the document's closing </s>
     plain = col.encode(sample(["Hello there", image, "bye"]))
-    learned = [t for t, lab in zip(plain.input_ids, plain.labels, strict=True) if lab != IGNORE]
-    assert learned == ids(tok, "Hello there") + ids(tok, "bye") + [tok.eos_token_id]
+    text = "<s>Be brief. USER: Hello there\n<image>\nbye</s>"
+    assert plain.input_ids == _processor_ids(processor, text, [image])
+    learned = [plain.input_ids[k] for k, lab in enumerate(plain.labels) if lab != IGNORE]
+    spans = [plain.input_ids[a:b] for kind, a, b in plain.spans if kind == TEXT]
+    assert learned == spans[0] + spans[1] + [tok.eos_token_id]
+    assert tok.decode(spans[0]).strip() == "Hello there" and tok.decode(spans[1]).strip() == "bye"
     assert plain.input_ids[-1] == tok.eos_token_id and plain.spans[-1][2] == len(plain.input_ids) - 1
+
+
+def test_every_view_prefix_is_the_tokens_of_that_prefix_alone(tiny):
+    """The causal-embedding contract: the tokens up to a view's cut do not depend on what follows."""
+    _, model, processor = tiny
+    col = collator(processor, model)
+    image = Image.new("RGB", (32, 32), "blue")
+    slices = ["two red circles", image, "Then, one blue square.", "Finally, three green triangles."]
+    full = col.encode(sample(slices))
+    for k, (_, _, end) in enumerate(full.spans):
+        alone = col.prompt(sample(slices[: k + 1]), after="slice")
+        assert full.input_ids[:end] == alone.input_ids[:end], k
 
 
 def test_prefix_does_not_depend_on_the_response(tiny):
@@ -180,16 +195,17 @@ def test_load_errors_are_clear(tmp_path):
 
 
 def test_generation_prompt_has_no_document_end(tiny):
-    """A prompt to generate from is the training prefix up to `` ASSISTANT: `` (or the slice
+    """A prompt to generate from is the training prefix up to `` ASSISTANT:`` (or the slice
     separator), with no ``</s>`` in between: the document-end token is for finished documents."""
     _, model, processor = tiny
     col = collator(processor, model)
     tok = processor.tokenizer
     image = Image.new("RGB", (32, 32), "red")
     trained = col.encode(sample([image, "What colour?"], response="Red."))
-    answer_at = len(trained.input_ids) - len([*ids(tok, "Red."), tok.eos_token_id])
+    answer_at = next(k for k, lab in enumerate(trained.labels) if lab != IGNORE)
     prompt = col.prompt(sample([image, "What colour?"]), after="assistant")
     assert prompt.input_ids == trained.input_ids[:answer_at]  # exactly the trained prefix
+    assert prompt.input_ids == _processor_ids(processor, "<s>USER: <image>\nWhat colour? ASSISTANT:", [image])
     assert tok.eos_token_id not in prompt.input_ids and set(prompt.labels) == {IGNORE}
     document = col.encode(sample([image, "a red square"]))
     caption = col.prompt(sample([image]), after="slice")

@@ -4,11 +4,16 @@ Prompt layout (LLaVA's template, docs/method.md)::
 
     <s>{system} USER: {slice 1}\\n{slice 2}\\n… ASSISTANT: {response}</s>
 
-Each text slice is encoded on its own (so its token span is exact) and each image slice becomes
-``image_seq_length`` image tokens, which the LLaVA model replaces by the projected vision
-features in order. Earlier assistant turns (``role: assistant``) are written as
-``ASSISTANT: {text}</s>USER: `` around the slice. The prefix up to the last slice never depends on
-the response, so the embedding of a view is the same in training and at retrieval.
+The sample is rendered as this text (an image slice as the tokenizer's image placeholder) and the
+whole text is tokenized at once, as the model's own processor does — the ids at slice boundaries
+are the processor's (a byte-level BPE merges the template's space into the next word). Each image
+placeholder becomes the tokens the processor makes of that image (:meth:`Collator.image_run`:
+``image_seq_length`` tokens for LLaVA-1.5, a count that varies with the image's shape for
+LLaVA-NeXT, marker tokens included where a family adds them); text spans come from the
+tokenizer's character offsets. Earlier assistant turns (``role: assistant``) are written as
+``ASSISTANT: {text}</s>USER: `` around the slice. The tokens up to a slice never depend on what
+follows it (tested), so the embedding of a view is the same in training and at retrieval; a
+prompt to generate from ends at ``ASSISTANT:``, and the answer's first token carries its space.
 
 Labels (for next-token prediction, aligned with ``input_ids``; ``-100`` = ignored): the response
 tokens and the closing ``</s>`` when the record has a response, otherwise every text-slice token
@@ -24,7 +29,7 @@ import dataclasses
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -87,6 +92,7 @@ class Collator:
         system_prompt: str = "",
         cut_points: int = 4,
         seed: int = 0,
+        processor=None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
@@ -96,22 +102,29 @@ class Collator:
         self.cut_points = cut_points
         self.seed = seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.system_prompt = system_prompt
         self.template = self._template(system_prompt)
+        self.processor = processor
+        self.image_placeholder = tokenizer.convert_ids_to_tokens(image_token_id)
+        self._runs: dict[Any, list[int]] = {}
+
+    PROMPT_ENDINGS: ClassVar[dict[str, str]] = {"assistant": " ASSISTANT:", "slice": "\n"}
+    """How a prompt to generate from ends: before an answer, or before the document's next slice."""
 
     @classmethod
     def for_model(cls, model, processor, **kwargs) -> Collator:
         """A collator for a :class:`~unimm.model.core.UnimmModel` and its processor (``kwargs``: the rest).
 
         Raises:
-            UnimmError: the processor lays images out otherwise than this collator does (see
-                :func:`check_image_layout`).
+            UnimmError: a model family collation does not support yet (:func:`check_model_type`).
         """
-        check_image_layout(model, processor)
+        check_model_type(model)
         return cls(
             processor.tokenizer,
             image_token_id=model.image_token_id,
             image_seq_length=model.image_seq_length,
             image_processor=processor.image_processor,
+            processor=processor,
             **kwargs,
         )
 
@@ -134,85 +147,147 @@ class Collator:
 
     # -----------------------------------------------------------------------------------------
 
-    def encode(self, sample: Sample, *, document_end: bool = True) -> Encoded:
-        """Encode one decoded sample.
+    def encode(self, sample: Sample, *, document_end: bool = True, ending: str | None = None) -> Encoded:
+        """Encode one decoded sample: render it as text, tokenize the whole text, expand images.
 
-        ``document_end=False`` leaves out the ``</s>`` that closes a document without a response
-        (for prompts, see :meth:`prompt`).
+        The text is tokenized in one piece, as the model's own processor does, so the ids at slice
+        boundaries are the processor's; each image placeholder becomes the processor's tokens for
+        that image (:meth:`image_run`). ``document_end=False`` leaves out the ``</s>`` that closes a
+        document without a response; ``ending`` (``assistant`` or ``slice``) ends the text as a
+        prompt does (see :meth:`prompt`).
         """
-        t = self.template
-        ids: list[int] = [*t.bos, *t.prefix]
-        labels: list[int] = [IGNORE] * len(ids)
-        spans: list[tuple[int, int, int]] = []
-        images: list[Any] = []
-        slices = sample.slices
         has_response = bool(sample.response)
-        response_ids = [*self._ids(sample.response), *t.eos] if has_response else []
-        # Room for the answer comes first: the prompt is cut before the answer is.
-        budget = self.max_length - (len(t.assistant) + len(response_ids) if has_response else 0)
-        budget = max(budget, len(ids) + 1)
-        dropped = 0
-        for n, item in enumerate(slices):
-            pieces: list[int] = list(t.separator) if n > 0 else []
-            if item.role == "assistant":
-                pieces = [*t.assistant]
-            if item.kind == "image":
-                body = [self.image_token_id] * self.image_seq_length
-            else:
-                body = self._ids(item.text)
-            tail = [*t.eos, *t.user_again] if item.role == "assistant" else []
-            room = budget - len(ids) - len(pieces)
-            if item.kind == "image" and len(body) > room:
-                dropped = len(slices) - n
+        overflow = 0
+        for _ in range(4):  # _fit estimates from per-slice counts; refit in the rare case it was short
+            kept, dropped, cut = self._fit(sample, self.max_length - overflow)
+            closed = (
+                ending is None and document_end and not has_response and bool(kept) and not (dropped or cut)
+            )
+            text, places, answer = self._render(kept, sample.response if has_response else None)
+            if ending is not None:
+                text += self.PROMPT_ENDINGS[ending]
+            if closed:
+                # A document ends with </s> (as LLaVA's pre-training captions do), so that text
+                # generated after its last slice learns to stop; the slice spans are unchanged.
+                text += self.tokenizer.eos_token or ""
+            ids, spans, labels, images = self._tokens(text, places, answer, labelled_slices=not has_response)
+            if len(ids) <= self.max_length:
                 break
-            if item.kind == "text" and room <= 0:
-                dropped = len(slices) - n
-                break
-            if item.kind == "text" and len(body) > room:
-                body = body[:room]
-                tail = []
-            ids.extend(pieces)
-            labels.extend([IGNORE] * len(pieces))
-            start = len(ids)
-            ids.extend(body)
-            if item.kind == "text" and not has_response and item.role != "assistant":
-                labels.extend(body)
-            else:
-                labels.extend([IGNORE] * len(body))
-            spans.append((IMAGE if item.kind == "image" else TEXT, start, len(ids)))
-            if item.kind == "image":
-                images.append(item.image)
-            ids.extend(tail)
-            labels.extend([IGNORE] * len(tail))
-            if len(ids) >= budget:
-                dropped = len(slices) - n - 1
-                break
-        complete = spans and dropped == 0 and len(ids) + len(t.eos) <= self.max_length
-        if document_end and not has_response and complete:
-            # A document ends with </s> (as LLaVA's pre-training captions do), so that text
-            # generated after its last slice learns to stop; the slice spans are unchanged.
-            ids.extend(t.eos)
-            labels.extend(t.eos)
-        if has_response:
-            ids.extend(t.assistant)
-            labels.extend([IGNORE] * len(t.assistant))
-            room = max(0, self.max_length - len(ids))
-            answer = response_ids[:room]
-            ids.extend(answer)
-            labels.extend(answer)
+            overflow += len(ids) - self.max_length
+        if closed and self.tokenizer.eos_token:
+            labels[-1] = ids[-1]
+        if len(ids) > self.max_length:  # only when even the answer does not fit: cut its end
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
         return Encoded(ids, labels, spans, images, dropped, sample.key)
+
+    def _render(self, slices: list, response: str | None):
+        """The prompt text and where each slice and the answer lie in it (character ranges).
+
+        LLaVA-1.5's layout: ``<s>{system} USER: {slice}\n{slice}… ASSISTANT: {answer}</s>``; an
+        earlier assistant turn is `` ASSISTANT: {text}</s>USER: `` around its slice.
+        """
+        tok = self.tokenizer
+        parts = [tok.bos_token or "", f"{self.system_prompt} " if self.system_prompt else "", "USER: "]
+        text = "".join(parts)
+        places = []
+        for n, item in enumerate(slices):
+            text += " ASSISTANT: " if item.role == "assistant" else ("\n" if n > 0 else "")
+            body = self.image_placeholder if item.kind == "image" else item.text
+            places.append((item, len(text), len(text) + len(body)))
+            text += body
+            if item.role == "assistant":
+                text += (tok.eos_token or "") + "USER: "
+        answer = None
+        if response is not None:
+            # "ASSISTANT:" then " answer": the space belongs to the answer's first token, as the
+            # prompt to generate from ends at the colon (see PROMPT_ENDINGS).
+            text += self.PROMPT_ENDINGS["assistant"] + " "
+            answer = (len(text) - 1, len(text) + len(response))
+            text += response + (tok.eos_token or "")
+        return text, places, answer
+
+    def _tokens(self, text: str, places: list, answer, *, labelled_slices: bool):
+        """Token ids of ``text`` with images expanded, the slice spans, labels and the images."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        flat, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        ids: list[int] = []
+        where: list[int] = []  # unexpanded token -> its first position in ids
+        image_at = {start: item for item, start, _ in places if item.kind == "image"}
+        runs: dict[int, tuple[int, int]] = {}
+        for token, (a, _) in zip(flat, offsets, strict=True):
+            where.append(len(ids))
+            if token == self.image_token_id and a in image_at:
+                run = self.image_run(image_at[a].image)
+                runs[a] = (len(ids), len(ids) + len(run))
+                ids.extend(run)
+            else:
+                ids.append(token)
+        labels = [IGNORE] * len(ids)
+        spans: list[tuple[int, int, int]] = []
+        images = []
+        for item, a, b in places:
+            if item.kind == "image":
+                start, end = runs[a]
+                spans.append((IMAGE, start, end))
+                images.append(item.image)
+                continue
+            inside = [k for k, (x, y) in enumerate(offsets) if x < b and y > a]
+            if not inside:  # whitespace merged into a neighbour: the token where the slice ends
+                inside = [max(k for k, (x, _) in enumerate(offsets) if x < b)]
+            start, end = where[inside[0]], where[inside[-1]] + 1
+            spans.append((TEXT, start, end))
+            if labelled_slices and item.role != "assistant":
+                labels[start:end] = ids[start:end]
+        if answer is not None:  # the answer and everything after it (its </s>)
+            first = next(k for k, (_, y) in enumerate(offsets) if y > answer[0])
+            labels[where[first] :] = ids[where[first] :]
+        return ids, spans, labels, images
+
+    def _fit(self, sample: Sample, max_length: int) -> tuple[list, int, bool]:
+        """The slices that fit in ``max_length`` (a text slice may be cut short, an image never is),
+        how many were dropped and whether the last was cut, from per-slice token counts (an upper
+        bound of the whole text's)."""
+        t = self.template
+        used = len(t.bos) + len(t.prefix)
+        if sample.response:
+            used += len(t.assistant) + len(self._ids(sample.response)) + len(t.eos)
+        budget = max(max_length, used + 1)
+        kept = []
+        for n, item in enumerate(sample.slices):
+            pieces = len(t.assistant) if item.role == "assistant" else (len(t.separator) if n else 0)
+            tail = len(t.eos) + len(t.user_again) if item.role == "assistant" else 0
+            size = len(self.image_run(item.image)) if item.kind == "image" else len(self._ids(item.text))
+            room = budget - used - pieces - tail
+            if (item.kind == "image" and size > room) or (item.kind == "text" and room <= 0):
+                return kept, len(sample.slices) - n, False
+            if item.kind == "text" and size > room:
+                cut = self.tokenizer.decode(self._ids(item.text)[:room])
+                return [*kept, dataclasses.replace(item, text=cut)], len(sample.slices) - n - 1, True
+            kept.append(item)
+            used += pieces + size + tail
+        return kept, 0, used + len(t.eos) > budget  # no room for the end mark: not complete
+
+    def image_run(self, image) -> list[int]:
+        """The tokens ``image`` becomes: the processor's expansion of one image placeholder
+        (cached by image size), or ``image_seq_length`` image tokens without a processor."""
+        if self.processor is None:
+            return [self.image_token_id] * self.image_seq_length
+        size = getattr(image, "size", None)
+        if size not in self._runs:
+            self._runs[size] = _expansion(self.processor, self.image_placeholder, image)
+        return self._runs[size]
 
     def prompt(self, sample: Sample, *, after: str = "assistant") -> Encoded:
         """``sample`` (without its response) as a prompt to generate from.
 
-        ``after="assistant"`` ends it with `` ASSISTANT: `` (answer the question), ``"slice"`` with
+        ``after="assistant"`` ends it with `` ASSISTANT:`` (answer the question), ``"slice"`` with
         the slice separator (continue the document). The tokens are exactly the prefix that
         training saw before the answer or the next slice: no ``</s>``, nothing labelled.
         """
-        encoded = self.encode(sample.replace(response=None), document_end=False)
-        tail = self.template.assistant if after == "assistant" else self.template.separator
-        ids = encoded.input_ids + tail
-        return dataclasses.replace(encoded, input_ids=ids, labels=[IGNORE] * len(ids))
+        if after not in self.PROMPT_ENDINGS:
+            raise ValueError(f"after must be one of {tuple(self.PROMPT_ENDINGS)}, got {after!r}")
+        encoded = self.encode(sample.replace(response=None), document_end=False, ending=after)
+        return dataclasses.replace(encoded, labels=[IGNORE] * len(encoded.input_ids))
 
     def cuts(self, encoded: Encoded) -> list[int]:
         """Up to ``cut_points`` slice indices to embed (sorted), always including the last kept slice.
@@ -270,35 +345,45 @@ class Collator:
         return batch
 
 
-def check_image_layout(model, processor) -> None:
-    """Refuse a model whose processor gives an image other tokens than this collator would.
+SUPPORTED_TYPES = ("llava", "llava_next", "idefics3", "paligemma")
+"""Model types whose training, embedding and generation are tested end to end (tiny models of
+each, tests/test_families.py). Others are refused rather than fed misaligned image features."""
 
-    The collator writes ``image_seq_length`` image tokens per image (LLaVA-1.5's layout; PaliGemma
-    counts the same way). Families whose processors make the count depend on the image (LLaVA-NeXT,
-    Qwen-VL, Idefics3 tiles, Mistral 3) or pool to another count (Gemma 3, InternVL) would be fed
-    misaligned image features, so they are refused with what their processor does instead. Asked of
-    the processor itself, for two image shapes.
+
+def check_model_type(model) -> None:
+    """Refuse a model family collation does not support yet, naming it and the supported ones.
 
     Raises:
-        UnimmError: naming the model type and both counts.
+        UnimmError: naming the model type.
     """
-    from PIL import Image
-
     from unimm.errors import UnimmError
 
-    image_token = processor.tokenizer.convert_ids_to_tokens(model.image_token_id)
-    counts = set()
-    for size in ((64, 48), (40, 96)):
-        try:
-            ids = processor(text=[image_token], images=[Image.new("RGB", size)])["input_ids"][0]
-        except Exception as exc:  # a processor that cannot even expand one image
-            counts.add(f"an error ({type(exc).__name__}: {exc})")
-            continue
-        counts.add(sum(1 for i in ids if int(i) == model.image_token_id))
-    if counts != {model.image_seq_length}:
-        found = " and ".join(str(c) for c in sorted(counts, key=str))
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_TYPES:
         raise UnimmError(
-            f"model type {model.config.model_type!r}: its processor turns an image into {found} image "
-            f"token(s), while unimm's collation lays out {model.image_seq_length} per image (LLaVA-1.5's "
-            "layout); this family is not supported yet (supported: llava, paligemma)"
+            f"model type {model_type!r} is not supported yet (supported: {', '.join(SUPPORTED_TYPES)}): "
+            "its processor lays images out in a way unimm's collation does not handle yet"
         )
+
+
+def _expansion(processor, placeholder: str, image) -> list[int]:
+    """The tokens the processor puts where one image placeholder stood, markers included.
+
+    Asked as ``"a" + placeholder + "b"``: the tokens between ``a`` and ``b`` in the processor's
+    ids (it may also add tokens elsewhere, e.g. PaliGemma's closing newline).
+    """
+    import difflib
+
+    probe = f"a{placeholder}b"
+    plain = list(processor.tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = [int(i) for i in processor(text=[probe], images=[image], add_special_tokens=False)["input_ids"][0]]
+    matcher = difflib.SequenceMatcher(None, plain, full, autojunk=False)
+    mapped = {}
+    for tag, i1, i2, j1, _ in matcher.get_opcodes():
+        if tag == "equal":
+            mapped.update({i1 + k: j1 + k for k in range(i2 - i1)})
+    where = plain.index(processor.tokenizer.convert_tokens_to_ids(placeholder))
+    before, after = mapped.get(where - 1), mapped.get(where + 1)
+    if before is None or after is None:
+        raise ValueError(f"cannot find the expansion of {placeholder!r} in the processor's output")
+    return full[before + 1 : after]

@@ -216,6 +216,7 @@ def _family(family: str, tokenizer, text: dict):
             tokenizer=tokenizer,
             patch_size=8,
             vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops
         )
     elif family == "idefics3":
         config = T.Idefics3Config(
