@@ -35,14 +35,9 @@ clipv = dict(
     num_hidden_layers=1,
     num_attention_heads=2,
 )
-sigv = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-)
+sigv = clipv  # SigLIP's vision config takes the same keys
+qwenv = dict(hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2)
+mrope = {"type": "mrope", "mrope_section": [1, 1, 2]}
 FAMILIES = {
     "llava": lambda: T.LlavaForConditionalGeneration(
         T.LlavaConfig(vision_config=T.CLIPVisionConfig(**clipv), text_config=T.LlamaConfig(**text))
@@ -63,30 +58,15 @@ FAMILIES = {
     ),
     "qwen2_vl": lambda: T.Qwen2VLForConditionalGeneration(
         T.Qwen2VLConfig(
-            text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-            vision_config=dict(
-                depth=1,
-                embed_dim=32,
-                hidden_size=32,
-                num_heads=2,
-                mlp_ratio=2,
-                patch_size=8,
-                spatial_merge_size=2,
-            ),
+            text_config=dict(text, rope_scaling=mrope),
+            vision_config=dict(qwenv, depth=1, embed_dim=32, mlp_ratio=2),
         )
     ),
     "qwen2_5_vl": lambda: T.Qwen2_5_VLForConditionalGeneration(
         T.Qwen2_5_VLConfig(
-            text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            text_config=dict(text, rope_scaling=mrope),
             vision_config=dict(
-                depth=1,
-                hidden_size=32,
-                out_hidden_size=32,
-                intermediate_size=64,
-                num_heads=2,
-                patch_size=8,
-                spatial_merge_size=2,
-                fullatt_block_indexes=[0],
+                qwenv, depth=1, out_hidden_size=32, intermediate_size=64, fullatt_block_indexes=[0]
             ),
         )
     ),
@@ -97,13 +77,10 @@ FAMILIES = {
                 rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True},
             ),
             vision_config=dict(
+                qwenv,
                 depth=2,
-                hidden_size=32,
                 out_hidden_size=32,
                 intermediate_size=64,
-                num_heads=2,
-                patch_size=8,
-                spatial_merge_size=2,
                 num_position_embeddings=16,
                 deepstack_visual_indexes=[1],
             ),
@@ -111,14 +88,7 @@ FAMILIES = {
     ),
     "idefics3": lambda: T.Idefics3ForConditionalGeneration(
         T.Idefics3Config(
-            vision_config=dict(
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-            ),
+            vision_config=clipv,
             text_config=dict(text, model_type="llama"),
             scale_factor=2,
         )
@@ -135,14 +105,7 @@ FAMILIES = {
     ),
     "internvl": lambda: T.InternVLForConditionalGeneration(
         T.InternVLConfig(
-            vision_config=dict(
-                image_size=[32, 32],
-                patch_size=[8, 8],
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-            ),
+            vision_config=dict(clipv, image_size=[32, 32], patch_size=[8, 8]),
             text_config=T.Qwen2Config(**text),
         )
     ),
