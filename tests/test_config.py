@@ -168,3 +168,28 @@ def test_every_recipe_section_has_one_dataclass():
     from unimm.config import RECIPE_SECTIONS, SECTIONS
 
     assert set(SECTIONS) == RECIPE_SECTIONS
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    """YAML 1.1 reads no/yes/on/off as booleans; `--set train.mixed_precision=no` must mean "no"."""
+    from unimm.config import TrainConfig, build_config
+    from unimm.config.build import parse_override
+
+    assert [parse_override(f"a={v}")[1] for v in ("no", "yes", "off", "true", "False")] == [
+        "no",
+        "yes",
+        "off",
+        True,
+        False,
+    ]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model:\n  tiny: true\n  lora: false\ndata:\n  train: [s]\ntrain:\n  mixed_precision: no\n"
+    )
+    cfg = build_config(TrainConfig, recipe=recipe, options={"out": "x"}, overrides=["model.train_lm=true"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.lora is False and cfg.model.train_lm is True
+    # a bool field still takes yes/no (the field's type decides), a string field keeps the word
+    lora = build_config(TrainConfig, recipe=recipe, options={"out": "x"}, overrides=["model.lora=yes"])
+    assert lora.model.lora is True
+    with pytest.raises(ConfigError, match=r"model\.lora: expected bool, got 'maybe'"):
+        build_config(TrainConfig, recipe=recipe, options={"out": "x"}, overrides=["model.lora=maybe"])

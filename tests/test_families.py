@@ -121,3 +121,23 @@ def test_parity_with_the_familys_own_processor_and_model(folders, family):
         )
         reference = mllm(**theirs)
     torch.testing.assert_close(mine.logits, reference.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_smolvlm_recipe_trains_an_idefics3_model(folders, tiny_shards, tmp_path):
+    """The shipped smolvlm-256m recipe, on the tiny Idefics3 and on CPU (float32, no autocast)."""
+    args = ["train", "--recipe", "smolvlm-256m", "--out", str(tmp_path / "run"), "-q"]
+    overrides = [
+        f"model.path={folders['idefics3']}",
+        f"data.train={tiny_shards}",
+        "model.dtype=float32",
+        "train.mixed_precision=no",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.max_steps=2",
+        "train.save_every=2",
+        "data.workers=0",
+    ]
+    result = runner.invoke(app, [*args, *(x for o in overrides for x in ("--set", o))])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "run" / "step-000002" / "unimm.json").read_text())
+    assert meta["lora"] is False and meta["recipe"]["model"]["train_lm"] is True

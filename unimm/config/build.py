@@ -8,6 +8,7 @@ YAML files or the names of recipes shipped in ``unimm/recipes/``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -64,6 +65,21 @@ def resolve_recipe(recipe: str | Path) -> Path:
     )
 
 
+class _StrictBoolLoader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2 booleans: only ``true``/``false``. YAML 1.1 also reads
+    ``no``/``yes``/``on``/``off`` as booleans, so ``--set train.mixed_precision=no`` became
+    ``False`` and was refused."""
+
+
+_StrictBoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictBoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def load_recipe(recipe: str | Path) -> dict[str, Any]:
     """Read a recipe (a YAML file or a shipped recipe's name, see :func:`resolve_recipe`) into a
     dict; raise :class:`ConfigError` naming the file on failure."""
@@ -73,7 +89,7 @@ def load_recipe(recipe: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"cannot read recipe: {exc.strerror or exc}"], source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictBoolLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -96,7 +112,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError([f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=2e-4"], source="--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictBoolLoader) if raw.strip() else ""  # a SafeLoader
     except yaml.YAMLError:
         value = raw
     return key, value
