@@ -120,20 +120,12 @@ VARIANT_KEYS = ("train.alpha", "data.train", "data.cut_points", "model.path", "m
 
 
 def _check_train_settings(recipe: str, overrides: list[str]) -> None:
-    from unimm.config import load_recipe
-    from unimm.config.commands import check_overrides
-    from unimm.errors import ConfigError
+    from unimm.config.commands import check_settings
 
-    load_recipe(recipe)
-    problems = check_overrides(overrides)
-    for text in overrides:
-        key = text.partition("=")[0].strip()
-        if key in VARIANT_KEYS:
-            problems.append(f"--set {key}: the benchmark sets it (it defines the variants)")
-        elif key.split(".", 1)[0] not in ("model", "data", "align", "train"):
-            problems.append(f"--set {key}: not a training key (sections: model, data, align, train)")
-    if problems:
-        raise ConfigError(problems)
+    owned = {key: "the benchmark sets it (it defines the variants)" for key in VARIANT_KEYS}
+    check_settings(
+        recipe, overrides, owned=owned, sections=("model", "data", "align", "train"), what="training"
+    )
 
 
 def _variant(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from unimm.config.data import DataOptions, PrepareOptions, TeacherOptions
 from unimm.config.inference import ChatOptions, EmbedOptions, EvalOptions, RetrieveOptions
@@ -99,3 +100,43 @@ def check_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     for section, body in tree.items():
         _build(SECTIONS[section], body, f"{section}.", problems)
     return problems
+
+
+def override_key(text: str) -> str:
+    """The dotted key of a ``KEY=VALUE`` override (``train.lr`` of ``train.lr=1e-4``)."""
+    return text.partition("=")[0].strip()
+
+
+def check_settings(
+    recipe: str | Path,
+    overrides: list[str] | tuple[str, ...],
+    *,
+    owned: dict[str, str],
+    sections: tuple[str, ...] | None = None,
+    what: str = "",
+) -> dict:
+    """Check a recipe and ``--set`` overrides before a pipeline that builds configs later does any
+    work; return the recipe's sections (read once).
+
+    Args:
+        owned: keys the caller sets itself, each with the reason a ``--set`` of it is refused.
+        sections: the sections overrides may name (default: every section).
+        what: the kind of key ``sections`` allows, for the message (e.g. ``training``).
+
+    Raises:
+        ConfigError: every problem at once (see :func:`check_overrides`).
+    """
+    from unimm.config.build import load_recipe
+    from unimm.errors import ConfigError
+
+    data = load_recipe(recipe)
+    problems = check_overrides(overrides)
+    for text in overrides:
+        key = override_key(text)
+        if key in owned:
+            problems.append(f"--set {key}: {owned[key]}")
+        elif sections is not None and key.split(".", 1)[0] not in sections:
+            problems.append(f"--set {key}: not a {what} key (sections: {', '.join(sections)})")
+    if problems:
+        raise ConfigError(problems)
+    return data

@@ -25,6 +25,7 @@ not fit is dropped with everything after it); dropped slices are counted.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import random
@@ -57,7 +58,9 @@ class Encoded:
 
 @dataclasses.dataclass
 class TemplateTokens:
-    """Token ids of the fixed template pieces for one tokenizer."""
+    """Token ids of the fixed template pieces for one tokenizer, each encoded on its own: what
+    :meth:`Collator._fit` estimates a too-long sample's length from (the ids themselves come from
+    tokenizing the whole rendered text)."""
 
     bos: list[int]
     prefix: list[int]  # system prompt + " USER: "
@@ -157,9 +160,14 @@ class Collator:
         prompt does (see :meth:`prompt`).
         """
         has_response = bool(sample.response)
-        overflow = 0
-        for _ in range(4):  # _fit estimates from per-slice counts; refit in the rare case it was short
-            kept, dropped, cut = self._fit(sample, self.max_length - overflow)
+        # Everything is tokenized once first (the common case: it fits). Only a sample that is too
+        # long is fitted from per-slice counts, and refitted in the rare case that estimate was short.
+        budget = None
+        for _ in range(5):
+            if budget is None:
+                kept, dropped, cut = list(sample.slices), 0, False
+            else:
+                kept, dropped, cut = self._fit(sample, budget)
             closed = (
                 ending is None and document_end and not has_response and bool(kept) and not (dropped or cut)
             )
@@ -173,7 +181,7 @@ class Collator:
             ids, spans, labels, images = self._tokens(text, places, answer, labelled_slices=not has_response)
             if len(ids) <= self.max_length:
                 break
-            overflow += len(ids) - self.max_length
+            budget = self.max_length if budget is None else budget - (len(ids) - self.max_length)
         if closed and self.tokenizer.eos_token:
             labels[-1] = ids[-1]
         if len(ids) > self.max_length:  # only when even the answer does not fit: cut its end
@@ -210,6 +218,7 @@ class Collator:
         """Token ids of ``text`` with images expanded, the slice spans, labels and the images."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         flat, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        starts, ends = [x for x, _ in offsets], [y for _, y in offsets]
         ids: list[int] = []
         where: list[int] = []  # unexpanded token -> its first position in ids
         image_at = {start: item for item, start, _ in places if item.kind == "image"}
@@ -231,15 +240,16 @@ class Collator:
                 spans.append((IMAGE, start, end))
                 images.append(item.image)
                 continue
-            inside = [k for k, (x, y) in enumerate(offsets) if x < b and y > a]
-            if not inside:  # whitespace merged into a neighbour: the token where the slice ends
-                inside = [max(k for k, (x, _) in enumerate(offsets) if x < b)]
-            start, end = where[inside[0]], where[inside[-1]] + 1
+            # the tokens overlapping [a, b): offsets are sorted, so two binary searches
+            first, last = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b) - 1
+            if last < first:  # whitespace merged into a neighbour: the token where the slice ends
+                first = last
+            start, end = where[first], where[last] + 1
             spans.append((TEXT, start, end))
             if labelled_slices and item.role != "assistant":
                 labels[start:end] = ids[start:end]
         if answer is not None:  # the answer and everything after it (its </s>)
-            first = next(k for k, (_, y) in enumerate(offsets) if y > answer[0])
+            first = bisect.bisect_right(ends, answer[0])
             labels[where[first] :] = ids[where[first] :]
         return ids, spans, labels, images
 

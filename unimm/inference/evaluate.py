@@ -109,7 +109,7 @@ class Evaluator:
     def __init__(self, session, batch_size: int = 16) -> None:
         self.session = session
         self.model, self.device = session.model, session.device
-        self.collator, self.tokenizer = session.collator, session.tokenizer
+        self.collator = session.collator
         self.batch_size = batch_size
 
     @classmethod

@@ -140,15 +140,17 @@ class UnimmModel(nn.Module):
         image tokens inside its span, however many the processor made of it, not the markers
         around them some families add.
         """
+        input_ids = input_ids.cpu()
+        image_token = self.image_token_id
         rows, last, image_views, positions = [], [], [], []
         for v, (b, cut) in enumerate(views):
             kind, start, end = spans[b][cut]
             rows.append(b)
             last.append(end - 1)
             if kind == IMAGE and self.pooling == "paper":
-                own = (input_ids[b, start:end] == self.image_token_id).nonzero().flatten() + start
+                own = (input_ids[b, start:end] == image_token).nonzero().flatten() + start
                 image_views.append(v)
-                positions.append(own if own.numel() else torch.arange(start, end, device=input_ids.device))
+                positions.append(own if own.numel() else torch.arange(start, end))
         device = hidden.device
         b_idx = torch.tensor(rows, device=device)
         pooled = hidden[b_idx, torch.tensor(last, device=device)].float()
@@ -185,7 +187,8 @@ class UnimmModel(nn.Module):
                 loss_gen = hidden.sum() * 0.0
         embeddings = pooled = None
         if with_views and batch.get("views"):
-            pooled = self.pool(hidden, batch["spans"], batch["views"], input_ids)
+            # the collator's CPU ids: finding each image's positions there needs no device sync
+            pooled = self.pool(hidden, batch["spans"], batch["views"], batch["input_ids"])
             embeddings = self.head(pooled)
         return ModelOutput(loss_gen, embeddings, pooled, label_tokens)
 

@@ -63,25 +63,24 @@ class Settings:
 
     recipe: str = RECIPE
     overrides: tuple[str, ...] = ()
+    sections: frozenset[str] = dataclasses.field(default=frozenset(), init=False)
+    """The recipe's sections (read once, when checked)."""
 
     def __post_init__(self) -> None:
-        from unimm.config import load_recipe
-        from unimm.config.commands import check_overrides
-        from unimm.errors import ConfigError
+        from unimm.config.commands import check_settings
 
-        load_recipe(self.recipe)  # a missing or broken recipe is reported before any work
-        problems = check_overrides(self.overrides)
-        for text in self.overrides:
-            key = text.partition("=")[0].strip()
-            if key in OWNED:
-                flag = f" (use {OWNED[key]})" if OWNED[key] else ""
-                problems.append(f"--set {key}: the quickstart sets it itself{flag}")
-        if problems:
-            raise ConfigError(problems)
+        reasons = {
+            key: "the quickstart sets it itself" + (f" (use {flag})" if flag else "")
+            for key, flag in OWNED.items()
+        }
+        recipe = check_settings(self.recipe, self.overrides, owned=reasons)
+        object.__setattr__(self, "sections", frozenset(recipe))
 
     def _mine(self, cls: type) -> list[str]:
+        from unimm.config.commands import override_key
+
         own = {f.name for f in dataclasses.fields(cls)}
-        return [t for t in self.overrides if t.partition("=")[0].strip().split(".", 1)[0] in own]
+        return [t for t in self.overrides if override_key(t).split(".", 1)[0] in own]
 
     def build(self, cls: type, options: dict[str, Any], overrides: tuple[str, ...] = ()):
         """``cls``'s config: the recipe, then the quickstart's ``options``/``overrides``, then ``--set``."""
@@ -91,10 +90,8 @@ class Settings:
     def flags(self, cls: type, overrides: tuple[str, ...] = ()) -> list[str]:
         """The ``--recipe``/``--set`` flags of the equivalent command (``--recipe`` when the recipe
         has a section of that command)."""
-        from unimm.config import load_recipe
-
         own = {f.name for f in dataclasses.fields(cls)}
-        args = ["--recipe", str(self.recipe)] if own & set(load_recipe(self.recipe)) else []
+        args = ["--recipe", str(self.recipe)] if own & self.sections else []
         for item in [*overrides, *self._mine(cls)]:
             args += ["--set", item]
         return args
