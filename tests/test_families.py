@@ -1,8 +1,11 @@
 """Model families end to end through the CLI, with tiny random models and their own processors.
 
-LLaVA-1.5, LLaVA-NeXT (an image's token count varies with its shape), Idefics3 (tiles and marker
-tokens) and PaliGemma run every command; the families not supported yet are refused with a
-message, not a traceback.
+Ten families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3,
+Gemma 3, PaliGemma, InternVL) train (full and LoRA), embed, retrieve, chat and evaluate; for each,
+unimm's input ids and the model's logits equal what the family's own processor, chat template and
+model give for the same conversation, and the stored vectors equal a hand computation from the
+model's hidden states. Qwen-VL, LLaVA-OneVision and InternVL processors load image-only here
+(no torchvision on these machines: tests/imageonly.py).
 """
 
 from __future__ import annotations
@@ -11,12 +14,22 @@ import json
 
 import pytest
 import torch
+from imageonly import image_only
+from PIL import Image
 from typer.testing import CliRunner
 
 from unimm.cli import app
+from unimm.data.samples import Sample, Slice
 from unimm.tiny.models import FAMILIES, save_tiny_mllm
 
 runner = CliRunner()
+TEMPLATED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _image_only_processors():
+    with image_only():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +53,13 @@ def test_each_family_loads_offline_with_its_own_processor(folders, family):
 
     model = AutoModelForImageTextToText.from_pretrained(folders[family], local_files_only=True)
     processor = AutoProcessor.from_pretrained(folders[family], local_files_only=True)
-    assert model.config.model_type == family and processor.tokenizer.image_token
+    assert model.config.model_type == family and isinstance(processor.image_token, str)
+    assert bool(processor.chat_template) == (family in (*TEMPLATED, "llava_onevision"))
     find_parts(model)
 
 
 @pytest.mark.parametrize("lora", [True, False])
-@pytest.mark.parametrize("family", ["paligemma", "llava_next", "idefics3"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])  # LLaVA: test_train.py
 def test_family_trains_embeds_retrieves_and_chats(folders, tiny_shards, tmp_path, lora, family):
     from unimm.data.shards import read_samples
     from unimm.inference.session import Session
@@ -77,50 +91,170 @@ def test_family_trains_embeds_retrieves_and_chats(folders, tiny_shards, tmp_path
         app, ["chat", "--model", str(checkpoint), "--prompt", "What?", "--max-new-tokens", "2"]
     )
     assert result.exit_code == 0, result.output
+    # Generation with images, batched with left padding, equals one prompt at a time.
+    prompts = [
+        Sample.of_slices([Slice.of_image(Image.new("RGB", (48, 32), "red")), Slice.of_text("What?")]),
+        Sample.of_slices([Slice.of_text("Say two red circles, please")]),
+    ]
+    batched = session.generate(prompts, max_new_tokens=3)
+    assert batched == [session.generate([p], max_new_tokens=3)[0] for p in prompts]
+    if not lora:
+        return
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(checkpoint), "--data", str(tiny_shards), "--limit", "4", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--tasks", "captioning,retrieval,interleaved"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "internvl", "mistral3", "llava_onevision"])
-def test_a_family_not_supported_yet_is_refused_clearly(family):
-    from test_parts import _build
+def _conversation(family: str, processor):
+    """A sample, and the same conversation as the family's users write it: the processor's text
+    (from its chat template, or LLaVA's plain layout for the families unimm lays out that way)
+    and images. LLaVA-OneVision gets one image (its processor gives an image of a multi-image
+    prompt fewer tokens than one alone; unimm encodes every image as if alone, see layout docs)."""
+    images = [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (40, 96), (20, 200, 40))]
+    if family == "llava_onevision":
+        images = images[:1]
+    parts = [("image", images[0]), ("text", "and")] + ([("image", images[1])] if len(images) > 1 else [])
+    parts.append(("text", "What colour?"))
+    sample = Sample(
+        key="q", slices=[Slice.of_image(x) if k == "image" else Slice.of_text(x) for k, x in parts]
+    )
+    if family in TEMPLATED:
+        content = [{"type": "image"} if k == "image" else {"type": "text", "text": x} for k, x in parts]
+        messages = [{"role": "user", "content": content}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        body = "\n".join(processor.image_token if k == "image" else x for k, x in parts)
+        text = f"{processor.tokenizer.bos_token}USER: {body} ASSISTANT:"
+    return sample, text, images
 
-    from unimm.data.collate import Collator
-    from unimm.errors import UnimmError
-    from unimm.model.core import RetrievalHead, UnimmModel
 
-    model = UnimmModel(_build(family), RetrievalHead(32, 8))
-    with pytest.raises(UnimmError, match=rf"model type '{family}' is not supported yet \(supported: llava, "):
-        Collator.for_model(model, processor=None)
-
-
-@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
+# PaliGemma's processor writes its own prefix-LM layout (images, then <bos>, the prompt and a
+# newline, with bidirectional attention over that prefix); unimm lays it out like LLaVA and keeps
+# it causal, so that a view's embedding depends only on what precedes it: there is no parity to hold.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "paligemma"])
 def test_parity_with_the_familys_own_processor_and_model(folders, family):
-    """For a prompt, unimm's input ids are the processor's for the same text, and the model's logits
-    from unimm's batch equal those from the processor's own outputs."""
-    from PIL import Image
-
+    """For a prompt, unimm's input ids are the processor's for the same conversation, the model's
+    logits from unimm's batch equal those from the processor's own outputs, and each view's
+    vector is the retrieval head on a hand-pooled hidden state of the processor's inputs."""
     from unimm.data.collate import Collator
-    from unimm.data.samples import Sample, Slice
     from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
 
     mllm, processor = load_mllm(folders[family])
-    model = UnimmModel(mllm.eval(), RetrievalHead(32, 8))
+    torch.manual_seed(0)
+    model = UnimmModel(mllm.eval(), RetrievalHead(mllm.config.text_config.hidden_size, 8))
     collator = Collator.for_model(model, processor)
-    images = [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (40, 96), (20, 200, 40))]
-    sample = Sample(
-        key="q", slices=[Slice.of_image(images[0]), Slice.of_text("and"), Slice.of_image(images[1])]
-    )
-    ours = collator.prompt(sample.replace(slices=[*sample.slices, Slice.of_text("What colour?")]))
-    ph = processor.tokenizer.image_token
-    text = f"{processor.tokenizer.bos_token}USER: {ph}\nand\n{ph}\nWhat colour? ASSISTANT:"
+    assert collator.layout.name == ("chat template" if family in TEMPLATED else "plain")
+    sample, text, images = _conversation(family, processor)
+    ours = collator.prompt(sample)
     theirs = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
     assert ours.input_ids == theirs["input_ids"][0].tolist()
     batch = collator.batch([ours])
+    expected_keys = set(theirs) - {"input_ids", "attention_mask"}
+    assert set(batch["image_inputs"]) == expected_keys  # everything the model needs reaches it
     with torch.no_grad():
         mine = mllm(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **batch["image_inputs"]
         )
         reference = mllm(**theirs)
-    torch.testing.assert_close(mine.logits, reference.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.logits, reference.logits, atol=1e-5, rtol=1e-5)
+        # Hand pooling on the processor's inputs: an image's own image-token positions, the
+        # last token of a text slice.
+        hidden = mllm.model(**theirs).last_hidden_state[0]
+        ids = theirs["input_ids"][0].tolist()
+        image_at = [i for i, t in enumerate(ids) if t == model.image_token_id]
+        alone = list(processor(text=[processor.image_token], images=[images[:1]])["input_ids"][0])
+        first = image_at[: alone.count(model.image_token_id)]  # the first image's own tokens
+        pooled = [hidden[first].mean(0)]
+        if len(images) > 1:
+            second = image_at[len(first) :]
+            decode = processor.tokenizer.decode
+            and_end = next(
+                i for i in range(first[-1], second[0]) if "and" in decode(ids[first[-1] + 1 : i + 1])
+            )
+            pooled += [hidden[and_end], hidden[second].mean(0)]
+        batch["views"] = [(0, c) for c in range(len(pooled))]
+        torch.testing.assert_close(model.embed(batch), model.head(torch.stack(pooled)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", TEMPLATED)
+def test_chat_template_turns_and_prefixes(folders, family):
+    """Under a chat template: a multi-turn conversation (an earlier assistant answer) is the
+    template's own text, the answer's labels are the answer and the turn's end, and the tokens up
+    to every slice are the same whatever follows it (the causal-embedding contract)."""
+    from unimm.data.collate import IGNORE, Collator
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+    mllm, processor = load_mllm(folders[family])
+    collator = Collator.for_model(UnimmModel(mllm, RetrievalHead(32, 8)), processor)
+    image = Image.new("RGB", (48, 48), "blue")
+    slices = [
+        Slice.of_image(image),
+        Slice.of_text("What shape?"),
+        Slice.of_text("A square.", role="assistant"),
+        Slice.of_text("What colour?"),
+    ]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What colour?"}]},
+    ]
+    full = [*messages, {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]
+    text = processor.apply_chat_template(full, tokenize=False)
+    theirs = processor(text=[text], images=[[image]], add_special_tokens=False)["input_ids"][0]
+    encoded = collator.encode(Sample(key="c", slices=slices, response="Blue."))
+    assert encoded.input_ids == list(theirs)
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answer_at = len(processor(text=[prompt], images=[[image]], add_special_tokens=False)["input_ids"][0])
+    assert encoded.labels == [IGNORE] * answer_at + encoded.input_ids[answer_at:]
+    document = Sample(
+        key="d",
+        slices=[
+            Slice.of_text("two red"),
+            Slice.of_text("circles"),
+            Slice.of_image(image),
+            Slice.of_text("left"),
+        ],
+    )
+    whole = collator.encode(document, document_end=False)
+    for k, (_, _, end) in enumerate(whole.spans):
+        part = collator.encode(document.replace(slices=document.slices[: k + 1]), document_end=False)
+        assert part.input_ids == whole.input_ids[:end], k
+
+
+def test_a_processor_that_cannot_expand_images_is_refused_clearly(folders):
+    from unimm.data.collate import Collator
+    from unimm.errors import UnimmError
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+    mllm, processor = load_mllm(folders["llava"])
+    processor.image_token = None
+    with pytest.raises(
+        UnimmError, match=r"processor LlavaProcessor has no image_token \(the image placeholder"
+    ):
+        Collator.for_model(UnimmModel(mllm, RetrievalHead(64, 8)), processor)
+
+
+def test_a_processor_needing_torchvision_says_so(folders):
+    from transformers.utils import is_torchvision_available
+
+    from unimm.errors import UnimmError
+    from unimm.model.core import load_mllm
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: the Qwen2-VL processor loads")
+    import transformers.processing_utils as P
+    from imageonly import image_only  # noqa: F401 - the module fixture's patch is lifted below
+
+    names = type(P.MODALITY_TO_AUTOPROCESSOR_MAPPING)._MAPPING_NAMES
+    saved = names["video_processor"]
+    names["video_processor"] = ("transformers.models.auto.video_processing_auto", "AutoVideoProcessor")
+    try:
+        with pytest.raises(UnimmError, match="its processor needs torchvision"):
+            load_mllm(folders["qwen2_vl"])
+    finally:
+        names["video_processor"] = saved
 
 
 def test_the_smolvlm_recipe_trains_an_idefics3_model(folders, tiny_shards, tmp_path):

@@ -110,9 +110,9 @@ def test_old_checkpoints_get_their_settings_patched(trained, tmp_path, tiny_shar
     meta = json.loads((current / "unimm.json").read_text())
     meta["recipe"]["model"]["system_prompt"] = "ignored by inference"
     (current / "unimm.json").write_text(json.dumps(meta))
-    prompt = Session.load(current, device="cpu").collator.template.prefix
-    terse = Session.load(old, device="cpu").collator.template.prefix
-    plain = Session.load(checkpoint, device="cpu").collator.template.prefix
+    prompt = Session.load(current, device="cpu").collator.layout.system_prompt
+    terse = Session.load(old, device="cpu").collator.layout.system_prompt
+    plain = Session.load(checkpoint, device="cpu").collator.layout.system_prompt
     assert prompt == plain != terse
 
 

@@ -118,7 +118,7 @@ class Session:
     ) -> list[str]:
         """Continuations of ``prompts`` (their responses ignored), batched with left padding.
 
-        ``after="assistant"`` ends each prompt with `` ASSISTANT: `` (answer it), ``"slice"`` with
+        ``after="assistant"`` ends each prompt where the answer starts (answer it), ``"slice"`` with
         the slice separator (continue the document). Greedy unless ``temperature > 0`` (then
         nucleus sampling with ``top_p``). ``streamer`` (a ``transformers`` streamer; one prompt
         only) receives the tokens as they are generated. Returns the decoded texts, stripped.
@@ -126,24 +126,18 @@ class Session:
         if streamer is not None and len(prompts) != 1:
             raise ValueError("a streamer takes one prompt at a time")
         encoded = [self.collator.prompt(p, after=after) for p in prompts]
-        pad = self.collator.pad_id
-        longest = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, e in enumerate(encoded):
-            ids[b, longest - len(e.input_ids) :] = torch.tensor(e.input_ids)
-            mask[b, longest - len(e.input_ids) :] = 1
-        image_inputs = self.collator.image_inputs([img for e in encoded for img in e.images])
+        batch = self.collator.batch(encoded, pad_left=True)
+        longest = batch["input_ids"].shape[1]
         if temperature > 0:
             sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p}
         else:
             sampling = {"do_sample": False}
         out = self.model.generate(
-            ids.to(self.device),
-            mask.to(self.device),
-            image_inputs,
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            batch["image_inputs"],
             max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
+            pad_token_id=self.collator.pad_id,
             **({"streamer": streamer} if streamer is not None else {}),
             **sampling,
         )

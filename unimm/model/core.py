@@ -103,15 +103,6 @@ class UnimmModel(nn.Module):
                 return value
         raise UnimmError(f"{type(self.base).__name__}: its config names no image token (image_token_id)")
 
-    @property
-    def image_seq_length(self) -> int:
-        """Image tokens per image: patches, plus the CLS token when all features are kept."""
-        vision = self.config.vision_config
-        tokens = (vision.image_size // vision.patch_size) ** 2
-        if getattr(self.config, "vision_feature_select_strategy", "default") == "full":
-            tokens += 1
-        return tokens
-
     def _image_kwargs(self, image_inputs: dict[str, torch.Tensor] | None, device) -> dict[str, Any]:
         """The collator's image inputs on ``device``; floating ones (pixels) in the model's dtype."""
         out: dict[str, Any] = {}
@@ -228,6 +219,14 @@ def load_mllm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remot
         processor = AutoProcessor.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code
         )
+    except ImportError as exc:  # a processor part that needs a package this machine lacks
+        if "torchvision" in str(exc).lower():
+            raise UnimmError(
+                f"model {path}: its processor needs torchvision (for its video processor, which is "
+                f"built with it even for images); install the torchvision release that matches torch "
+                f"{torch.__version__.split('+')[0]}"
+            ) from None
+        raise UnimmError(f"model {path}: cannot load it ({' '.join(str(exc).split())})") from None
     except Exception as exc:  # transformers raises many types for an unusable folder
         raise UnimmError(
             f"model {path}: cannot load it as an image-text-to-text model ({type(exc).__name__}: {exc})"

@@ -79,30 +79,47 @@ def save_tiny_llava(
     return out
 
 
-def train_tiny_tokenizer(texts: list[str], vocab_size: int, image_token: str = "<image>"):
-    """A byte-level BPE tokenizer trained on ``texts`` (any text encodes), ``image_token`` special."""
+def train_tiny_tokenizer(
+    texts: list[str],
+    vocab_size: int,
+    image_token: str = "<image>",
+    *,
+    named: dict[str, str] | None = None,
+    extra: list[str] | None = None,
+    eos: str = "</s>",
+):
+    """A byte-level BPE tokenizer trained on ``texts`` (any text encodes).
+
+    ``image_token`` (or ``named``: tokenizer attributes such as ``image_token``/``boi_token`` →
+    token) and ``extra`` are special tokens; ``eos`` the end-of-sequence token.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    named = dict(named) if named is not None else {"image_token": image_token}
+    specials = list(dict.fromkeys(["<unk>", "<s>", "</s>", "<pad>", eos, *named.values(), *(extra or [])]))
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", image_token],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos,
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens=named,
         model_max_length=4096,
     )
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra)})
+    return tokenizer
 
 
 def _llava_config(tokenizer, image_size: int, patch_size: int, hidden_size: int, num_layers: int):
@@ -149,8 +166,20 @@ def _rescale_projector(projector: torch.nn.Module) -> None:
                 layer.bias.zero_()
 
 
-FAMILIES = ("llava", "llava_next", "idefics3", "paligemma")
-"""Families :func:`save_tiny_mllm` builds (their processors need no torchvision)."""
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "gemma3",
+    "paligemma",
+    "internvl",
+)
+"""Families :func:`save_tiny_mllm` builds. Mistral 3 is not among them: its processor (Pixtral's)
+cannot even be imported without torchvision, which these machines lack."""
 
 
 def save_tiny_mllm(
@@ -159,19 +188,31 @@ def save_tiny_mllm(
     """Write a tiny random model of ``family`` (see :data:`FAMILIES`) with its own processor.
 
     Built from the family's transformers config (a 2-layer language model of width 32) and
-    processor class, with a byte-level BPE tokenizer trained on ``texts``; loads with
-    ``AutoModelForImageTextToText`` and ``AutoProcessor`` like a downloaded checkpoint.
+    processor class, with a byte-level BPE tokenizer trained on ``texts`` and, for the families
+    with chat templates, a template laid out like the family's released checkpoints; loads with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor`` like a downloaded checkpoint (the
+    Qwen-VL, LLaVA-OneVision and InternVL processors need torchvision to load, as anywhere).
     """
+    from unimm.tiny.families import SPECS
+
     if family == "llava":
         return save_tiny_llava(out_dir, texts, seed=seed)
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     quiet_transformers()
     corpus = [*_TEMPLATE_TEXTS, *(texts or [])]
-    extra = {"idefics3": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]}.get(family, [])
-    tokenizer = train_tiny_tokenizer(corpus, 512)
-    if extra:
-        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    spec = SPECS.get(family)
+    if spec is not None:
+        tokenizer = train_tiny_tokenizer(
+            corpus, 512, named=spec.named_tokens, extra=spec.extra_tokens, eos=spec.eos
+        )
+    else:
+        extra = {"idefics3": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]}.get(
+            family, []
+        )
+        tokenizer = train_tiny_tokenizer(corpus, 512)
+        if extra:
+            tokenizer.add_special_tokens({"additional_special_tokens": extra})
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
@@ -185,12 +226,50 @@ def save_tiny_mllm(
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    model_class, config, processor = _family(family, tokenizer, text)
-    torch.manual_seed(seed)
     out = Path(out_dir)
-    model_class(config).save_pretrained(out)
-    processor.save_pretrained(out)
+    if spec is None:
+        model_class, config, processor = _family(family, tokenizer, text)
+        torch.manual_seed(seed)
+        model_class(config).save_pretrained(out)
+        processor.save_pretrained(out)
+        return out
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model_class, config, parts = spec.build(tokenizer, text, vision)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    _save_processor(out, tokenizer, *parts)
     return out
+
+
+def _save_processor(
+    out: Path, tokenizer, processor_class: str, image_processor, template, video, kwargs
+) -> None:
+    """Save a processor: through its class, or (when it carries a video processor, which needs
+    torchvision to be built) as the files its class would write."""
+    import json
+
+    import transformers as T
+
+    if video is None:
+        processor = getattr(T, processor_class)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs
+        )
+        processor.save_pretrained(out)
+        return
+    tokenizer.save_pretrained(out)
+    settings = image_processor.to_dict()
+    settings["image_processor_type"] = settings["image_processor_type"].removesuffix("Pil")
+    config = {
+        "processor_class": processor_class,
+        "image_processor": settings,
+        "video_processor": video,
+        **kwargs,
+    }
+    (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "chat_template.jinja").write_text(template)
 
 
 def _family(family: str, tokenizer, text: dict):
