@@ -223,6 +223,47 @@ def test_chat_template_turns_and_prefixes(folders, family):
         assert part.input_ids == whole.input_ids[:end], k
 
 
+def test_truncation_under_a_chat_template_never_cuts_an_image(folders):
+    """Qwen2-VL: a too-long document keeps its start; a text slice may be cut, an image is dropped
+    whole with everything after it; the result fits and its image tokens are whole images."""
+    from unimm.data.collate import IMAGE, Collator
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+    mllm, processor = load_mllm(folders["qwen2_vl"])
+    model = UnimmModel(mllm, RetrievalHead(32, 8))
+    image = Image.new("RGB", (64, 64), "red")  # 16 image tokens
+    words = " ".join(["red square"] * 12)
+    document = Sample(key="t", slices=[Slice.of_text("two"), Slice.of_image(image), Slice.of_text(words)])
+    whole = Collator.for_model(model, processor).encode(document)
+    for limit in range(len(whole.input_ids) - 1, 10, -3):
+        encoded = Collator.for_model(model, processor, max_length=limit).encode(document)
+        assert len(encoded.input_ids) <= limit
+        assert all(end <= len(encoded.input_ids) for _, _, end in encoded.spans)
+        if not encoded.spans:  # the template's own text does not fit: nothing to embed
+            assert limit < whole.spans[0][2] and encoded.dropped == len(document.slices)
+            continue
+        kept = len(encoded.spans)
+        assert encoded.dropped == len(document.slices) - kept
+        images = sum(kind == IMAGE for kind, _, _ in encoded.spans)
+        assert encoded.input_ids.count(model.image_token_id) == 16 * images
+        start = encoded.spans[-1][1]  # everything before the last kept slice is the whole's
+        assert encoded.input_ids[:start] == whole.input_ids[:start]
+
+
+def test_a_conversation_a_chat_template_refuses_is_a_clear_error(folders):
+    """Gemma 3's template refuses a conversation that opens with the assistant: a message naming
+    the sample and the template's own words, not a jinja traceback."""
+    from unimm.data.collate import Collator
+    from unimm.errors import UnimmError
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+    mllm, processor = load_mllm(folders["gemma3"])
+    collator = Collator.for_model(UnimmModel(mllm, RetrievalHead(32, 8)), processor)
+    sample = Sample(key="odd", slices=[Slice.of_text("Hello.", role="assistant"), Slice.of_text("Hi")])
+    with pytest.raises(UnimmError, match=r"sample 'odd'.*Conversation roles must alternate"):
+        collator.encode(sample)
+
+
 def test_a_processor_that_cannot_expand_images_is_refused_clearly(folders):
     from unimm.data.collate import Collator
     from unimm.errors import UnimmError
@@ -257,11 +298,15 @@ def test_a_processor_needing_torchvision_says_so(folders):
         names["video_processor"] = saved
 
 
-def test_the_smolvlm_recipe_trains_an_idefics3_model(folders, tiny_shards, tmp_path):
-    """The shipped smolvlm-256m recipe, on the tiny Idefics3 and on CPU (float32, no autocast)."""
-    args = ["train", "--recipe", "smolvlm-256m", "--out", str(tmp_path / "run"), "-q"]
+@pytest.mark.parametrize(
+    ("recipe", "family"),
+    [("smolvlm-256m", "idefics3"), ("qwen2-vl-2b-lora", "qwen2_vl"), ("qwen2.5-vl-7b-lora", "qwen2_5_vl")],
+)
+def test_a_shipped_recipe_trains_its_family(folders, tiny_shards, tmp_path, recipe, family):
+    """The shipped recipes, on the tiny model of their family and on CPU (float32, no autocast)."""
+    args = ["train", "--recipe", recipe, "--out", str(tmp_path / "run"), "-q"]
     overrides = [
-        f"model.path={folders['idefics3']}",
+        f"model.path={folders[family]}",
         f"data.train={tiny_shards}",
         "model.dtype=float32",
         "train.mixed_precision=no",
@@ -274,4 +319,41 @@ def test_the_smolvlm_recipe_trains_an_idefics3_model(folders, tiny_shards, tmp_p
     result = runner.invoke(app, [*args, *(x for o in overrides for x in ("--set", o))])
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "run" / "step-000002" / "unimm.json").read_text())
-    assert meta["lora"] is False and meta["recipe"]["model"]["train_lm"] is True
+    assert meta["lora"] is (recipe != "smolvlm-256m")
+
+
+def test_bench_train_and_data_take_a_family(tmp_path):
+    """`unimm bench train/data --family`: a Qwen-style model's step and data path."""
+    out = tmp_path / "train.json"
+    args = ["--hidden-size", "32", "--layers", "1", "--steps", "1", "--repeats", "1", "--batch-size", "2"]
+    result = runner.invoke(app, ["bench", "train", "--family", "qwen2_vl", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    joint, generative = json.loads(out.read_text())
+    assert joint["model"].startswith("qwen2_vl: language model 1 x 32")
+    assert generative["views"] == 0 < joint["views"]
+    # One Qwen2 layer of width 32 (4 heads of 8, 2 key/value heads; q, k, v with biases; MLP 64),
+    # two norms, plus the final norm: 6·N + 12·L·H·T per token.
+    weights = (32 * 32 + 32) + 2 * (32 * 16 + 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32 + 32
+    assert joint["flops_per_token"] == 6 * weights + 12 * 32 * joint["seq_len"]
+    result = runner.invoke(app, ["bench", "train", "--family", "nope"])
+    assert result.exit_code == 2 and "--family nope: use one of llava" in result.output
+
+    out = tmp_path / "data.json"
+    args = [
+        "--family",
+        "qwen2_vl",
+        "--image-size",
+        "56",
+        "--batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+    ]
+    result = runner.invoke(app, ["bench", "data", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    # 56 px: 64 × 64 (the nearest multiple of patch 8 × merge 2) would pass 56² pixels, so 48 × 48:
+    # 6 × 6 patches, merged 2 × 2 → 9 tokens
+    assert rows[0]["image"] == "56px, 9 tokens" and rows[0]["family"] == "qwen2_vl"

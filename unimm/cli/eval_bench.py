@@ -154,6 +154,7 @@ def bench_train_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
+    family: Annotated[str, typer.Option(help="Tiny model family: llava, qwen2_vl, gemma3, ...")] = "llava",
 ) -> None:
     """Step time of joint training vs generative-only on the same batch; tokens/s and model FLOP/s.
 
@@ -166,9 +167,9 @@ def bench_train_cmd(
     device = _check_device(device)
     if mixed_precision not in ("no", "bf16"):
         raise UnimmError(f"--mixed-precision {mixed_precision}: use no or bf16")
-    if min(steps, batch_size, layers, repeats) < 1 or hidden_size < 8 or hidden_size % 4:
+    if min(steps, batch_size, layers, repeats) < 1 or hidden_size < 16 or hidden_size % 16:
         raise UnimmError(
-            "--steps, --batch-size, --layers and --repeats must be >= 1; --hidden-size a multiple of 4"
+            "--steps, --batch-size, --layers and --repeats must be >= 1; --hidden-size a multiple of 16"
         )
     rows = bench_train(
         steps=steps,
@@ -181,6 +182,7 @@ def bench_train_cmd(
         repeats=repeats,
         recipe=str(recipe) if recipe is not None else "tiny-cpu",
         overrides=list(set_ or ()),
+        family=family,
     )
     keys = ["variant", "step_s", "ratio_vs_generative_only", "tokens_per_s", "model_tflops_per_s"]
     _echo_table(rows, keys + (["mfu"] if peak_tflops else []))
@@ -197,6 +199,7 @@ def bench_data_cmd(
     batches: Annotated[int, typer.Option(help="Batches timed per variant.")] = 24,
     workers: Annotated[str, typer.Option(help="Worker counts to time, comma-separated.")] = "1,2,4",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    family: Annotated[str, typer.Option(help="Tiny model family: llava, qwen2_vl, gemma3, ...")] = "llava",
 ) -> None:
     """Batches/s of the training data path: worker processes and the prefetch thread vs inline."""
     from unimm.commands.bench_train import bench_data
@@ -207,9 +210,11 @@ def bench_data_cmd(
         raise UnimmError(f"--workers {workers}: give whole numbers separated by commas, e.g. 1,2,4") from None
     if any(n < 1 for n in counts) or batch_size < 1 or batches < 1 or image_size < 14:
         raise UnimmError("--workers, --batch-size and --batches must be >= 1, --image-size >= 14")
-    rows = bench_data(batch_size=batch_size, image_size=image_size, batches=batches, workers=counts)
+    rows = bench_data(
+        batch_size=batch_size, image_size=image_size, batches=batches, workers=counts, family=family
+    )
     _echo_table(rows, ["variant", "batches_per_s", "samples_per_s", "ratio"])
-    typer.echo(f"batch {rows[0]['batch']}, images {rows[0]['image']}, {rows[0]['cpus']} CPUs")
+    typer.echo(f"{family}; batch {rows[0]['batch']}, images {rows[0]['image']}, {rows[0]['cpus']} CPUs")
     _write_json(json_out, rows)
 
 

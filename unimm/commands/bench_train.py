@@ -26,12 +26,14 @@ def bench_train(
     peak_tflops: float | None = None,
     recipe: str = "tiny-cpu",
     overrides: list[str] | None = None,
+    family: str = "llava",
 ) -> list[dict]:
     """Step time of joint training (α = 1) against generative-only (α = 0, no views), same batch.
 
-    Builds a synthetic set, tiny teachers, shards and a random LLaVA (CLIP vision tower + Llama
-    language model of ``layers`` × ``hidden_size``; the vision tower frozen, the rest trained)
-    in a temporary folder; each variant runs ``steps`` optimizer steps on one fixed batch
+    Builds a synthetic set, tiny teachers, shards and a random model of ``family`` (default
+    LLaVA: CLIP vision tower + Llama; any of :data:`unimm.tiny.models.FAMILIES`, e.g. ``qwen2_vl``)
+    with a language model of ``layers`` × ``hidden_size`` (the vision tower frozen, the rest
+    trained) in a temporary folder; each variant runs ``steps`` optimizer steps on one fixed batch
     (forward, backward, update), the variants interleaved, best of ``repeats``.
 
     Model FLOPs per token are estimated as ``6·N + 12·L·H·T`` (N: language model parameters
@@ -46,9 +48,10 @@ def bench_train(
         ConfigError: a broken recipe or override, before any work.
     """
     _check_train_settings(recipe, overrides or [])
+    _check_family(family)
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-train-"))
     try:
-        shards, llava = _tiny_training_set(work, max(64, batch_size), hidden_size, layers)
+        shards, llava = _tiny_training_set(work, max(64, batch_size), hidden_size, layers, family)
         samples = _first_samples(shards, batch_size)
         setups = {
             name: _variant(
@@ -57,47 +60,65 @@ def bench_train(
             for name, alpha in (("joint", 1.0), ("generative-only", 0.0))
         }
         times = _time_variants(setups, steps, repeats, device, mixed_precision)
-        batch = setups["joint"][2]
-        language_model = setups["joint"][1].base.model.language_model
-        n_params = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
-        tokens = int(batch["attention_mask"].sum())
-        per_sample = batch["attention_mask"].shape[1]
-        flops_per_token = 6 * n_params + 12 * layers * hidden_size * per_sample
-        base = min(times["generative-only"])
-        rows = []
-        for name in setups:
-            best = min(times[name])
-            achieved = flops_per_token * tokens / best / 1e12
-            rows.append(
-                {
-                    "variant": name,
-                    "step_s": float(f"{best:.4g}"),  # 4 significant digits: tiny models step in ms
-                    "ratio_vs_generative_only": round(best / base, 3),
-                    "tokens_per_s": round(tokens / best, 1),
-                    "model_tflops_per_s": round(achieved, 4),
-                    "flops_per_token": flops_per_token,
-                    "seq_len": per_sample,
-                    "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
-                    "batch": batch_size,
-                    "views": len(batch["views"]) if name == "joint" else 0,
-                    "tokens": tokens,
-                    "model": f"LLaVA: Llama {layers} x {hidden_size} ({n_params / 1e6:.1f} M), CLIP vision",
-                    "device": device,
-                    "mixed_precision": mixed_precision,
-                }
-            )
-        return rows
+        label = f"{family}: language model {layers} x {hidden_size}"
+        context = {"batch": batch_size, "device": device, "mixed_precision": mixed_precision}
+        return _train_rows(setups, times, layers * hidden_size, peak_tflops, label, context)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _tiny_training_set(work: Path, records: int, hidden_size: int, layers: int) -> tuple[Path, Path]:
-    """Synthetic records prepared into shards with tiny teachers, and a tiny LLaVA for them."""
+def _train_rows(setups: dict, times: dict, depth_width: int, peak_tflops, label: str, context: dict):
+    """One row per variant: step time, its ratio to generative-only, tokens/s, model FLOP/s."""
+    from unimm.model.parts import find_parts
+
+    batch = setups["joint"][2]
+    language_model = find_parts(setups["joint"][1].base).language
+    n_params = sum(p.numel() for n, p in language_model.named_parameters() if "embed_tokens" not in n)
+    tokens = int(batch["attention_mask"].sum())
+    per_sample = batch["attention_mask"].shape[1]
+    flops_per_token = 6 * n_params + 12 * depth_width * per_sample
+    base = min(times["generative-only"])
+    rows = []
+    for name in setups:
+        best = min(times[name])
+        achieved = flops_per_token * tokens / best / 1e12
+        rows.append(
+            {
+                "variant": name,
+                "step_s": float(f"{best:.4g}"),  # 4 significant digits: tiny models step in ms
+                "ratio_vs_generative_only": round(best / base, 3),
+                "tokens_per_s": round(tokens / best, 1),
+                "model_tflops_per_s": round(achieved, 4),
+                "flops_per_token": flops_per_token,
+                "seq_len": per_sample,
+                "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
+                "views": len(batch["views"]) if name == "joint" else 0,
+                "tokens": tokens,
+                "model": f"{label} ({n_params / 1e6:.1f} M)",
+                **context,
+            }
+        )
+    return rows
+
+
+def _check_family(family: str) -> None:
+    from unimm.errors import UnimmError
+    from unimm.tiny.models import FAMILIES
+
+    if family not in FAMILIES:
+        raise UnimmError(f"--family {family}: use one of {', '.join(FAMILIES)}")
+
+
+def _tiny_training_set(
+    work: Path, records: int, hidden_size: int, layers: int, family: str = "llava"
+) -> tuple[Path, Path]:
+    """Synthetic records prepared into shards with tiny teachers, and a tiny model of ``family``."""
     from unimm.config import DataOptions, PrepareConfig, build_config
     from unimm.data.prepare import write_shards
     from unimm.data.stream import training_texts
     from unimm.data.synthetic import write_synthetic
-    from unimm.tiny import save_tiny_llava, save_tiny_teachers
+    from unimm.tiny import save_tiny_teachers
+    from unimm.tiny.models import save_tiny_mllm
 
     data = write_synthetic(work / "data", records)
     teachers = save_tiny_teachers(work / "teachers")
@@ -106,8 +127,8 @@ def _tiny_training_set(work: Path, records: int, hidden_size: int, layers: int) 
     options.update({f"teachers.{k}": str(v) for k, v in teachers.items()})
     write_shards(build_config(PrepareConfig, recipe="tiny-cpu", options=options), progress=False)
     texts = training_texts(DataOptions(train=[str(shards)]))
-    llava = save_tiny_llava(work / "llava", texts, hidden_size=hidden_size, num_layers=layers)
-    return shards, llava
+    model = save_tiny_mllm(work / "model", family, texts, hidden_size=hidden_size, num_layers=layers)
+    return shards, model
 
 
 def _first_samples(shards: Path, count: int) -> list:
@@ -194,6 +215,27 @@ def _time_variants(
     return times
 
 
+def _data_collator(folder: Path, family: str, image_size: int):
+    """The collator of a tiny ``family`` model for ``image_size`` images, and the image tokens
+    one such image becomes."""
+    from PIL import Image
+
+    from unimm.data.collate import Collator
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+    from unimm.tiny import save_tiny_llava
+    from unimm.tiny.models import save_tiny_mllm
+
+    if family == "llava":
+        save_tiny_llava(folder, ["a red square"], image_size=image_size, patch_size=14)
+    else:
+        save_tiny_mllm(folder, family, ["a red square"], image_size=image_size)
+    mllm, processor = load_mllm(folder)
+    model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 16))
+    collator = Collator.for_model(model, processor, max_length=4096, cut_points=4)
+    probe = processor.tokenizer(collator.image_text(Image.new("RGB", (image_size, image_size))))
+    return collator, probe["input_ids"].count(model.image_token_id)
+
+
 def bench_data(
     *,
     records: int = 256,
@@ -202,23 +244,24 @@ def bench_data(
     batches: int = 24,
     workers: tuple[int, ...] = (1, 2, 4),
     repeats: int = 2,
+    family: str = "llava",
 ) -> list[dict]:
     """Batches/s of the training data path (read, decode JPEGs, image processor, tokenise, collate).
 
     The baseline makes each batch in the training loop when it is needed (``data.workers=0,
     data.prefetch=0``); the variants are the prefetch thread and ``data.workers`` processes. Images
     are re-encoded to ``image_size`` and the processor is a CLIP one of that size with 14-pixel
-    patches (LLaVA-1.5 at 336: 576 image tokens per image). Nothing trains meanwhile, so this is
+    patches (LLaVA-1.5 at 336: 576 image tokens per image); another ``family`` uses its tiny
+    model's own processor (Qwen-VL: dynamic resolution up to ``image_size``, 8-pixel patches
+    merged 2 × 2; the others' tiny towers take 32 pixels). Nothing trains meanwhile, so this is
     the data path's own throughput; the time to start the workers is left out (first batch).
     """
     from unimm.config import DataOptions, PrepareConfig, build_config
-    from unimm.data.collate import Collator
     from unimm.data.prepare import write_shards as prepare
     from unimm.data.stream import BatchMaker, open_batches
     from unimm.data.synthetic import write_synthetic
-    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-    from unimm.tiny import save_tiny_llava
 
+    _check_family(family)
     work = Path(tempfile.mkdtemp(prefix="unimm-bench-data-"))
     try:
         data = write_synthetic(work / "data", records)
@@ -233,10 +276,8 @@ def bench_data(
             ),
             progress=False,
         )
-        folder = save_tiny_llava(work / "llava", ["a red square"], image_size=image_size, patch_size=14)
-        mllm, processor = load_mllm(folder)
-        model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 16))
-        make = BatchMaker(Collator.for_model(model, processor, max_length=4096, cut_points=4))
+        collator, image_tokens = _data_collator(work / "model", family, image_size)
+        make = BatchMaker(collator)
 
         def rate(n_workers: int, prefetch: int) -> float:
             options = DataOptions(train=[str(work / "shards")], workers=n_workers, prefetch=prefetch)
@@ -265,7 +306,8 @@ def bench_data(
                 "samples_per_s": round(best[name] * batch_size, 1),
                 "ratio": round(best[name] / base, 2),
                 "batch": batch_size,
-                "image": f"{image_size}px, {(image_size // 14) ** 2} tokens",
+                "image": f"{image_size}px, {image_tokens} tokens",
+                "family": family,
                 "cpus": os.cpu_count(),
             }
             for name, n_workers, _ in variants

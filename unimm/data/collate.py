@@ -142,7 +142,7 @@ class Collator:
         sizes = None
         for _ in range(5):
             closed = ending is None and document_end and bool(kept) and not (dropped or cut)
-            rendered = self.layout.render(kept, response, closed=closed, ending=ending)
+            rendered = self._render(sample, kept, response, closed=closed, ending=ending)
             ids, spans, labels, images = self._tokens(rendered, labelled_slices=response is None)
             if len(ids) <= self.max_length:
                 break
@@ -151,9 +151,25 @@ class Collator:
             else:
                 budget -= len(ids) - self.max_length
             kept, dropped, cut = self._fit(sample, sizes, budget, has_response=response is not None)
-        if len(ids) > self.max_length:  # only when even the answer does not fit: cut its end
+        if len(ids) > self.max_length:  # the answer or the template itself does not fit: cut the end
             ids, labels = ids[: self.max_length], labels[: self.max_length]
+            whole = [n for n, (_, _, end) in enumerate(spans) if end <= self.max_length]
+            dropped += len(spans) - len(whole)
+            spans, images = (
+                spans[: len(whole)],
+                images[: sum(kind == IMAGE for kind, _, _ in spans[: len(whole)])],
+            )
         return Encoded(ids, labels, spans, images, dropped, sample.key)
+
+    def _render(self, sample: Sample, kept: list, response: str | None, **how):
+        from unimm.data.layout import LayoutError
+        from unimm.errors import UnimmError
+
+        try:
+            return self.layout.render(kept, response, **how)
+        except LayoutError as exc:
+            where = f" ({sample.source})" if sample.source else ""
+            raise UnimmError(f"sample {sample.key!r}{where}: {exc}") from None
 
     def _tokens(self, rendered, *, labelled_slices: bool):
         """Token ids of the rendered text with images expanded, the slice spans, labels, images."""
@@ -207,7 +223,7 @@ class Collator:
         def move(position):
             if position is None:
                 return None
-            return position + max((s for old, s in moved if old <= position), default=0)
+            return position + next((s for old, s in reversed(moved) if old <= position), 0)
 
         return "".join(pieces), places, move(rendered.answer), move(rendered.closing)
 

@@ -78,7 +78,7 @@ class FamilySpec:
     named_tokens: dict[str, str]  # tokenizer attributes (image_token, boi_token, ...)
     extra_tokens: list[str]
     eos: str
-    build: Any  # (tokenizer, text config dict, vision dict) -> (model class, config, processor parts)
+    build: Any  # (tokenizer, text config, vision dict, image_size) -> (model class, config, processor parts)
 
 
 def _id(tokenizer, attribute: str) -> int:
@@ -86,10 +86,12 @@ def _id(tokenizer, attribute: str) -> int:
 
 
 def _qwen(version: str):
-    def build(tokenizer, text: dict, vision: dict):
+    def build(tokenizer, text: dict, vision: dict, image_size: int):
         import transformers as T
 
-        mrope = [1, 1, 2]  # sections of the rotary half-dimension (4) for time, height, width
+        half = text["head_dim"] // 2  # M-RoPE splits the rotary half-dimension: time, height, width
+        mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        width = text["hidden_size"]  # what the merger hands the language model
         qwen_vision = {"hidden_size": 32, "num_heads": 2, "patch_size": 8, "spatial_merge_size": 2}
         ids = {
             "image_token_id": _id(tokenizer, "image_token"),
@@ -104,7 +106,7 @@ def _qwen(version: str):
                 "Qwen2VLProcessor",
             )
             text_config = {**text, "rope_scaling": {"type": "mrope", "mrope_section": mrope}}
-            vision_config = {**qwen_vision, "depth": 1, "embed_dim": 32, "mlp_ratio": 2}
+            vision_config = {**qwen_vision, "hidden_size": width, "depth": 1, "embed_dim": 32, "mlp_ratio": 2}
         elif version == "qwen2_5_vl":
             model_class, config_class = "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"
             processor = "Qwen2_5_VLProcessor"
@@ -112,7 +114,7 @@ def _qwen(version: str):
             vision_config = {
                 **qwen_vision,
                 "depth": 1,
-                "out_hidden_size": 32,
+                "out_hidden_size": width,
                 "intermediate_size": 64,
                 "fullatt_block_indexes": [0],
                 "window_size": 32,
@@ -128,13 +130,13 @@ def _qwen(version: str):
             vision_config = {
                 **qwen_vision,
                 "depth": 2,
-                "out_hidden_size": 32,
+                "out_hidden_size": width,
                 "intermediate_size": 64,
                 "num_position_embeddings": 16,
                 "deepstack_visual_indexes": [1],
             }
         config = getattr(T, config_class)(text_config=text_config, vision_config=vision_config, **ids)
-        pixels = {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
+        pixels = {"min_pixels": 16 * 16, "max_pixels": image_size * image_size}  # dynamic resolution
         image_processor = T.Qwen2VLImageProcessorPil(
             patch_size=8, merge_size=2, temporal_patch_size=2, **pixels
         )
@@ -151,7 +153,7 @@ def _qwen(version: str):
     return build
 
 
-def _gemma3(tokenizer, text: dict, vision: dict):
+def _gemma3(tokenizer, text: dict, vision: dict, image_size: int):
     import transformers as T
 
     config = T.Gemma3Config(
@@ -170,7 +172,7 @@ def _gemma3(tokenizer, text: dict, vision: dict):
     )
 
 
-def _internvl(tokenizer, text: dict, vision: dict):
+def _internvl(tokenizer, text: dict, vision: dict, image_size: int):
     import transformers as T
 
     config = T.InternVLConfig(
@@ -187,7 +189,7 @@ def _internvl(tokenizer, text: dict, vision: dict):
     return T.InternVLForConditionalGeneration, config, parts
 
 
-def _onevision(tokenizer, text: dict, vision: dict):
+def _onevision(tokenizer, text: dict, vision: dict, image_size: int):
     import transformers as T
 
     pinpoints = [[32, 32], [32, 64], [64, 32]]

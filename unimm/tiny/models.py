@@ -183,22 +183,36 @@ cannot even be imported without torchvision, which these machines lack."""
 
 
 def save_tiny_mllm(
-    out_dir: str | Path, family: str, texts: list[str] | None = None, *, seed: int = 0
+    out_dir: str | Path,
+    family: str,
+    texts: list[str] | None = None,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    image_size: int = 64,
 ) -> Path:
     """Write a tiny random model of ``family`` (see :data:`FAMILIES`) with its own processor.
 
-    Built from the family's transformers config (a 2-layer language model of width 32) and
+    Built from the family's transformers config (a language model of ``num_layers`` × ``hidden_size``,
+    2 × 32 by default; ``hidden_size`` a multiple of 16) and
     processor class, with a byte-level BPE tokenizer trained on ``texts`` and, for the families
     with chat templates, a template laid out like the family's released checkpoints; loads with
     ``AutoModelForImageTextToText`` and ``AutoProcessor`` like a downloaded checkpoint (the
     Qwen-VL, LLaVA-OneVision and InternVL processors need torchvision to load, as anywhere).
+    ``image_size``: the largest image side Qwen-VL's dynamic resolution keeps (8-pixel patches
+    merged 2 × 2: 16 image tokens at 64); the other families' vision towers take 32 pixels.
     """
     from unimm.tiny.families import SPECS
 
     if family == "llava":
-        return save_tiny_llava(out_dir, texts, seed=seed)
+        return save_tiny_llava(out_dir, texts, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if hidden_size % 16 or num_layers < 1:
+        raise ValueError(
+            f"hidden_size must be a multiple of 16 and num_layers >= 1, got {hidden_size}, {num_layers}"
+        )
     quiet_transformers()
     corpus = [*_TEMPLATE_TEXTS, *(texts or [])]
     spec = SPECS.get(family)
@@ -215,12 +229,12 @@ def save_tiny_mllm(
             tokenizer.add_special_tokens({"additional_special_tokens": extra})
     text = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 8,
+        "head_dim": hidden_size // 4,
         "max_position_embeddings": 4096,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
@@ -234,7 +248,7 @@ def save_tiny_mllm(
         processor.save_pretrained(out)
         return out
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    model_class, config, parts = spec.build(tokenizer, text, vision)
+    model_class, config, parts = spec.build(tokenizer, text, vision, image_size)
     torch.manual_seed(seed)
     model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -317,7 +331,7 @@ def _family(family: str, tokenizer, text: dict):
             vision_config={**vision, "model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8},
             text_config={**text, "model_type": "gemma"},
             image_token_index=image_token,
-            projection_dim=32,
+            projection_dim=text["hidden_size"],
         )
         model_class = T.PaliGemmaForConditionalGeneration
         image_processor = T.SiglipImageProcessorPil(size=square)
