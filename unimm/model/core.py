@@ -222,9 +222,10 @@ def load_mllm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remot
     except ImportError as exc:  # a processor part that needs a package this machine lacks
         if "torchvision" in str(exc).lower():
             raise UnimmError(
-                f"model {path}: its processor needs torchvision (for its video processor, which is "
-                f"built with it even for images); install the torchvision release that matches torch "
-                f"{torch.__version__.split('+')[0]}"
+                f"model {path}: its processor needs torchvision, which is not installed (Qwen-VL, "
+                "LLaVA-OneVision and InternVL build a video processor with it even for images; "
+                "Mistral 3's Pixtral processor is built on it); install the torchvision release "
+                f"that matches torch {torch.__version__.split('+')[0]}"
             ) from None
         raise UnimmError(f"model {path}: cannot load it ({' '.join(str(exc).split())})") from None
     except Exception as exc:  # transformers raises many types for an unusable folder
