@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from unimm.data.collate import TESTED_TYPES
 from unimm.utils import quiet_transformers
 
 _PROJECTOR_GAIN = 0.5
@@ -166,20 +167,9 @@ def _rescale_projector(projector: torch.nn.Module) -> None:
                 layer.bias.zero_()
 
 
-FAMILIES = (
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "idefics3",
-    "gemma3",
-    "paligemma",
-    "internvl",
-)
-"""Families :func:`save_tiny_mllm` builds. Mistral 3 is not among them: its processor (Pixtral's)
-cannot even be imported without torchvision, which these machines lack."""
+FAMILIES = TESTED_TYPES
+"""Families :func:`save_tiny_mllm` builds: the tested ones. Mistral 3 is not among them: its
+processor (Pixtral's) cannot even be imported without torchvision, which these machines lack."""
 
 
 def save_tiny_mllm(
