@@ -202,12 +202,11 @@ class ChatLayout:
 _NO_IMAGE = object()  # rendering never looks at the image
 
 
-def choose_layout(processor, placeholder: str, system_prompt: str = "", tokenizer=None):
+def choose_layout(processor, placeholder: str, system_prompt: str = ""):
     """The chat template when the processor has one that keeps an interleaved sample in order,
     otherwise the plain layout (with a warning naming why)."""
-    tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
-    plain = PlainLayout(tokenizer, placeholder, system_prompt)
-    if processor is None or not getattr(processor, "chat_template", None):
+    plain = PlainLayout(processor.tokenizer, placeholder, system_prompt)
+    if not getattr(processor, "chat_template", None):
         return plain
     chat = ChatLayout(processor, placeholder, system_prompt)
     probe = [
