@@ -99,3 +99,13 @@ def unimm_records(tmp_path, image_dir) -> Path:
             row["response"] = f"answer {i}"
         rows.append(row)
     return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -m gpu` on a machine without CUDA: the GPU tests are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

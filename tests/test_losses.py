@@ -102,3 +102,25 @@ def test_missing_teachers_are_a_clear_error():
     with pytest.raises(UnimmError, match=r"align\.teacher=clip"):
         view_targets(clip_only, VIEWS, AlignOptions())
     assert view_targets(clip_only, VIEWS, AlignOptions(teacher="clip")).shape == (5, 5)
+
+
+@pytest.mark.gpu
+def test_targets_are_computed_on_the_embeddings_gpu_with_the_fused_kernel(monkeypatch):
+    """On CUDA the teacher features (stored on the CPU) move to the embeddings' device once and the
+    alignment runs there with Triton; the targets equal the CPU reference."""
+    from types import SimpleNamespace
+
+    import unimm.align.gak as gak
+    from unimm.training.losses import structure_loss
+
+    chosen = []
+    real = gak.backend_for
+    monkeypatch.setattr(gak, "backend_for", lambda x: chosen.append((real(x), x.device.type)) or real(x))
+    feats = teachers([3, 2, 4])
+    align = AlignOptions(delta=0.8, sigma="length_scaled", teacher="triple")
+    on_gpu = view_targets(feats, VIEWS, align, device="cuda")
+    assert on_gpu.device.type == "cuda" and ("triton", "cuda") in chosen
+    torch.testing.assert_close(on_gpu.cpu(), view_targets(feats, VIEWS, align), atol=1e-4, rtol=1e-4)
+    cfg = SimpleNamespace(align=align, train=SimpleNamespace(disc_loss="mse", temperature=0.05))
+    loss = structure_loss(unit(5, 4).cuda(), feats, VIEWS, cfg)
+    assert loss.device.type == "cuda"

@@ -101,6 +101,97 @@ def test_two_processes_match_one(tmp_path, tiny_shards):
         torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def _guarded_worker(rank: int, world: int, folder: str, shards: str, out: str) -> None:
+    """One training step in a 2-process group with every collective and alignment entry point
+    wrapped: each collective must get tensors on the group's device and nothing pickled, the
+    targets must be computed on the embeddings' device."""
+    import torch.distributed as dist
+
+    import unimm.model.targets as targets
+    from unimm.training.distributed import collective_device
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNIMM_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    seen: dict[str, list] = {"collectives": [], "pickled": [], "alignment": []}
+
+    def guard(name, real):
+        def wrapped(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
+            seen["collectives"].append(
+                [name, sorted({str(t.device) for t in tensors}), str(collective_device())]
+            )
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    def pickled(name):
+        def refuse(*args, **kwargs):
+            seen["pickled"].append(name)
+            raise AssertionError(f"{name}: a pickled collective in a training step")
+
+        return refuse
+
+    def aligned(name, real):
+        def wrapped(u, v, *args, **kwargs):
+            devices = sorted({str(t.device) for t in (u, v, *args) if isinstance(t, torch.Tensor)})
+            seen["alignment"].append([name, devices])
+            return real(u, v, *args, **kwargs)
+
+        return wrapped
+
+    for name in ("all_gather", "all_reduce", "broadcast", "reduce_scatter", "all_to_all"):
+        setattr(dist, name, guard(name, getattr(dist, name)))
+    for name in ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list"):
+        setattr(dist, name, pickled(name))
+    targets.gak_matrix_prefix = aligned("prefix", targets.gak_matrix_prefix)
+    targets.gak_matrix_triple = aligned("triple", targets.gak_matrix_triple)
+    try:
+        _one_step(folder, shards, rank, world)  # the model and its embeddings are on the CPU
+        if rank == 0:
+            Path(out).write_text(json.dumps(seen))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_collectives_and_targets_stay_on_their_devices(tmp_path, tiny_shards):
+    """A training step's collectives take tensors on the process group's device (never pickled
+    objects: teacher features travel as padded tensors), and the targets are computed where the
+    embeddings are. Fails on a per-step all_gather_object or a CPU-made target matrix when the
+    embeddings are elsewhere (on CPU both are the CPU; `pytest -m gpu` checks CUDA for real)."""
+    import socket
+
+    from unimm.tiny import save_tiny_llava
+
+    folder = save_tiny_llava(tmp_path / "llava", ["a red square"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["UNIMM_TEST_PORT"] = str(s.getsockname()[1])
+    out = tmp_path / "seen.json"
+    torch.multiprocessing.spawn(_guarded_worker, args=(2, str(folder), str(tiny_shards), str(out)), nprocs=2)
+    seen = json.loads(out.read_text())
+    assert seen["pickled"] == []
+    assert len(seen["collectives"]) >= 6  # header, embeddings, views, counts, v, modality, u, sums
+    for name, devices, expected in seen["collectives"]:
+        assert devices == [expected], (name, devices)
+    assert seen["alignment"] and all(devices == ["cpu"] for _, devices in seen["alignment"])
+
+
+def test_the_collective_device_follows_the_backend(monkeypatch):
+    from unimm.training import distributed
+
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+
+
 def test_torchrun_two_processes_end_to_end(tmp_path, tiny_shards):
     """`torchrun` with 2 CPU processes: one log line per step, the single run's schedule, a checkpoint."""
     import shutil

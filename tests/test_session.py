@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from unimm.cli import app
 from unimm.data.shards import read_samples
+from unimm.errors import UnimmError
 from unimm.inference.session import Session
 from unimm.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
 
@@ -45,7 +47,29 @@ def test_checkpoints_record_their_inference_settings(trained):
         "dtype": "float32",
         "pooling": raw["pooling"],
         "embed_dim": raw["embed_dim"],
+        "attn_implementation": recipe["attn_implementation"],
     }
+
+
+def test_attention_follows_the_checkpoint_unless_told(trained, tiny_shards):
+    """``auto`` loads the attention the checkpoint trained with (sdpa); eager gives the same
+    vectors; FlashAttention 2 without its package is refused with the fix, in the config too."""
+    from unimm.config import TrainConfig, build_config
+    from unimm.errors import ConfigError
+
+    default = Session.load(trained[0], device="cpu")
+    eager = Session.load(trained[0], device="cpu", attn_implementation="eager")
+    assert default.model.base.config._attn_implementation == "sdpa"
+    assert eager.model.base.config._attn_implementation == "eager"
+    samples = _samples(tiny_shards)
+    torch.testing.assert_close(eager.embed_views(samples), default.embed_views(samples), atol=1e-5, rtol=1e-5)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UnimmError, match="needs the flash-attn package"):
+            Session.load(trained[0], device="cpu", attn_implementation="flash_attention_2")
+        with pytest.raises(ConfigError, match=r"model\.attn_implementation=flash_attention_2: it needs"):
+            build_config(
+                TrainConfig, recipe="tiny-cpu", overrides=["model.attn_implementation=flash_attention_2"]
+            )
 
 
 def test_a_bf16_checkpoint_loads_in_bf16_unless_told(bf16_checkpoint, trained, tiny_shards):

@@ -20,7 +20,13 @@ def run(cfg: EvalConfig, *, progress: bool = True, evaluator: Evaluator | None =
 
     opts = cfg.eval
     samples = load_samples(opts.data, opts.format, opts.image_root)
-    ev = evaluator or Evaluator.load(opts.model, opts.device, opts.batch_size, dtype=opts.model_dtype)
+    ev = evaluator or Evaluator.load(
+        opts.model,
+        opts.device,
+        opts.batch_size,
+        dtype=opts.model_dtype,
+        attn_implementation=opts.attn_implementation,
+    )
     results = {
         "model": str(opts.model),
         "data": list(opts.data),

@@ -66,7 +66,9 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
             f"--index {opts.index} was embedded with another model ({manifest['model']}); embed it again "
             f"with --model {opts.model}, or retrieve with the model it was built with"
         )
-    session = Session.load(opts.model, device=opts.device, dtype=opts.model_dtype)
+    session = Session.load(
+        opts.model, device=opts.device, dtype=opts.model_dtype, attn_implementation=opts.attn_implementation
+    )
     if session.model.head.embed_dim != manifest["dim"]:
         raise UnimmError(
             f"dimension mismatch: the model embeds in {session.model.head.embed_dim}-d, the index holds "

@@ -20,6 +20,8 @@ class CheckpointOptions:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     model_dtype: ModelDtype = "auto"
     """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernels; ``auto``: the checkpoint's (as trained)."""
 
     def validate(self) -> list[str]:
         return [] if self.model else [f"{self.section}.model: give a checkpoint with --model RUN/step-…"]

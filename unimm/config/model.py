@@ -6,6 +6,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+"""Attention implementations a model may load with (``model.attn_implementation``)."""
+
+
+def attention_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used here (unknown, or FlashAttention 2 without its package), or None."""
+    import importlib.util
+
+    if name not in ATTENTION:
+        return f"use one of {', '.join(ATTENTION)}"
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        return "it needs the flash-attn package (pip install flash-attn) and a CUDA GPU; use sdpa"
+    return None
+
 
 @dataclasses.dataclass
 class ModelOptions:
@@ -22,6 +36,9 @@ class ModelOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in (mixed precision is train.mixed_precision)."""
     trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernels for training and (recorded in the checkpoint) inference;
+    ``flash_attention_2`` needs the flash-attn package and a CUDA GPU."""
     lora: bool = True
     lora_r: int = 128
     lora_alpha: int = 256
@@ -45,6 +62,8 @@ class ModelOptions:
             problems.append("model.embed_dim, model.lora_r must be >= 1 and model.max_length >= 16")
         if self.lora and self.train_lm:
             problems.append("model.train_lm: full fine-tuning of the language model is for lora=false")
+        if why := attention_problem(self.attn_implementation):
+            problems.append(f"model.attn_implementation={self.attn_implementation}: {why}")
         return problems
 
 

@@ -69,7 +69,12 @@ class ChatSession:
         from unimm.inference.session import Session
 
         self.opts = opts
-        self.session = Session.load(opts.model, device=opts.device, dtype=opts.model_dtype)
+        self.session = Session.load(
+            opts.model,
+            device=opts.device,
+            dtype=opts.model_dtype,
+            attn_implementation=opts.attn_implementation,
+        )
         self.index = self.rows = None
         self.data_dirs: list[str] = []
         if opts.index:

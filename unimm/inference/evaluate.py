@@ -114,12 +114,20 @@ class Evaluator:
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16, dtype: str = "auto"
+        cls,
+        checkpoint: str | Path,
+        device: str = "auto",
+        batch_size: int = 16,
+        dtype: str = "auto",
+        attn_implementation: str = "auto",
     ) -> Evaluator:
         """Load ``checkpoint`` for evaluation (see :meth:`unimm.inference.session.Session.load`)."""
         from unimm.inference.session import Session
 
-        return cls(Session.load(checkpoint, device=device, dtype=dtype), batch_size)
+        session = Session.load(
+            checkpoint, device=device, dtype=dtype, attn_implementation=attn_implementation
+        )
+        return cls(session, batch_size)
 
     def embed(self, slice_lists: list[list[Slice]]) -> torch.Tensor:
         """Unit embeddings ``[n, d]`` of interleaved inputs, each one view cut after its last slice."""

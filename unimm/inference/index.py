@@ -172,7 +172,13 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         kept = _prepare_out(out, opts)
     device = state.device if state and opts.device == "auto" else resolve_device(opts.device)
-    session = Session.load(opts.model, device=str(device), dtype=opts.model_dtype, max_length=opts.max_length)
+    session = Session.load(
+        opts.model,
+        device=str(device),
+        dtype=opts.model_dtype,
+        max_length=opts.max_length,
+        attn_implementation=opts.attn_implementation,
+    )
     for source in opts.data:
         shard_paths(source)  # clear error for a missing or unfinished directory
     digest = model_hash(opts.model)

@@ -64,6 +64,7 @@ class Session:
         device: str = "auto",
         dtype: str = "auto",
         max_length: int | None = None,
+        attn_implementation: str = "auto",
     ) -> Session:
         """Load ``checkpoint`` for inference.
 
@@ -73,18 +74,31 @@ class Session:
             dtype: ``auto`` (the dtype the weights were saved in), ``float32``, ``bfloat16`` or
                 ``float16``.
             max_length: longest input in tokens; default: the checkpoint's (its training length).
+            attn_implementation: ``auto`` (the checkpoint's, as trained), ``sdpa``, ``eager`` or
+                ``flash_attention_2``.
 
         Raises:
             UnimmError: an unknown dtype, or a checkpoint that cannot be loaded (see
                 :func:`~unimm.model.checkpoint.load_checkpoint`).
         """
+        from unimm.config.model import attention_problem
         from unimm.model.checkpoint import load_checkpoint, read_meta
         from unimm.utils import resolve_device
 
-        name = read_meta(checkpoint)["inference"]["dtype"] if dtype == "auto" else dtype
+        settings = read_meta(checkpoint)["inference"]
+        name = settings["dtype"] if dtype == "auto" else dtype
         if name not in DTYPES:
             raise UnimmError(f"dtype {name!r}: use auto, {', '.join(DTYPES)}")
-        model, processor, meta = load_checkpoint(checkpoint, dtype=DTYPES[name])
+        attention = (
+            settings.get("attn_implementation", "sdpa")
+            if attn_implementation == "auto"
+            else attn_implementation
+        )
+        if why := attention_problem(attention):
+            raise UnimmError(f"attn_implementation {attention!r}: {why}")
+        model, processor, meta = load_checkpoint(
+            checkpoint, dtype=DTYPES[name], attn_implementation=attention
+        )
         return cls(model, processor, meta, resolve_device(device), max_length=max_length)
 
     @torch.no_grad()

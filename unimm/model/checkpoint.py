@@ -39,7 +39,12 @@ STATE_DIR = "train_state"
 META_DEFAULTS: dict[str, Any] = {"pooling": "paper", "embed_dim": 256, "lora": False, "step": 0, "recipe": {}}
 # What inference needs to rebuild a checkpoint's inputs and load it as saved (unimm.json →
 # "inference"); inference reads these, never the training recipe.
-INFERENCE_DEFAULTS: dict[str, Any] = {"system_prompt": "", "max_length": 2048, "dtype": "float32"}
+INFERENCE_DEFAULTS: dict[str, Any] = {
+    "system_prompt": "",
+    "max_length": 2048,
+    "dtype": "float32",
+    "attn_implementation": "sdpa",
+}
 
 
 def _save_weights(tmp: Path, mllm, mllm_state: dict, *, merge_lora: bool, sharded: bool) -> bool:
@@ -179,6 +184,7 @@ def _inference_of_old(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "dtype": dtype if dtype in ("float32", "bfloat16", "float16") else INFERENCE_DEFAULTS["dtype"],
         "pooling": meta["pooling"],
         "embed_dim": meta["embed_dim"],
+        "attn_implementation": INFERENCE_DEFAULTS["attn_implementation"],
     }
 
 
@@ -188,6 +194,7 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     is_trainable: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[UnimmModel, Any, dict[str, Any]]:
     """Load a checkpoint: ``(model, processor, meta)``; LoRA adapters are attached when present.
 
@@ -204,7 +211,9 @@ def load_checkpoint(
             "folder written by `unimm train` (e.g. RUN/step-000100)"
         )
     meta = read_meta(folder)
-    mllm, processor = load_mllm(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    mllm, processor = load_mllm(
+        folder, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    )
     if meta.get("lora"):
         from peft import PeftModel
 

@@ -195,8 +195,17 @@ class UnimmModel(nn.Module):
         return self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def load_mllm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+def load_mllm(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load an image-text-to-text model and its processor from a local folder (never downloads).
+
+    ``attn_implementation``: one of :data:`ATTENTION` (default: transformers' own choice, sdpa
+    where the model supports it).
 
     Raises:
         UnimmError: the folder is missing or not a loadable model, with what to check.
@@ -213,8 +222,9 @@ def load_mllm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remot
             f"model {path}: no config.json; give a local Hugging Face model folder (nothing is downloaded)"
         )
     try:
+        attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForImageTextToText.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
+            folder, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype, **attention
         )
         processor = AutoProcessor.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code

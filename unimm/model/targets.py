@@ -20,15 +20,28 @@ def same_sample_mask(views: list[tuple[int, int]], device=None) -> torch.Tensor:
     return owner.unsqueeze(0) == owner.unsqueeze(1)
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the CPU to a GPU through pinned memory, without blocking."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def view_targets(
-    teacher: list[dict | None], views: list[tuple[int, int]], align: AlignOptions
+    teacher: list[dict | None],
+    views: list[tuple[int, int]],
+    align: AlignOptions,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The target matrix ``M^l`` ``[N, N]`` for views ``(sample, cut slice)`` of a batch.
+    """The target matrix ``M^l`` ``[N, N]`` for views ``(sample, cut slice)`` of a batch, on ``device``.
 
     ``teacher[b]`` holds sample ``b``'s ``u``, ``v``, ``modality`` rows (one per slice, as stored by
     ``unimm prepare``). With a fixed σ the kernel of every pair of prefixes comes from one DP
     table per pair of samples (prefix sharing); otherwise the views are packed and compared pair
-    by pair.
+    by pair. The batch's features are concatenated where they are and moved to ``device`` once
+    (default: where they are), and the alignment runs there — on a GPU, the fused Triton kernels.
 
     Raises:
         UnimmError: a sample has no teacher features.
@@ -47,18 +60,17 @@ def view_targets(
             f"align.teacher={align.teacher} needs expert features (u), but the shards hold CLIP "
             "features only; prepare with both experts, or use --set align.teacher=clip"
         )
-    lengths = torch.tensor([max(c for bb, c in views if bb == b) + 1 for b in used])
-    v = torch.cat([teacher[b]["v"][: int(n)].float() for b, n in zip(used, lengths, strict=True)])
-    modality = torch.cat(
-        [teacher[b]["modality"][: int(n)].long() for b, n in zip(used, lengths, strict=True)]
-    )
-    u = (
-        torch.cat([teacher[b]["u"][: int(n)].float() for b, n in zip(used, lengths, strict=True)])
-        if need_u
-        else None
-    )
-    view_sample = torch.tensor([local[b] for b, _ in views])
-    view_cut = torch.tensor([c + 1 for _, c in views])
+    device = torch.device(device) if device is not None else teacher[used[0]]["v"].device
+    counts = [max(c for bb, c in views if bb == b) + 1 for b in used]
+
+    def packed(key: str) -> torch.Tensor:
+        return _to(torch.cat([teacher[b][key][:n] for b, n in zip(used, counts, strict=True)]), device)
+
+    v, modality = packed("v").float(), packed("modality").long()
+    u = packed("u").float() if need_u else None
+    lengths = torch.tensor(counts, device=device)
+    view_sample = torch.tensor([local[b] for b, _ in views], device=device)
+    view_cut = torch.tensor([c + 1 for _, c in views], device=device)
     fixed = align.sigma == "fixed" or not isinstance(align.sigma, str)
     if fixed and align.teacher != "mean":
         sigma = align.delta if align.sigma == "fixed" else float(align.sigma)
@@ -75,12 +87,9 @@ def view_targets(
             teacher=align.teacher,
         )
     else:
-        starts = torch.cumsum(lengths, 0) - lengths
+        starts = [sum(counts[:k]) for k in range(len(counts))]
         rows = torch.cat(
-            [
-                torch.arange(int(starts[s]), int(starts[s]) + int(c))
-                for s, c in zip(view_sample, view_cut, strict=True)
-            ]
+            [torch.arange(starts[local[b]], starts[local[b]] + c + 1, device=device) for b, c in views]
         )
         targets = gak_matrix_triple(
             u[rows] if u is not None else None,
@@ -93,5 +102,5 @@ def view_targets(
             single_slice=align.single_slice,
             teacher=align.teacher,
         )
-    same = same_sample_mask(views)
+    same = same_sample_mask(views, device=targets.device)
     return torch.where(same, torch.ones_like(targets), targets).float()

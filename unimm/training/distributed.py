@@ -1,4 +1,9 @@
-"""Distributed helpers: the global batch for the discriminative loss (no-ops in one process)."""
+"""Distributed helpers: the global batch for the discriminative loss (no-ops in one process).
+
+Every collective takes tensors on the process group's own device (:func:`collective_device`: the
+current GPU under NCCL, which has no CPU transport, the CPU under gloo), and the per-step traffic
+is tensors only: view embeddings, views and teacher features are gathered padded, never pickled.
+"""
 
 from __future__ import annotations
 
@@ -12,40 +17,96 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device() -> torch.device:
+    """Where the default process group's collectives take their tensors: the current CUDA
+    device under NCCL, the CPU otherwise (gloo, or no process group)."""
+    if rank_and_world()[1] > 1 and "nccl" in str(torch.distributed.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_padded(local: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Every rank's ``local`` (``sizes[r]`` rows each, the rest of the shape alike), in rank order,
+    on the collective device: padded to the longest, gathered, cut back."""
+    longest = max(sizes)
+    padded = local.new_zeros((longest, *local.shape[1:]), device=collective_device())
+    padded[: local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    return [part[:size] for part, size in zip(parts, sizes, strict=True)]
+
+
+_TEACHER_KEYS = ("v", "modality", "u")
+
+
+def _header(embeddings: torch.Tensor, teacher: list, views: list) -> torch.Tensor:
+    """This rank's counts and feature widths: what the others need to size their buffers."""
+    present = bool(teacher) and all(t is not None for t in teacher)
+    has_u = present and all("u" in t for t in teacher)
+    slices = sum(int(t["v"].shape[0]) for t in teacher) if present else 0
+    dv = int(teacher[0]["v"].shape[1]) if present else 0
+    du = int(teacher[0]["u"].shape[1]) if has_u else 0
+    row = [embeddings.shape[0], len(views), len(teacher), slices, int(present), int(has_u), dv, du]
+    return torch.tensor(row, dtype=torch.long, device=collective_device())
+
+
 def gather_views(embeddings: torch.Tensor, teacher: list, views: list[tuple[int, int]]):
-    """Global view embeddings (the local part keeps its gradient), teachers and views of all ranks."""
+    """Global view embeddings (the local part keeps its gradient), teachers and views of all ranks.
+
+    The teacher features of every rank arrive as tensors on the collective device (each sample's
+    ``v``, ``modality`` and, when every rank has them, ``u``); a rank whose samples lack features
+    makes every rank's list hold ``None``, so that every rank raises the same error.
+    """
     rank, world = rank_and_world()
     if world == 1:
         return embeddings, teacher, views
-    objects: list = [None] * world
-    torch.distributed.all_gather_object(objects, (embeddings.shape[0], teacher, views))
-    sizes = [o[0] for o in objects]
-    longest = max(sizes)
-    padded = torch.zeros(longest, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-    padded[: embeddings.shape[0]] = embeddings.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    parts = [p[:s] for p, s in zip(parts, sizes, strict=True)]
+    header = _header(embeddings, teacher, views)
+    headers = [torch.empty_like(header) for _ in range(world)]
+    torch.distributed.all_gather(headers, header)
+    n_embedded, n_views, n_samples, n_slices, present, has_u, _, _ = (
+        [int(h[k]) for h in headers] for k in range(8)
+    )
+    parts = [p.to(embeddings.device) for p in _all_gather_padded(embeddings, n_embedded)]
     parts[rank] = embeddings  # keep the gradient of this rank's views
-    all_teacher, all_views, offset = [], [], 0
-    for _, t, v in objects:
-        all_views.extend((b + offset, c) for b, c in v)
-        all_teacher.extend(t)
-        offset += len(t)
-    return torch.cat(parts), all_teacher, all_views
+    local_views = torch.tensor(views, dtype=torch.long).reshape(-1, 2)
+    all_views, offset = [], 0
+    for part, samples in zip(_all_gather_padded(local_views, n_views), n_samples, strict=True):
+        all_views.extend((b + offset, c) for b, c in part.tolist())
+        offset += samples
+    if not all(present):
+        return torch.cat(parts), [None] * offset, all_views
+    return torch.cat(parts), _gather_teacher(teacher, n_samples, n_slices, all(has_u)), all_views
+
+
+def _gather_teacher(teacher: list[dict], n_samples: list[int], n_slices: list[int], with_u: bool) -> list:
+    """Every rank's per-sample teacher features (``v``, ``modality``, ``u`` if ``with_u``)."""
+    keys = _TEACHER_KEYS if with_u else _TEACHER_KEYS[:2]
+    counts = torch.tensor([int(t["v"].shape[0]) for t in teacher], dtype=torch.long)
+    all_counts = [c.tolist() for c in _all_gather_padded(counts, n_samples)]
+    features = {key: _all_gather_padded(torch.cat([t[key] for t in teacher]), n_slices) for key in keys}
+    out = []
+    for r, per_sample in enumerate(all_counts):
+        pieces = {key: torch.split(features[key][r], per_sample) for key in keys}
+        out.extend({key: pieces[key][s] for key in keys} for s in range(len(per_sample)))
+    return out
 
 
 def global_sum(value: float) -> float:
+    """``value`` summed over the ranks (``value`` in one process); a collective."""
     _, world = rank_and_world()
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t)
     return float(t.item())
 
 
 def gather_objects(value) -> list:
-    """``value`` from every rank, in rank order (``[value]`` in one process); a collective."""
+    """``value`` from every rank, in rank order (``[value]`` in one process); a collective.
+
+    Pickled: for the few small objects of a checkpoint save (each rank's data position), never
+    per step.
+    """
     _, world = rank_and_world()
     if world == 1:
         return [value]

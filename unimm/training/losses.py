@@ -72,7 +72,7 @@ def structure_loss(
         views: ``(sample, cut slice)`` of each embedding row.
         cfg: the training config (sections ``align`` and ``train``).
     """
-    targets = view_targets(teacher, views, cfg.align).to(embeddings.device)
+    targets = view_targets(teacher, views, cfg.align, device=embeddings.device)
     same = same_sample_mask(views, device=embeddings.device)
     train = cfg.train
     return discriminative_loss(embeddings, targets, same, kind=train.disc_loss, temperature=train.temperature)

@@ -53,7 +53,11 @@ def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
         from unimm.model.checkpoint import load_checkpoint
 
         model, processor, _ = load_checkpoint(
-            resume_from, dtype=dtype, trust_remote_code=opts.trust_remote_code, is_trainable=True
+            resume_from,
+            dtype=dtype,
+            trust_remote_code=opts.trust_remote_code,
+            is_trainable=True,
+            attn_implementation=opts.attn_implementation,
         )
         _set_trainable(model, opts, lora_done=True)
         return model, processor
@@ -63,9 +67,14 @@ def build_model(cfg: TrainConfig, run_dir: Path, resume_from: Path | None):
         base = run_dir / "tiny-base"
         if not (base / "config.json").is_file():
             save_tiny_llava(base, training_texts(cfg.data), seed=cfg.train.seed)
-        mllm, processor = load_mllm(base, dtype=dtype)
+        mllm, processor = load_mllm(base, dtype=dtype, attn_implementation=opts.attn_implementation)
     else:
-        mllm, processor = load_mllm(opts.path, dtype=dtype, trust_remote_code=opts.trust_remote_code)
+        mllm, processor = load_mllm(
+            opts.path,
+            dtype=dtype,
+            trust_remote_code=opts.trust_remote_code,
+            attn_implementation=opts.attn_implementation,
+        )
     torch.manual_seed(cfg.train.seed)
     hidden = mllm.config.text_config.hidden_size
     head = RetrievalHead(hidden, opts.embed_dim)
@@ -394,7 +403,11 @@ class Trainer:
                     "processes": accelerator.num_processes,
                 },
                 # What inference rebuilds the inputs with (the checkpoint adds dtype, pooling, size).
-                "inference": {"system_prompt": cfg.model.system_prompt, "max_length": cfg.model.max_length},
+                "inference": {
+                    "system_prompt": cfg.model.system_prompt,
+                    "max_length": cfg.model.max_length,
+                    "attn_implementation": cfg.model.attn_implementation,
+                },
             }
             save_checkpoint(
                 self.run_dir / f"step-{self.step:06d}",
