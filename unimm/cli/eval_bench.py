@@ -126,7 +126,9 @@ def bench_prepare_cmd(
 @user_errors
 def bench_align_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller grid.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A smaller grid (on CUDA: 1024 views x 16 slices only).")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""

@@ -209,6 +209,8 @@ def bench_align(*, device: str = "cpu", quick: bool = False) -> list[dict]:
     cpu = device == "cpu"
     if cpu:
         grid = [(256, 4), (256, 16)] if quick else [(256, 4), (256, 16), (1024, 4), (1024, 16), (256, 64)]
+    elif quick:  # the acceptance case (scripts/gpu-check): 1024 views of 16 slices
+        grid = [(1024, 16)]
     else:
         grid = [(n, s) for n in (256, 1024, 4096) for s in (4, 16, 64)]
     backends = ["reference"] + ([] if cpu else ["triton"])
@@ -268,11 +270,12 @@ class _AlignCase:
         import torch
 
         cuda = self.device == "cuda"
-        rows, times = [], {}
+        rows, times, outputs = [], {}, {}
         for backend in backends:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             with _align_backend(backend):
+                outputs[backend] = self.forward()
                 fwd = timer(self.forward)
                 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
                 both = timer(self.forward_backward) if self.kind == "student" else None
@@ -293,6 +296,8 @@ class _AlignCase:
             )
         if "triton" in times:
             rows[-1]["speedup_vs_reference"] = round(times["reference"] / times["triton"], 1)
+            error = (outputs["triton"].double() - outputs["reference"].double()).abs().max()
+            rows[-1]["max_abs_error_vs_reference"] = float(f"{float(error):.3g}")
         if self.kind == "student" and cuda:
             x = self.v.detach().requires_grad_()
 
@@ -357,6 +362,7 @@ def print_align_table(rows: list[dict]) -> None:
         "cells_per_s",
         "peak_mib",
         "speedup_vs_reference",
+        "max_abs_error_vs_reference",
         "matmul_floor_s",
         "tslearn_s",
         "speedup_vs_tslearn",
