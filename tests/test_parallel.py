@@ -146,6 +146,15 @@ def _guarded_worker(rank: int, world: int, folder: str, shards: str, out: str) -
         setattr(dist, name, pickled(name))
     targets.gak_matrix_prefix = aligned("prefix", targets.gak_matrix_prefix)
     targets.gak_matrix_triple = aligned("triple", targets.gak_matrix_triple)
+    import unimm.training.losses as losses
+
+    real_targets = losses.view_targets
+
+    def asked(teacher, views, align, device=None):  # where the loss asks for its targets
+        seen["targets_device"] = str(device)
+        return real_targets(teacher, views, align, device=device)
+
+    losses.view_targets = asked
     try:
         _one_step(folder, shards, rank, world)  # the model and its embeddings are on the CPU
         if rank == 0:
@@ -178,6 +187,7 @@ def test_collectives_and_targets_stay_on_their_devices(tmp_path, tiny_shards):
     assert len(seen["collectives"]) >= 6  # header, embeddings, views, counts, v, modality, u, sums
     for name, devices, expected in seen["collectives"]:
         assert devices == [expected], (name, devices)
+    assert seen["targets_device"] == "cpu"  # the embeddings' device, asked for explicitly
     assert seen["alignment"] and all(devices == ["cpu"] for _, devices in seen["alignment"])
 
 
