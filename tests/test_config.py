@@ -193,3 +193,40 @@ def test_only_true_and_false_are_booleans(tmp_path):
     assert lora.model.lora is True
     with pytest.raises(ConfigError, match=r"model\.lora: expected bool, got 'maybe'"):
         build_config(TrainConfig, recipe=recipe, options={"out": "x"}, overrides=["model.lora=maybe"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.inf", "train.lr: must be a finite number, got inf"),
+        ("train.lr=nan", "train.lr: must be a finite number, got 'nan'"),
+        ("train.lr=-inf", "train.lr: must be a finite number, got '-inf'"),
+        ("align.delta=.nan", "align.delta: must be a finite number"),
+        ("align.sigma=.inf", "align.sigma: must be a finite number"),
+        ("data.weights=[1.0, .inf]", "data.weights: must be a finite number"),
+        ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0, got -0.1"),
+        ("train.max_grad_norm=0", "train.max_grad_norm: must be > 0, got 0.0"),
+        ("train.seed=-1", "train.seed: must be >= 0, got -1"),
+        ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio: must be in [0, 1), got 1.5"),
+    ],
+)
+def test_non_finite_negative_and_out_of_range_numbers_are_refused(override, message):
+    """`--set train.lr=.inf` trained to NaN weights and exited 0; every such value is refused at
+    start, naming its key."""
+    from unimm.config import TrainConfig
+
+    with pytest.raises(ConfigError) as caught:
+        build_config(TrainConfig, recipe="tiny-cpu", overrides=[override, "data.train=x"])
+    assert message in str(caught.value)
+
+
+def test_a_non_finite_number_in_a_recipe_file_is_refused(tmp_path):
+    from unimm.config import TrainConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: .inf\nalign:\n  delta: .NaN\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config(TrainConfig, recipe=recipe, overrides=["data.train=x", "model.tiny=true"])
+    assert "train.lr: must be a finite number" in str(caught.value)
+    assert "align.delta: must be a finite number" in str(caught.value)

@@ -8,6 +8,7 @@ YAML files or the names of recipes shipped in ``unimm/recipes/``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -206,11 +207,24 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             kwargs[name] = _build(hint, data[name], f"{prefix}{name}.", problems)
             continue
         ok, value = _coerce(data[name], hint)
-        if ok:
+        if ok and not _finite(value):
+            problems.append(f"{prefix}{name}: must be a finite number, got {data[name]!r}")
+        elif ok:
             kwargs[name] = value
         else:
             problems.append(f"{prefix}{name}: expected {_describe(hint)}, got {data[name]!r}")
     return cls(**kwargs)
+
+
+def _finite(value: Any) -> bool:
+    """No infinity or NaN in ``value`` (a number, or a list or mapping of them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _validate(cfg: Any) -> list[str]:

@@ -97,6 +97,8 @@ class RetrieveOptions(CheckpointOptions):
             problems.append(f"retrieve.rerank: use none or gak, got {self.rerank!r}")
         if self.top_k < 1 or self.block < 1:
             problems.append("retrieve.top_k and retrieve.block must be >= 1")
+        if not self.rerank_delta > 0:
+            problems.append(f"retrieve.rerank_delta: must be > 0, got {self.rerank_delta}")
         return problems
 
 

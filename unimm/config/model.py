@@ -154,4 +154,10 @@ class TrainOptions:
             problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not self.temperature > 0:
             problems.append(f"train.temperature: must be > 0, got {self.temperature}")
+        if self.weight_decay < 0:
+            problems.append(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm > 0:
+            problems.append(f"train.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.seed < 0:
+            problems.append(f"train.seed: must be >= 0, got {self.seed}")
         return problems
