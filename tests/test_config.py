@@ -205,7 +205,7 @@ def test_only_true_and_false_are_booleans(tmp_path):
         ("align.sigma=.inf", "align.sigma: must be a finite number"),
         ("data.weights=[1.0, .inf]", "data.weights: must be a finite number"),
         ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0, got -0.1"),
-        ("train.max_grad_norm=0", "train.max_grad_norm: must be > 0, got 0.0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm: must be >= 0 (0 = no clipping), got -1.0"),
         ("train.seed=-1", "train.seed: must be >= 0, got -1"),
         ("train.lr=0", "train.lr: must be > 0, got 0.0"),
         ("train.warmup_ratio=1.5", "train.warmup_ratio: must be in [0, 1), got 1.5"),

@@ -2,7 +2,7 @@
 
     cli → pipelines → commands → training | inference → model | tiny → data → config → align
 
-plus plumbing (``unimm``, ``errors``, ``utils``, ``plots``) that any layer may import and that
+plus plumbing (``unimm``, ``errors``, ``utils``, ``plots``, ``outputs``) that any layer may import and that
 imports only plumbing. Every import counts, also those inside functions and under
 ``TYPE_CHECKING``: a lazy import is still a dependency.
 """
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1] / "unimm"
-PLUMBING = {"unimm", "unimm.errors", "unimm.utils", "unimm.plots"}
+PLUMBING = {"unimm", "unimm.errors", "unimm.utils", "unimm.plots", "unimm.outputs"}
 RANKS = {
     "align": 1,
     "config": 2,

@@ -16,6 +16,23 @@ bench_app = typer.Typer(
 )
 
 
+def _claim_json(path: Path | None) -> Path | None:
+    """``--json`` is checked before the bench runs: never over another command's output."""
+    if path is not None:
+        from unimm.outputs import claim_output
+
+        try:
+            claim_output(path, None, flag="--json")
+        except UnimmError as exc:
+            raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+    return path
+
+
+JsonOut = Annotated[
+    Path | None, typer.Option("--json", help="Also write the results as JSON.", callback=_claim_json)
+]
+
+
 @eval_app.callback(invoke_without_command=True)
 @user_errors
 def eval_(
@@ -110,7 +127,7 @@ def bench_prepare_cmd(
     images_per_record: Annotated[int, typer.Option(help="Images per record.")] = 2,
     image_width: Annotated[int, typer.Option(help="Width of the synthetic JPEGs (height = 3/4).")] = 640,
     repeats: Annotated[int, typer.Option(help="Timed runs per variant (best is kept).")] = 2,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Samples/s of `unimm prepare` against writing the same files into a plain tar."""
     from unimm.commands.bench import bench_prepare, print_table
@@ -129,7 +146,7 @@ def bench_align_cmd(
     quick: Annotated[
         bool, typer.Option("--quick", help="A smaller grid (on CUDA: 1024 views x 16 slices only).")
     ] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    json_out: JsonOut = None,
 ) -> None:
     """All-pairs GAK: reference vs Triton (CUDA) and vs tslearn (CPU), as ratios."""
     from unimm.commands.bench import bench_align, print_align_table
@@ -153,7 +170,7 @@ def bench_train_cmd(
         float | None, typer.Option(help="The device's peak TFLOP/s for the dtype, to report MFU.")
     ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per variant (best is kept).")] = 3,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    json_out: JsonOut = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     family: Annotated[str, typer.Option(help="Tiny model family: llava, qwen2_vl, gemma3, ...")] = "llava",
@@ -200,7 +217,7 @@ def bench_data_cmd(
     image_size: Annotated[int, typer.Option(help="Image side in pixels (336: LLaVA-1.5).")] = 336,
     batches: Annotated[int, typer.Option(help="Batches timed per variant.")] = 24,
     workers: Annotated[str, typer.Option(help="Worker counts to time, comma-separated.")] = "1,2,4",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    json_out: JsonOut = None,
     family: Annotated[str, typer.Option(help="Tiny model family: llava, qwen2_vl, gemma3, ...")] = "llava",
 ) -> None:
     """Batches/s of the training data path: worker processes and the prefetch thread vs inline."""
@@ -225,7 +242,7 @@ def bench_data_cmd(
 def bench_retrieve_cmd(
     docs: Annotated[int, typer.Option(help="Index size.")] = 100_000,
     dim: Annotated[int, typer.Option(help="Embedding width.")] = 1024,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Exact search vs FAISS flat, and embedding vs a bare transformers forward (CPU)."""
     from unimm.commands.bench import bench_retrieve

@@ -16,9 +16,14 @@ def run(cfg: EvalConfig, *, progress: bool = True, evaluator: Evaluator | None =
 
     ``evaluator``: the checkpoint already loaded (``eval.model`` is then only recorded).
     """
+    from pathlib import Path
+
+    from unimm.outputs import claim_output
     from unimm.utils import atomic_write_json
 
     opts = cfg.eval
+    if opts.out:
+        claim_output(Path(opts.out), None, [*opts.data, opts.model])
     samples = load_samples(opts.data, opts.format, opts.image_root)
     ev = evaluator or Evaluator.load(
         opts.model,

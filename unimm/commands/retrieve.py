@@ -57,9 +57,14 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     from unimm.inference.index import load_index, model_hash
     from unimm.inference.search import exact_search, faiss_search, metrics, read_qrels
     from unimm.inference.session import Session
+    from unimm.outputs import claim_output
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
     opts = cfg.retrieve
+    inputs = [opts.index, opts.model, *(p for p in (opts.queries, opts.qrels) if p)]
+    for flag, path in (("--out", opts.out), ("--metrics-out", opts.metrics_out)):
+        if path:
+            claim_output(Path(path), None, inputs, flag=flag)
     index, rows, manifest = load_index(opts.index)
     if manifest["model_hash"] != model_hash(opts.model):
         raise UnimmError(

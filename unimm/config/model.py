@@ -111,6 +111,7 @@ class TrainOptions:
     """Samples per device per step."""
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    """Clip the gradient's norm to this (0 = no clipping)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -156,8 +157,8 @@ class TrainOptions:
             problems.append(f"train.temperature: must be > 0, got {self.temperature}")
         if self.weight_decay < 0:
             problems.append(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
-        if not self.max_grad_norm > 0:
-            problems.append(f"train.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.max_grad_norm < 0:
+            problems.append(f"train.max_grad_norm: must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if self.seed < 0:
             problems.append(f"train.seed: must be >= 0, got {self.seed}")
         return problems

@@ -223,8 +223,11 @@ def _our_files(out_dir: Path) -> list[Path]:
 
 
 def _prepare_out_dir(out_dir: Path, opts: PrepareOptions) -> None:
+    from unimm.outputs import claim_output
+
     if out_dir.exists() and not out_dir.is_dir():
         raise UnimmError(f"--out {out_dir}: exists and is not a directory; choose a directory path")
+    claim_output(out_dir, "unimm-shards", [*opts.inputs, *([opts.image_root] if opts.image_root else [])])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".unimm-write-probe-{os.getpid()}"

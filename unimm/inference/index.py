@@ -55,8 +55,11 @@ def _part_name(number: int, rank: int, world: int) -> str:
 
 def _prepare_out(out: Path, opts: EmbedOptions, rank: int = 0, world: int = 1) -> list[dict]:
     """Parts of this rank to keep (resume), after checking the output folder."""
+    from unimm.outputs import claim_output
+
     if out.exists() and not out.is_dir():
         raise UnimmError(f"--out {out}: exists and is not a directory")
+    claim_output(out, "unimm-index", [*opts.data, opts.model])
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob("embeddings-*"))
     if existing and not (opts.resume or opts.overwrite):

@@ -207,7 +207,11 @@ class Trainer:
 
     def _check_out_dir(self) -> Path | None:
         """The checkpoint to resume from (``--resume``), after refusing to mix runs in one folder."""
+        from unimm.outputs import claim_output
+
         cfg, run_dir = self.cfg, self.run_dir
+        inputs = [*cfg.data.train, *cfg.data.eval, *([cfg.model.path] if cfg.model.path else [])]
+        claim_output(run_dir, "unimm-run", inputs)
         resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
         if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
             raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")
