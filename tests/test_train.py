@@ -411,3 +411,45 @@ def test_cuda_bf16_training_follows_fp32_and_learns(tmp_path, tiny_shards):
         assert result["loss_gen"] < 0.8 * first["loss_gen"]
     meta = json.loads((tmp_path / "bf16" / "step-000030" / "unimm.json").read_text())
     assert meta["parallelism"]["kind"] == "NO"
+
+
+def test_a_crash_leaves_nothing_that_breaks_the_resume(tmp_path, tiny_shards):
+    """What a crash leaves — a torn last metrics line, an unfinished checkpoint folder, a
+    checkpoint renamed away in the middle of being replaced — is tidied by `--resume`, which then
+    reproduces the uninterrupted run's losses exactly."""
+    import shutil
+
+    settings = ("train.max_steps=4", "train.save_every=2")
+    run(config(tmp_path / "full", tiny_shards, *settings), progress=False)
+    part = shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(part / "step-000004")
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"step": 4, "loss": 1.2')  # torn
+    (part / ".step-000004.tmp-999").mkdir()  # a save that never finished
+    (part / "step-000002").rename(part / ".step-000002.old-999")  # crashed between the renames
+    run(config(part, tiny_shards, *settings, resume=True), progress=False)
+    assert not list(part.glob(".step-*"))
+    want, got = metrics(tmp_path / "full"), metrics(part)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for a, b in zip(want, got, strict=True):
+        for key in ("loss", "loss_gen", "loss_disc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+def test_a_run_killed_before_its_first_checkpoint(tmp_path, tiny_shards):
+    """Its metrics.jsonl alone: a rerun without --resume is refused (it appended a second run's
+    steps before); with --resume it starts again, and the metrics hold one run."""
+    settings = ("train.max_steps=2", "train.save_every=2")
+    run(config(tmp_path / "fresh", tiny_shards, *settings), progress=False)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text(
+        (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()[0] + "\n"
+    )
+    with pytest.raises(UnimmError, match=r"already holds a run .*pass --resume"):
+        run(config(killed, tiny_shards, *settings), progress=False)
+    run(config(killed, tiny_shards, *settings, resume=True), progress=False)
+    assert [m["step"] for m in metrics(killed)] == [1, 2]
+    assert [m["loss"] for m in metrics(killed)] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "fresh")]
+    )

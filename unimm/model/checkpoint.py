@@ -138,6 +138,20 @@ def save_checkpoint(
     return folder
 
 
+def recover_checkpoints(run_dir: Path) -> None:
+    """Tidy what an interrupted :func:`save_checkpoint` left in ``run_dir``: an unfinished new
+    checkpoint (``.step-N.tmp-PID``) is removed; a replaced one (``.step-N.old-PID``) is removed
+    when ``step-N`` exists, and put back as ``step-N`` when the crash came between the renames."""
+    for tmp in run_dir.glob(".step-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in run_dir.glob(".step-*.old-*"):
+        final = run_dir / old.name[1:].rsplit(".old-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+
+
 def _weights_dtype(state: dict[str, torch.Tensor]) -> str:
     """The dtype most of the floating-point weights are stored in (``float32``, ``bfloat16``...)."""
     counts: dict[torch.dtype, int] = {}

@@ -207,18 +207,27 @@ class Trainer:
 
     def _check_out_dir(self) -> Path | None:
         """The checkpoint to resume from (``--resume``), after refusing to mix runs in one folder."""
+        from unimm.model.checkpoint import recover_checkpoints
         from unimm.outputs import claim_output
 
         cfg, run_dir = self.cfg, self.run_dir
         inputs = [*cfg.data.train, *cfg.data.eval, *([cfg.model.path] if cfg.model.path else [])]
         claim_output(run_dir, "unimm-run", inputs)
-        resume_from = _latest_checkpoint(run_dir) if cfg.resume else None
-        if cfg.resume and resume_from is None and (run_dir / "metrics.jsonl").exists():
-            raise UnimmError(f"--resume: {run_dir} has no checkpoint with a training state to resume from")
-        if not cfg.resume and any(run_dir.glob("step-*")):
+        earlier = any(run_dir.glob("step-*")) or (run_dir / "metrics.jsonl").exists()
+        if not cfg.resume and earlier:
             raise UnimmError(
-                f"--out {run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+                f"--out {run_dir} already holds a run (checkpoints or metrics.jsonl); pass --resume to "
+                "continue it, or choose another --out"
             )
+        if not cfg.resume:
+            return None
+        main = int(os.environ.get("RANK", "0")) == 0  # the accelerator does not exist yet
+        if main:
+            recover_checkpoints(run_dir)
+        resume_from = _latest_checkpoint(run_dir)
+        if main and resume_from is None and (run_dir / "metrics.jsonl").exists():
+            # killed before its first checkpoint: nothing to continue, so the run starts again
+            _truncate_metrics(run_dir / "metrics.jsonl", 0)
         return resume_from
 
     def _accelerator(self):
@@ -477,15 +486,24 @@ def check_parallelism(accelerator) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from)."""
+    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from), and a
+    torn last line (a crash in the middle of writing it); rewritten atomically."""
+    from unimm.utils import atomic_write_bytes
+
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break  # torn by a crash: it is past every checkpoint anyway
+            raise UnimmError(f"{path}, line {number}: not a JSON line; the metrics file is damaged") from None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _prune(run_dir: Path, keep: int) -> None:
