@@ -313,18 +313,18 @@ def open_image(path: str | Path, root: str | Path | None = None):
     Raises:
         UnimmError: naming the path and why it cannot be read.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    from unimm.data.images import ImageProblem, resolve_image_path
+    from unimm.data.images import ImageProblem, resolve_image_path, to_rgb
     from unimm.errors import UnimmError
 
     try:
         file = resolve_image_path(str(path), root) if root is not None else Path(path)
         with Image.open(file) as img:
-            return img.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(img))
     except ImageProblem as exc:
         raise UnimmError(str(exc)) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnimmError(f"image {path}: cannot read it ({exc})") from None
 
 

@@ -154,7 +154,7 @@ def _encode(raw: bytes, image_size: int | None, quality: int, verify: str, max_p
     if img.format == "JPEG" and orientation in (None, 1):
         img.draft("RGB", new_size)  # DCT-domain downscale first: much faster, deterministic
     img = ImageOps.exif_transpose(img)
-    img = _to_rgb(img)
+    img = to_rgb(img)
     # The size is decided from the original pixels (a draft decode may round differently).
     final = (new_size[1], new_size[0]) if orientation in (5, 6, 7, 8) else new_size
     if final != img.size:
@@ -164,11 +164,39 @@ def _encode(raw: bytes, image_size: int | None, quality: int, verify: str, max_p
     return EncodedImage(out.getvalue(), img.size[0], img.size[1])
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as the 8-bit RGB it looks like, whatever its mode.
+
+    Pillow's own ``convert("RGB")`` clips high-bit-depth pixels to 0..255, so a 16-bit PNG (mode
+    ``I;16``/``I``) came out almost white; here they are scaled: 16-bit values by 1/257, a float
+    image (``F``) by 255 when its values lie in [0, 1]. Transparency (``RGBA``, ``LA``, ``PA``, a
+    palette with a transparent colour) is composed over white, as a viewer shows it; ``CMYK``,
+    ``YCbCr``, ``1``, ``L``, ``P`` convert the usual way.
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A single-channel high-bit-depth image as ``L``: 16-bit integers scaled by 1/257, 32-bit
+    integers above 65535 or floats above 1 clipped after scaling to their range."""
+    import numpy as np
+
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = float(np.nanmax(pixels)) if pixels.size else 0.0
+        scale = 255.0 if top <= 1.0 else 1.0
+    elif img.mode == "I" and pixels.size and float(pixels.max()) <= 255:
+        scale = 1.0  # 8-bit values stored as 32-bit integers
+    else:
+        scale = 1 / 257  # 16-bit range
+    pixels = np.nan_to_num(pixels * scale, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
