@@ -83,3 +83,41 @@ def test_clear_errors(trained):
         session.answer([])
     with pytest.raises(UnimmError, match="cannot read it"):
         one_shot(ChatOptions(model=str(checkpoint), prompt="x", images=["/nonexistent.png"]))
+
+
+def test_the_repl_survives_every_bad_turn(tmp_path, trained):
+    """A bare /image, a missing file, a decompression bomb, bytes that are not UTF-8 and empty
+    lines each get a message (or are skipped) and the conversation goes on."""
+    checkpoint, _ = trained
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 M pixels: over Pillow's bomb limit
+    lines = io.StringIO(
+        f"/image\n/image {tmp_path / 'missing.png'}\n/image {bomb}\n\n   \nhi \udcff\udcfe there\n/exit\n"
+    )
+    out = io.StringIO()
+    repl(ChatOptions(model=str(checkpoint), max_new_tokens=3), lines, out)
+    text = out.getvalue()
+    assert "error: give the image's path: /image PATH" in text
+    assert text.count("error: image") == 2  # the missing file and the bomb, each named
+    assert "decompression bomb" in text.lower() or "exceeds limit" in text
+    assert text.count("assistant: ") == 1  # the non-UTF-8 line was answered
+
+
+def test_chat_under_an_ascii_terminal_with_bad_bytes(trained):
+    """`LANG=C`-like streams (ASCII, strict) and undecodable stdin: no traceback, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint, _ = trained
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "LANG": "C"}
+    done = subprocess.run(
+        [sys.executable, "-m", "unimm.cli", "chat", "--model", str(checkpoint), "--max-new-tokens", "2"],
+        input=b"caf\xc3\xa9 \xff\xfe?\n/image\n/exit\n",
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"Traceback" not in done.stderr and b"assistant: " in done.stdout
+    assert b"unimm chat - /image PATH" in done.stdout

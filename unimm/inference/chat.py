@@ -16,6 +16,7 @@ Tokens stream to the terminal as they are generated (greedy by default; ``--temp
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tarfile
 from pathlib import Path
@@ -142,17 +143,36 @@ class _Streamer:
 def _image_slice(path: str) -> Slice:
     from unimm.data.adapters import open_image
 
+    if not path:
+        raise UnimmError("give the image's path: /image PATH")
     return Slice.of_image(open_image(path))
+
+
+def _tolerant(lines: TextIO, stream: TextIO) -> None:
+    """Streams that survive any bytes and any terminal: undecodable input is kept as escapes (and
+    cleaned per line, :func:`_clean`), output a terminal cannot show becomes ``?`` (``LANG=C``)."""
+    for handle, errors in ((lines, "surrogateescape"), (stream, "replace")):
+        reconfigure = getattr(handle, "reconfigure", None)
+        if callable(reconfigure):
+            with contextlib.suppress(ValueError, OSError):  # already read from, or not a text file
+                reconfigure(errors=errors)
+
+
+def _clean(text: str) -> str:
+    """``text`` as valid Unicode: bytes that were not UTF-8 become U+FFFD (a tokenizer refuses
+    the lone surrogates they decode to)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def one_shot(opts: ChatOptions, stream: TextIO | None = None) -> str:
     """Answer ``opts.prompt`` (with ``opts.images`` before it) once, streaming to ``stream``
     (default: the standard output at call time)."""
     stream = stream if stream is not None else sys.stdout
+    _tolerant(sys.stdin, stream)
     session = ChatSession(opts)
     question = [_image_slice(p) for p in opts.images]
     if opts.prompt and opts.prompt.strip():
-        question.append(Slice.of_text(opts.prompt))
+        question.append(Slice.of_text(_clean(opts.prompt)))
     answer = session.answer(question, stream)
     if session.last_retrieved:
         stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
@@ -166,11 +186,12 @@ def repl(opts: ChatOptions, lines: TextIO | None = None, stream: TextIO | None =
     """
     lines = lines if lines is not None else sys.stdin
     stream = stream if stream is not None else sys.stdout
+    _tolerant(lines, stream)
     session = ChatSession(opts)
     pending: list[Slice] = []
-    stream.write("unimm chat — /image PATH attaches an image, /reset clears the conversation, /exit quits\n")
+    stream.write("unimm chat - /image PATH attaches an image, /reset clears the conversation, /exit quits\n")
     for raw in lines:
-        line = raw.strip()
+        line = _clean(raw).strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -180,15 +201,16 @@ def repl(opts: ChatOptions, lines: TextIO | None = None, stream: TextIO | None =
             pending.clear()
             stream.write("(conversation cleared)\n")
             continue
-        if line.startswith("/image"):
-            try:
+        try:  # a bad turn (an unreadable image, ...) is reported and the conversation goes on
+            if line.startswith("/image"):
                 pending.append(_image_slice(line[len("/image") :].strip()))
                 stream.write("(image attached to your next message)\n")
-            except UnimmError as exc:
-                stream.write(f"error: {exc}\n")
+                continue
+            stream.write("assistant: ")
+            session.answer([*pending, Slice.of_text(line)], stream)
+        except UnimmError as exc:
+            stream.write(f"error: {exc}\n")
             continue
-        stream.write("assistant: ")
-        session.answer([*pending, Slice.of_text(line)], stream)
         if session.last_retrieved:
             stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
         pending = []
