@@ -49,6 +49,24 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, Any]:
+    """The tensors of a safetensors file, or a :class:`~unimm.errors.UnimmError` naming the file
+    when it is missing, truncated or edited (the library's own error says neither)."""
+    from safetensors.torch import load_file
+
+    from unimm.errors import UnimmError
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise UnimmError(f"{path}: missing ({what}); the folder is incomplete") from None
+    except Exception as exc:  # SafetensorError, OSError, ValueError for a damaged file
+        raise UnimmError(
+            f"{path}: not a readable safetensors file ({exc}); the {what} file is damaged — "
+            "restore it or make it again"
+        ) from None
+
+
 def quiet_transformers() -> None:
     """Silence transformers' per-load reports and progress bars; unimm shows its own progress."""
     from transformers.utils import logging

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,15 +62,47 @@ def as_options(section: str, values: dict[str, Any], renames: dict[str, str] | N
     return options
 
 
+DEBUG_ENV = "UNIMM_DEBUG"
+"""Set to 1 to see the traceback behind any error message (for a bug report)."""
+
+_OS_HINTS = {
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "the file system is read-only; choose a writable path",
+    errno.ENOSPC: "the disk is full; free some space, then rerun (with --resume where it applies)",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "it is a folder; give a file",
+}
+
+
+def _os_message(exc: OSError) -> str:
+    """An operating-system failure as one line: the file, what happened, what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc)
+    hint = _OS_HINTS.get(exc.errno or 0, f"(set {DEBUG_ENV}=1 to see where)")
+    return f"{where}{what}; {hint}"
+
+
 def user_errors(fn):
-    """Print a :class:`UnimmError` as one message and exit 2; Ctrl-C exits 130 with a hint."""
+    """The error boundary: a :class:`UnimmError` or an operating-system failure (a missing file, a
+    read-only or full disk, a permission) prints one message and exits 2; Ctrl-C exits 130 with a
+    hint. Anything else is a bug and keeps its traceback; ``UNIMM_DEBUG=1`` shows every traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
             return fn(*args, **kwargs)
         except UnimmError as exc:
+            if debug:
+                raise
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if debug:
+                raise
+            typer.secho(f"error: {_os_message(exc)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.secho(

@@ -27,7 +27,7 @@ from unimm import __version__
 from unimm.config import EmbedConfig, EmbedOptions
 from unimm.data.samples import Sample
 from unimm.errors import UnimmError
-from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
+from unimm.utils import atomic_write_bytes, atomic_write_json, read_safetensors, resolve_device
 
 INDEX_MANIFEST = "manifest.json"
 PART = "embeddings-{:05d}"
@@ -247,8 +247,6 @@ def load_index(folder: str | Path) -> tuple[torch.Tensor, list[dict], dict]:
     Raises:
         UnimmError: the folder is not a finished index.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     path = folder / INDEX_MANIFEST
     if not path.is_file():
@@ -258,7 +256,9 @@ def load_index(folder: str | Path) -> tuple[torch.Tensor, list[dict], dict]:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     embeddings, rows = [], []
     for part in manifest["parts"]:
-        embeddings.append(load_file(folder / f"{part['name']}.safetensors")["embeddings"].float())
+        embeddings.append(
+            read_safetensors(folder / f"{part['name']}.safetensors", "index")["embeddings"].float()
+        )
         rows.extend(json.loads((folder / f"{part['name']}.json").read_text(encoding="utf-8"))["rows"])
     return torch.cat(embeddings), rows, manifest
 
@@ -271,15 +271,13 @@ def load_slice_embeddings(folder: str | Path) -> tuple[torch.Tensor, torch.Tenso
     Raises:
         UnimmError: the index has no per-slice embeddings.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     manifest = json.loads((folder / INDEX_MANIFEST).read_text(encoding="utf-8"))
     if not manifest.get("per_slice"):
         raise UnimmError(f"index {folder} has no per-slice embeddings; embed it again with --per-slice")
     slices, offsets, base = [], [torch.zeros(1, dtype=torch.int64)], 0
     for part in manifest["parts"]:
-        tensors = load_file(folder / f"{part['name']}.safetensors")
+        tensors = read_safetensors(folder / f"{part['name']}.safetensors", "index")
         slices.append(tensors["slice_embeddings"].float())
         offsets.append(tensors["slice_offsets"][1:] + base)
         base += int(tensors["slice_offsets"][-1])

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from unimm import __version__
 from unimm.errors import UnimmError
 from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-from unimm.utils import atomic_write_json
+from unimm.utils import atomic_write_json, read_safetensors
 
 META_NAME = "unimm.json"
 ADAPTER_DIR = "adapter"
@@ -233,12 +233,23 @@ def load_checkpoint(
 
         if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
             raise UnimmError(f"checkpoint {folder}: unimm.json says LoRA, but {ADAPTER_DIR}/ has no adapter")
-        mllm = PeftModel.from_pretrained(mllm, folder / ADAPTER_DIR, is_trainable=is_trainable)
-    head_state = load_file(folder / HEAD_NAME)
-    hidden = int(head_state["net.0.weight"].shape[1])
-    embed_dim = int(head_state["net.2.weight"].shape[0])
-    head = RetrievalHead(hidden, embed_dim)
-    head.load_state_dict(head_state)
+        try:
+            mllm = PeftModel.from_pretrained(mllm, folder / ADAPTER_DIR, is_trainable=is_trainable)
+        except Exception as exc:  # peft/safetensors raise many types for damaged adapter files
+            raise UnimmError(
+                f"checkpoint {folder}: cannot load its LoRA adapter in {ADAPTER_DIR}/ ({type(exc).__name__}: "
+                f"{exc}); the adapter files are damaged or from another model"
+            ) from None
+    head_state = read_safetensors(folder / HEAD_NAME, "retrieval head")
+    try:
+        hidden = int(head_state["net.0.weight"].shape[1])
+        embed_dim = int(head_state["net.2.weight"].shape[0])
+        head = RetrievalHead(hidden, embed_dim)
+        head.load_state_dict(head_state)
+    except (KeyError, RuntimeError, IndexError) as exc:
+        raise UnimmError(
+            f"{folder / HEAD_NAME}: not a unimm retrieval head ({type(exc).__name__}: {exc})"
+        ) from None
     return UnimmModel(mllm, head, pooling=meta["pooling"]), processor, meta
 
 
@@ -337,7 +348,7 @@ def load_train_state(folder: str | Path) -> dict[str, Any]:
             f"{folder}: no training state; it cannot be resumed (was it saved with --merge-lora?)"
         )
     return {
-        "tensors": load_file(path / "state.safetensors"),
+        "tensors": read_safetensors(path / "state.safetensors", "training state"),
         "json": json.loads((path / "state.json").read_text(encoding="utf-8")),
     }
 
