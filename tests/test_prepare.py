@@ -314,6 +314,18 @@ BAD_CASES = {
     "non_string_text": ({"id": "x", "slices": [{"text": ["a"]}]}, "'text' must be a string"),
     "duplicate_id": ({"id": "r0", "slices": [{"text": "again"}]}, "duplicate id"),
     "bomb": ({"id": "x", "slices": [{"image": "bad/bomb.png"}]}, "decompression-bomb limit"),
+    # One pathological line must not crash the reader (each was a traceback, or a failure later
+    # when the shard was written); the limits are prepare.max_*.
+    "deep_nesting": ('{"id": "x", "slices": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    "nesting_over_the_limit": (
+        '{"id": "x", "slices": [{"text": "a"}], "meta": {"a": ' + "[" * 40 + "]" * 40 + "}}",
+        "nested deeper than 32 levels",
+    ),
+    "huge_integer": ('{"id": ' + "9" * 5000 + ', "slices": [{"text": "a"}]}', "a number with 5000 digits"),
+    "nan": ('{"id": "x", "slices": [{"text": "a"}], "meta": {"v": NaN}}', "NaN is not a JSON number"),
+    "lone_surrogate": ('{"id": "x", "slices": [{"text": "a \\ud800 b"}]}', "lone surrogate (\\ud800)"),
+    "huge_text": ({"id": "x", "slices": [{"text": "a" * 1_000_001}]}, "a string of 1000001 characters"),
+    "too_many_slices": ({"id": "x", "slices": [{"text": "a"}] * 4097}, "4097 slices (limit 4096"),
 }
 
 

@@ -189,3 +189,66 @@ def test_arbitrary_lines_only_yield_records_or_errors(tmp_path_factory, data, fm
     path.write_bytes(data)
     for item in iter_records(path, fmt):
         assert isinstance(item, (Record, DataError))
+
+
+def test_a_llava_from_that_is_not_a_string_is_a_bad_record(tmp_path):
+    rows = [{"id": "l", "conversations": [{"from": ["human"], "value": "hi"}]}]
+    (out,) = records(write_jsonl(tmp_path / "l.jsonl", rows), "llava")
+    assert isinstance(out, DataError) and "'from' must be human or gpt, got ['human']" in str(out)
+
+
+def test_a_csv_field_over_the_limit_is_one_bad_row(tmp_path):
+    from unimm.data.records import RecordLimits
+
+    path = tmp_path / "c.csv"
+    path.write_text("image,caption\na.jpg," + "x" * 2000 + "\nb.jpg,fine\n")
+    out = list(iter_records(path, "csv", RecordLimits(text_chars=1000)))
+    assert isinstance(out[0], DataError) and "field larger than field limit" in str(out[0])
+    assert isinstance(out[1], Record) and out[1].slices[1].value == "fine" and out[1].line == 3
+
+
+# Full Unicode, lone surrogates included (JSON can escape them: \ud800), in every adapter's shape.
+_ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=8)
+_SHAPES = {
+    "unimm": lambda t: {"id": t, "slices": [{"text": t}, {"image": t}], "response": t},
+    "llava": lambda t: {
+        "id": t,
+        "image": t,
+        "conversations": [{"from": "human", "value": t + "<image>"}, {"from": "gpt", "value": t}],
+    },
+    "mmc4": lambda t: {
+        "doc_id": t,
+        "text_list": [t, t],
+        "image_info": [{"image_name": t, "matched_text_index": 1}],
+    },
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(_SHAPES)), _ANY_TEXT, st.booleans())
+def test_full_unicode_in_every_adapter_yields_records_or_our_errors(tmp_path, fmt, text, ascii_escapes):
+    """Only a Record (all of its text valid UTF-8) or a DataError comes out, whatever the text."""
+    path = tmp_path / "f.jsonl"
+    line = json.dumps(_SHAPES[fmt](text), ensure_ascii=ascii_escapes)
+    path.write_bytes(line.encode("utf-8", "surrogatepass") + b"\n")
+    for item in iter_records(path, fmt):
+        assert isinstance(item, (Record, DataError))
+        if isinstance(item, Record):
+            for piece in [item.id, item.response or "", *(s.value for s in item.slices)]:
+                piece.encode("utf-8")  # strict: a lone surrogate would raise here
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(_ANY_TEXT, min_size=1, max_size=3), max_size=4))
+def test_full_unicode_csv_yields_records_or_our_errors(tmp_path, rows):
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "caption"])
+    writer.writerows(rows)
+    path = tmp_path / "f.csv"
+    path.write_bytes(buffer.getvalue().encode("utf-8", "surrogatepass"))
+    for item in iter_records(path, "csv"):
+        assert isinstance(item, (Record, DataError))

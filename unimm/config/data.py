@@ -34,6 +34,14 @@ class PrepareOptions:
     the header, which is faster but lets a corrupt body through to training."""
     max_image_pixels: int = 89_478_485
     """Decompression-bomb limit in pixels (Pillow's default)."""
+    max_record_depth: int = 32
+    """Deepest JSON nesting of one record (a record needs 4)."""
+    max_number_digits: int = 64
+    """Most digits of one JSON number."""
+    max_text_chars: int = 1_000_000
+    """Longest string field (text, path, id) or CSV field, in characters."""
+    max_slices: int = 4096
+    """Most slices of one record."""
     resume: bool = False
     """Keep complete shards of an interrupted run (checked by sha256) and redo the rest."""
     overwrite: bool = False
@@ -45,7 +53,8 @@ class PrepareOptions:
             problems.append("prepare.inputs: give at least one input file")
         if not self.out:
             problems.append("prepare.out: give an output directory with --out DIR")
-        for key in ("samples_per_shard", "max_shard_bytes", "workers", "max_image_pixels"):
+        limits = ("max_record_depth", "max_number_digits", "max_text_chars", "max_slices")
+        for key in ("samples_per_shard", "max_shard_bytes", "workers", "max_image_pixels", *limits):
             if getattr(self, key) < 1:
                 problems.append(f"prepare.{key}: must be >= 1, got {getattr(self, key)}")
         if self.image_size is not None and self.image_size < 8:

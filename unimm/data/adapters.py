@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unimm.data.records import Record, RecordSlice, record_from_obj
+from unimm.data.records import Record, RecordLimits, RecordSlice, record_from_obj
 from unimm.data.samples import Sample, Slice
 from unimm.errors import DataError
 
@@ -35,13 +35,21 @@ _HUMAN = {"human": "user", "user": "user"}
 _GPT = {"gpt": "assistant", "assistant": "assistant"}
 
 
-def iter_records(path: str | Path, fmt: str = "auto") -> Iterator[Record | DataError]:
+def iter_records(
+    path: str | Path, fmt: str = "auto", limits: RecordLimits | None = None
+) -> Iterator[Record | DataError]:
     """Yield the records of one input file (or a located :class:`DataError` for each bad one).
+
+    No line can crash the reader: JSON nesting, number sizes, field sizes and slice counts are
+    bounded by ``limits`` and text must be valid Unicode (a lone surrogate escape such as
+    ``\\ud800`` is refused here, not when a shard is written).
 
     Args:
         path: the input file.
         fmt: ``auto`` or one of :data:`FORMATS`.
+        limits: what one record may hold (default: :class:`RecordLimits`).
     """
+    limits = limits or RecordLimits()
     path = Path(path)
     source = str(path)
     try:
@@ -55,9 +63,9 @@ def iter_records(path: str | Path, fmt: str = "auto") -> Iterator[Record | DataE
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv")):
-        yield from _iter_csv(data, path)
+        yield from _bounded(_iter_csv(data, path, limits), limits)
         return
-    objects = _iter_json_objects(data, source)
+    objects = _iter_json_objects(data, source, limits)
     if fmt == "auto":
         # The first decodable record decides; bad lines before it are reported, not guessed at.
         for item in objects:
@@ -77,15 +85,84 @@ def iter_records(path: str | Path, fmt: str = "auto") -> Iterator[Record | DataE
     if convert is None:
         raise DataError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}", source=source)
     stem = path.stem
-    for item in objects:
-        if isinstance(item, DataError):
-            yield item
-            continue
-        obj, line = item
-        try:
-            yield convert(obj, source, line, f"{stem}-{line}")
-        except DataError as exc:
-            yield exc
+
+    def converted() -> Iterator[Record | DataError]:
+        for item in objects:
+            if isinstance(item, DataError):
+                yield item
+                continue
+            obj, line = item
+            try:
+                yield convert(obj, source, line, f"{stem}-{line}")
+            except DataError as exc:
+                yield exc
+
+    yield from _bounded(converted(), limits)
+
+
+def _bounded(items: Iterator[Record | DataError], limits: RecordLimits) -> Iterator[Record | DataError]:
+    """``items`` with a record over the slice limit turned into its error."""
+    for item in items:
+        if isinstance(item, Record) and len(item.slices) > limits.slices:
+            item = DataError(
+                f"{len(item.slices)} slices (limit {limits.slices}; prepare.max_slices)",
+                source=item.source,
+                line=item.line,
+                record_id=item.id,
+            )
+        yield item
+
+
+def _decoder(limits: RecordLimits) -> json.JSONDecoder:
+    """A JSON decoder that refuses oversized numbers and non-JSON constants (NaN, Infinity) with a
+    :class:`ValueError` saying which."""
+
+    def number(kind):
+        def parse(digits: str):
+            if len(digits) > limits.number_digits:
+                limit = f"limit {limits.number_digits}; prepare.max_number_digits"
+                raise ValueError(f"a number with {len(digits)} digits ({limit})")
+            return kind(digits)
+
+        return parse
+
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    return json.JSONDecoder(parse_int=number(int), parse_float=number(float), parse_constant=constant)
+
+
+def _decode_json(text: str, limits: RecordLimits) -> Any:
+    """One JSON value within ``limits`` (see :func:`_decoder` and :func:`_check_tree`)."""
+    try:
+        obj = _decoder(limits).decode(text)
+    except RecursionError:
+        raise ValueError(f"nested too deeply (limit {limits.depth}; prepare.max_record_depth)") from None
+    _check_tree(obj, limits)
+    return obj
+
+
+def _check_tree(obj: Any, limits: RecordLimits) -> None:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limits.depth:
+                raise ValueError(f"nested deeper than {limits.depth} levels (prepare.max_record_depth)")
+            items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in items)
+        elif isinstance(node, str):
+            if len(node) > limits.text_chars:
+                raise ValueError(
+                    f"a string of {len(node)} characters (limit {limits.text_chars}; prepare.max_text_chars)"
+                )
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = node[exc.start]
+                raise ValueError(
+                    f"text holds a lone surrogate (\\u{ord(bad):04x}), not valid Unicode"
+                ) from None
 
 
 def detect_format(obj: Any, source: str) -> str:
@@ -112,10 +189,12 @@ def _chain(head: list, tail: Iterator) -> Iterator:
     yield from tail
 
 
-def _iter_json_objects(data: bytes, source: str) -> Iterator[tuple[Any, int] | DataError]:
+def _iter_json_objects(
+    data: bytes, source: str, limits: RecordLimits
+) -> Iterator[tuple[Any, int] | DataError]:
     """Yield ``(object, line)`` from JSONL, or from a JSON array (each item located by line)."""
     if data.lstrip()[:1] == b"[":
-        yield from _iter_json_array(data, source)
+        yield from _iter_json_array(data, source, limits)
         return
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -126,18 +205,22 @@ def _iter_json_objects(data: bytes, source: str) -> Iterator[tuple[Any, int] | D
             yield DataError(f"not UTF-8 text (byte {exc.start})", source=source, line=number)
             continue
         try:
-            yield json.loads(text), number
+            obj = _decode_json(text, limits)
         except json.JSONDecodeError as exc:
             yield DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", source=source, line=number)
+        except ValueError as exc:
+            yield DataError(str(exc), source=source, line=number)
+        else:
+            yield obj, number
 
 
-def _iter_json_array(data: bytes, source: str) -> Iterator[tuple[Any, int] | DataError]:
+def _iter_json_array(data: bytes, source: str, limits: RecordLimits) -> Iterator[tuple[Any, int] | DataError]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         yield DataError(f"not UTF-8 text (byte {exc.start})", source=source)
         return
-    decoder = json.JSONDecoder()
+    decoder = _decoder(limits)
     ws = re.compile(r"\s*")
     pos = ws.match(text, 0).end() + 1  # after '['
     pos = ws.match(text, pos).end()
@@ -150,7 +233,16 @@ def _iter_json_array(data: bytes, source: str) -> Iterator[tuple[Any, int] | Dat
         except json.JSONDecodeError as exc:
             yield DataError(f"not valid JSON: {exc.msg}", source=source, line=exc.lineno)
             return  # the array's structure is lost: nothing after this point can be located
-        yield obj, line
+        except (ValueError, RecursionError) as exc:  # a limit, inside an item: its end is unknown
+            reason = str(exc) if isinstance(exc, ValueError) else f"nested too deeply (limit {limits.depth})"
+            yield DataError(f"{reason}; the rest of the array cannot be located", source=source, line=line)
+            return
+        try:
+            _check_tree(obj, limits)
+        except ValueError as exc:
+            yield DataError(str(exc), source=source, line=line)
+        else:
+            yield obj, line
         pos = ws.match(text, pos).end()
         sep = text[pos : pos + 1]
         if sep == "]":
@@ -200,7 +292,7 @@ def _llava(obj: Any, source: str, line: int, default_id: str) -> Record:
         if not isinstance(turn, dict):
             raise fail(f"turn {i} must be an object")
         speaker, value = turn.get("from"), turn.get("value")
-        if speaker not in _HUMAN and speaker not in _GPT:
+        if not isinstance(speaker, str) or (speaker not in _HUMAN and speaker not in _GPT):
             raise fail(f"turn {i}: 'from' must be human or gpt, got {speaker!r}")
         if not isinstance(value, str):
             raise fail(f"turn {i}: 'value' must be a string, got {type(value).__name__}")
@@ -268,7 +360,7 @@ def _mmc4(obj: Any, source: str, line: int, default_id: str) -> Record:
     return Record(id=rid, slices=slices, meta=meta, source=source, line=line)
 
 
-def _iter_csv(data: bytes, path: Path) -> Iterator[Record | DataError]:
+def _iter_csv(data: bytes, path: Path, limits: RecordLimits) -> Iterator[Record | DataError]:
     source = str(path)
     try:
         text = data.decode("utf-8")
@@ -287,8 +379,25 @@ def _iter_csv(data: bytes, path: Path) -> Iterator[Record | DataError]:
         return
     reader.fieldnames = header
     start = 2
-    for row in reader:
+    limit = csv.field_size_limit(limits.text_chars)  # process-wide: restored below
+    try:
+        yield from _csv_rows(reader, path, start)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(reader: csv.DictReader, path: Path, start: int) -> Iterator[Record | DataError]:
+    source = str(path)
+    while True:
         line = start
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a field over the limit, a NUL byte, ...: this row only
+            start = max(reader.line_num, line) + 1  # the reader does not count the line it refused
+            yield DataError(f"not a valid CSV row ({exc}; prepare.max_text_chars)", source=source, line=line)
+            continue
         start = reader.line_num + 1
         rid = (row.get("id") or "").strip() or f"{path.stem}-{line}"
         image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()

@@ -33,7 +33,7 @@ from unimm import __version__
 from unimm.config import PrepareConfig, PrepareOptions, config_to_dict
 from unimm.data.adapters import iter_records
 from unimm.data.images import EncodedImage, ImageProblem, encode_image, resolve_image_path
-from unimm.data.records import Record
+from unimm.data.records import Record, RecordLimits
 from unimm.data.shards import (
     MANIFEST_NAME,
     REJECTS_NAME,
@@ -250,6 +250,16 @@ def _prepare_out_dir(out_dir: Path, opts: PrepareOptions) -> None:
         path.unlink()  # a shard that an interrupted run did not finish
 
 
+def record_limits(opts: PrepareOptions) -> RecordLimits:
+    """What one input record may hold, from the ``prepare.max_*`` options."""
+    return RecordLimits(
+        depth=opts.max_record_depth,
+        number_digits=opts.max_number_digits,
+        text_chars=opts.max_text_chars,
+        slices=opts.max_slices,
+    )
+
+
 def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], list[DataError]]:
     """Read every record, check structure, ids and image paths; nothing is decoded yet."""
     pending: list[_Pending] = []
@@ -257,7 +267,7 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
     seen: dict[str, str] = {}
     for path in inputs:
         root = Path(opts.image_root) if opts.image_root is not None else path.parent
-        for item in iter_records(path, opts.format):
+        for item in iter_records(path, opts.format, record_limits(opts)):
             if isinstance(item, DataError):
                 rejects.append(item)
                 continue

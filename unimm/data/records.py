@@ -23,6 +23,21 @@ RECORD_KEYS = ("id", "slices", "response", "meta")
 
 
 @dataclasses.dataclass(frozen=True)
+class RecordLimits:
+    """What one input record may hold, so that no single line can crash or stall a run
+    (``prepare.max_*``; docs/formats.md). A record past a limit is a bad record like any other."""
+
+    depth: int = 32
+    """Nesting of JSON objects and arrays (a record needs 4)."""
+    number_digits: int = 64
+    """Digits of a JSON number (Python refuses integers over 4300 digits with its own error)."""
+    text_chars: int = 1_000_000
+    """Characters of one string field (text, path, id) or CSV field."""
+    slices: int = 4096
+    """Slices of one record."""
+
+
+@dataclasses.dataclass(frozen=True)
 class RecordSlice:
     """One text or image slice. ``value`` is the text, or the image path as written in the input."""
 
