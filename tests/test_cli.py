@@ -151,7 +151,12 @@ def test_bench_data_times_each_loader_on_the_same_batches(tmp_path):
     import json
 
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["in the loop", "prefetch thread", "2 worker processes"]
+    assert [r["variant"] for r in rows] == [
+        "in the loop",
+        "in the loop, data.verify=off",
+        "prefetch thread",
+        "2 worker processes",
+    ]
     assert rows[0]["ratio"] == 1.0 and all(r["batches_per_s"] > 0 for r in rows)
     assert rows[0]["image"] == "56px, 16 tokens"  # (56 / 14)² image tokens
 

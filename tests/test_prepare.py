@@ -425,13 +425,34 @@ def test_reader_skips_corrupt_sample_and_counts(tmp_path, unimm_records, caplog)
                 data = b"garbage"
                 m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+    # By default the edited shard is refused, named, against its manifest's sha256.
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: its sha256 differs from the manifest"):
+        list(read_samples(out, split_by_node=False, split_by_worker=False, decode_images=False))
+    # Unverified (data.verify=off), the corrupt member is skipped and counted, or fails the read.
     stats = ReadStats()
-    ids = [s.id for s in read_samples(out, split_by_node=False, split_by_worker=False, stats=stats)]
+    unverified = read_samples(out, split_by_node=False, split_by_worker=False, stats=stats, verify="off")
+    ids = [s.id for s in unverified]
     assert ids == [f"r{i}" for i in range(12) if i != 2]
     assert stats.skipped == 1 and stats.samples == 11
     assert "shard-000000.tar: member 000000002.1.jpg: cannot decode image" in stats.problems[0]
     with pytest.raises(ShardError, match=r"member 000000002\.1\.jpg"):
-        list(read_samples(out, split_by_node=False, split_by_worker=False, on_error="fail"))
+        list(read_samples(out, split_by_node=False, split_by_worker=False, on_error="fail", verify="off"))
+
+
+def test_a_truncated_shard_is_refused_before_its_samples_are_used(tmp_path, unimm_records):
+    """It shrank the index silently (68 of 100 documents, a warning): now it is an error naming
+    the shard, raised when it is opened; `size` checks that much without hashing."""
+    from unimm.data.shards import ShardError
+
+    out = prepare([unimm_records], tmp_path / "out", samples_per_shard=6)
+    shard = out / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    for mode in ("full", "size"):
+        seen = []
+        with pytest.raises(ShardError, match=r"shard-000001\.tar: 3000 bytes, but the manifest says"):
+            for sample in read_samples(out, split_by_node=False, split_by_worker=False, verify=mode):
+                seen.append(sample.id)
+        assert seen == [f"r{i}" for i in range(6)]  # the first, intact shard, then the stop
 
 
 def test_reader_workers_split_shards_and_shuffle_is_seeded(tmp_path, unimm_records):

@@ -130,6 +130,10 @@ class DataOptions:
     are the same for any number of workers, so resuming and changing it are both exact."""
     cut_points: int = 4
     """Views per sample (the paper's P); the last slice is always one of them."""
+    verify: Literal["full", "size", "off"] = "full"
+    """Check each shard against its manifest as it is read: ``full`` (its size when opened, its
+    sha256 streamed as it is read), ``size``, or ``off`` (a damaged shard's unreadable samples are
+    then skipped and counted)."""
 
     def validate(self) -> list[str]:
         problems = []

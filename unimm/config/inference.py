@@ -43,6 +43,8 @@ class EmbedOptions(CheckpointOptions):
     part_size: int = 10000
     max_length: int | None = None
     """Longest document in tokens; default: the checkpoint's (its training length)."""
+    verify: Literal["full", "size", "off"] = "full"
+    """Check each shard against its manifest as it is read (see ``data.verify``)."""
     resume: bool = False
     overwrite: bool = False
 

@@ -454,6 +454,29 @@ def _seeded_shuffle(bufsize: int, seed: int, per_worker: bool) -> Callable[[Iter
     return stage
 
 
+def _manifest_entries(urls: list[str]) -> dict[str, dict[str, Any]]:
+    """``{url: its manifest entry}`` for the shards whose directory has a manifest."""
+    entries: dict[str, dict[str, Any]] = {}
+    for folder in {str(Path(url).parent) for url in urls}:
+        if (Path(folder) / "manifest.json").is_file():
+            for shard in read_manifest(folder).get("shards", []):
+                entries[str(Path(folder) / shard["name"])] = shard
+    return entries
+
+
+class _TarSamples:
+    """webdataset's ``tarfile_to_samples`` with the shards opened through the verifying stage."""
+
+    def __init__(self, opener, handler) -> None:
+        self.opener, self.handler = opener, handler
+
+    def __call__(self, sources):
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        files = tar_file_expander(self.opener(sources), handler=self.handler)
+        return group_by_keys(files, handler=self.handler)
+
+
 def read_samples(
     source: str | Path | list,
     *,
@@ -465,6 +488,7 @@ def read_samples(
     on_error: str = "warn",
     decode_images: bool = True,
     stats: ReadStats | None = None,
+    verify: str = "full",
 ):
     """A WebDataset pipeline of decoded samples (see :func:`decode_sample`).
 
@@ -483,8 +507,12 @@ def read_samples(
         on_error: ``warn`` (skip and count) or ``fail``.
         decode_images: decode JPEG members to PIL images (else keep the bytes).
         stats: receives the counts.
+        verify: check each shard against its manifest as it is read: ``full`` (size, and sha256
+            streamed), ``size`` or ``off`` (:mod:`unimm.data.verify`).
     """
     import webdataset as wds
+
+    from unimm.data.verify import VerifiedShards
 
     urls = shard_paths(source)
     stats = stats if stats is not None else ReadStats()
@@ -496,7 +524,7 @@ def read_samples(
         stages.append(wds.split_by_node)
     if split_by_worker:
         stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples(handler=handler))
+    stages.append(_TarSamples(VerifiedShards(_manifest_entries(urls), verify), handler))
     if shuffle_buffer > 0:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, per_worker=split_by_worker))
     stages.append(_decode_stage(handler, stats, decode_images))

@@ -80,6 +80,7 @@ class DataStream:
                 split_by_node=True,
                 split_by_worker=False,
                 decode_images=False,  # decoded per batch by BatchMaker, where the batch is made
+                verify=self.data.verify,
             )
             got = False
             for sample in pipeline:

@@ -191,7 +191,9 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     stream = (
         s
         for source in opts.data
-        for s in read_samples(source, split_by_node=False, split_by_worker=False, stats=stats)
+        for s in read_samples(
+            source, split_by_node=False, split_by_worker=False, stats=stats, verify=opts.verify
+        )
     )
     with tqdm(desc="embed", unit="doc", initial=done, disable=not progress or rank != 0) as bar:
         for batch in _my_batches(stream, writer, done, opts.batch_size):

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from unimm import __version__
 from unimm.errors import UnimmError
 from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-from unimm.utils import atomic_write_json, read_safetensors
+from unimm.utils import atomic_write_json, read_safetensors, sha256_file
 
 META_NAME = "unimm.json"
 ADAPTER_DIR = "adapter"
@@ -124,6 +124,7 @@ def save_checkpoint(
                 "embed_dim": model.head.embed_dim,
             },
         }
+        full_meta["files"] = _content_hashes(tmp)
         atomic_write_json(tmp / META_NAME, full_meta)
         if train_state is not None:
             _save_train_state(tmp / STATE_DIR, train_state)
@@ -136,6 +137,34 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _content_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file a checkpoint loads (weights, adapters, head, config, processor), by
+    path inside ``folder``; the training state and unimm.json itself are left out."""
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != META_NAME and STATE_DIR not in path.relative_to(folder).parts
+    }
+
+
+def check_content(folder: Path, meta: dict[str, Any]) -> None:
+    """Compare a checkpoint's files with the hashes recorded when it was saved (checkpoints from
+    before they were recorded are not checked).
+
+    Raises:
+        UnimmError: naming a missing or changed file.
+    """
+    for name, digest in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise UnimmError(f"checkpoint {folder}: {name} is missing (it was saved with the checkpoint)")
+        if sha256_file(path) != digest:
+            raise UnimmError(
+                f"checkpoint {folder}: {name} differs from the file saved with it (edited or damaged); "
+                "restore it from a copy, or use another checkpoint"
+            )
 
 
 def recover_checkpoints(run_dir: Path) -> None:
@@ -225,6 +254,7 @@ def load_checkpoint(
             "folder written by `unimm train` (e.g. RUN/step-000100)"
         )
     meta = read_meta(folder)
+    check_content(folder, meta)
     mllm, processor = load_mllm(
         folder, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
     )
