@@ -104,7 +104,14 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
     start = kept[-1].end_record if kept else 0
 
     writer, journal = _open_writer(out_dir, opts, kept, fingerprint)
-    new_rejects = _write_samples(writer, pending, start, opts, teachers, progress)
+    try:
+        new_rejects = _write_samples(writer, pending, start, opts, teachers, progress)
+    except DataError as exc:  # a bad image under --on-error fail: this run leaves nothing behind
+        _roll_back(out_dir, journal, len(kept))
+        raise UnimmError(
+            f"{exc}\nNothing was written by this run. Fix it, or pass --on-error skip to leave such "
+            "records out (they are listed in rejects.jsonl)."
+        ) from None
 
     shards = [ShardInfo(**s) for s in journal["shards"]]
     all_rejects = [r.as_reject() for r in rejects] + [r for s in kept for r in s.rejects] + new_rejects
@@ -125,6 +132,17 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         kept_shards=len(kept),
         seconds=time.perf_counter() - start_time,
     )
+
+
+def _roll_back(out_dir: Path, journal: dict, kept: int) -> None:
+    """Remove the shards this run closed (those after the ``kept`` ones) and its journal entries."""
+    for shard in journal["shards"][kept:]:
+        (out_dir / shard["name"]).unlink(missing_ok=True)
+    del journal["shards"][kept:]
+    if kept:
+        atomic_write_json(out_dir / JOURNAL_NAME, journal)
+    else:
+        (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
 
 
 def _open_writer(
