@@ -86,3 +86,21 @@ def test_an_index_refuses_a_model_with_other_weights(trained, tmp_path):
         ).exit_code
         == 0
     )
+
+
+def test_a_truncated_shard_stops_embed_unless_told_and_the_loss_is_then_counted(
+    trained, tiny_shards, tmp_path
+):
+    import json
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    shard = sorted(shards.glob("shard-*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    result = _embed(trained[0], shards, tmp_path / "index")
+    assert result.exit_code == 2 and f"{shard}: 5000 bytes, but the manifest says" in result.output
+    args = ["embed", "--model", str(trained[0]), "--data", str(shards), "--out", str(tmp_path / "lossy")]
+    result = runner.invoke(app, [*args, "-q", "--set", "embed.verify=off"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "lossy" / "manifest.json").read_text())
+    assert manifest["expected"] == 24 and manifest["count"] < 24
+    assert f"{24 - manifest['count']} of the 24 documents" in result.output

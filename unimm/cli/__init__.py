@@ -277,6 +277,14 @@ def embed(
         f"embedded {manifest['count']} documents ({manifest['dim']}-d, {manifest['dtype']}) "
         f"into {cfg.embed.out}"
     )
+    expected = manifest.get("expected")
+    if expected is not None and manifest["count"] < expected:  # only under embed.verify=off
+        typer.secho(
+            f"warning: {expected - manifest['count']} of the {expected} documents the shards' manifests "
+            "list could not be read and were left out (skipped_corrupt in the index manifest)",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 @app.command(rich_help_panel="Model")

@@ -225,11 +225,24 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         "parts": parts,
         "data": list(opts.data),
         "skipped_corrupt": stats.skipped,
+        "expected": _expected_count(opts.data),
     }
     atomic_write_json(out / INDEX_MANIFEST, manifest)
     for path in out.glob(".embed-journal*.json"):
         path.unlink()
     return manifest
+
+
+def _expected_count(sources: list[str]) -> int | None:
+    """The documents the shards' manifests promise (None when a source has no manifest)."""
+    from unimm.data.shards import read_manifest
+
+    total = 0
+    for source in sources:
+        if not (Path(source) / "manifest.json").is_file():
+            return None
+        total += int(read_manifest(source)["counts"]["samples"])
+    return total
 
 
 def _distributed_state():
