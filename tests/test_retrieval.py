@@ -72,3 +72,34 @@ def test_faiss_flat_equals_exact_and_hnsw_recalls():
     assert recall > 0.9
     with pytest.raises(UnimmError, match="flat or hnsw"):
         faiss_search(queries, index, 10, kind="ivf")
+
+
+def test_the_faiss_path_equals_the_torch_path_ties_included():
+    """With FAISS installed the CPU search runs faiss.knn; rows (ties at the k-th place included:
+    duplicated documents) are exactly the blocked torch search's."""
+    pytest.importorskip("faiss")
+    from unimm.inference.search import blocked_search
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=-1)
+    index = torch.cat([base, base[:50], base[:50]])  # every one of the first 50 three times
+    queries = torch.cat([base[:20], torch.nn.functional.normalize(torch.randn(20, 32, generator=g), dim=-1)])
+    for k in (1, 2, 3, 5):
+        scores, rows = exact_search(queries, index, k)
+        want_scores, want_rows = blocked_search(queries, index, k, block=64)
+        assert torch.equal(rows, want_rows), k
+        torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-5)
+    tie = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    assert exact_search(torch.tensor([[1.0, 0.0]]), tie, 2)[1].tolist() == [[0, 2]]
+
+
+def test_a_tie_group_longer_than_the_candidates_is_decided_by_the_torch_search():
+    """30 copies of the best document and k=5: FAISS's k+16 candidates cannot hold the whole group,
+    so the torch search decides, and the five lowest copies come back."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(4)
+    others = torch.nn.functional.normalize(torch.randn(100, 8, generator=g), dim=-1)
+    best = torch.nn.functional.normalize(torch.ones(1, 8), dim=-1)
+    index = torch.cat([others[:50], best.expand(30, 8), others[50:]])
+    _, rows = exact_search(best, index, 5)
+    assert rows.tolist() == [[50, 51, 52, 53, 54]]
