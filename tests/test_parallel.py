@@ -20,12 +20,37 @@ from unimm.errors import UnimmError
 ROOT = Path(__file__).parents[1]
 
 
+def _join(rank: int, world: int):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNIMM_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _leave() -> None:
+    """After a worker's success: leave together, then end the process at once.
+
+    A rank that tears the group down while its peer still uses it can abort gloo ("terminate
+    called without an active exception", seen once under load), and interpreter finalization can
+    still abort on gloo's threads (seen again under the full suite); the result is written, so end
+    the way `unimm` ends a distributed run (cli._exit_now).
+    """
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _distributed_worker(rank: int, world: int, folder: str, shards: str, out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNIMM_TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world)
     try:
         result, grads = _one_step(folder, shards, rank, world)
         for g in grads.values():
@@ -40,16 +65,10 @@ def _distributed_worker(rank: int, world: int, folder: str, shards: str, out: st
                 },
                 out,
             )
-        # Leave together: a rank that tears the group down while its peer still uses it can abort
-        # gloo ("terminate called without an active exception", seen once under load).
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    # Interpreter finalization can still abort on gloo's threads (seen again under the full
-    # suite); the result is written, so end the way `unimm` ends a distributed run (cli._exit_now).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        raise
+    _leave()
 
 
 def _one_step(folder: str, shards: str, rank: int, world: int):
@@ -110,8 +129,7 @@ def _guarded_worker(rank: int, world: int, folder: str, shards: str, out: str) -
     import unimm.model.targets as targets
     from unimm.training.distributed import collective_device
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNIMM_TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world)
     seen: dict[str, list] = {"collectives": [], "pickled": [], "alignment": []}
 
     def guard(name, real):
@@ -159,12 +177,10 @@ def _guarded_worker(rank: int, world: int, folder: str, shards: str, out: str) -
         _one_step(folder, shards, rank, world)  # the model and its embeddings are on the CPU
         if rank == 0:
             Path(out).write_text(json.dumps(seen))
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        raise
+    _leave()
 
 
 def test_collectives_and_targets_stay_on_their_devices(tmp_path, tiny_shards):
