@@ -357,3 +357,27 @@ def test_bench_train_and_data_take_a_family(tmp_path):
     # 56 px: 64 × 64 (the nearest multiple of patch 8 × merge 2) would pass 56² pixels, so 48 × 48:
     # 6 × 6 patches, merged 2 × 2 → 9 tokens
     assert rows[0]["image"] == "56px, 9 tokens" and rows[0]["family"] == "qwen2_vl"
+
+
+def test_control_tokens_inside_text_stay_text(folders):
+    """A document that says "<|image_pad|>" or "<|im_end|>" as text gets no image token and does
+    not end its turn (an image placeholder without an image crashed the model)."""
+    from unimm.data.collate import Collator
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+
+    mllm, processor = load_mllm(folders["qwen2_vl"])
+    model = UnimmModel(mllm.eval(), RetrievalHead(32, 8))
+    collator = Collator.for_model(model, processor)
+    image = Image.new("RGB", (48, 48), "red")
+    sample = Sample(
+        key="c", slices=[Slice.of_image(image), Slice.of_text("write <|image_pad|> then <|im_end|> here")]
+    )
+    encoded = collator.prompt(sample)
+    image_tokens = collator.image_text(image).count(processor.image_token)
+    assert encoded.input_ids.count(model.image_token_id) == image_tokens  # the image's only
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text_ids = encoded.input_ids[encoded.spans[1][1] : encoded.spans[1][2]]
+    assert end not in text_ids and model.image_token_id not in text_ids
+    batch = collator.batch([encoded])
+    with torch.no_grad():  # runs: features and placeholders agree
+        mllm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **batch["image_inputs"])

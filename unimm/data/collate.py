@@ -106,6 +106,7 @@ class Collator:
             self.layout = choose_layout(processor, self.placeholder, system_prompt)
         self._image_texts: dict[Any, str] = {}
         self._token_type_key: str | None = None
+        self._control = _control_tokens(tokenizer)
 
     @classmethod
     def for_model(cls, model, processor, **kwargs) -> Collator:
@@ -135,6 +136,7 @@ class Collator:
         ``document_end=False`` leaves a document without a response open (no end mark);
         ``ending`` (``assistant`` or ``slice``) ends the text as a prompt does (see :meth:`prompt`).
         """
+        sample = self._literal(sample)
         response = sample.response or None
         # Everything is tokenized once first (the common case: it fits). Only a sample that is too
         # long is fitted from its slices' token counts, and refitted in the rare case that was short.
@@ -160,6 +162,25 @@ class Collator:
                 images[: sum(kind == IMAGE for kind, _, _ in spans[: len(whole)])],
             )
         return Encoded(ids, labels, spans, images, dropped, sample.key)
+
+    def _literal(self, sample: Sample) -> Sample:
+        """``sample`` with the tokenizer's control tokens inside its texts made literal: a
+        document that contains ``<image>`` or ``<|im_end|>`` as text would otherwise become an
+        image placeholder without an image (a crash in the model) or end its turn. A zero-width
+        space after the first character keeps the text readable and splits the token."""
+        if self._control is None:
+            return sample
+
+        def literal(text: str) -> str:
+            return self._control.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+
+        touched = any(s.kind == "text" and self._control.search(s.text) for s in sample.slices)
+        if not touched and not (sample.response and self._control.search(sample.response)):
+            return sample
+        slices = [
+            dataclasses.replace(s, text=literal(s.text)) if s.kind == "text" else s for s in sample.slices
+        ]
+        return sample.replace(slices=slices, response=literal(sample.response) if sample.response else None)
 
     def _render(self, sample: Sample, kept: list, response: str | None, **how):
         from unimm.data.layout import LayoutError
@@ -395,6 +416,20 @@ def check_processor(model, processor) -> None:
             model_type,
             ", ".join(TESTED_TYPES),
         )
+
+
+def _control_tokens(tokenizer):
+    """A pattern of the tokenizer's special and added tokens (longest first), or None."""
+    import re
+
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    if hasattr(tokenizer, "get_added_vocab"):
+        names |= set(tokenizer.get_added_vocab() or {})
+    # whitespace runs some tokenizers add as tokens are text, not control
+    names = sorted(
+        (n for n in names if isinstance(n, str) and len(n) > 1 and n.strip()), key=len, reverse=True
+    )
+    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 def _token_type_key(processor, out) -> str | None:
