@@ -95,7 +95,6 @@ class Collator:
         self.cut_points = cut_points
         self.seed = seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.system_prompt = system_prompt
         self.processor = processor
         self.placeholder = getattr(processor, "image_token", None) or tokenizer.convert_ids_to_tokens(
             image_token_id

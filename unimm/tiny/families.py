@@ -1,10 +1,11 @@
 """Tiny random models of each MLLM family, from the family's own transformers config and processor.
 
 Every family here is a :class:`FamilySpec`: its special tokens, model config, image processor,
-processor class and a chat template that lays images out the way the family's released
-checkpoints do (Qwen's ``<|vision_start|><|image_pad|><|vision_end|>``, Gemma 3's
-``<start_of_image>`` in ``<start_of_turn>`` turns, InternVL's ``<IMG_CONTEXT>`` in ChatML,
-LLaVA-OneVision's images-first turns). :func:`unimm.tiny.models.save_tiny_mllm` writes them.
+processor class and, for the families tested through their chat template, a template that lays
+images out the way the released checkpoints do (Qwen's ``<|vision_start|>…<|vision_end|>``,
+Gemma 3's ``<start_of_image>`` in ``<start_of_turn>`` turns, InternVL's ``<IMG_CONTEXT>`` in
+ChatML, LLaVA-OneVision's images-first turns); LLaVA-NeXT, Idefics3 and PaliGemma have none, so
+the plain layout is tested on them. :func:`unimm.tiny.models.save_tiny_mllm` writes them.
 
 Processors that carry a video processor (Qwen-VL, LLaVA-OneVision, InternVL) are written as files
 (``processor_config.json`` with the image and video processors' settings) rather than through
@@ -214,6 +215,63 @@ def _onevision(tokenizer, text: dict, vision: dict, image_size: int):
     )
 
 
+def _llava_next(tokenizer, text: dict, vision: dict, image_size: int):
+    import transformers as T
+
+    pinpoints = [[32, 32], [32, 64], [64, 32]]
+    config = T.LlavaNextConfig(
+        vision_config=T.CLIPVisionConfig(**vision, image_size=32, patch_size=8),
+        text_config=T.LlamaConfig(**text),
+        image_token_index=_id(tokenizer, "image_token"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+    )
+    image_processor = T.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    # CLIP's CLS token counts as one more image token, which "default" then drops
+    kwargs = {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    return (
+        T.LlavaNextForConditionalGeneration,
+        config,
+        ("LlavaNextProcessor", image_processor, None, None, kwargs),
+    )
+
+
+def _idefics3(tokenizer, text: dict, vision: dict, image_size: int):
+    import transformers as T
+
+    config = T.Idefics3Config(
+        vision_config={**vision, "image_size": 32, "patch_size": 8},
+        text_config={**text, "model_type": "llama"},
+        image_token_id=_id(tokenizer, "image_token"),
+        scale_factor=2,
+    )
+    image_processor = T.Idefics3ImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
+    parts = ("Idefics3Processor", image_processor, None, None, {"image_seq_len": 4})
+    return T.Idefics3ForConditionalGeneration, config, parts
+
+
+def _paligemma(tokenizer, text: dict, vision: dict, image_size: int):
+    import transformers as T
+
+    config = T.PaliGemmaConfig(
+        vision_config={**vision, "model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8},
+        text_config={**text, "model_type": "gemma"},
+        image_token_index=_id(tokenizer, "image_token"),
+        projection_dim=text["hidden_size"],
+    )
+    image_processor = T.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16  # what PaliGemmaProcessor reads
+    return (
+        T.PaliGemmaForConditionalGeneration,
+        config,
+        ("PaliGemmaProcessor", image_processor, None, None, {}),
+    )
+
+
 _CHATML = ["<|im_start|>", "<|im_end|>"]
 _QWEN_TOKENS = {
     "image_token": "<|image_pad|>",
@@ -222,7 +280,14 @@ _QWEN_TOKENS = {
     "vision_end_token": "<|vision_end|>",
 }
 
+_IMAGE = {"image_token": "<image>"}
+
 SPECS: dict[str, FamilySpec] = {
+    "llava_next": FamilySpec(_IMAGE, [], "</s>", _llava_next),
+    "idefics3": FamilySpec(
+        _IMAGE, ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"], "</s>", _idefics3
+    ),
+    "paligemma": FamilySpec(_IMAGE, [], "</s>", _paligemma),
     "qwen2_vl": FamilySpec(_QWEN_TOKENS, _CHATML, "<|im_end|>", _qwen("qwen2_vl")),
     "qwen2_5_vl": FamilySpec(_QWEN_TOKENS, _CHATML, "<|im_end|>", _qwen("qwen2_5_vl")),
     "qwen3_vl": FamilySpec(_QWEN_TOKENS, _CHATML, "<|im_end|>", _qwen("qwen3_vl")),
@@ -247,4 +312,4 @@ SPECS: dict[str, FamilySpec] = {
         {"image_token": "<image>", "video_token": "<video>"}, _CHATML, "<|im_end|>", _onevision
     ),
 }
-"""Families built from a spec (LLaVA, LLaVA-NeXT, Idefics3, PaliGemma: :mod:`unimm.tiny.models`)."""
+"""Every family but LLaVA-1.5 (:func:`unimm.tiny.models.save_tiny_llava`, the quickstart's)."""

@@ -205,18 +205,10 @@ def save_tiny_mllm(
         )
     quiet_transformers()
     corpus = [*_TEMPLATE_TEXTS, *(texts or [])]
-    spec = SPECS.get(family)
-    if spec is not None:
-        tokenizer = train_tiny_tokenizer(
-            corpus, 512, named=spec.named_tokens, extra=spec.extra_tokens, eos=spec.eos
-        )
-    else:
-        extra = {"idefics3": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]}.get(
-            family, []
-        )
-        tokenizer = train_tiny_tokenizer(corpus, 512)
-        if extra:
-            tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    spec = SPECS[family]
+    tokenizer = train_tiny_tokenizer(
+        corpus, 512, named=spec.named_tokens, extra=spec.extra_tokens, eos=spec.eos
+    )
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
@@ -231,12 +223,6 @@ def save_tiny_mllm(
         "eos_token_id": tokenizer.eos_token_id,
     }
     out = Path(out_dir)
-    if spec is None:
-        model_class, config, processor = _family(family, tokenizer, text)
-        torch.manual_seed(seed)
-        model_class(config).save_pretrained(out)
-        processor.save_pretrained(out)
-        return out
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     model_class, config, parts = spec.build(tokenizer, text, vision, image_size)
     torch.manual_seed(seed)
@@ -274,57 +260,3 @@ def _save_processor(
     }
     (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "chat_template.jinja").write_text(template)
-
-
-def _family(family: str, tokenizer, text: dict):
-    """``(model class, config, processor)`` of a tiny ``family`` model over ``text`` (its LM config)."""
-    import transformers as T
-
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
-    square = {"height": 32, "width": 32}
-    if family == "llava_next":
-        config = T.LlavaNextConfig(
-            vision_config=T.CLIPVisionConfig(**vision, image_size=32, patch_size=8),
-            text_config=T.LlamaConfig(**text),
-            image_token_index=image_token,
-            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
-            vision_feature_select_strategy="default",
-        )
-        model_class = T.LlavaNextForConditionalGeneration
-        processor = T.LlavaNextProcessor(
-            image_processor=T.LlavaNextImageProcessorPil(
-                size={"shortest_edge": 32}, crop_size=square, image_grid_pinpoints=config.image_grid_pinpoints
-            ),
-            tokenizer=tokenizer,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops
-        )
-    elif family == "idefics3":
-        config = T.Idefics3Config(
-            vision_config={**vision, "image_size": 32, "patch_size": 8},
-            text_config={**text, "model_type": "llama"},
-            image_token_id=image_token,
-            scale_factor=2,
-        )
-        model_class = T.Idefics3ForConditionalGeneration
-        processor = T.Idefics3Processor(
-            image_processor=T.Idefics3ImageProcessorPil(
-                size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
-            ),
-            tokenizer=tokenizer,
-            image_seq_len=4,
-        )
-    else:  # paligemma
-        config = T.PaliGemmaConfig(
-            vision_config={**vision, "model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8},
-            text_config={**text, "model_type": "gemma"},
-            image_token_index=image_token,
-            projection_dim=text["hidden_size"],
-        )
-        model_class = T.PaliGemmaForConditionalGeneration
-        image_processor = T.SiglipImageProcessorPil(size=square)
-        image_processor.image_seq_length = 16
-        processor = T.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return model_class, config, processor
