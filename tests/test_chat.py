@@ -63,10 +63,11 @@ def test_rag_puts_the_retrieved_documents_before_the_question(trained):
     assert texts[0] == f"Retrieved item 1 ({session.last_retrieved[0]}):"
     assert f"Retrieved item 2 ({session.last_retrieved[1]}):" in texts
     assert texts[-1] == "Which shapes are red?"
-    from unimm.inference.chat import load_document
+    from unimm.inference.documents import load_document
 
+    rows = session.searcher.rows
     first = load_document(
-        session.rows, [r["id"] for r in session.rows].index(session.last_retrieved[0]), session.data_dirs
+        rows[[r["id"] for r in rows].index(session.last_retrieved[0])], session.searcher.manifest["data"]
     )
     n = len(first.slices)
     assert prompt.kinds()[1 : 1 + n] == first.kinds()

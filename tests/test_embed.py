@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from unimm.commands.embed import run
 from unimm.config import EmbedConfig, build_config
 from unimm.errors import UnimmError
-from unimm.inference.index import load_index
+from unimm.inference.store import load_index
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_per_slice_embeddings_and_float16(tmp_path, checkpoint, tiny_shards):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, checkpoint, tiny_shards):
-    from unimm.inference.index import model_hash
+    from unimm.inference.store import model_hash
 
     embed(tmp_path / "full", checkpoint, tiny_shards, dtype="float32", part_size=8)
     embed(tmp_path / "part", checkpoint, tiny_shards, dtype="float32", part_size=8)
@@ -81,7 +81,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, checkpoint, tiny_shards):
 def test_clear_errors(tmp_path, checkpoint, tiny_shards):
     with pytest.raises(UnimmError, match=r"not a unimm checkpoint|incomplete"):
         embed(tmp_path / "a", tmp_path, tiny_shards)
-    with pytest.raises(UnimmError, match="no such shard directory"):
+    with pytest.raises(UnimmError, match="no such file or directory"):
         embed(tmp_path / "b", checkpoint, tmp_path / "nothing")
     with pytest.raises(UnimmError, match=r"no manifest\.json"):
         load_index(tmp_path)

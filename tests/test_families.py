@@ -78,7 +78,7 @@ def test_family_trains_embeds_retrieves_and_chats(folders, tiny_shards, tmp_path
     # The stored vectors are the session's own embedding of the same documents.
     session = Session.load(checkpoint, device="cpu")
     samples = list(read_samples(tiny_shards, split_by_node=False, split_by_worker=False))[:3]
-    from unimm.inference.index import load_index
+    from unimm.inference.store import load_index
 
     vectors, rows, _ = load_index(index)
     assert [r["id"] for r in rows[:3]] == [s.id for s in samples]

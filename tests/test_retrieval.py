@@ -56,22 +56,24 @@ def test_qrels_formats_and_errors(tmp_path):
 
 def test_faiss_flat_equals_exact_and_hnsw_recalls():
     pytest.importorskip("faiss")
-    from unimm.inference.search import faiss_search
+    from unimm.config import IndexOptions
+    from unimm.inference.ann import faiss_index
 
     g = torch.Generator().manual_seed(3)
     index = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=-1)
     queries = torch.nn.functional.normalize(torch.randn(20, 32, generator=g), dim=-1)
     exact_scores, exact_rows = exact_search(queries, index, 10)
-    flat_scores, flat_rows = faiss_search(queries, index, 10, kind="flat")
-    assert torch.equal(flat_rows, exact_rows)
-    torch.testing.assert_close(flat_scores, exact_scores, atol=1e-5, rtol=1e-5)
-    _, hnsw_rows = faiss_search(queries, index, 10, kind="hnsw")
+    flat, _ = faiss_index(index.numpy(), IndexOptions(backend="faiss-flat"))
+    flat_scores, flat_rows = flat.search(queries.numpy(), 10)
+    assert torch.equal(torch.from_numpy(flat_rows), exact_rows)
+    torch.testing.assert_close(torch.from_numpy(flat_scores), exact_scores, atol=1e-5, rtol=1e-5)
+    hnsw, params = faiss_index(index.numpy(), IndexOptions(backend="faiss-hnsw"))
+    assert params == {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128}
+    _, hnsw_rows = hnsw.search(queries.numpy(), 10)
     recall = (
         sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(hnsw_rows, exact_rows, strict=True)) / 200
     )
     assert recall > 0.9
-    with pytest.raises(UnimmError, match="flat or hnsw"):
-        faiss_search(queries, index, 10, kind="ivf")
 
 
 def test_the_faiss_path_equals_the_torch_path_ties_included():

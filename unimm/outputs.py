@@ -20,6 +20,7 @@ KINDS = {
     "unimm-index": "an index (`unimm embed`)",
     "unimm-run": "a training run (`unimm train`)",
     "unimm-checkpoint": "a checkpoint (`unimm train`)",
+    "unimm-export": "an exported model (`unimm export`)",
 }
 
 
@@ -27,6 +28,8 @@ def folder_kind(folder: Path) -> str | None:
     """The kind of unimm artefact ``folder`` holds (a key of :data:`KINDS`), or None."""
     if not folder.is_dir():
         return None
+    if (folder / "unimm-export.json").is_file():  # before unimm.json: an hf-merged export has both
+        return "unimm-export"
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:

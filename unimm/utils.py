@@ -130,3 +130,25 @@ def text_table(rows: list[dict], keys: list[str], *, right: tuple[str, ...] = ()
 
     lines = [line(keys)] + [line(row) for row in cells]
     return "\n".join(lines)
+
+
+def bench_timer(device: str):
+    """``time(fn) -> seconds`` for the benches: the best of several runs after a warm-up on the
+    CPU, Triton's ``do_bench`` median on CUDA."""
+    import time
+
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3
+
+    def best(fn, repeats: int = 3) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best

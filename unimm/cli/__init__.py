@@ -21,6 +21,7 @@ import typer
 from unimm import __version__
 from unimm.cli.eval_bench import bench_app, eval_app
 from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, default, user_errors
+from unimm.cli.serving import export, index_app, serve
 
 app = typer.Typer(
     name="unimm",
@@ -32,6 +33,9 @@ app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval", rich_help_panel="Model")
 app.add_typer(bench_app, name="bench")
+app.add_typer(index_app, name="index", rich_help_panel="Model")
+app.command(rich_help_panel="Model")(serve)
+app.command(rich_help_panel="Model")(export)
 
 
 def _version(value: bool) -> None:
@@ -251,8 +255,32 @@ def train(
 @user_errors
 def embed(
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
-    data: Annotated[list[Path] | None, typer.Option("--data", help="Shard directory; repeatable.")] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data", help="Record file (JSONL, LLaVA JSON, MMC4, CSV/TSV) or shard directory; repeatable."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Index directory.")] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help=f"Record format: auto | unimm | llava | mmc4 | csv {default('embed.format')}"
+        ),
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder record image paths are relative to and must stay in \\[default: the file's]."
+        ),
+    ] = None,
+    on_error: Annotated[
+        str | None,
+        typer.Option(help=f"fail | skip (bad records, images and repeated ids) {default('embed.on_error')}"),
+    ] = None,
+    append: Annotated[
+        bool, typer.Option("--append", help="Add the documents to the existing index in --out.")
+    ] = False,
     batch_size: Annotated[int | None, typer.Option(help=default("embed.batch_size"))] = None,
     dtype: Annotated[str | None, typer.Option(help=f"float16 | float32 {default('embed.dtype')}")] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also store per-slice embeddings.")] = False,
@@ -264,7 +292,8 @@ def embed(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Embed every document of prepared shards into an index (one unit vector per document)."""
+    """Embed documents (record files or prepared shards) into an index, one unit vector each."""
+    # Long only because it declares the command's options; the mapping is by name.
     given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.commands.embed import run
     from unimm.config import EmbedConfig, build_config
@@ -273,10 +302,20 @@ def embed(
     manifest = run(cfg, progress=not quiet)
     if not manifest.get("main", True):
         return
-    typer.echo(
-        f"embedded {manifest['count']} documents ({manifest['dim']}-d, {manifest['dtype']}) "
-        f"into {cfg.embed.out}"
-    )
+    shape = f"{manifest['dim']}-d, {manifest['dtype']}"
+    if cfg.embed.append:
+        typer.echo(
+            f"added {manifest['added']} documents to {cfg.embed.out} (now {manifest['count']}, {shape})"
+        )
+    else:
+        typer.echo(f"embedded {manifest['count']} documents ({shape}) into {cfg.embed.out}")
+    if manifest["rejected_reasons"]:
+        typer.secho(
+            f"warning: {manifest['added_rejected']} document(s) left out (embed.on_error=skip); first: "
+            f"{manifest['rejected_reasons'][0]}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     expected = manifest.get("expected")
     if expected is not None and manifest["count"] < expected:  # only under embed.verify=off
         typer.secho(
@@ -302,7 +341,8 @@ def retrieve(
         int | None, typer.Option("--top-k", help=f"Results per query. {default('retrieve.top_k')}")
     ] = None,
     backend: Annotated[
-        str | None, typer.Option(help=f"exact | faiss-flat | faiss-hnsw {default('retrieve.backend')}")
+        str | None,
+        typer.Option(help=f"auto (the saved ANN index if any) | exact | ann {default('retrieve.backend')}"),
     ] = None,
     rerank: Annotated[
         str | None,
@@ -353,6 +393,10 @@ def retrieve(
 def chat(
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
     index: Annotated[Path | None, typer.Option("--index", help="Ground answers on this index (RAG).")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help=f"auto (the saved ANN index if any) | exact | ann {default('chat.backend')}"),
+    ] = None,
     top_k: Annotated[
         int | None, typer.Option("--top-k", help=f"Documents retrieved per message. {default('chat.top_k')}")
     ] = None,

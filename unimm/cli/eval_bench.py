@@ -242,16 +242,58 @@ def bench_data_cmd(
 def bench_retrieve_cmd(
     docs: Annotated[int, typer.Option(help="Index size.")] = 100_000,
     dim: Annotated[int, typer.Option(help="Embedding width.")] = 1024,
+    ann: Annotated[
+        list[str] | None,
+        typer.Option(help="Also measure a saved-index back end: faiss-flat | faiss-hnsw | faiss-ivfpq."),
+    ] = None,
+    ann_docs: Annotated[int, typer.Option(help="Vectors in the ANN measurement.", min=1000)] = 1_000_000,
+    ann_dim: Annotated[int, typer.Option(help="Their width.", min=4)] = 256,
     json_out: JsonOut = None,
 ) -> None:
-    """Exact search vs FAISS flat, and embedding vs a bare transformers forward (CPU)."""
-    from unimm.commands.bench import bench_retrieve
+    """Exact search vs FAISS flat, embedding vs a bare transformers forward, and (--ann) recall,
+    speed and memory of the ANN back ends against exact search on clustered vectors (CPU)."""
+    from unimm.commands.bench_serve import bench_ann, bench_retrieve
+    from unimm.inference.ann import BACKENDS
 
+    unknown = [b for b in ann or [] if b not in BACKENDS]
+    if unknown:
+        raise UnimmError(f"--ann {unknown[0]}: use {', '.join(BACKENDS)}")
     rows = bench_retrieve(docs=docs, dim=dim)
+    rows += [bench_ann(backend, docs=ann_docs, dim=ann_dim) for backend in ann or []]
     for row in rows:
+        extra = f", recall@10 {row['recall']}, {row['bytes_per_vector']} B/vector" if "recall" in row else ""
         typer.echo(
             f"{row['what']}: ours {row['ours_per_s']}/s, {row['baseline']} {row['baseline_per_s']}/s, "
-            f"ratio {row['ratio']}"
+            f"ratio {row['ratio']}{extra}"
+        )
+    _write_json(json_out, rows)
+
+
+@bench_app.command("serve")
+@user_errors
+def bench_serve_cmd(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")],
+    requests: Annotated[int, typer.Option(help="Embedding requests (one text each).", min=20)] = 256,
+    concurrency: Annotated[int, typer.Option(help="Clients sending at once.", min=1, max=256)] = 8,
+    chat_requests: Annotated[int, typer.Option(help="Chat completions.", min=20)] = 20,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per completion.", min=1)] = 16,
+    json_out: JsonOut = None,
+) -> None:
+    """`unimm serve` on localhost under a bounded load vs the same work in one process (no HTTP)."""
+    from unimm.commands.bench_serve import bench_serve
+
+    rows = bench_serve(
+        str(model),
+        requests=requests,
+        concurrency=concurrency,
+        chat_requests=chat_requests,
+        max_tokens=max_tokens,
+    )
+    for row in rows:
+        typer.echo(
+            f"{row['what']}, {row['concurrency']} clients: served {row['ours_per_s']}/s "
+            f"(p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms), in-process {row['baseline_per_s']}/s "
+            f"(p50 {row['baseline_p50_ms']} ms), ratio {row['ratio']}"
         )
     _write_json(json_out, rows)
 

@@ -2,9 +2,9 @@
 
     unimm bench prepare            # samples/s of `unimm prepare` vs a plain tarfile writer
     unimm bench align              # all-pairs GAK: Triton / reference / tslearn
-    unimm bench retrieve           # exact search and embedding throughput
 
-Training throughput (``bench train``, ``bench data``) is in :mod:`unimm.commands.bench_train`.
+Training throughput (``bench train``, ``bench data``) is in :mod:`unimm.commands.bench_train`,
+search and serving (``bench retrieve``, ``bench serve``) in :mod:`unimm.commands.bench_serve`.
 
 Absolute times depend on the machine; the ratios are what the goals in docs/benchmarks.md
 refer to. Each variant is timed ``repeats`` times, interleaved with the baseline, best kept.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from unimm.utils import text_table
+from unimm.utils import bench_timer, text_table
 
 
 def _synthetic_images(folder: Path, count: int, width: int, seed: int = 0) -> list[Path]:
@@ -160,25 +160,6 @@ def print_table(rows: list[dict]) -> None:
 # unimm bench align
 
 
-def _timer(device: str):
-    """``time(fn) -> seconds`` (best of several runs; ``do_bench`` on CUDA)."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3
-
-    def best(fn, repeats: int = 3) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best
-
-
 def _align_data(n_views: int, slices: int, width: int, triple: bool, dtype, device: str, seed: int = 0):
     import torch
 
@@ -205,7 +186,7 @@ def bench_align(*, device: str = "cpu", quick: bool = False) -> list[dict]:
     if device.startswith("cuda:"):  # one named GPU: make it the current one
         torch.cuda.set_device(device)
         device = "cuda"
-    timer = _timer(device)
+    timer = bench_timer(device)
     cpu = device == "cpu"
     if cpu:
         grid = [(256, 4), (256, 16)] if quick else [(256, 4), (256, 16), (1024, 4), (1024, 16), (256, 64)]
@@ -369,102 +350,3 @@ def print_align_table(rows: list[dict]) -> None:
         "max_rel_diff_vs_tslearn",
     ]
     print(text_table(rows, keys))
-
-
-# ---------------------------------------------------------------------------------------------
-# unimm bench retrieve
-
-
-def bench_retrieve(
-    *, docs: int = 100_000, dim: int = 1024, queries: int = 256, repeats: int = 3
-) -> list[dict]:
-    """Exact blocked search vs FAISS flat (queries/s), and embedding vs a bare transformers forward."""
-    import torch
-
-    from unimm.inference.search import exact_search
-
-    timer = _timer("cpu")
-    g = torch.Generator().manual_seed(0)
-    index = torch.nn.functional.normalize(torch.randn(docs, dim, generator=g), dim=-1)
-    q = torch.nn.functional.normalize(torch.randn(queries, dim, generator=g), dim=-1)
-    rows = []
-    ours = timer(lambda: exact_search(q, index, 10))
-    theirs = None
-    try:
-        import faiss
-
-        searcher = faiss.IndexFlatIP(dim)  # built once, outside the timing: search against search
-        searcher.add(index.numpy())
-        theirs = timer(lambda: searcher.search(q.numpy(), 10))
-        # same answers (checked, not assumed): the same score at every rank (rows may differ only
-        # among scores within 1e-6, which exact_search orders by row)
-        got = exact_search(q, index, 10)[0]
-        want = torch.from_numpy(searcher.search(q.numpy(), 10)[0])
-        if not torch.allclose(got, want, atol=2e-6, rtol=0):
-            raise RuntimeError("exact search and FAISS flat disagree")
-    except ImportError:  # FAISS missing: report ours alone
-        pass
-    what = f"search {docs} x {dim}, {queries} queries, top-10"
-    rows.append(
-        {
-            "what": what,
-            "ours_per_s": round(queries / ours, 1),
-            "baseline": "faiss IndexFlatIP search",
-            "baseline_per_s": round(queries / theirs, 1) if theirs else None,
-            "ratio": round(theirs / ours, 3) if theirs else None,
-        }
-    )
-    if theirs:  # our torch path alone, as it runs without FAISS (and on a GPU)
-        from unimm.inference.search import blocked_search
-
-        alone = timer(lambda: blocked_search(q, index, 10))
-        rows.append(
-            {
-                "what": f"{what}, torch only (no FAISS installed)",
-                "ours_per_s": round(queries / alone, 1),
-                "baseline": "faiss IndexFlatIP search",
-                "baseline_per_s": round(queries / theirs, 1),
-                "ratio": round(theirs / alone, 3),
-            }
-        )
-    rows.append(_bench_embedding(timer, repeats))
-    return rows
-
-
-def _bench_embedding(timer, repeats: int) -> dict:
-    """Our embedding pass vs the bare transformers forward (LlavaModel) on the same tiny batch."""
-    import torch
-
-    from unimm.data.adapters import load_decoded_records
-    from unimm.data.collate import Collator
-    from unimm.data.synthetic import write_synthetic
-    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-    from unimm.tiny import save_tiny_llava
-
-    work = Path(tempfile.mkdtemp(prefix="unimm-bench-embed-"))
-    try:
-        data = write_synthetic(work / "data", 32)
-        samples = load_decoded_records(data)
-        folder = save_tiny_llava(work / "model", [t for s in samples for t in s.texts()])
-        mllm, processor = load_mllm(folder)
-        model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 64)).eval()
-        batch = Collator.for_model(model, processor)(samples)
-        batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
-        with torch.no_grad():
-            ours = timer(lambda: model.embed(batch))
-            bare = timer(
-                lambda: mllm.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    **batch["image_inputs"],
-                )
-            )
-        return {
-            "what": "embed 32 synthetic documents (tiny LLaVA)",
-            "ours_per_s": round(32 / ours, 1),
-            "baseline": "bare transformers forward",
-            "baseline_per_s": round(32 / bare, 1),
-            "ratio": round(bare / ours, 3),
-        }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -54,8 +54,8 @@ def load_queries(opts: RetrieveOptions) -> list[Sample]:
 
 def run(cfg: RetrieveConfig) -> dict[str, Any]:
     """Search and (with qrels) score; return ``{"results": [...], "metrics": {...} | None}``."""
-    from unimm.inference.index import load_index, model_hash
-    from unimm.inference.search import exact_search, faiss_search, metrics, read_qrels
+    from unimm.inference.ann import Searcher
+    from unimm.inference.search import metrics, read_qrels
     from unimm.inference.session import Session
     from unimm.outputs import claim_output
     from unimm.utils import atomic_write_bytes, atomic_write_json
@@ -65,42 +65,30 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     for flag, path in (("--out", opts.out), ("--metrics-out", opts.metrics_out)):
         if path:
             claim_output(Path(path), None, inputs, flag=flag)
-    index, rows, manifest = load_index(opts.index)
-    if manifest["model_hash"] != model_hash(opts.model):
-        raise UnimmError(
-            f"--index {opts.index} was embedded with another model ({manifest['model']}); embed it again "
-            f"with --model {opts.model}, or retrieve with the model it was built with"
-        )
     session = Session.load(
         opts.model, device=opts.device, dtype=opts.model_dtype, attn_implementation=opts.attn_implementation
     )
-    if session.model.head.embed_dim != manifest["dim"]:
-        raise UnimmError(
-            f"dimension mismatch: the model embeds in {session.model.head.embed_dim}-d, the index holds "
-            f"{manifest['dim']}-d vectors"
-        )
+    searcher = Searcher(opts.index, model=opts.model, dim=session.model.head.embed_dim, backend=opts.backend)
     queries = load_queries(opts)
     per_slice = [
         rows
         for start in range(0, len(queries), 16)
         for rows in session.embed_slices(queries[start : start + 16])
     ]
-    embedded = [rows[-1:] for rows in per_slice]  # the query as one view: cut after its last slice
-    if opts.backend == "exact":
-        scores, found = exact_search(torch.cat(embedded), index, opts.top_k, block=opts.block)
-    else:
-        scores, found = faiss_search(
-            torch.cat(embedded), index, opts.top_k, kind=opts.backend.split("-", 1)[1]
-        )
+    embedded = torch.cat(
+        [rows[-1:] for rows in per_slice]
+    )  # each query as one view: cut after its last slice
+    hits = searcher.search(embedded, opts.top_k, block=opts.block)
     if opts.rerank == "gak":
-        scores, found = _rerank_gak(per_slice, found, opts)
+        hits = _rerank_gak(per_slice, hits, opts)
+    rows = searcher.rows
     results = [
         {
             "query_id": q.id,
-            "ids": [rows[int(r)]["id"] for r in found[i]],
-            "scores": [round(float(s), 6) for s in scores[i]],
+            "ids": [rows[r]["id"] for r, _ in found],
+            "scores": [round(score, 6) for _, score in found],
         }
-        for i, q in enumerate(queries)
+        for q, found in zip(queries, hits, strict=True)
     ]
     if opts.out:
         atomic_write_bytes(opts.out, "".join(json.dumps(r) + "\n" for r in results).encode())
@@ -109,24 +97,24 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
         scored = metrics({r["query_id"]: r["ids"] for r in results}, read_qrels(opts.qrels))
         if opts.metrics_out:
             atomic_write_json(opts.metrics_out, scored)
-    return {"results": results, "metrics": scored, "rows": rows, "found": found}
+    return {"results": results, "metrics": scored, "rows": rows, "hits": hits, "backend": searcher.backend}
 
 
-def _rerank_gak(queries: list[torch.Tensor], found: torch.Tensor, opts: RetrieveOptions):
+def _rerank_gak(queries: list[torch.Tensor], hits: list[list[tuple[int, float]]], opts: RetrieveOptions):
     """Re-score each query's candidates by ``K̃`` over per-slice embeddings; highest first."""
     from unimm.align import gak_matrix
-    from unimm.inference.index import load_slice_embeddings
+    from unimm.inference.store import load_slice_embeddings
 
     slices, offsets = load_slice_embeddings(opts.index)
-    new_scores, new_rows = [], []
-    for q, candidates in zip(queries, found, strict=True):
+    out = []
+    for q, found in zip(queries, hits, strict=True):
+        candidates = [r for r, _ in found]
         views = [q] + [slices[int(offsets[c]) : int(offsets[c + 1])] for c in candidates]
         lengths = torch.tensor([v.shape[0] for v in views])
         k = gak_matrix(torch.cat(views).double(), lengths, delta=opts.rerank_delta)[0, 1:].float()
-        order = torch.argsort(-k, stable=True)
-        new_scores.append(k[order])
-        new_rows.append(candidates[order])
-    return torch.stack(new_scores), torch.stack(new_rows)
+        order = torch.argsort(-k, stable=True).tolist()
+        out.append([(candidates[i], float(k[i])) for i in order])
+    return out
 
 
 def query_order(argv: list[str]) -> list[list[str]]:

@@ -25,8 +25,11 @@ from unimm.config.commands import (
     ChatConfig,
     EmbedConfig,
     EvalConfig,
+    ExportConfig,
+    IndexConfig,
     PrepareConfig,
     RetrieveConfig,
+    ServeConfig,
     TrainConfig,
 )
 from unimm.config.data import DataOptions, PrepareOptions, TeacherOptions
@@ -36,7 +39,10 @@ from unimm.config.inference import (
     CheckpointOptions,
     EmbedOptions,
     EvalOptions,
+    ExportOptions,
+    IndexOptions,
     RetrieveOptions,
+    ServeOptions,
 )
 from unimm.config.model import AlignOptions, ModelOptions, TrainOptions
 
@@ -54,11 +60,17 @@ __all__ = [
     "EmbedOptions",
     "EvalConfig",
     "EvalOptions",
+    "ExportConfig",
+    "ExportOptions",
+    "IndexConfig",
+    "IndexOptions",
     "ModelOptions",
     "PrepareConfig",
     "PrepareOptions",
     "RetrieveConfig",
     "RetrieveOptions",
+    "ServeConfig",
+    "ServeOptions",
     "TeacherOptions",
     "TrainConfig",
     "TrainOptions",

@@ -24,7 +24,21 @@ C = TypeVar("C")
 # Every section a recipe may hold. A command ignores the sections it does not use, so that one
 # recipe drives prepare, train and embed; a key outside this set is a typo and fails.
 RECIPE_SECTIONS = frozenset(
-    {"prepare", "teachers", "model", "data", "align", "train", "embed", "retrieve", "chat", "eval"}
+    {
+        "prepare",
+        "teachers",
+        "model",
+        "data",
+        "align",
+        "train",
+        "embed",
+        "index",
+        "retrieve",
+        "chat",
+        "eval",
+        "serve",
+        "export",
+    }
 )
 
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -6,7 +6,15 @@ import dataclasses
 from pathlib import Path
 
 from unimm.config.data import DataOptions, PrepareOptions, TeacherOptions
-from unimm.config.inference import ChatOptions, EmbedOptions, EvalOptions, RetrieveOptions
+from unimm.config.inference import (
+    ChatOptions,
+    EmbedOptions,
+    EvalOptions,
+    ExportOptions,
+    IndexOptions,
+    RetrieveOptions,
+    ServeOptions,
+)
 from unimm.config.model import AlignOptions, ModelOptions, TrainOptions
 
 
@@ -41,6 +49,13 @@ class EmbedConfig:
 
 
 @dataclasses.dataclass
+class IndexConfig:
+    """Configuration of ``unimm index build``."""
+
+    index: IndexOptions = dataclasses.field(default_factory=IndexOptions)
+
+
+@dataclasses.dataclass
 class RetrieveConfig:
     """Configuration of ``unimm retrieve``."""
 
@@ -52,6 +67,20 @@ class ChatConfig:
     """Configuration of ``unimm chat``."""
 
     chat: ChatOptions = dataclasses.field(default_factory=ChatOptions)
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Configuration of ``unimm serve``."""
+
+    serve: ServeOptions = dataclasses.field(default_factory=ServeOptions)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Configuration of ``unimm export``."""
+
+    export: ExportOptions = dataclasses.field(default_factory=ExportOptions)
 
 
 @dataclasses.dataclass
@@ -69,9 +98,12 @@ SECTIONS: dict[str, type] = {
     "align": AlignOptions,
     "train": TrainOptions,
     "embed": EmbedOptions,
+    "index": IndexOptions,
     "retrieve": RetrieveOptions,
     "chat": ChatOptions,
     "eval": EvalOptions,
+    "serve": ServeOptions,
+    "export": ExportOptions,
 }
 """Every recipe section and its dataclass (``RECIPE_SECTIONS`` names the same set)."""
 

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 TASKS = ("qa", "captioning", "two_choice", "retrieval", "interleaved", "winoground")
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+SearchBackend = Literal["auto", "exact", "ann"]
 
 
 @dataclasses.dataclass
@@ -33,7 +34,14 @@ class EmbedOptions(CheckpointOptions):
 
     section: ClassVar[str] = "embed"
     data: list[str] = dataclasses.field(default_factory=list)
-    """Prepared shard directories (or shard files)."""
+    """Prepared shard directories (or shard files) and record files (any ``unimm prepare`` format)."""
+    format: Literal["auto", "unimm", "llava", "mmc4", "csv"] = "auto"
+    """The record files' format (``auto`` detects it per file)."""
+    image_root: str | None = None
+    """The folder record image paths are relative to and must stay in (default: each file's folder)."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """A bad record, unreadable image or repeated id: ``fail`` stops, ``skip`` leaves it out
+    (counted in the index manifest's ``rejected``)."""
     out: str = ""
     batch_size: int = 16
     dtype: Literal["float16", "float32"] = "float16"
@@ -47,11 +55,15 @@ class EmbedOptions(CheckpointOptions):
     """Check each shard against its manifest as it is read (see ``data.verify``)."""
     resume: bool = False
     overwrite: bool = False
+    append: bool = False
+    """Add the documents to the finished index in ``out`` (same model, ids unique)."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
         if not self.data:
-            problems.append("embed.data: give shard directories with --data DIR")
+            problems.append("embed.data: give record files or shard directories with --data PATH")
+        if self.append and self.overwrite:
+            problems.append("embed.append and embed.overwrite: choose one")
         if not self.out:
             problems.append("embed.out: give an index directory with --out DIR")
         if self.batch_size < 1 or self.part_size < 1 or (self.max_length or 16) < 16:
@@ -74,8 +86,9 @@ class RetrieveOptions(CheckpointOptions):
     format: str = "auto"
     image_root: str | None = None
     top_k: int = 10
-    backend: str = "exact"
-    """``exact`` (blocked matrix products), ``faiss-flat`` (exact, FAISS) or ``faiss-hnsw`` (approximate)."""
+    backend: SearchBackend = "auto"
+    """``auto``: the index's saved ANN index (``unimm index build``) if it has one, else exact search;
+    ``exact``; ``ann`` (fail without a saved ANN index)."""
     block: int = 65536
     rerank: str = "none"
     """``gak``: re-score the first-stage top-k by the normalised GAK between the query's and each
@@ -93,8 +106,6 @@ class RetrieveOptions(CheckpointOptions):
             problems.append("retrieve: give a query (--query TEXT and/or --image PATH) or --queries FILE")
         if self.query and self.queries:
             problems.append("retrieve: give --query/--image or --queries, not both")
-        if self.backend not in ("exact", "faiss-flat", "faiss-hnsw"):
-            problems.append(f"retrieve.backend: use exact, faiss-flat or faiss-hnsw, got {self.backend!r}")
         if self.rerank not in ("none", "gak"):
             problems.append(f"retrieve.rerank: use none or gak, got {self.rerank!r}")
         if self.top_k < 1 or self.block < 1:
@@ -105,11 +116,48 @@ class RetrieveOptions(CheckpointOptions):
 
 
 @dataclasses.dataclass
+class IndexOptions:
+    """Section ``index``: the saved ANN index of ``unimm index build`` (0 = chosen from the data)."""
+
+    section: ClassVar[str] = "index"
+    index: str = ""
+    """The index folder (made by ``unimm embed``)."""
+    backend: Literal["faiss-flat", "faiss-hnsw", "faiss-ivfpq"] = "faiss-hnsw"
+    hnsw_m: int = 32
+    """HNSW: links per node."""
+    ef_construction: int = 200
+    """HNSW: candidates kept while building."""
+    ef_search: int = 128
+    """HNSW: candidates kept while searching (recall against speed)."""
+    nlist: int = 0
+    """IVF-PQ: inverted lists; 0: 4·√n, at most n/39 (FAISS's training rule)."""
+    pq_m: int = 0
+    """IVF-PQ: sub-quantizers (bytes per vector at 8 bits), a divisor of the dimension; 0: the
+    largest divisor up to d/4 (16x smaller than float32)."""
+    pq_bits: int = 8
+    """IVF-PQ: bits per code (fewer for an index of under 256 vectors)."""
+    nprobe: int = 32
+    """IVF-PQ: lists searched per query (recall against speed)."""
+    train_size: int = 0
+    """IVF-PQ: vectors the quantizers are trained on; 0: min(n, 256·nlist, 100 000)."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.index else ["index.index: give the index folder with --index DIR"]
+        numbers = ("hnsw_m", "ef_construction", "ef_search", "nlist", "pq_m", "nprobe", "train_size")
+        problems += [f"index.{k} must be >= 0" for k in numbers if getattr(self, k) < 0]
+        if not 1 <= self.pq_bits <= 16 or min(self.hnsw_m, self.ef_search, self.nprobe) < 1:
+            problems.append("index.pq_bits must be in 1..16; index.hnsw_m, ef_search and nprobe >= 1")
+        return problems
+
+
+@dataclasses.dataclass
 class ChatOptions(CheckpointOptions):
     """Section ``chat``."""
 
     section: ClassVar[str] = "chat"
     index: str | None = None
+    backend: SearchBackend = "auto"
+    """How the index is searched (see ``retrieve.backend``)."""
     top_k: int = 2
     prompt: str | None = None
     images: list[str] = dataclasses.field(default_factory=list)
@@ -156,3 +204,61 @@ class EvalOptions(CheckpointOptions):
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             problems.append("eval.limit must be >= 0; eval.batch_size and eval.max_new_tokens >= 1")
         return problems
+
+
+@dataclasses.dataclass
+class ServeOptions(CheckpointOptions):
+    """Section ``serve``: ``unimm serve``'s model, index, address, batching and request limits."""
+
+    section: ClassVar[str] = "serve"
+    index: str | None = None
+    """An index to search (``/v1/search``) and to ground chat answers on."""
+    backend: SearchBackend = "auto"
+    """How the index is searched (see ``retrieve.backend``)."""
+    host: str = "127.0.0.1"
+    """The address to listen on; ``0.0.0.0`` opens the server to the network."""
+    port: int = 8000
+    name: str = ""
+    """The model id clients ask for; default: the checkpoint's run and step (``run/step-000200``)."""
+    max_batch: int = 32
+    """Embedding inputs per forward pass (from concurrent requests)."""
+    batch_wait_ms: float = 5.0
+    """How long an input waits for others to batch with."""
+    max_new_tokens: int = 128
+    """Answer length when a request gives no ``max_tokens``."""
+    max_new_tokens_limit: int = 1024
+    """The most ``max_tokens`` a request may ask for."""
+    max_inputs: int = 256
+    """Inputs of one embeddings or search request."""
+    max_request_bytes: int = 32 * 2**20
+    """Bytes of one request body (base64 images included)."""
+    max_image_pixels: int = 64_000_000
+    """Pixels of one decoded image."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not 0 < self.port < 65536:
+            problems.append(f"serve.port: must be in 1..65535, got {self.port}")
+        counts = ("max_batch", "max_new_tokens", "max_new_tokens_limit", "max_inputs", "max_request_bytes")
+        problems += [f"serve.{k} must be >= 1" for k in counts if getattr(self, k) < 1]
+        if self.batch_wait_ms < 0 or self.max_image_pixels < 1:
+            problems.append("serve.batch_wait_ms must be >= 0 and serve.max_image_pixels >= 1")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            problems.append("serve.max_new_tokens must be <= serve.max_new_tokens_limit")
+        return problems
+
+
+@dataclasses.dataclass
+class ExportOptions(CheckpointOptions):
+    """Section ``export``: ``unimm export``'s checkpoint, format and output folder."""
+
+    section: ClassVar[str] = "export"
+    format: Literal["sentence-transformers", "hf-merged"] = "sentence-transformers"
+    """``sentence-transformers`` (a folder ``SentenceTransformer`` loads) or ``hf-merged`` (a plain
+    transformers folder with LoRA merged, plus the retrieval head, for vLLM and other servers)."""
+    out: str = ""
+    overwrite: bool = False
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        return problems + ([] if self.out else ["export.out: give the output folder with --out DIR"])

@@ -18,16 +18,17 @@ Mapping of each format to slices (documented in docs/formats.md):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from unimm.data.records import Record, RecordLimits, RecordSlice, record_from_obj
 from unimm.data.samples import Sample, Slice
-from unimm.errors import DataError
+from unimm.errors import DataError, UnimmError
 
 FORMATS = ("unimm", "llava", "mmc4", "csv")
 _IMAGE_TOKEN = "<image>"
@@ -425,7 +426,6 @@ def open_image(path: str | Path, root: str | Path | None = None):
     from PIL import Image, ImageOps
 
     from unimm.data.images import ImageProblem, resolve_image_path, to_rgb
-    from unimm.errors import UnimmError
 
     try:
         file = resolve_image_path(str(path), root) if root is not None else Path(path)
@@ -448,26 +448,59 @@ def load_decoded_records(
     Raises:
         UnimmError: the file is missing or a record or image is invalid (file, line and reason).
     """
-    from unimm.errors import UnimmError
+    return [sample for _, sample in iter_decoded_records(path, fmt, image_root)]
+
+
+def iter_decoded_records(
+    path: str | Path,
+    fmt: str = "auto",
+    image_root: str | Path | None = None,
+    *,
+    on_error: Callable[[UnimmError], None] | None = None,
+) -> Iterator[tuple[Record, Sample]]:
+    """Stream a record file as ``(record, sample)`` pairs, one record in memory at a time.
+
+    The record's image paths are the resolved absolute paths (confined to ``image_root``, default
+    the file's folder, as in prepare); the sample has the images opened, its key is its id and its
+    ``source`` the file and line. A bad record or image raises, or, with ``on_error``, is passed
+    to it (located by file and line) and left out.
+
+    Raises:
+        UnimmError: the file is missing, or (without ``on_error``) a record or image is invalid.
+    """
+    from unimm.data.images import ImageProblem, resolve_image_path
 
     path = Path(path)
     if not path.is_file():
         raise UnimmError(f"{path}: no such file")
     root = image_root if image_root is not None else path.parent
-    out = []
     for item in iter_records(path, fmt):
-        if isinstance(item, DataError):
-            raise UnimmError(str(item))
-        slices = [
-            Slice.of_text(s.value, s.role)
-            if s.kind == "text"
-            else Slice.of_image(open_image(s.value, root), s.role)
-            for s in item.slices
-        ]
-        source = f"{path}:{item.line}" if item.line else str(path)
-        out.append(
-            Sample(
-                key=item.id, slices=slices, id=item.id, response=item.response, meta=item.meta, source=source
-            )
+        try:
+            if isinstance(item, DataError):
+                raise UnimmError(str(item))
+            source = f"{path}:{item.line}" if item.line else str(path)
+            try:
+                resolved = [
+                    s
+                    if s.kind == "text"
+                    else RecordSlice("image", str(resolve_image_path(s.value, root)), s.role)
+                    for s in item.slices
+                ]
+                slices = [
+                    Slice.of_text(s.value, s.role)
+                    if s.kind == "text"
+                    else Slice.of_image(open_image(s.value), s.role)
+                    for s in resolved
+                ]
+            except (ImageProblem, UnimmError) as exc:
+                raise UnimmError(f"{source}: {exc}") from None
+        except UnimmError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            continue
+        record = dataclasses.replace(item, slices=resolved)
+        sample = Sample(
+            key=item.id, slices=slices, id=item.id, response=item.response, meta=item.meta, source=source
         )
-    return out
+        yield record, sample

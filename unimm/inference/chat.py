@@ -18,33 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tarfile
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from unimm.config import ChatOptions
 from unimm.data.samples import Sample, Slice
 from unimm.errors import UnimmError
-
-
-def load_document(index_rows: list[dict], row: int, data_dirs: list[str]) -> Sample:
-    """Read the document behind index row ``row`` back from its shard (text and images)."""
-    from unimm.data.shards import decode_sample
-
-    entry = index_rows[row]
-    for folder in data_dirs:
-        shard = Path(folder) / entry["shard"]
-        if not shard.is_file():
-            continue
-        raw: dict[str, Any] = {"__key__": entry["key"], "__url__": str(shard)}
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                name = Path(member.name).name
-                if name.startswith(entry["key"] + "."):
-                    raw[name[len(entry["key"]) + 1 :]] = tar.extractfile(member).read()
-        if "json" in raw:
-            return decode_sample(raw)
-    raise UnimmError(f"document {entry['id']}: its shard {entry['shard']} is not in {', '.join(data_dirs)}")
 
 
 def build_prompt(question: list[Slice], retrieved: list[Sample], history: list[Slice]) -> Sample:
@@ -66,7 +44,7 @@ class ChatSession:
     """A loaded model (and optional index) that answers messages and keeps the conversation."""
 
     def __init__(self, opts: ChatOptions) -> None:
-        from unimm.inference.index import load_index, model_hash
+        from unimm.inference.ann import Searcher
         from unimm.inference.session import Session
 
         self.opts = opts
@@ -76,28 +54,27 @@ class ChatSession:
             dtype=opts.model_dtype,
             attn_implementation=opts.attn_implementation,
         )
-        self.index = self.rows = None
-        self.data_dirs: list[str] = []
-        if opts.index:
-            self.index, self.rows, manifest = load_index(opts.index)
-            if manifest["model_hash"] != model_hash(opts.model):
-                raise UnimmError(
-                    f"--index {opts.index} was embedded with another model; embed it with --model "
-                    f"{opts.model}"
-                )
-            self.data_dirs = manifest["data"]
+        self.searcher = (
+            Searcher(
+                opts.index, model=opts.model, dim=self.session.model.head.embed_dim, backend=opts.backend
+            )
+            if opts.index
+            else None
+        )
         self.history: list[Slice] = []
         self.last_prompt: Sample | None = None
         self.last_retrieved: list[str] = []
 
     def retrieve(self, question: list[Slice]) -> list[Sample]:
-        from unimm.inference.search import exact_search
+        """The ``top_k`` documents of the index nearest to the conversation and ``question``."""
+        from unimm.inference.documents import load_document
 
-        if self.index is None:
+        if self.searcher is None:
             return []
         emb = self.session.embed_views([build_prompt(question, [], self.history)])
-        _, rows = exact_search(emb, self.index, self.opts.top_k)
-        return [load_document(self.rows, int(r), self.data_dirs) for r in rows[0]]
+        (hits,) = self.searcher.search(emb, self.opts.top_k)
+        data = self.searcher.manifest["data"]
+        return [load_document(self.searcher.rows[r], data) for r, _ in hits]
 
     def answer(self, question: list[Slice], stream: TextIO | None = None) -> str:
         """Generate the answer to ``question`` (slices), streaming tokens to ``stream``."""

@@ -101,13 +101,17 @@ class Session:
         )
         return cls(model, processor, meta, resolve_device(device), max_length=max_length)
 
-    @torch.no_grad()
     def embed_views(self, samples: list[Sample]) -> torch.Tensor:
         """Unit float32 embeddings ``[n, d]`` on the CPU, one per sample: the view cut after its
         last slice (how documents and queries are embedded, as in training)."""
+        return self.embed_counted(samples)[0]
+
+    @torch.no_grad()
+    def embed_counted(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`embed_views` and each sample's length in tokens."""
         batch = self.collator(samples)
         batch["views"] = [(b, len(s) - 1) for b, s in enumerate(batch["spans"])]
-        return self.model.embed(batch).float().cpu()
+        return self.model.embed(batch).float().cpu(), batch["attention_mask"].sum(1).tolist()
 
     @torch.no_grad()
     def embed_slices(self, samples: list[Sample]) -> list[torch.Tensor]:
@@ -139,6 +143,30 @@ class Session:
         """
         if streamer is not None and len(prompts) != 1:
             raise ValueError("a streamer takes one prompt at a time")
+        new, _ = self._generate_ids(prompts, after, max_new_tokens, temperature, top_p, streamer)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def generate_counted(self, prompt: Sample, **options: Any) -> tuple[str, dict[str, int]]:
+        """One prompt's continuation (options as :meth:`generate`) and its token counts:
+        ``{"prompt_tokens", "completion_tokens"}`` (generated tokens up to the end, padding not
+        counted)."""
+        options = {"after": "assistant", "max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0} | options
+        new, longest = self._generate_ids(
+            [prompt],
+            options["after"],
+            options["max_new_tokens"],
+            options["temperature"],
+            options["top_p"],
+            options.get("streamer"),
+        )
+        row = new[0]
+        produced = int((row != self.collator.pad_id).sum()) if self.collator.pad_id is not None else len(row)
+        text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        return text, {"prompt_tokens": longest, "completion_tokens": produced}
+
+    @torch.no_grad()
+    def _generate_ids(self, prompts, after, max_new_tokens, temperature, top_p, streamer):
+        """The generated token ids ``[n, new]`` and the padded prompt length."""
         encoded = [self.collator.prompt(p, after=after) for p in prompts]
         batch = self.collator.batch(encoded, pad_left=True)
         longest = batch["input_ids"].shape[1]
@@ -155,4 +183,4 @@ class Session:
             **({"streamer": streamer} if streamer is not None else {}),
             **sampling,
         )
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, longest:]]
+        return out[:, longest:], longest

@@ -139,6 +139,20 @@ def save_checkpoint(
     return folder
 
 
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """The checkpoint's files (not its training state) in ``target``: hard links where possible."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] == STATE_DIR or not path.is_file():
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(path, destination)
+
+
 def _content_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file a checkpoint loads (weights, adapters, head, config, processor), by
     path inside ``folder``; the training state and unimm.json itself are left out."""

@@ -1,0 +1,219 @@
+"""`unimm serve` on a live localhost server, driven by the official `openai` client and httpx."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai client is built on
+
+from unimm.config import ChatOptions, ServeOptions  # noqa: E402
+from unimm.data.samples import Sample, Slice  # noqa: E402
+from unimm.inference.serving import Background, build_state  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    """A server over the tiny checkpoint and its index (module-wide: loading is the slow part)."""
+    checkpoint, index = trained
+    state = build_state(ServeOptions(model=str(checkpoint), index=str(index), name="tiny", max_batch=8))
+    with Background(state) as url:
+        yield state, url
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[1] + "/v1", api_key="unused", max_retries=0)
+
+
+def data_url(path) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_embeddings_equal_unimm_embed(tmp_path, trained, served, client, captions_and_images):
+    """Text through the openai client (base64 transport, its default) and image + text parts as
+    content: the same vectors `unimm embed` stores for the same records."""
+    from unimm.commands.embed import run
+    from unimm.config import EmbedConfig, build_config
+    from unimm.inference.store import load_index
+
+    checkpoint, _ = trained
+    csv, images = captions_and_images
+    options = {"embed.model": str(checkpoint), "embed.data": [str(csv)], "embed.out": str(tmp_path / "i")}
+    run(build_config(EmbedConfig, options=options | {"embed.dtype": "float32"}), progress=False)
+    stored, rows, _ = load_index(tmp_path / "i")
+    inputs = [
+        [
+            {"type": "image_url", "image_url": {"url": data_url(images[i])}},
+            {"type": "text", "text": f"colour {i}"},
+        ]
+        for i in range(len(rows))
+    ]
+    got = client.embeddings.create(model="tiny", input=inputs)
+    vectors = torch.tensor([d.embedding for d in got.data])
+    torch.testing.assert_close(vectors, stored, atol=1e-5, rtol=1e-5)
+    assert got.usage.prompt_tokens > 0
+
+    texts = ["two red circles", "a blue square"]
+    session = served[0].session
+    want = session.embed_views([Sample.of_slices([Slice.of_text(t)]) for t in texts])
+    for extra in ({}, {"encoding_format": "float"}):  # the client asks for base64 and decodes it
+        got = client.embeddings.create(model="tiny", input=texts, **extra)
+        torch.testing.assert_close(torch.tensor([d.embedding for d in got.data]), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def captions_and_images(tmp_path, image_dir):
+    lines = ["id,image,caption"] + [f"c{i},imgs/{i}.jpg,colour {i}" for i in range(4)]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "captions.csv", [image_dir / f"{i}.jpg" for i in range(4)]
+
+
+def test_concurrent_requests_are_batched_and_answered_alike(served):
+    state, url = served
+    texts = [f"document number {i}" for i in range(12)]
+    alone = [
+        httpx.post(url + "/v1/embeddings", json={"input": t}).json()["data"][0]["embedding"] for t in texts
+    ]
+    state.batcher.batches.clear()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        together = list(
+            pool.map(
+                lambda t: httpx.post(url + "/v1/embeddings", json={"input": t}).json()["data"][0][
+                    "embedding"
+                ],
+                texts,
+            )
+        )
+    assert max(state.batcher.batches) > 1  # some requests shared a forward pass
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_rag_chat_equals_the_whole_answer(served, client):
+    messages = [{"role": "user", "content": "Which shapes are red?"}]
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, extra_body={"retrieval": {"top_k": 2}}
+    )
+    retrieved = whole.model_extra["retrieved"]
+    assert len(retrieved) == 2 and all({"id", "score"} <= set(r) for r in retrieved)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"retrieval": {"top_k": 2}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole.choices[0].message.content
+    assert chunks[0].model_extra["retrieved"] == retrieved
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    from unimm.inference.chat import ChatSession
+
+    state = served[0]
+    opts = ChatOptions(model=state.searcher.manifest["model"], index=str(state.searcher.folder), top_k=2)
+    local = ChatSession(dataclasses.replace(opts, max_new_tokens=6))
+    assert local.answer([Slice.of_text("Which shapes are red?")]) == whole.choices[0].message.content
+    assert local.last_retrieved == [r["id"] for r in retrieved]  # as `unimm chat --index` answers
+
+
+def test_search_and_models(served, client):
+    state, url = served
+    found = httpx.post(url + "/v1/search", json={"query": ["red circles", "blue"], "top_k": 3}).json()
+    assert [len(d["results"]) for d in found["data"]] == [3, 3]
+    vectors = state.session.embed_views([Sample.of_slices([Slice.of_text("red circles")])])
+    (hits,) = state.searcher.search(vectors, 3)
+    assert [r["id"] for r in found["data"][0]["results"]] == [state.searcher.rows[r]["id"] for r, _ in hits]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["index"]["count"] == len(state.searcher.rows)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({}, 400, "'input' is required"),
+        ({"input": []}, 400, "non-empty list"),
+        ({"input": [[1, 2, 3]]}, 400, "token ids"),
+        (
+            {"input": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]},
+            400,
+            "fetches no URL",
+        ),
+        (
+            {"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]},
+            400,
+            "not valid base64",
+        ),
+        (
+            {"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]},
+            400,
+            "cannot be decoded",
+        ),
+        ({"input": [{"type": "audio"}]}, 400, "each part must be"),
+        ({"input": ["x"] * 300}, 400, "at most 256"),
+        ({"input": "x", "model": "gpt-4"}, 404, "not served here"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ],
+)
+def test_bad_embedding_requests_get_4xx(served, body, status, words):
+    response = httpx.post(served[1] + "/v1/embeddings", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"]
+
+
+def test_bad_chat_requests_and_limits(served, client):
+    url = served[1]
+    cases = [
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message must be the user's"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "'max_tokens' must be in"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "not supported"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "must be a number"),
+    ]
+    for body, words in cases:
+        response = httpx.post(url + "/v1/chat/completions", json=body)
+        assert response.status_code == 400 and words in response.json()["error"]["message"], (
+            body,
+            response.text,
+        )
+    response = httpx.post(
+        url + "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
+    response = httpx.post(url + "/v1/embeddings", content=b"x" * (33 * 2**20))
+    assert response.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="last message must be the user's"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+
+
+def test_api_key_and_no_index(trained, monkeypatch):
+    checkpoint, _ = trained
+    monkeypatch.setenv("UNIMM_API_KEY", "s3cret")
+    state = build_state(ServeOptions(model=str(checkpoint), name="tiny"))
+    with Background(state) as url:
+        assert httpx.get(url + "/health").status_code == 200  # open, for load balancers
+        assert httpx.get(url + "/v1/models").status_code == 401
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        assert good.embeddings.create(model="tiny", input="x").data
+        with pytest.raises(openai.AuthenticationError):
+            bad.embeddings.create(model="tiny", input="x")
+        with pytest.raises(openai.BadRequestError, match="needs an index"):
+            good.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], extra_body={"retrieval": True}
+            )
+        response = httpx.post(
+            url + "/v1/search", json={"query": "x"}, headers={"authorization": "Bearer s3cret"}
+        )
+        assert response.status_code == 400 and "no index" in response.json()["error"]["message"]

@@ -1,0 +1,108 @@
+"""``unimm index`` (the persistent ANN index of an index) and ``unimm serve`` (the HTTP API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, default, user_errors
+
+index_app = typer.Typer(
+    help="Persistent ANN indexes (FAISS) beside an index's embeddings.", no_args_is_help=True
+)
+
+
+@index_app.command("build")
+@user_errors
+def index_build(
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index folder (made by `unimm embed`).")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help=f"faiss-flat | faiss-hnsw | faiss-ivfpq {default('index.backend')}"),
+    ] = None,
+    hnsw_m: Annotated[int | None, typer.Option(help=f"HNSW links per node {default('index.hnsw_m')}")] = None,
+    ef_search: Annotated[
+        int | None, typer.Option(help=f"HNSW search breadth {default('index.ef_search')}")
+    ] = None,
+    nlist: Annotated[int | None, typer.Option(help="IVF-PQ lists \\[default: 4·√n].")] = None,
+    pq_m: Annotated[int | None, typer.Option(help="IVF-PQ bytes per vector \\[default: d/4].")] = None,
+    nprobe: Annotated[
+        int | None, typer.Option(help=f"IVF-PQ lists searched {default('index.nprobe')}")
+    ] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build a FAISS index beside the embeddings; retrieve, chat and serve then search it."""
+    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    from unimm.config import IndexConfig, build_config
+    from unimm.inference.ann import build_ann
+
+    cfg = build_config(IndexConfig, recipe=recipe, options=as_options("index", given), overrides=set_)
+    ann = build_ann(cfg.index)
+    params = ", ".join(f"{k}={v}" for k, v in ann["params"].items())
+    typer.echo(
+        f"built {ann['backend']} over {ann['count']} vectors ({params}): {ann['bytes'] / 2**20:.1f} MiB, "
+        f"{ann['bytes_per_vector']:g} bytes/vector, in {Path(cfg.index.index) / 'ann'}"
+    )
+
+
+@user_errors
+def serve(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index to search and to ground chat answers on.")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help=f"auto (the saved ANN index if any) | exact | ann {default('serve.backend')}"),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help=f"Address; 0.0.0.0 opens it to the network {default('serve.host')}")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help=default("serve.port"))] = None,
+    name: Annotated[str | None, typer.Option(help="Model id clients use \\[default: run/step].")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help=f"Embedding inputs per forward pass {default('serve.max_batch')}")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('serve.device')}")] = None,
+    model_dtype: ModelDtypeOpt = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API: embeddings, chat (streaming, RAG), search.
+
+    Set UNIMM_API_KEY to require `Authorization: Bearer KEY`.
+    """
+    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    from unimm.commands.serve import run
+    from unimm.config import ServeConfig, build_config
+
+    cfg = build_config(ServeConfig, recipe=recipe, options=as_options("serve", given), overrides=set_)
+    run(cfg, announce=typer.echo)
+
+
+@user_errors
+def export(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")] = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help=f"sentence-transformers | hf-merged {default('export.format')}"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
+    model_dtype: ModelDtypeOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export.")] = False,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Export a checkpoint for other tools: sentence-transformers, or merged weights for vLLM & co."""
+    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    from unimm.config import ExportConfig, build_config
+    from unimm.inference.export import export as run
+
+    cfg = build_config(ExportConfig, recipe=recipe, options=as_options("export", given), overrides=set_)
+    manifest = run(cfg.export)
+    typer.echo(f"exported {cfg.export.model} as {manifest['format']} to {cfg.export.out} (see its README.md)")

@@ -1,0 +1,259 @@
+"""Search and serving benchmarks, ours against a baseline in the same run, as ratios.
+
+unimm bench retrieve           # exact search vs FAISS flat; ANN recall, speed and memory; embedding
+unimm bench serve              # `unimm serve` under a bounded load vs the same work in-process
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from unimm.utils import bench_timer
+
+
+def bench_retrieve(
+    *, docs: int = 100_000, dim: int = 1024, queries: int = 256, repeats: int = 3
+) -> list[dict]:
+    """Exact blocked search vs FAISS flat (queries/s), and embedding vs a bare transformers forward."""
+    import torch
+
+    from unimm.inference.search import exact_search
+
+    timer = bench_timer("cpu")
+    g = torch.Generator().manual_seed(0)
+    index = torch.nn.functional.normalize(torch.randn(docs, dim, generator=g), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(queries, dim, generator=g), dim=-1)
+    rows = []
+    ours = timer(lambda: exact_search(q, index, 10))
+    theirs = None
+    try:
+        import faiss
+
+        searcher = faiss.IndexFlatIP(dim)  # built once, outside the timing: search against search
+        searcher.add(index.numpy())
+        theirs = timer(lambda: searcher.search(q.numpy(), 10))
+        # same answers (checked, not assumed): the same score at every rank (rows may differ only
+        # among scores within 1e-6, which exact_search orders by row)
+        got = exact_search(q, index, 10)[0]
+        want = torch.from_numpy(searcher.search(q.numpy(), 10)[0])
+        if not torch.allclose(got, want, atol=2e-6, rtol=0):
+            raise RuntimeError("exact search and FAISS flat disagree")
+    except ImportError:  # FAISS missing: report ours alone
+        pass
+    what = f"search {docs} x {dim}, {queries} queries, top-10"
+    rows.append(
+        {
+            "what": what,
+            "ours_per_s": round(queries / ours, 1),
+            "baseline": "faiss IndexFlatIP search",
+            "baseline_per_s": round(queries / theirs, 1) if theirs else None,
+            "ratio": round(theirs / ours, 3) if theirs else None,
+        }
+    )
+    if theirs:  # our torch path alone, as it runs without FAISS (and on a GPU)
+        from unimm.inference.search import blocked_search
+
+        alone = timer(lambda: blocked_search(q, index, 10))
+        rows.append(
+            {
+                "what": f"{what}, torch only (no FAISS installed)",
+                "ours_per_s": round(queries / alone, 1),
+                "baseline": "faiss IndexFlatIP search",
+                "baseline_per_s": round(queries / theirs, 1),
+                "ratio": round(theirs / alone, 3),
+            }
+        )
+    rows.append(_bench_embedding(timer, repeats))
+    return rows
+
+
+def _bench_embedding(timer, repeats: int) -> dict:
+    """Our embedding pass vs the bare transformers forward (LlavaModel) on the same tiny batch."""
+    import torch
+
+    from unimm.data.adapters import load_decoded_records
+    from unimm.data.collate import Collator
+    from unimm.data.synthetic import write_synthetic
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+    from unimm.tiny import save_tiny_llava
+
+    work = Path(tempfile.mkdtemp(prefix="unimm-bench-embed-"))
+    try:
+        data = write_synthetic(work / "data", 32)
+        samples = load_decoded_records(data)
+        folder = save_tiny_llava(work / "model", [t for s in samples for t in s.texts()])
+        mllm, processor = load_mllm(folder)
+        model = UnimmModel(mllm, RetrievalHead(mllm.config.text_config.hidden_size, 64)).eval()
+        batch = Collator.for_model(model, processor)(samples)
+        batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
+        with torch.no_grad():
+            ours = timer(lambda: model.embed(batch))
+            bare = timer(
+                lambda: mllm.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    **batch["image_inputs"],
+                )
+            )
+        return {
+            "what": "embed 32 synthetic documents (tiny LLaVA)",
+            "ours_per_s": round(32 / ours, 1),
+            "baseline": "bare transformers forward",
+            "baseline_per_s": round(32 / bare, 1),
+            "ratio": round(bare / ours, 3),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def clustered_unit_vectors(n: int, dim: int, *, clusters: int = 4096, noise: float = 0.05, seed: int = 0):
+    """``n`` unit vectors around ``clusters`` random centres (per-coordinate noise ``noise``): the
+    neighbourhood structure real embeddings have and uniform random vectors lack (on which every
+    ANN method degrades to a scan)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=1)
+    out = torch.empty(n, dim)
+    for start in range(0, n, 65536):
+        stop = min(n, start + 65536)
+        picks = torch.randint(0, clusters, (stop - start,), generator=g)
+        out[start:stop] = centres[picks] + noise * torch.randn(stop - start, dim, generator=g)
+    return torch.nn.functional.normalize(out, dim=1)
+
+
+def bench_ann(backend: str, *, docs: int, dim: int, queries: int = 256, k: int = 10) -> dict:
+    """A saved-index back end against exact search (FAISS flat) on clustered vectors: recall@k,
+    queries/s (the ratio is its speed-up), bytes per vector and build time."""
+    import torch
+
+    from unimm.config import IndexOptions
+    from unimm.inference.ann import faiss_index
+    from unimm.inference.search import exact_search
+
+    data = clustered_unit_vectors(docs, dim)
+    g = torch.Generator().manual_seed(1)
+    picks = torch.randint(0, docs, (queries,), generator=g)
+    q = torch.nn.functional.normalize(data[picks] + 0.05 * torch.randn(queries, dim, generator=g), dim=1)
+    timer = bench_timer("cpu")
+    exact = timer(lambda: exact_search(q, data, k))
+    _, truth = exact_search(q, data, k)
+    start = time.perf_counter()
+    index, params = faiss_index(data.numpy(), IndexOptions(backend=backend))
+    built = time.perf_counter() - start
+    qn = q.numpy()
+    ann = timer(lambda: index.search(qn, k))
+    _, found = index.search(qn, k)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), truth.tolist(), strict=True))
+    import faiss
+
+    size = len(faiss.serialize_index(index))
+    return {
+        "what": f"{backend} {docs} x {dim}, {queries} queries, top-{k}",
+        "params": params,
+        "recall": round(recall / (k * queries), 4),
+        "ours_per_s": round(queries / ann, 1),
+        "baseline": "exact search",
+        "baseline_per_s": round(queries / exact, 1),
+        "ratio": round(exact / ann, 3),
+        "bytes_per_vector": round(size / docs, 1),
+        "float32_bytes_per_vector": 4 * dim,
+        "build_s": round(built, 1),
+    }
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    import statistics
+
+    cuts = statistics.quantiles(latencies, n=20, method="inclusive")  # 5 % steps
+    return {"p50_ms": round(statistics.median(latencies) * 1e3, 1), "p95_ms": round(cuts[18] * 1e3, 1)}
+
+
+def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """POST every body with ``concurrency`` clients; ``(seconds in all, latency per request)``."""
+    import concurrent.futures
+    import threading
+
+    import httpx2 as httpx  # the HTTP client the openai client is built on
+
+    local = threading.local()
+
+    def one(body: dict) -> float:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=600)
+        start = time.perf_counter()
+        response = local.client.post(path, json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"{path}: {response.status_code} {response.text[:300]}")
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, bodies))
+    return time.perf_counter() - start, latencies
+
+
+def bench_serve(
+    model: str, *, requests: int = 256, concurrency: int = 8, chat_requests: int = 16, max_tokens: int = 16
+) -> list[dict]:
+    """``unimm serve`` on localhost under a bounded load (``requests`` embedding requests and
+    ``chat_requests`` chat completions, ``concurrency`` clients) against the same work in one
+    process without HTTP: throughput ratio, and p50/p95 latency of each side."""
+    # Long only because it lays out two measured rows side by side; each part is a few lines.
+    from unimm.config import ServeOptions
+    from unimm.data.samples import Sample, Slice
+    from unimm.inference.serving import Background, build_state
+
+    state = build_state(ServeOptions(model=model, name="bench"))
+    session, batch = state.session, state.batcher.max_batch
+    texts = [
+        f"document {i}: " + " ".join(["red circles and blue squares"] * (1 + i % 4)) for i in range(requests)
+    ]
+    samples = [Sample.of_slices([Slice.of_text(t)]) for t in texts]
+    session.embed_views(samples[:batch])  # warm up
+    start, waits = time.perf_counter(), []
+    for first in range(0, requests, batch):  # the same batches an offline job would run
+        began = time.perf_counter()
+        session.embed_views(samples[first : first + batch])
+        waits += [time.perf_counter() - began] * len(samples[first : first + batch])
+    local_s = time.perf_counter() - start
+    questions = [f"Question {i}: which shapes are red?" for i in range(chat_requests)]
+    start, chat_waits = time.perf_counter(), []
+    for q in questions:
+        began = time.perf_counter()
+        session.generate_counted(Sample.of_slices([Slice.of_text(q)]), max_new_tokens=max_tokens)
+        chat_waits.append(time.perf_counter() - began)
+    local_chat_s = time.perf_counter() - start
+    with Background(state) as url:
+        _load(url, "/v1/embeddings", [{"input": t} for t in texts[:batch]], concurrency)  # warm up
+        served_s, latencies = _load(url, "/v1/embeddings", [{"input": t} for t in texts], concurrency)
+        chats = [
+            {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0}
+            for q in questions
+        ]
+        chat_s, chat_latencies = _load(url, "/v1/chat/completions", chats, concurrency)
+    common = {"concurrency": concurrency, "baseline": "same work in-process, no HTTP"}
+    return [
+        {
+            "what": f"embeddings: {requests} requests of 1 text, batches of {batch}",
+            "ours_per_s": round(requests / served_s, 1),
+            **_percentiles(latencies),
+            "baseline_per_s": round(requests / local_s, 1),
+            "baseline_p50_ms": _percentiles(waits)["p50_ms"],
+            "ratio": round(local_s / served_s, 3),
+            "batches_mean": round(sum(state.batcher.batches) / max(1, len(state.batcher.batches)), 1),
+            **common,
+        },
+        {
+            "what": f"chat: {chat_requests} completions of {max_tokens} tokens (greedy)",
+            "ours_per_s": round(chat_requests / chat_s, 2),
+            **_percentiles(chat_latencies),
+            "baseline_per_s": round(chat_requests / local_chat_s, 2),
+            "baseline_p50_ms": _percentiles(chat_waits)["p50_ms"],
+            "ratio": round(local_chat_s / chat_s, 3),
+            **common,
+        },
+    ]

@@ -1,0 +1,302 @@
+"""``unimm serve``'s ASGI application: one loaded session behind an OpenAI-compatible HTTP API.
+
+    POST /v1/embeddings        {"input": "text" | [parts] | ["text", [parts], ...]}
+    POST /v1/chat/completions  {"messages": [...], "stream": true, "retrieval": {"top_k": 2}}
+    POST /v1/search            {"query": "text" | [parts] | [...], "top_k": 10}
+    GET  /v1/models, GET /health
+
+Concurrent embedding requests are batched: inputs wait at most ``batch_wait_ms`` for others to
+join, up to ``max_batch`` per forward pass. The model runs in one worker thread at a time (a
+lock), so a long generation and embedding batches take turns instead of racing. Vectors are the
+session's ``embed_views``, the same call ``unimm embed`` and ``unimm retrieve`` make.
+
+FastAPI is the ``serve`` extra (``pip install "unimm[serve]"``); ``unimm serve`` checks for it
+before importing this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request  # the serve extra; FastAPI reads the routes' annotations
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from unimm.data.samples import Sample
+from unimm.inference.api import ApiError, Limits, chat_request, inputs_of, number
+
+
+class EmbedBatcher:
+    """Collects samples from concurrent requests into batches for one embedding function."""
+
+    def __init__(
+        self,
+        embed: Callable[[list[Sample]], tuple[torch.Tensor, list[int]]],
+        *,
+        max_batch: int,
+        wait_s: float,
+    ) -> None:
+        self.embed, self.max_batch, self.wait_s = embed, max_batch, wait_s
+        self.queue: asyncio.Queue[tuple[Sample, asyncio.Future]] = asyncio.Queue()
+        self.batches: list[int] = []  # sizes of the batches run (for tests and the bench)
+
+    async def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, int]:
+        """The samples' vectors ``[n, d]`` and their tokens in all."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in samples]
+        for sample, future in zip(samples, futures, strict=True):
+            self.queue.put_nowait((sample, future))
+        done = await asyncio.gather(*futures)
+        return torch.stack([v for v, _ in done]), sum(n for _, n in done)
+
+    async def run(self) -> None:
+        """Serve the queue until cancelled."""
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0 and self.queue.empty():
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(left, 0)))
+                except asyncio.TimeoutError:
+                    break
+            await self._run(batch)
+
+    async def _run(self, batch: list[tuple[Sample, asyncio.Future]]) -> None:
+        self.batches.append(len(batch))
+        try:
+            vectors, counts = await asyncio.to_thread(self.embed, [s for s, _ in batch])
+        except Exception as exc:  # handed to the requests waiting on this batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), vector, count in zip(batch, vectors, counts, strict=True):
+            if not future.done():
+                future.set_result((vector, count))
+
+
+class ServerState:
+    """What the application serves: a session, an optional searcher, limits and settings."""
+
+    def __init__(
+        self,
+        session,
+        searcher=None,
+        *,
+        name: str,
+        limits: Limits,
+        api_key: str | None = None,
+        max_batch: int = 32,
+        batch_wait_ms: float = 5.0,
+        default_tokens: int = 128,
+    ) -> None:
+        self.session, self.searcher, self.name, self.limits = session, searcher, name, limits
+        self.api_key, self.default_tokens = api_key, default_tokens
+        self.lock = threading.Lock()
+        self.batcher = EmbedBatcher(self._embed, max_batch=max_batch, wait_s=batch_wait_ms / 1e3)
+        self.created = int(time.time())
+
+    def _embed(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
+        with self.lock:
+            return self.session.embed_counted(samples)
+
+    def documents(self, hits: list[tuple[int, float]]) -> list[dict[str, Any]]:
+        rows = self.searcher.rows
+        return [{"id": rows[r]["id"], "score": round(s, 6), "source": rows[r].get("source")} for r, s in hits]
+
+
+def _vector_payload(vector: torch.Tensor, encoding: str) -> Any:
+    if encoding == "base64":  # what the openai client asks for by default: little-endian float32
+        return base64.b64encode(vector.float().numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def create_app(state: ServerState):
+    """The FastAPI application serving ``state``."""
+
+    # Long only because the routes are closures over ``state``; each is a few lines.
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(state.batcher.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="unimm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if state.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if given != f"Bearer {state.api_key}":
+                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        limit = state.limits.max_request_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, f"request body over {limit} bytes (serve.max_request_bytes)")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ApiError(413, f"request body over {limit} bytes (serve.max_request_bytes)")
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"the body is not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model not in (None, state.name):
+            raise ApiError(404, f"model {model!r} is not served here; use {state.name!r}", param="model")
+        return body
+
+    @app.get("/health")
+    async def health():
+        index = state.searcher
+        return {
+            "status": "ok",
+            "model": state.name,
+            "index": None if index is None else {"count": len(index.rows), "backend": index.backend},
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": state.name, "object": "model", "created": state.created, "owned_by": "unimm"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await body_of(request)
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, "'encoding_format' must be float or base64", param="encoding_format")
+        dim = state.session.model.head.embed_dim
+        if body.get("dimensions") not in (None, dim):
+            raise ApiError(400, f"this model embeds in {dim} dimensions", param="dimensions")
+        samples = await asyncio.to_thread(inputs_of, body, "input", state.limits)
+        vectors, tokens = await state.batcher(samples)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector_payload(v, encoding)}
+            for i, v in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": state.name, "usage": usage}
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        body = await body_of(request)
+        if state.searcher is None:
+            raise ApiError(400, "no index is loaded: start the server with --index DIR", code="no_index")
+        top_k = number(body, "top_k", 10, 1, state.limits.max_top_k, int)
+        samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
+        vectors, _ = await state.batcher(samples)
+        hits = state.searcher.search(vectors, top_k)
+        data = [{"index": i, "results": state.documents(h)} for i, h in enumerate(hits)]
+        return {"object": "list", "data": data, "model": state.name}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await body_of(request)
+        req = await asyncio.to_thread(
+            chat_request,
+            body,
+            state.limits,
+            default_tokens=state.default_tokens,
+            has_index=state.searcher is not None,
+        )
+        retrieved, prompt = await _prompt(state, req)
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": state.name,
+            "retrieved": retrieved,
+        }
+        if req.stream:
+            return StreamingResponse(_stream(state, req, prompt, meta), media_type="text/event-stream")
+        text, usage = await asyncio.to_thread(_generate, state, req, prompt, None)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": usage.pop("finish"),
+        }
+        return {"object": "chat.completion", **meta, "choices": [choice], "usage": usage}
+
+    return app
+
+
+async def _prompt(state: ServerState, req) -> tuple[list[dict], Sample]:
+    """The retrieved documents (if asked) and the prompt sample, as ``unimm chat`` builds them."""
+    from unimm.inference.chat import build_prompt
+    from unimm.inference.documents import load_document
+
+    if not req.top_k:
+        return [], build_prompt(req.question, [], req.history)
+    query = build_prompt(req.question, [], req.history)
+    vector, _ = await state.batcher([query])
+    (hits,) = state.searcher.search(vector, req.top_k)
+    data = state.searcher.manifest["data"]
+    docs = await asyncio.to_thread(lambda: [load_document(state.searcher.rows[r], data) for r, _ in hits])
+    return state.documents(hits), build_prompt(req.question, docs, req.history)
+
+
+def _generate(state: ServerState, req, prompt: Sample, streamer) -> tuple[str, dict]:
+    with state.lock:
+        if req.seed is not None:
+            torch.manual_seed(req.seed)
+        text, counts = state.session.generate_counted(
+            prompt,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            streamer=streamer,
+        )
+    finish = "length" if counts["completion_tokens"] >= req.max_new_tokens else "stop"
+    return text, counts | {"total_tokens": sum(counts.values()), "finish": finish}
+
+
+async def _stream(state: ServerState, req, prompt: Sample, meta: dict) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, one chunk per decoded piece, the finish, ``[DONE]``."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(
+        state.session.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+    )
+    job = asyncio.create_task(asyncio.to_thread(_generate, state, req, prompt, streamer))
+
+    def event(delta: dict, finish: str | None = None, **extra) -> str:
+        chunk = {"object": "chat.completion.chunk", **meta, **extra}
+        chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    pieces = iter(streamer)
+    while True:
+        piece = await asyncio.to_thread(next, pieces, None)
+        if piece is None:
+            break
+        if piece:
+            yield event({"content": piece})
+    _, usage = await job
+    finish = usage.pop("finish")
+    yield event({}, finish)
+    if req.include_usage:
+        chunk = {"object": "chat.completion.chunk", **meta, "choices": [], "usage": usage}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"

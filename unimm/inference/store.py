@@ -1,0 +1,101 @@
+"""An index on disk, read: its manifest, vectors and rows (the writer is
+:mod:`unimm.inference.index`, the saved ANN index :mod:`unimm.inference.ann`; docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimm.errors import UnimmError
+from unimm.utils import read_safetensors
+
+INDEX_MANIFEST = "manifest.json"
+
+
+def model_hash(checkpoint: str | Path) -> str:
+    """Identifies a checkpoint's embedding space: sha256 of its head, its unimm.json and config.json."""
+    folder = Path(checkpoint)
+    digest = hashlib.sha256()
+    for name in ("retrieval_head.safetensors", "unimm.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a finished index.
+
+    Raises:
+        UnimmError: the folder holds no finished index.
+    """
+    path = Path(folder) / INDEX_MANIFEST
+    if not path.is_file():
+        raise UnimmError(
+            f"index {folder}: no {INDEX_MANIFEST}; build one with `unimm embed` (or finish it with --resume)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_index(folder: str | Path) -> tuple[torch.Tensor, list[dict], dict]:
+    """Read an index: ``(embeddings [n, d] float32, rows, manifest)``.
+
+    Raises:
+        UnimmError: the folder is not a finished index.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    embeddings = [part_embeddings(folder, part) for part in manifest["parts"]]
+    return torch.cat(embeddings), load_rows(folder, manifest), manifest
+
+
+def load_rows(folder: str | Path, manifest: dict[str, Any]) -> list[dict]:
+    """The rows of an index (what each vector is), in vector order."""
+    rows: list[dict] = []
+    for part in manifest["parts"]:
+        rows.extend(json.loads((Path(folder) / f"{part['name']}.json").read_text(encoding="utf-8"))["rows"])
+    return rows
+
+
+def part_embeddings(folder: Path, part: dict[str, Any]) -> torch.Tensor:
+    return read_safetensors(folder / f"{part['name']}.safetensors", "index")["embeddings"].float()
+
+
+def embeddings_hash(folder: str | Path, manifest: dict[str, Any]) -> str:
+    """Identifies an index's vectors: sha256 over its parts' sha256 (read from the manifest;
+    hashed from the files for an index written before parts carried theirs)."""
+    digest = hashlib.sha256()
+    for part in manifest["parts"]:
+        own = (
+            part.get("sha256")
+            or hashlib.sha256((Path(folder) / f"{part['name']}.safetensors").read_bytes()).hexdigest()
+        )
+        digest.update(f"{part['name']}:{own}\n".encode())
+    return digest.hexdigest()
+
+
+def load_slice_embeddings(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slice embeddings of an index built with ``--per-slice``: ``(slices [S, d], offsets [n + 1])``.
+
+    Document ``i``'s slices are rows ``offsets[i]:offsets[i + 1]``.
+
+    Raises:
+        UnimmError: the index has no per-slice embeddings.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest.get("per_slice"):
+        raise UnimmError(f"index {folder} has no per-slice embeddings; embed it again with --per-slice")
+    slices, offsets, base = [], [torch.zeros(1, dtype=torch.int64)], 0
+    for part in manifest["parts"]:
+        tensors = read_safetensors(folder / f"{part['name']}.safetensors", "index")
+        slices.append(tensors["slice_embeddings"].float())
+        offsets.append(tensors["slice_offsets"][1:] + base)
+        base += int(tensors["slice_offsets"][-1])
+    return torch.cat(slices), torch.cat(offsets)
