@@ -84,11 +84,14 @@ def test_append_equals_embedding_everything_at_once(tmp_path, checkpoint, unimm_
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first.write_text("\n".join(lines[:7]) + "\n")
     second.write_text("\n".join(lines[7:]) + "\n")
-    (tmp_path / "first.jsonl").parent.joinpath("imgs")  # images are beside both files
     embed(tmp_path / "all", checkpoint, [first, second], dtype="float32")
     embed(tmp_path / "grown", checkpoint, [first], dtype="float32", part_size=3)
+    older = json.loads((tmp_path / "grown" / "manifest.json").read_text())
+    del older["runs"]  # as an index written before runs were counted
+    (tmp_path / "grown" / "manifest.json").write_text(json.dumps(older))
     manifest = embed(tmp_path / "grown", checkpoint, [second], dtype="float32", append=True, part_size=3)
-    assert manifest["count"] == 12 and manifest["added"] == 5
+    assert manifest["count"] == 12 and manifest["added"] == 5 and manifest["runs"] == 2
+    assert [p["name"] for p in manifest["parts"][-2:]] == ["embeddings-01-00000", "embeddings-01-00001"]
     a, rows_a, _ = load_index(tmp_path / "all")
     b, rows_b, _ = load_index(tmp_path / "grown")
     torch.testing.assert_close(b, a)

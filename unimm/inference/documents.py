@@ -74,7 +74,8 @@ class DocumentStream:
         self.rejected = 0
         self.reasons: list[str] = []
 
-    def _reject(self, error: UnimmError) -> None:
+    def reject(self, error: UnimmError) -> None:
+        """Count ``error``'s document as left out (keeping the first reasons)."""
         self.rejected += 1
         if len(self.reasons) < self.KEEP_REASONS:
             self.reasons.append(str(error))
@@ -90,7 +91,7 @@ class DocumentStream:
                 ):
                     yield s, {"id": s.id, "shard": Path(s.url).name, "key": s.key, "source": s.source}
                 continue
-            on_error = self._reject if self.on_error == "skip" else None
+            on_error = self.reject if self.on_error == "skip" else None
             for record, sample in iter_decoded_records(source, self.fmt, self.image_root, on_error=on_error):
                 slices = [{"kind": s.kind, "value": s.value, "role": s.role} for s in record.slices]
                 yield sample, {"id": record.id, "source": sample.source, "slices": slices}

@@ -35,8 +35,6 @@ from unimm.errors import UnimmError
 from unimm.inference.store import INDEX_MANIFEST, model_hash, read_manifest
 from unimm.utils import atomic_write_bytes, atomic_write_json, resolve_device
 
-PART = "embeddings-{:05d}"
-
 
 def _journal(out: Path, rank: int, world: int) -> Path:
     return out / (".embed-journal.json" if world == 1 else f".embed-journal-r{rank}.json")
@@ -46,6 +44,12 @@ def _part_name(number: int, rank: int, world: int, run: int = 0) -> str:
     """Parts of the first run are ``embeddings-NNNNN``; an ``--append`` run numbers its own."""
     stem = "embeddings" if run == 0 else f"embeddings-{run:02d}"
     return f"{stem}-{number:05d}" if world == 1 else f"{stem}-r{rank}-{number:05d}"
+
+
+def _run_number(base: dict[str, Any]) -> int:
+    """The number of this run's parts: 0 for a new index, else the runs the index has seen (an
+    index from before runs were counted has had one)."""
+    return base.get("runs", 1) if base else 0
 
 
 def _check_appendable(out: Path, opts: EmbedOptions) -> dict[str, Any]:
@@ -86,7 +90,7 @@ def _prepare_out(out: Path, opts: EmbedOptions, rank: int = 0, world: int = 1) -
     if opts.resume and state is not None:
         if state.get("model_hash") != model_hash(opts.model) or state.get("data") != list(opts.data):
             raise UnimmError(f"--resume: {out} was embedded with another model or data; use --overwrite")
-        if state.get("run", 0) != base.get("runs", 0):
+        if state.get("run", 0) != _run_number(base):
             raise UnimmError(f"--resume: the interrupted run in {out} was {'not ' * opts.append}an --append")
         return state["parts"], base
     if opts.overwrite or opts.append:  # an interrupted run's parts (or the whole index) go
@@ -168,7 +172,7 @@ class _UniqueIds:
         for part in base.get("parts", []):
             rows = json.loads((out / f"{part['name']}.json").read_text(encoding="utf-8"))["rows"]
             self.seen.update(r["id"] for r in rows)
-        self.out, self.on_error, self.rejected = out, on_error, 0
+        self.out, self.on_error = out, on_error
 
     def admit(self, sample: Sample, row: dict[str, Any], stream) -> bool:
         if row["id"] not in self.seen:
@@ -180,7 +184,7 @@ class _UniqueIds:
         )
         if self.on_error != "skip":
             raise problem
-        stream._reject(problem)
+        stream.reject(problem)
         return False
 
 
@@ -231,7 +235,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         attn_implementation=opts.attn_implementation,
     )
     digest = model_hash(opts.model)
-    run = base.get("runs", 0)
+    run = _run_number(base)
     writer = _PartWriter(out, opts, rank, world, kept, digest, run)
     done = sum(p["count"] for p in kept)
     stream = DocumentStream(
