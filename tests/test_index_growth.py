@@ -176,3 +176,43 @@ def test_other_backends(tmp_path, backend):
     else:
         assert ann["params"]["pq_m"] == 16 and index.code_size == 16  # d/4 bytes per vector, plus its id
         assert hit >= 0.5  # 4-byte codes for 64-d vectors near 16 centres
+
+
+def test_the_cli_builds_an_hnsw_index_that_retrieve_reuses(tmp_path, checkpoint, captions):
+    """A new user's path: embed a CSV of captions, build HNSW once, retrieve with it (no rebuild:
+    retrieve reports the saved back end); bad input gets one line and exit code 2."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from unimm.cli import app
+
+    runner = CliRunner()
+    index = tmp_path / "idx"
+    shutil.copy(captions, tmp_path / "copy.csv")
+    result = runner.invoke(
+        app, ["embed", "--model", str(checkpoint), "--data", str(captions), "--out", str(index), "-q"]
+    )
+    assert result.exit_code == 0 and "embedded 6 documents" in result.output, result.output
+    result = runner.invoke(app, ["index", "build", "--index", str(index), "--backend", "faiss-hnsw"])
+    assert result.exit_code == 0 and "built faiss-hnsw over 6 vectors" in result.output, result.output
+    result = runner.invoke(
+        app, ["retrieve", "--model", str(checkpoint), "--index", str(index), "--query", "colour 3"]
+    )
+    assert result.exit_code == 0 and "(faiss-hnsw search)" in result.output and "c3" in result.output
+    result = runner.invoke(app, ["index", "build", "--index", str(index), "--backend", "annoy"])
+    assert result.exit_code == 2 and "index.backend" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        app,
+        [
+            "embed",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(tmp_path / "copy.csv"),
+            "--out",
+            str(index),
+            "--append",
+        ],
+    )
+    assert result.exit_code == 2 and "already in the index" in result.output, result.output

@@ -377,7 +377,7 @@ def retrieve(
     cfg = build_config(RetrieveConfig, recipe=recipe, options=options, overrides=set_)
     result = run(cfg)
     for item in result["results"][:20]:
-        typer.secho(f"query {item['query_id']}", bold=True)
+        typer.secho(f"query {item['query_id']} ({result['backend']} search)", bold=True)
         for rank, (doc, score) in enumerate(zip(item["ids"], item["scores"], strict=True), start=1):
             typer.echo(f"  {rank:>3}  {score:+.4f}  {doc}")
     if len(result["results"]) > 20:
