@@ -114,6 +114,7 @@ def test_streamed_rag_chat_equals_the_whole_answer(served, client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == whole.choices[0].message.content
     assert chunks[0].model_extra["retrieved"] == retrieved
+    assert all("retrieved" not in c.model_extra for c in chunks[1:])
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert whole.choices[0].finish_reason in ("stop", "length")
     from unimm.inference.chat import ChatSession
@@ -133,6 +134,8 @@ def test_search_and_models(served, client):
     (hits,) = state.searcher.search(vectors, 3)
     assert [r["id"] for r in found["data"][0]["results"]] == [state.searcher.rows[r]["id"] for r, _ in hits]
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    missing = httpx.get(url + "/v1/nothing")
+    assert missing.status_code == 404 and "Not Found" in missing.json()["error"]["message"]
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["index"]["count"] == len(state.searcher.rows)
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request  # the serve extra; FastAPI reads the routes' annotations
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unimm.data.samples import Sample
 from unimm.inference.api import ApiError, Limits, chat_request, inputs_of, number
@@ -137,6 +138,11 @@ def create_app(state: ServerState):
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # unknown route, wrong method
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(error.body(), status_code=exc.status_code)
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -286,6 +292,7 @@ async def _stream(state: ServerState, req, prompt: Sample, meta: dict) -> AsyncI
         return f"data: {json.dumps(chunk)}\n\n"
 
     yield event({"role": "assistant", "content": ""})
+    meta = {k: v for k, v in meta.items() if k != "retrieved"}  # said once, in the first chunk
     pieces = iter(streamer)
     while True:
         piece = await asyncio.to_thread(next, pieces, None)
