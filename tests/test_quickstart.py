@@ -80,8 +80,14 @@ def test_quickstart_takes_a_recipe_and_overrides(tmp_path, capsys):
     assert not out.exists()  # nothing was done
 
 
+@pytest.mark.slow  # 125 s of the suite's 650 s on a 2-core EPYC; CI's quickstart run checks more
 def test_quickstart_shows_learning(tmp_path):
-    """A reduced quickstart (1000 records, 1200 steps, ~45 s) learns both jobs.
+    """A reduced quickstart (1000 records, 1200 steps, 45–125 s on 2 cores) learns both jobs.
+
+    Marked slow (``pytest -m slow`` runs it): `.ci/run` already runs the full quickstart and
+    requires its exact summary (losses falling, accuracies above chance), so the default suite
+    stays under its 10-minute budget on a slower machine; this test is the check with margins
+    for any environment.
 
     Thresholds come from 10 seeds on the locked environment (``python scripts/quickstart_seeds.py
     --seeds 0-9``, table in docs/benchmarks.md): min–max, mean ± std, and the margin to the
