@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from unimm.data.synthetic import COLOURS, Scene, draw_scene, write_synthetic
