@@ -220,3 +220,15 @@ def test_api_key_and_no_index(trained, monkeypatch):
             url + "/v1/search", json={"query": "x"}, headers={"authorization": "Bearer s3cret"}
         )
         assert response.status_code == 400 and "no index" in response.json()["error"]["message"]
+
+
+def test_bench_serve_measures_both_sides(trained):
+    """The bench starts `unimm serve` as its own process, loads it and stops it; each row has
+    both sides' throughput, ordered percentiles and a ratio consistent with them."""
+    from unimm.commands.bench_serve import bench_serve
+
+    rows = bench_serve(str(trained[0]), requests=24, concurrency=4, chat_requests=4, max_tokens=2)
+    assert [r["what"].split(":")[0] for r in rows] == ["embeddings", "chat"]
+    for row in rows:
+        assert 0 < row["p50_ms"] <= row["p95_ms"] and row["ours_per_s"] > 0 and row["baseline_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_per_s"] / row["baseline_per_s"], rel=0.05)

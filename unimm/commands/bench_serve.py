@@ -196,6 +196,44 @@ def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[fl
     return time.perf_counter() - start, latencies
 
 
+def _served(model: str, serve_args: list[str]):
+    """``unimm serve`` in its own process on a free localhost port (as deployed: the load
+    generator's threads do not share its interpreter); yields its URL, stops it after."""
+    import contextlib
+    import socket
+    import subprocess
+    import sys
+
+    import httpx2 as httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "unimm.cli", "serve", "--model", model, "--port", str(port), *serve_args]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    @contextlib.contextmanager
+    def running():
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"unimm serve stopped: {server.stderr.read()[-2000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("unimm serve did not start within 300 s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    return running()
+
+
 def bench_serve(
     model: str, *, requests: int = 256, concurrency: int = 8, chat_requests: int = 16, max_tokens: int = 16
 ) -> list[dict]:
@@ -203,12 +241,10 @@ def bench_serve(
     ``chat_requests`` chat completions, ``concurrency`` clients) against the same work in one
     process without HTTP: throughput ratio, and p50/p95 latency of each side."""
     # Long only because it lays out two measured rows side by side; each part is a few lines.
-    from unimm.config import ServeOptions
     from unimm.data.samples import Sample, Slice
-    from unimm.inference.serving import Background, build_state
+    from unimm.inference.session import Session
 
-    state = build_state(ServeOptions(model=model, name="bench"))
-    session, batch = state.session, state.batcher.max_batch
+    session, batch = Session.load(model), 32  # serve.max_batch's default
     texts = [
         f"document {i}: " + " ".join(["red circles and blue squares"] * (1 + i % 4)) for i in range(requests)
     ]
@@ -227,7 +263,8 @@ def bench_serve(
         session.generate_counted(Sample.of_slices([Slice.of_text(q)]), max_new_tokens=max_tokens)
         chat_waits.append(time.perf_counter() - began)
     local_chat_s = time.perf_counter() - start
-    with Background(state) as url:
+    del session
+    with _served(model, ["--max-batch", str(batch), "--name", "bench"]) as url:
         _load(url, "/v1/embeddings", [{"input": t} for t in texts[:batch]], concurrency)  # warm up
         served_s, latencies = _load(url, "/v1/embeddings", [{"input": t} for t in texts], concurrency)
         chats = [
@@ -244,7 +281,6 @@ def bench_serve(
             "baseline_per_s": round(requests / local_s, 1),
             "baseline_p50_ms": _percentiles(waits)["p50_ms"],
             "ratio": round(local_s / served_s, 3),
-            "batches_mean": round(sum(state.batcher.batches) / max(1, len(state.batcher.batches)), 1),
             **common,
         },
         {

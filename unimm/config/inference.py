@@ -222,8 +222,9 @@ class ServeOptions(CheckpointOptions):
     """The model id clients ask for; default: the checkpoint's run and step (``run/step-000200``)."""
     max_batch: int = 32
     """Embedding inputs per forward pass (from concurrent requests)."""
-    batch_wait_ms: float = 5.0
-    """How long an input waits for others to batch with."""
+    batch_wait_ms: float = 0.0
+    """How long a batch waits for more inputs once the model is free; 0: it takes what queued
+    while the previous batch ran (no added latency when idle, full batches under load)."""
     max_new_tokens: int = 128
     """Answer length when a request gives no ``max_tokens``."""
     max_new_tokens_limit: int = 1024

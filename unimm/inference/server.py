@@ -59,16 +59,22 @@ class EmbedBatcher:
         return torch.stack([v for v, _ in done]), sum(n for _, n in done)
 
     async def run(self) -> None:
-        """Serve the queue until cancelled."""
+        """Serve the queue until cancelled: each batch takes what is queued when the model is free
+        (up to ``max_batch``), waiting ``wait_s`` for more only if asked. Under load, requests
+        queue while a batch runs and the next batch takes them all; alone, a request waits for
+        nothing."""
         while True:
             batch = [await self.queue.get()]
             deadline = time.monotonic() + self.wait_s
             while len(batch) < self.max_batch:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
                 left = deadline - time.monotonic()
-                if left <= 0 and self.queue.empty():
+                if left <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(left, 0)))
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:
                     break
             await self._run(batch)
@@ -99,7 +105,7 @@ class ServerState:
         limits: Limits,
         api_key: str | None = None,
         max_batch: int = 32,
-        batch_wait_ms: float = 5.0,
+        batch_wait_ms: float = 0.0,
         default_tokens: int = 128,
     ) -> None:
         self.session, self.searcher, self.name, self.limits = session, searcher, name, limits
