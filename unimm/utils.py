@@ -29,6 +29,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the finished folder ``staging`` at ``target``: an older ``target`` is renamed aside
+    first and removed after, so ``target`` is always the old folder or the new one, whole."""
+    import shutil
+
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -27,7 +27,7 @@ from typing import Any
 from unimm import __version__
 from unimm.config import ExportOptions
 from unimm.errors import UnimmError
-from unimm.utils import atomic_write_json
+from unimm.utils import atomic_write_json, replace_folder
 
 EXPORT_MANIFEST = "unimm-export.json"
 FORMATS = ("sentence-transformers", "hf-merged")
@@ -120,11 +120,7 @@ def export(opts: ExportOptions) -> dict[str, Any]:
             "unimm_version": __version__,
         }
         atomic_write_json(staging / EXPORT_MANIFEST, manifest)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from unimm import __version__
 from unimm.errors import UnimmError
 from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
-from unimm.utils import atomic_write_json, read_safetensors, sha256_file
+from unimm.utils import atomic_write_json, read_safetensors, replace_folder, sha256_file
 
 META_NAME = "unimm.json"
 ADAPTER_DIR = "adapter"
@@ -128,11 +128,7 @@ def save_checkpoint(
         atomic_write_json(tmp / META_NAME, full_meta)
         if train_state is not None:
             _save_train_state(tmp / STATE_DIR, train_state)
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
