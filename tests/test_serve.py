@@ -126,6 +126,18 @@ def test_streamed_rag_chat_equals_the_whole_answer(served, client):
     assert local.last_retrieved == [r["id"] for r in retrieved]  # as `unimm chat --index` answers
 
 
+def test_a_server_side_problem_is_a_500_naming_it(served, monkeypatch):
+    """The index's shards were moved away after the server started: the retrieval-augmented
+    answer fails with the reason, in the API's error shape (not a bare traceback page)."""
+    state, url = served
+    monkeypatch.setitem(state.searcher.manifest, "data", ["/nonexistent"])
+    body = {"messages": [{"role": "user", "content": "red?"}], "retrieval": True, "max_tokens": 2}
+    response = httpx.post(url + "/v1/chat/completions", json=body)
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "is not in /nonexistent" in error["message"]
+
+
 def test_search_and_models(served, client):
     state, url = served
     found = httpx.post(url + "/v1/search", json={"query": ["red circles", "blue"], "top_k": 3}).json()

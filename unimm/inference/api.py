@@ -27,7 +27,12 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+        kind = {
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            500: "server_error",
+        }
         return {
             "error": {
                 "message": self.message,

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unimm.data.samples import Sample
+from unimm.errors import UnimmError
 from unimm.inference.api import ApiError, Limits, chat_request, inputs_of, number
 
 
@@ -145,6 +146,11 @@ def create_app(state: ServerState):
     async def api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(UnimmError)
+    async def server_problem(request, exc: UnimmError):  # e.g. an indexed document's shard is gone
+        error = ApiError(500, str(exc))
+        return JSONResponse(error.body(), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):  # unknown route, wrong method
         error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
@@ -219,7 +225,7 @@ def create_app(state: ServerState):
         top_k = number(body, "top_k", 10, 1, state.limits.max_top_k, int)
         samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
         vectors, _ = await state.batcher(samples)
-        hits = state.searcher.search(vectors, top_k)
+        hits = await asyncio.to_thread(state.searcher.search, vectors, top_k)  # off the event loop
         data = [{"index": i, "results": state.documents(h)} for i, h in enumerate(hits)]
         return {"object": "list", "data": data, "model": state.name}
 
@@ -262,7 +268,7 @@ async def _prompt(state: ServerState, req) -> tuple[list[dict], Sample]:
         return [], build_prompt(req.question, [], req.history)
     query = build_prompt(req.question, [], req.history)
     vector, _ = await state.batcher([query])
-    (hits,) = state.searcher.search(vector, req.top_k)
+    (hits,) = await asyncio.to_thread(state.searcher.search, vector, req.top_k)
     data = state.searcher.manifest["data"]
     docs = await asyncio.to_thread(lambda: [load_document(state.searcher.rows[r], data) for r, _ in hits])
     return state.documents(hits), build_prompt(req.question, docs, req.history)
