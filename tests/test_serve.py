@@ -202,6 +202,10 @@ def test_bad_chat_requests_and_limits(served, client):
             body,
             response.text,
         )
+    for raw in (b'"max_tokens": Infinity', b'"max_tokens": NaN', b'"temperature": -Infinity'):
+        body = b'{"messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
+        response = httpx.post(url + "/v1/chat/completions", content=body)
+        assert response.status_code == 400 and "must be" in response.json()["error"]["message"], raw
     response = httpx.post(
         url + "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
     )

@@ -14,6 +14,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import math
 from typing import Any
 
 from unimm.data.samples import Sample, Slice
@@ -166,6 +167,7 @@ def number(body: dict[str, Any], key: str, default: Any, low: float, high: float
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
+        or not math.isfinite(value)  # Python's JSON reader takes NaN and Infinity
         or (kind is int and value != int(value))
     ):
         raise _bad(f"'{key}' must be {'an integer' if kind is int else 'a number'}", key)
