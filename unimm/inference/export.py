@@ -103,7 +103,8 @@ def export(opts: ExportOptions) -> dict[str, Any]:
         raise UnimmError(
             f"--out {out} is not empty; pass --overwrite (it replaces an earlier export) or another --out"
         )
-    check_content(checkpoint, read_meta(checkpoint))  # complete and undamaged, before any copy
+    if opts.format == "sentence-transformers":  # hf-merged's load checks the same, once
+        check_content(checkpoint, read_meta(checkpoint))  # complete and undamaged, before any copy
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:

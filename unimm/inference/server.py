@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import threading
 import time
@@ -48,7 +49,8 @@ class EmbedBatcher:
     ) -> None:
         self.embed, self.max_batch, self.wait_s = embed, max_batch, wait_s
         self.queue: asyncio.Queue[tuple[Sample, asyncio.Future]] = asyncio.Queue()
-        self.batches: list[int] = []  # sizes of the batches run (for tests and the bench)
+        # sizes of the latest batches run (for tests and the bench); bounded: a server runs for days
+        self.batches: collections.deque[int] = collections.deque(maxlen=1024)
 
     async def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, int]:
         """The samples' vectors ``[n, d]`` and their tokens in all."""
