@@ -51,7 +51,7 @@ def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
     from unimm.config import EmbedConfig, TrainConfig, build_config
 
     root = tmp_path_factory.mktemp("trained")
-    recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
     train(
         build_config(
             TrainConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-RECIPE = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (250, 250, 250), (10, 10, 10)]
 

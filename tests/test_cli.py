@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -190,18 +192,33 @@ def test_bench_train_reports_both_variants_and_model_flops(tmp_path):
     assert joint["mfu"] == pytest.approx(joint["model_tflops_per_s"], rel=1e-3, abs=1e-4)  # peak 1 TFLOP/s
 
 
-def test_recipes_lists_the_shipped_recipes_and_prints_paths(tmp_path, monkeypatch):
-    from unimm.config import SHIPPED_RECIPES
+def test_recipes_lists_prints_and_locates_the_shipped_recipes(tmp_path, monkeypatch):
+    from unimm.config import SHIPPED_RECIPES, load_recipe
 
+    root = Path(__file__).parents[1]
+    assert root / "recipes" == SHIPPED_RECIPES  # a checkout reads its top-level recipes/
     monkeypatch.chdir(tmp_path)  # names work from any directory
     listed = runner.invoke(app, ["recipes"])
     assert listed.exit_code == 0, listed.output
-    names = [line.split()[0] for line in listed.output.splitlines()]
-    assert names == sorted(
-        p.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix() for p in SHIPPED_RECIPES.rglob("*.yaml")
-    )
-    one = runner.invoke(app, ["recipes", "accelerate/fsdp"])
-    assert one.exit_code == 0 and one.output.strip() == str(SHIPPED_RECIPES / "accelerate" / "fsdp.yaml")
+    header, *rows = listed.output.splitlines()
+    assert str(SHIPPED_RECIPES) in header
+    files = sorted(SHIPPED_RECIPES.rglob("*.yaml"))
+    names = [p.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix() for p in files]
+    assert [row.split()[0] for row in rows] == names
+    tiny = next(row for row in rows if row.split()[0] == "tiny-cpu")
+    assert "Tiny CPU recipe" in tiny  # each with its title, the file's first comment line
+
+    one = runner.invoke(app, ["recipes", "tiny-cpu"])
+    assert one.exit_code == 0, one.output
+    where, _, text = one.output.partition("\n")
+    assert where == f"# {SHIPPED_RECIPES / 'tiny-cpu.yaml'}"
+    assert text == (SHIPPED_RECIPES / "tiny-cpu.yaml").read_text()
+    # The printed recipe is a recipe: copied to a file, it loads as the shipped one does.
+    (tmp_path / "mine.yaml").write_text(one.output)
+    assert load_recipe(tmp_path / "mine.yaml") == load_recipe(SHIPPED_RECIPES / "tiny-cpu.yaml")
+
+    path = runner.invoke(app, ["recipes", "--path", "accelerate/fsdp"])
+    assert path.exit_code == 0 and path.output.strip() == str(SHIPPED_RECIPES / "accelerate" / "fsdp.yaml")
     bad = runner.invoke(app, ["recipes", "nope"])
     assert bad.exit_code == 2 and "--recipe nope" in bad.output and "tiny-cpu" in bad.output
     assert "Traceback" not in bad.output

@@ -254,7 +254,7 @@ def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
     from unimm.data.synthetic import write_synthetic
     from unimm.pipelines.ablate import AblateOptions, run
 
-    recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
     opts = AblateOptions(
         recipe=str(recipe),
         train=[str(tiny_shards)],

@@ -94,7 +94,7 @@ def test_hf_merged_is_a_plain_transformers_folder(tmp_path, tiny_shards):
     from unimm.data.samples import Sample, Slice
     from unimm.inference.session import Session
 
-    recipe = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
     overrides = [
         f"data.train={tiny_shards}",
         "train.max_steps=2",

@@ -306,7 +306,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
         accelerate_cli,
         "launch",
         "--config_file",
-        str(ROOT / "unimm" / "recipes" / "accelerate" / "fsdp.yaml"),
+        str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"),
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -322,7 +322,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_merges(tmp_path, tiny_shards):
     for done, total, _ in sharded:
         assert done == total and int(total) > 0  # every parameter is a shard (DTensor)
     meta = json.loads((tmp_path / "fsdp" / "step-000004" / "unimm.json").read_text())
-    assert meta["parallelism"] == {"kind": "FSDP", "processes": 2}
+    assert meta["parallelism"] == {"kind": "FSDP", "processes": 2, "mixed_precision": "no"}
 
     ddp = _launch(
         [torchrun, "--nproc_per_node", "2", "-m", "unimm.cli", *train_args, "--out", str(tmp_path / "ddp")]
@@ -381,7 +381,7 @@ def test_unsupported_launchers_are_refused_up_front():
 
     with pytest.raises(UnimmError, match="fsdp_version: 2"):
         check_parallelism(accelerator(DistributedType.FSDP))
-    with pytest.raises(UnimmError, match=r"unimm recipes accelerate/fsdp"):
+    with pytest.raises(UnimmError, match=r"unimm recipes --path accelerate/fsdp"):
         check_parallelism(accelerator(DistributedType.DEEPSPEED))
     for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         check_parallelism(accelerator(kind))
@@ -443,3 +443,47 @@ def test_optimizer_state_round_trips_by_name(tmp_path):
     step(second, second_opt)
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_shipped_ddp_config_on_two_processes_checks_the_data_fits(tmp_path, tiny_shards, tiny_teachers):
+    """`accelerate launch` with the shipped DDP config: the number of processes is the one flag to
+    give; data too small for processes × batch says so with the numbers and the fix; enough trains."""
+    import shutil
+
+    from unimm.commands.prepare import run as prepare
+    from unimm.config import SHIPPED_RECIPES, PrepareConfig, build_config, load_recipe
+    from unimm.data.synthetic import write_synthetic
+
+    accelerate_cli = shutil.which("accelerate")
+    if accelerate_cli is None:
+        pytest.skip("accelerate is not on PATH")
+    config = SHIPPED_RECIPES / "accelerate" / "ddp.yaml"
+    assert not {"num_processes", "mixed_precision"} & set(load_recipe(config))
+    data = write_synthetic(tmp_path / "data", 8, seed=3)
+    options = {
+        "prepare.inputs": [str(data)],
+        "prepare.out": str(tmp_path / "small"),
+        "prepare.image_size": 32,
+        **{f"teachers.{k}": str(v) for k, v in tiny_teachers.items()},
+    }
+    prepare(build_config(PrepareConfig, options=options), progress=False)  # 8 samples, 1 shard
+
+    def launch(shards, out, *more):
+        cmd = [accelerate_cli, "launch", "--config_file", str(config), *more, "-m", "unimm.cli", "train"]
+        sets = [f"data.train={shards}", "train.max_steps=2", "train.save_every=2", "train.batch_size=4"]
+        return _launch(
+            [*cmd, "--recipe", str(RECIPE), "-q", *(a for s in sets for a in ("--set", s)), "--out", out]
+        )
+
+    unasked = launch(tmp_path / "small", str(tmp_path / "a"))  # accelerate asks for the one flag
+    assert unasked.returncode != 0 and "--num_processes" in unasked.stderr
+    small = launch(tmp_path / "small", str(tmp_path / "b"), "--num_processes", "2")
+    assert small.returncode != 0
+    assert "data.train is too small for this launch" in small.stderr, small.stderr[-3000:]
+    assert "has 1 shard(s) for 2 processes" in small.stderr and "--samples-per-shard 4" in small.stderr
+    assert "8 training samples for 2 process(es) × train.batch_size 4 = 8" not in small.stderr  # 8 fit
+    assert "no readable sample" not in small.stderr
+    enough = launch(tiny_shards, str(tmp_path / "c"), "--num_processes", "2")  # 3 shards of 8
+    assert enough.returncode == 0, enough.stderr[-3000:]
+    meta = json.loads((tmp_path / "c" / "step-000002" / "unimm.json").read_text())
+    assert meta["parallelism"] == {"kind": "MULTI_CPU", "processes": 2, "mixed_precision": "no"}

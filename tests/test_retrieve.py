@@ -14,7 +14,7 @@ from unimm.commands.retrieve import query_order, run
 from unimm.config import RetrieveConfig, build_config
 from unimm.errors import UnimmError
 
-RECIPE = Path(__file__).parents[1] / "unimm" / "recipes" / "tiny-cpu.yaml"
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
 
 
 @pytest.fixture

@@ -453,3 +453,39 @@ def test_a_run_killed_before_its_first_checkpoint(tmp_path, tiny_shards):
     assert [m["loss"] for m in metrics(killed)] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "fresh")]
     )
+
+
+def test_data_too_small_for_the_launch_names_the_numbers_and_the_fix():
+    from unimm.data.stream import check_data_fits
+
+    def manifest(shards, samples):
+        return {"counts": {"shards": shards, "samples": samples}}
+
+    check_data_fits([manifest(2, 16)], ["a"], processes=2, batch_size=8)  # exactly enough
+    with pytest.raises(UnimmError) as err:
+        check_data_fits([manifest(1, 10), manifest(3, 5)], ["a", "b"], processes=2, batch_size=8)
+    text = str(err.value)
+    assert "a has 1 shard(s) for 2 processes" in text and "--samples-per-shard 5" in text
+    assert "b has" not in text  # 3 shards are enough for 2 processes
+    assert "15 training samples for 2 process(es) × train.batch_size 8 = 16" in text
+    assert "lower train.batch_size to 7 or less" in text
+
+
+def test_mixed_precision_auto_follows_the_device(monkeypatch):
+    import torch
+
+    from unimm.training.distributed import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto") == "no" and resolve_mixed_precision("bf16") == "bf16"
+    with pytest.raises(UnimmError, match="fp16 needs a GPU"):
+        resolve_mixed_precision("fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert resolve_mixed_precision("auto") == "fp16" and resolve_mixed_precision("no") == "no"
+    with pytest.raises(UnimmError, match=r"Tesla V100 \(compute capability 7.0\) has no native bf16"):
+        resolve_mixed_precision("bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_mixed_precision("auto") == "bf16" and resolve_mixed_precision("bf16") == "bf16"

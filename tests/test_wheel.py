@@ -21,7 +21,8 @@ def _build_wheel(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "unimm", src / "unimm", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("unimm", "recipes"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     subprocess.run(
         [
@@ -45,9 +46,12 @@ def _build_wheel(tmp_path: Path) -> Path:
 
 def test_wheel_ships_every_recipe_and_runs_the_quickstart_from_elsewhere(tmp_path):
     wheel = _build_wheel(tmp_path)
-    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "unimm" / "recipes").rglob("*.yaml")}
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert shipped and shipped <= names, shipped - names
+    # The repository's top-level recipes/ is the wheel's unimm/recipes/, file for file; every module ships.
+    recipes = {f"unimm/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "recipes").rglob("*.yaml")}
+    assert recipes and recipes == {n for n in names if n.startswith("unimm/recipes/")}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "unimm").rglob("*.py")}
+    assert modules <= names, modules - names
 
     # A fresh virtual environment holding only the wheel; the libraries it needs are borrowed from
     # this environment by a .pth line (which, unlike a site dir, does not run this environment's
@@ -91,6 +95,19 @@ def test_wheel_ships_every_recipe_and_runs_the_quickstart_from_elsewhere(tmp_pat
         text=True,
     ).stdout.strip()
     assert where.startswith(site), where  # the wheel's copy, not the checkout
+
+    listed = subprocess.run(
+        [venv / "bin" / "unimm", "recipes"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and where in listed.stdout and "accelerate/ddp" in listed.stdout
+    shown = subprocess.run(
+        [venv / "bin" / "unimm", "recipes", "tiny-cpu"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.stdout == f"# {where}/tiny-cpu.yaml\n{(ROOT / 'recipes' / 'tiny-cpu.yaml').read_text()}"
 
     small = ["--records", "40", "--eval-records", "30", "--steps", "2", "--workers", "1"]
     qs = subprocess.run(

@@ -195,17 +195,29 @@ def quickstart(
 @user_errors
 def recipes(
     name: Annotated[
-        str | None, typer.Argument(help="A shipped recipe's name (e.g. accelerate/fsdp): print its path.")
+        str | None, typer.Argument(help="A shipped recipe's name (e.g. tiny-cpu, accelerate/ddp): print it.")
     ] = None,
+    path: Annotated[
+        bool, typer.Option("--path", help="Print only the recipe's file path (for accelerate --config_file).")
+    ] = False,
 ) -> None:
-    """List the recipes shipped with unimm, or print one's file path (for accelerate --config_file)."""
-    from unimm.config import resolve_recipe, shipped_recipes
+    """List the shipped recipes, or print one: its file with where it lives (``> mine.yaml`` to copy it)."""
+    from unimm.config import SHIPPED_RECIPES, recipe_description, resolve_recipe, shipped_recipes
 
-    if name is not None:
-        typer.echo(resolve_recipe(name))
+    if name is None:
+        if path:
+            typer.echo(SHIPPED_RECIPES)
+            return
+        typer.echo(f"recipes shipped with unimm ({SHIPPED_RECIPES}); `unimm recipes NAME` prints one:")
+        for recipe, file in shipped_recipes().items():
+            typer.echo(f"  {recipe:<22} {recipe_description(file)}")
         return
-    for recipe, path in shipped_recipes().items():
-        typer.echo(f"{recipe:<28} {path}")
+    file = resolve_recipe(name)
+    if path:
+        typer.echo(file)
+        return
+    # A comment first, so that the output stays a valid recipe of its own.
+    typer.echo(f"# {file}\n{file.read_text()}", nl=False)
 
 
 @app.command(rich_help_panel="Model")

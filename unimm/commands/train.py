@@ -1,8 +1,8 @@
 """``unimm train``: joint generative + structure-induced training (``L = L_g + α·L_d``).
 
     unimm train --recipe tiny-cpu --set data.train=shards --set train.max_steps=50 --out runs/tiny
-    accelerate launch --config_file "$(unimm recipes accelerate/ddp)" -m unimm.cli train \
-        --recipe ... --out RUN
+    accelerate launch --config_file "$(unimm recipes --path accelerate/ddp)" --num_processes 8 \
+        -m unimm.cli train --recipe ... --out RUN
 
 The loop, its lifecycle and exact resume are :mod:`unimm.training.trainer`.
 """

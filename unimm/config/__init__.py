@@ -17,6 +17,7 @@ from unimm.config.build import (
     config_to_dict,
     load_recipe,
     parse_override,
+    recipe_description,
     resolve_recipe,
     shipped_recipes,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "config_to_dict",
     "load_recipe",
     "parse_override",
+    "recipe_description",
     "resolve_recipe",
     "shipped_recipes",
 ]

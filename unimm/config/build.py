@@ -2,7 +2,8 @@
 
 Unknown keys, wrong types and invalid values are all collected and raised together in one
 :class:`~unimm.errors.ConfigError`, each naming the dotted key and what to change. Recipes are
-YAML files or the names of recipes shipped in ``unimm/recipes/``.
+YAML files or the names of the shipped recipes (the repository's top-level ``recipes/``, which the
+wheel carries as ``unimm/recipes/``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,19 @@ RECIPE_SECTIONS = frozenset(
     }
 )
 
-SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-"""Recipes shipped as package data (``tiny-cpu``, ``llava-7b-lora``, ``accelerate/ddp``, ...)."""
+
+def _shipped_recipes_dir() -> Path:
+    # The repository's top-level recipes/ is the source of truth (users browse and copy from it);
+    # a wheel carries it as unimm/recipes/ (pyproject's package-dir). An installed wheel has the
+    # latter, a checkout (editable install) only the former.
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "recipes"
+    return packaged if packaged.is_dir() else package.parent / "recipes"
+
+
+SHIPPED_RECIPES = _shipped_recipes_dir()
+"""The shipped recipes (``tiny-cpu``, ``llava-7b-lora``, ``accelerate/ddp``, ...): the checkout's
+``recipes/``, or ``unimm/recipes/`` inside an installed wheel."""
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -51,6 +63,15 @@ def shipped_recipes() -> dict[str, Path]:
         path.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix(): path
         for path in sorted(SHIPPED_RECIPES.rglob("*.yaml"))
     }
+
+
+def recipe_description(path: Path, width: int = 80) -> str:
+    """A recipe's first comment line (its title), shortened to ``width`` characters."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and line.strip("# "):
+            text = line.lstrip("# ").rstrip()
+            return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+    return ""
 
 
 def resolve_recipe(recipe: str | Path) -> Path:

@@ -112,7 +112,8 @@ class TrainOptions:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     """Clip the gradient's norm to this (0 = no clipping)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "auto", "bf16", "fp16"] = "no"
+    """Autocast precision; ``auto`` picks bf16 on a GPU that has it, fp16 on an older GPU, no on a CPU."""
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 1

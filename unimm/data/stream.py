@@ -49,6 +49,35 @@ def check_shards(data, need_teachers: bool) -> list[dict]:
     return manifests
 
 
+def check_data_fits(manifests: list[dict], folders: list, processes: int, batch_size: int) -> None:
+    """Refuse data too small for ``processes`` × ``batch_size`` before training starts.
+
+    Each process reads its own shards of every directory (whole shards, split by rank), so a
+    directory needs at least one shard per process; and one step takes ``batch_size`` samples on
+    each process, so fewer samples than ``processes × batch_size`` would repeat samples inside a
+    step (the same document as its own negative).
+    """
+    problems = []
+    for folder, manifest in zip(folders, manifests, strict=True):
+        shards = manifest["counts"]["shards"]
+        if shards < processes:
+            per_shard = max(1, manifest["counts"]["samples"] // processes)
+            problems.append(
+                f"{folder} has {shards} shard(s) for {processes} processes, and each process reads "
+                f"whole shards of its own: prepare it again with at least {processes} shards (unimm "
+                f"prepare ... --samples-per-shard {per_shard}) or launch at most {shards} process(es)"
+            )
+    samples = sum(m["counts"]["samples"] for m in manifests)
+    if samples < processes * batch_size:
+        problems.append(
+            f"{samples} training samples for {processes} process(es) × train.batch_size {batch_size} = "
+            f"{processes * batch_size} per step: add data, lower train.batch_size to "
+            f"{max(1, samples // processes)} or less, or launch fewer processes"
+        )
+    if problems:
+        raise UnimmError("data.train is too small for this launch:\n  - " + "\n  - ".join(problems))
+
+
 class DataStream:
     """Deterministic samples mixed from several shard directories, with a resumable position.
 
@@ -86,7 +115,7 @@ class DataStream:
             for sample in pipeline:
                 got = True
                 yield sample
-            if not got:
+            if not got:  # check_data_fits rules out a process without shards
                 raise UnimmError(f"{self.data.train[k]}: no readable sample (all skipped as corrupt?)")
             self.epochs[k] += 1
 

@@ -24,7 +24,7 @@ import typer
 from unimm.config import PrepareConfig, build_config
 from unimm.utils import atomic_write_bytes, atomic_write_json, environment
 
-RECIPE = "tiny-cpu"  # a shipped recipe (unimm/recipes/tiny-cpu.yaml)
+RECIPE = "tiny-cpu"  # a shipped recipe (recipes/tiny-cpu.yaml)
 
 # Keys the quickstart sets itself (paths between its stages, and its own flags): a --set of one
 # would break the pipeline, so it is refused with the flag to use instead.

@@ -1,4 +1,5 @@
-"""Distributed helpers: the global batch for the discriminative loss (no-ops in one process).
+"""Distributed and device helpers: the global batch for the discriminative loss (no-ops in one
+process), and the mixed precision this machine supports.
 
 Every collective takes tensors on the process group's own device (:func:`collective_device`: the
 current GPU under NCCL, which has no CPU transport, the CPU under gloo), and the per-step traffic
@@ -8,6 +9,35 @@ is tensors only: view embeddings, views and teacher features are gathered padded
 from __future__ import annotations
 
 import torch
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """``train.mixed_precision`` for this machine's device.
+
+    ``auto`` is bf16 on a GPU with native bf16 (compute capability 8.0 and up: A100, H100, RTX 30xx
+    and newer), fp16 on an older GPU, and no on a CPU. bf16 on a GPU without it (emulated, far
+    slower) and fp16 on a CPU (no fp16 autocast there) are refused with the setting to use.
+    """
+    from unimm.errors import UnimmError
+
+    if not torch.cuda.is_available():
+        if requested == "fp16":
+            raise UnimmError(
+                "train.mixed_precision=fp16 needs a GPU, and none is visible: set it to auto or no "
+                "(bf16 also works on a CPU, slowly)"
+            )
+        return "no" if requested == "auto" else requested
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if requested == "bf16" and not native_bf16:
+        major, minor = torch.cuda.get_device_capability()
+        raise UnimmError(
+            f"train.mixed_precision=bf16: {torch.cuda.get_device_name()} (compute capability "
+            f"{major}.{minor}) has no native bf16, which needs 8.0 or newer; set "
+            "train.mixed_precision=auto (fp16 on this GPU), fp16 or no"
+        )
+    return requested
 
 
 def rank_and_world() -> tuple[int, int]:

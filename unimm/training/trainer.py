@@ -2,8 +2,8 @@
 
     unimm train --recipe tiny-cpu --set data.train=shards --set train.max_steps=50 \
         --out runs/tiny
-    accelerate launch --config_file "$(unimm recipes accelerate/ddp)" -m unimm.cli train \
-        --recipe ... --out RUN
+    accelerate launch --config_file "$(unimm recipes --path accelerate/ddp)" --num_processes 8 \
+        -m unimm.cli train --recipe ... --out RUN
 
 One lifecycle: setup (data, model, optimizer) → train (steps) → save → cleanup. The per-step
 function :func:`train_step` returns ``loss``, ``loss_gen`` and ``loss_disc``.
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from unimm.config import ModelOptions, TrainConfig, config_to_dict
-from unimm.data.stream import BatchMaker, check_shards, open_batches, training_texts
+from unimm.data.stream import BatchMaker, check_data_fits, check_shards, open_batches, training_texts
 from unimm.errors import UnimmError
-from unimm.training.distributed import gather_objects
+from unimm.training.distributed import gather_objects, resolve_mixed_precision
 from unimm.training.step import evaluate, load_eval_batches, train_step, train_step_cached
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
@@ -168,6 +168,7 @@ class Trainer:
         random.seed(opts.seed)
         torch.manual_seed(opts.seed)
         accelerator = self.accelerator = self._accelerator()
+        check_data_fits(self.manifests, cfg.data.train, accelerator.num_processes, opts.batch_size)
         with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
             model, self.processor = build_model(cfg, self.run_dir, resume_from)
         if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
@@ -239,7 +240,7 @@ class Trainer:
         # the tests) may ask for another precision. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
-            mixed_precision=self.opts.mixed_precision,
+            mixed_precision=resolve_mixed_precision(self.opts.mixed_precision),
             gradient_accumulation_steps=self.opts.grad_accum,
             # Unused parameters are normal here (the head when α = 0, the LM head when gen_weight = 0).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -414,6 +415,7 @@ class Trainer:
                 "parallelism": {
                     "kind": accelerator.distributed_type.value,
                     "processes": accelerator.num_processes,
+                    "mixed_precision": accelerator.mixed_precision,  # train.mixed_precision=auto resolved
                 },
                 # What inference rebuilds the inputs with (the checkpoint adds dtype, pooling, size).
                 "inference": {
@@ -479,7 +481,7 @@ def check_parallelism(accelerator) -> None:
         raise UnimmError(
             f"unimm train does not support {kind} (it owns the optimizer and checkpoints in its own "
             "pickle-based format); launch with FSDP to shard the model (accelerate launch --config_file "
-            '"$(unimm recipes accelerate/fsdp)") or with DDP (accelerate/ddp, or torchrun) — with '
+            '"$(unimm recipes --path accelerate/fsdp)") or with DDP (accelerate/ddp, or torchrun) — with '
             "LoRA a 7B model fits one GPU per process, and train.grad_cache_chunk grows the global batch "
             "past memory"
         )
