@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +202,42 @@ def test_fitted_teachers_see_the_scenes(tmp_path):
         then = [f"Then, {c}." for c in captions]
         phrased = bert(**tokenizer(then, return_tensors="pt", padding=True)).last_hidden_state[:, 0]
         assert gap(plain, phrased) > 0.1
+
+
+def test_cpu_code_paths_are_capped_at_avx2_on_x86_only_where_unset(monkeypatch):
+    from unimm.pipelines import quickstart
+
+    for key in quickstart.CPU_CODE_PATHS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    monkeypatch.setattr(quickstart.platform, "machine", lambda: "x86_64")
+    assert quickstart.pin_cpu_code_paths() == {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "SSE41"  # the user's choice stands
+
+    for key in quickstart.CPU_CODE_PATHS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(quickstart.platform, "machine", lambda: "aarch64")
+    assert quickstart.pin_cpu_code_paths() == {}
+    assert not set(quickstart.CPU_CODE_PATHS) & set(os.environ)
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or "avx2" not in Path("/proc/cpuinfo").read_text(),
+    reason="needs an x86-64 CPU with AVX2",
+)
+def test_the_pin_takes_effect_when_set_before_the_first_torch_operation():
+    # The quickstart command pins after importing unimm's CLI (which imports torch): torch must
+    # read the variable at its first kernel dispatch, not at import, or the pin would do nothing.
+    code = (
+        "import os, unimm.cli, torch\n"
+        "from unimm.pipelines.quickstart import pin_cpu_code_paths\n"
+        "pin_cpu_code_paths()\n"
+        "torch.ones(2) + 1\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "AVX2"

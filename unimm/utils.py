@@ -113,11 +113,18 @@ def resolve_device(name: str, *, flag: str = "--device"):
 
 
 def environment() -> dict[str, str]:
-    """Versions of Python and of the libraries our figures depend on (recorded beside results)."""
+    """Versions of Python and of the libraries our figures depend on, and the instruction set
+    torch's CPU kernels use (recorded beside results)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    env = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cpu_code_paths": torch.backends.cpu.get_cpu_capability(),
+    }
     for name in ("torch", "transformers", "tokenizers", "accelerate", "peft", "numpy"):
         try:
             env[name] = version(name)

@@ -175,9 +175,21 @@ def quickstart(
     """Run the pipeline end to end on a synthetic dataset: offline, CPU only, a few minutes.
 
     --recipe (default: tiny-cpu) and --set configure each stage as they would its command.
+    On x86-64 it runs torch's AVX2 code paths (as the README's figures did) unless
+    ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS or ONEDNN_MAX_CPU_ISA say otherwise.
     """
-    from unimm.pipelines.quickstart import run
+    from unimm.pipelines.quickstart import pin_cpu_code_paths, run
 
+    if pin_cpu_code_paths():
+        import torch
+
+        if torch.backends.cpu.get_cpu_capability() != "AVX2":
+            typer.secho(
+                f"this CPU runs torch's {torch.backends.cpu.get_cpu_capability()} code paths, not the "
+                "AVX2 ones the README's figures came from: expect figures within the README's bands",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
     run(
         out,
         records=records,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import platform
 import shlex
 import shutil
 import time
@@ -55,6 +57,30 @@ OWNED = {
     "chat.prompt": "",
     "chat.images": "",
 }
+
+
+# The instruction set the README's figures were computed with. Math libraries pick kernels per
+# instruction set, the kernels sum in different orders, and after 1500 steps the rounding shows in
+# the figures; capped at AVX2 (ATen, MKL and oneDNN each have their own switch), x86-64 CPUs with
+# AVX2 run the same kernels and print the same summary (measured in docs/benchmarks.md#across-cpus;
+# the cap costs no measurable time there).
+CPU_CODE_PATHS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+
+
+def pin_cpu_code_paths() -> dict[str, str]:
+    """Cap torch's CPU kernels at AVX2 on x86-64 (the README's figures), for this process and
+    the ones it starts; return the variables set. A variable already set is left as it is (set
+    ``ATEN_CPU_CAPABILITY=default`` and the others yourself to run other code paths). Takes effect
+    only before the first torch operation of the process: the libraries read these once."""
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return {}
+    pins = {key: value for key, value in CPU_CODE_PATHS.items() if key not in os.environ}
+    os.environ.update(pins)
+    return pins
 
 
 @dataclasses.dataclass(frozen=True)
