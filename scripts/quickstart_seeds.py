@@ -1,20 +1,23 @@
-"""Measure the spread of the quickstart over seeds and CPU instruction sets: where the thresholds of
+"""Measure the spread of the quickstart over seeds and CPU code paths: where the thresholds of
 ``tests/test_quickstart.py::test_quickstart_shows_learning`` and the README's CI bands come from.
 
     python scripts/quickstart_seeds.py --seeds 0-9 --out quickstart-seeds.json [--sizes readme]
-    python scripts/quickstart_seeds.py --seeds 0-9 --sizes readme --isa avx2,avx512,default \\
-        --out quickstart-bands.json
+    python scripts/quickstart_seeds.py --seeds 0 --sizes readme --cpu grid --out quickstart-cpus.json
 
 Runs ``unimm.pipelines.quickstart.run`` once per seed with the test's sizes (1000 records, 200
 evaluation records, 1200 steps; ``--sizes readme``: the README's 300 evaluation records and 1500
 steps), and prints per figure the minimum, mean ± standard deviation and maximum over the runs as
 Markdown (docs/benchmarks.md keeps the tables with the command and the environment).
 
-``--isa`` runs every seed once per instruction set that torch's CPU kernels may use, forced with
-``ATEN_CPU_CAPABILITY`` in a fresh process (torch reads it once, at its first operation): the
-same code and data on another CPU kind. It then also prints the README's table of CI bands
-(``scripts/ci_checks.py quickstart-summary`` reads it): per summary figure, the mean ± 4 standard
-deviations of all runs (seeds × instruction sets), clipped to the figure's possible range.
+``--cpu`` runs every seed once per CPU setting, each in a fresh process (the libraries read their
+switches once): the same code and data on another CPU kind, forced on this one. A setting is
+``native`` (no switch), ``avx2``, ``avx512`` or ``default`` (every library capped at that level,
+``default`` being SSE), ``grid`` (torch's ATen kernels at default, AVX2 and AVX-512 × oneDNN's at
+SSE4.1, AVX2 and native, plus MKL's conditional reproducibility modes), or ``KEY=VALUE+KEY=VALUE``.
+With ``--cpu`` it also prints the README's table of CI bands (``scripts/ci_checks.py
+quickstart-summary`` reads it): per summary figure, the README seed's mean ± 4 standard deviations
+over the CPU settings, clipped to the figure's possible range, and, for comparison, the spread
+across CPU settings within each seed, pooled over the seeds.
 """
 
 from __future__ import annotations
@@ -33,6 +36,30 @@ SIZES = {
     "test": {"records": 1000, "eval_records": 200, "steps": 1200},
     "readme": {"records": 1000, "eval_records": 300, "steps": 1500},
 }
+# Each library's switch, per instruction-set level (MKL's has no visible effect on AMD CPUs).
+LEVELS = {
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+    },
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "default": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+    },
+}
+SWITCHES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+GRID = [
+    f"ATEN_CPU_CAPABILITY={aten}" + (f"+ONEDNN_MAX_CPU_ISA={onednn}" if onednn else "")
+    for aten in ("default", "avx2", "avx512")
+    for onednn in ("SSE41", "AVX2", None)
+] + [
+    f"{cbwr}+ATEN_CPU_CAPABILITY=avx2+ONEDNN_MAX_CPU_ISA=AVX2"
+    for cbwr in ("MKL_CBWR=COMPATIBLE", "MKL_CBWR=AVX2")
+]
+README_SEED = 0
 BAND_STDS = 4.0
 """Half-width of a CI band in standard deviations: for a normal spread, one figure of one run falls
 outside by chance with probability 6e-5 (about 1e-3 for the ten figures together)."""
@@ -103,11 +130,23 @@ def run_one(seed: int, sizes: str) -> dict:
     }
 
 
-def run_isolated(seed: int, sizes: str, isa: str | None) -> dict:
-    """:func:`run_one` in a fresh interpreter, with torch's CPU kernels forced to ``isa``."""
-    env = dict(os.environ)
-    if isa is not None:
-        env["ATEN_CPU_CAPABILITY"] = isa
+def cpu_switches(setting: str) -> dict[str, str]:
+    """The environment variables of one ``--cpu`` setting."""
+    if setting == "native":
+        return {}
+    if setting in LEVELS:
+        return dict(LEVELS[setting])
+    pairs = [part.split("=", 1) for part in setting.split("+")]
+    if any(len(pair) != 2 or pair[0] not in SWITCHES for pair in pairs):
+        raise SystemExit(
+            f"--cpu {setting!r}: expected native, {', '.join(LEVELS)}, grid or KEY=VALUE+... of {SWITCHES}"
+        )
+    return dict(pairs)
+
+
+def run_isolated(seed: int, sizes: str, setting: str) -> dict:
+    """:func:`run_one` in a fresh interpreter with only the switches of ``setting`` set."""
+    env = {k: v for k, v in os.environ.items() if k not in SWITCHES} | cpu_switches(setting)
     done = subprocess.run(
         [sys.executable, __file__, "--one", str(seed), "--sizes", sizes],
         env=env,
@@ -115,7 +154,7 @@ def run_isolated(seed: int, sizes: str, isa: str | None) -> dict:
         capture_output=True,
         text=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {"cpu": setting} | json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def spread_table(title: str, rows: list[dict], key: str) -> str:
@@ -127,16 +166,33 @@ def spread_table(title: str, rows: list[dict], key: str) -> str:
     return "\n".join(lines)
 
 
+def _clip(value: float, bound: float | None, pick) -> float:
+    return value if bound is None else pick(value, bound)
+
+
 def band_table(rows: list[dict]) -> str:
-    """The README's table of CI bands (the format ``scripts/ci_checks.py`` parses)."""
-    lines = ["| figure | CI accepts | measured (min–max) |", "|---|---|---|"]
+    """The README's table of CI bands (the format ``scripts/ci_checks.py`` parses), from the README
+    seed's runs across CPU settings; beside it the within-seed spread pooled over all seeds."""
+    readme = [r for r in rows if r["seed"] == README_SEED]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        "| figure | CI accepts | measured (min–max) | std | pooled std |",
+        "|---|---|---|---|---|",
+    ]
     for name, (low, high) in SUMMARY_FIGURES.items():
-        values = [r["summary"][name] for r in rows]
+        values = [r["summary"][name] for r in readme]
         mean, std = statistics.mean(values), statistics.stdev(values)
-        lo, hi = mean - BAND_STDS * std, mean + BAND_STDS * std
-        lo = max(lo, low) if low is not None else lo
-        hi = min(hi, high) if high is not None else hi
-        lines.append(f"| {name} | {lo:.3f} – {hi:.3f} | {min(values):.3f} – {max(values):.3f} |")
+        squares, free = 0.0, 0
+        for seed in seeds:
+            group = [r["summary"][name] for r in rows if r["seed"] == seed]
+            centre = statistics.mean(group)
+            squares += sum((v - centre) ** 2 for v in group)
+            free += len(group) - 1
+        pooled = (squares / free) ** 0.5 if free else float("nan")
+        lo = _clip(mean - BAND_STDS * std, low, max)
+        hi = _clip(mean + BAND_STDS * std, high, min)
+        measured = f"{min(values):.3f} – {max(values):.3f}"
+        lines.append(f"| {name} | {lo:.3f} – {hi:.3f} | {measured} | {std:.3f} | {pooled:.3f} |")
     return "\n".join(lines)
 
 
@@ -152,24 +208,39 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-9", help="a range A-B or a comma list")
     parser.add_argument("--out", type=Path, default=Path("quickstart-seeds.json"))
     parser.add_argument("--sizes", choices=sorted(SIZES), default="test", help="the test's or README's run")
-    parser.add_argument("--isa", help="comma list of ATEN_CPU_CAPABILITY values (default, avx2, avx512)")
+    parser.add_argument(
+        "--cpu", help="comma list of CPU settings: native, avx2, avx512, default, grid, K=V+K=V"
+    )
+    parser.add_argument("--tables", type=Path, nargs="+", help="print the tables of saved --out files")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one seed, printed as JSON
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(run_one(args.one, args.sizes)), flush=True)
         return
+    if args.tables:
+        print_tables([run for path in args.tables for run in json.loads(path.read_text())["runs"]])
+        return
     from unimm.utils import environment
 
+    settings = [
+        one for part in (args.cpu or "").split(",") if part for one in (GRID if part == "grid" else [part])
+    ]
+    for setting in settings:
+        cpu_switches(setting)  # a typo fails before an hour of runs
     rows = []
-    for isa in args.isa.split(",") if args.isa else [None]:
-        for seed in parse_seeds(args.seeds):
-            rows.append(run_isolated(seed, args.sizes, isa) if isa else run_one(seed, args.sizes))
+    for seed in parse_seeds(args.seeds):
+        for setting in settings or [None]:
+            rows.append(run_isolated(seed, args.sizes, setting) if setting else run_one(seed, args.sizes))
             print(json.dumps(rows[-1]), flush=True)
     record = {"sizes": SIZES[args.sizes], "environment": environment(), "runs": rows}
     args.out.write_text(json.dumps(record, indent=1))
+    print_tables(rows)
+
+
+def print_tables(rows: list[dict]) -> None:
     print(f"\n{spread_table(f'figure ({len(rows)} runs)', rows, 'figures')}")
     print(f"\n{spread_table(f'summary figure ({len(rows)} runs)', rows, 'summary')}")
-    if args.isa:
+    if any("cpu" in r for r in rows) and any(r["seed"] == README_SEED for r in rows):
         print(f"\n{band_table(rows)}")
 
 
