@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
         what = "the environment matches the lock"
     elif len(argv) == 3 and argv[0] == "quickstart-summary":
         problems, notes = check_summary(Path(argv[1]), Path(argv[2]))
-        what = "the quickstart summary equals the README's"
+        what = "the quickstart summary is the README's (exact, or each figure within its CI band)"
         if notes and not problems:
             what = f"the quickstart summary is the README's, {len(notes)} figure(s) within their CI bands"
             print("\n".join(f"  - {note}" for note in notes))
