@@ -220,7 +220,7 @@ def test_recipes_lists_prints_and_locates_the_shipped_recipes(tmp_path, monkeypa
     path = runner.invoke(app, ["recipes", "--path", "accelerate/fsdp"])
     assert path.exit_code == 0 and path.output.strip() == str(SHIPPED_RECIPES / "accelerate" / "fsdp.yaml")
     bad = runner.invoke(app, ["recipes", "nope"])
-    assert bad.exit_code == 2 and "--recipe nope" in bad.output and "tiny-cpu" in bad.output
+    assert bad.exit_code == 2 and "unimm recipes nope" in bad.output and "tiny-cpu" in bad.output
     assert "Traceback" not in bad.output
 
 

@@ -180,7 +180,7 @@ def quickstart(
     """
     from unimm.pipelines.quickstart import pin_cpu_code_paths, run
 
-    if pin_cpu_code_paths():
+    if "ATEN_CPU_CAPABILITY" in pin_cpu_code_paths():
         import torch
 
         if torch.backends.cpu.get_cpu_capability() != "AVX2":
@@ -224,7 +224,7 @@ def recipes(
         for recipe, file in shipped_recipes().items():
             typer.echo(f"  {recipe:<22} {recipe_description(file)}")
         return
-    file = resolve_recipe(name)
+    file = resolve_recipe(name, flag="unimm recipes")
     if path:
         typer.echo(file)
         return

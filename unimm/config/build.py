@@ -74,7 +74,7 @@ def recipe_description(path: Path, width: int = 80) -> str:
     return ""
 
 
-def resolve_recipe(recipe: str | Path) -> Path:
+def resolve_recipe(recipe: str | Path, *, flag: str = "--recipe") -> Path:
     """A recipe file: ``recipe`` itself when it is a file, else the shipped recipe of that name.
 
     ``tiny-cpu``, ``tiny-cpu.yaml`` and ``recipes/tiny-cpu.yaml`` all name the shipped
@@ -82,7 +82,7 @@ def resolve_recipe(recipe: str | Path) -> Path:
     A file of the same path in the working directory wins.
 
     Raises:
-        ConfigError: when neither exists, listing the shipped names.
+        ConfigError: when neither exists, listing the shipped names (``flag`` names the input).
     """
     path = Path(recipe)
     if path.is_file():
@@ -93,11 +93,11 @@ def resolve_recipe(recipe: str | Path) -> Path:
         return shipped[name]
     if path.exists():
         raise ConfigError(
-            ["not a file: give a recipe YAML file or a shipped recipe's name"], source=f"--recipe {recipe}"
+            ["not a file: give a recipe YAML file or a shipped recipe's name"], source=f"{flag} {recipe}"
         )
     raise ConfigError(
         [f"no such file, and no shipped recipe of that name (shipped: {', '.join(shipped)})"],
-        source=f"--recipe {recipe}",
+        source=f"{flag} {recipe}",
     )
 
 

@@ -61,9 +61,10 @@ OWNED = {
 
 # The instruction set the README's figures were computed with. Math libraries pick kernels per
 # instruction set, the kernels sum in different orders, and after 1500 steps the rounding shows in
-# the figures; capped at AVX2 (ATen, MKL and oneDNN each have their own switch), x86-64 CPUs with
-# AVX2 run the same kernels and print the same summary (measured in docs/benchmarks.md#across-cpus;
-# the cap costs no measurable time there).
+# the figures. Capped at AVX2 (ATen, MKL and oneDNN each have their own switch), an AVX-512 CPU
+# prints the summary of the AVX2 one the README's came from, digit for digit, at no measurable cost
+# (docs/benchmarks.md#across-cpus); CPUs whose libraries still choose other kernels (Intel's MKL
+# and oneDNN may block for their caches; arm64) print figures within the README's CI bands.
 CPU_CODE_PATHS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
