@@ -56,21 +56,77 @@ def eval_(
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('eval.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option(help="A benchmark read from its official files (see --list); --data is its folder."),
+    ] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the benchmarks and the files each reads.")
+    ] = False,
+    compare: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(help="Print two results files (--out of earlier runs) side by side.", metavar="A B"),
+    ] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Score a checkpoint: generation (exact match, two-choice) and retrieval (text↔image,
-    interleaved, Winoground-style pairs), as a table and optionally JSON."""
+    interleaved, Winoground-style pairs) on records, or a benchmark on its own files
+    (--benchmark), as a table and optionally JSON."""
     if ctx.invoked_subcommand is not None:
         return
-    given = {k: v for k, v in locals().items() if k not in ("ctx", "recipe", "set_")}
-    from unimm.commands.eval import run
+    if list_:
+        from unimm.benchmarks import format_list
+
+        typer.echo(format_list())
+        return
+    if compare is not None:
+        typer.echo(_compare(*compare))
+        return
+    given = {k: v for k, v in locals().items() if k not in ("ctx", "recipe", "set_", "list_", "compare")}
     from unimm.config import EvalConfig, build_config
-    from unimm.inference.evaluate import format_table
 
     options = as_options("eval", {**given, "tasks": comma_list(tasks)}, {"input_format": "eval.format"})
     cfg = build_config(EvalConfig, recipe=recipe, options=options, overrides=set_)
+    if cfg.eval.benchmark:
+        from unimm.benchmarks.run import format_results
+        from unimm.commands.eval import run_benchmark
+
+        results = run_benchmark(cfg)
+        for note in results["notes"]:
+            typer.echo(f"note: {note}")
+        typer.echo(format_results(results))
+        if cfg.eval.out:
+            typer.echo(f"written: {cfg.eval.out}")
+        return
+    from unimm.commands.eval import run
+    from unimm.inference.evaluate import format_table
+
     typer.echo(format_table(run(cfg)))
+
+
+def _compare(a: Path, b: Path) -> str:
+    """Two benchmark results files side by side (``unimm eval --compare``)."""
+    import json
+
+    from unimm.benchmarks.run import format_comparison
+
+    loaded = []
+    for path in (a, b):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UnimmError(f"--compare {path}: cannot read it as JSON ({exc})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
+            raise UnimmError(f"--compare {path}: not a results file of unimm eval --benchmark (no 'metrics')")
+        loaded.append(doc)
+    if loaded[0].get("benchmark") != loaded[1].get("benchmark"):
+        raise UnimmError(
+            f"--compare: {a} is {loaded[0].get('benchmark')!r}, {b} is {loaded[1].get('benchmark')!r}; "
+            "compare results of one benchmark"
+        )
+    header = f"A: {a} ({loaded[0].get('model')})\nB: {b} ({loaded[1].get('model')})"
+    return header + "\n" + format_comparison(*loaded)
 
 
 def _seeds(text: str) -> list[int]:

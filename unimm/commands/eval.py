@@ -1,8 +1,11 @@
-"""``unimm eval``: generative and retrieval scores of a checkpoint on records or shards.
+"""``unimm eval``: generative and retrieval scores of a checkpoint on records or shards, or on
+a benchmark's own files.
 
     unimm eval --model RUN/step-000600 --data eval.jsonl --out eval.json
+    unimm eval --benchmark coco --data coco/ --model RUN/step-000600 --out coco.json
 
-The tasks, read off the records' shapes, and their scoring are :mod:`unimm.inference.evaluate`.
+The tasks, read off the records' shapes, and their scoring are :mod:`unimm.inference.evaluate`;
+the benchmarks are :mod:`unimm.benchmarks`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,63 @@ def run(cfg: EvalConfig, *, progress: bool = True, evaluator: Evaluator | None =
         "model": str(opts.model),
         "data": list(opts.data),
         **evaluate(ev, samples, opts, progress=progress),
+    }
+    if opts.out:
+        atomic_write_json(opts.out, strict_json(results))
+    return results
+
+
+def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> dict:
+    """Score ``eval.model`` on ``eval.benchmark`` read from ``eval.data``; write ``eval.out``.
+
+    The release is read and checked before the checkpoint is loaded. The results hold the
+    metrics, per query what recomputes them, and what produced them (checkpoint, data digest,
+    library versions, settings). ``session``: the checkpoint already loaded.
+    """
+    import time
+    from pathlib import Path
+
+    from unimm.benchmarks import get_benchmark
+    from unimm.benchmarks.run import KEEP, ItemEncoder
+    from unimm.benchmarks.run import run_benchmark as score
+    from unimm.inference.session import Session
+    from unimm.outputs import claim_output
+    from unimm.utils import atomic_write_json, environment
+
+    opts = cfg.eval
+    benchmark = get_benchmark(opts.benchmark or "")
+    if opts.out:
+        claim_output(Path(opts.out), None, [*opts.data, opts.model])
+    data = benchmark.load(
+        Path(opts.data[0]), image_root=Path(opts.image_root) if opts.image_root else None, limit=opts.limit
+    )
+    if session is None:
+        session = Session.load(
+            opts.model,
+            device=opts.device,
+            dtype=opts.model_dtype,
+            attn_implementation=opts.attn_implementation,
+        )
+    encoder = ItemEncoder(session, opts.batch_size, progress=progress)
+    started = time.perf_counter()
+    scored = score(encoder, data)
+    seconds = time.perf_counter() - started
+    results = {
+        "benchmark": benchmark.name,
+        "model": str(opts.model),
+        "data": {
+            "path": str(opts.data[0]),
+            "digest": data.digest(),
+            "files": data.files,
+            "images": len(set(data.images)),
+        },
+        "limit": opts.limit,
+        "notes": data.notes,
+        "metrics": scored["metrics"],
+        "settings": {"batch_size": opts.batch_size, "device": str(session.device), "keep": KEEP},
+        "timing": {"seconds": round(seconds, 3), "inputs_embedded": encoder.forwarded},
+        "environment": environment(),
+        "per_query": scored["per_query"],
     }
     if opts.out:
         atomic_write_json(opts.out, strict_json(results))

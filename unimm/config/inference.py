@@ -193,11 +193,18 @@ class EvalOptions(CheckpointOptions):
     max_new_tokens: int = 16
     out: str | None = None
     """Write the results as JSON here."""
+    benchmark: str | None = None
+    """A benchmark read from its official files (``unimm eval --list``); ``data`` is then its
+    folder (or annotation file) and ``tasks`` does not apply."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
         if not self.data:
             problems.append("eval.data: give records or shard directories with --data PATH")
+        if self.benchmark and len(self.data) > 1:
+            problems.append(
+                f"eval.data: --benchmark {self.benchmark} reads one folder or file, got {len(self.data)}"
+            )
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             problems.append(f"eval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")

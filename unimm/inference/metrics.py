@@ -5,7 +5,9 @@
 - :func:`choice_scores`: two-choice accuracy and MMVP-style group accuracy (a group of
   questions counts only when every question in it is right).
 - :func:`ranking_scores`: Recall@k (a hit when any relevant item is in the top k), MRR and the
-  chance level of Recall@1, from a score matrix and the relevant gallery items of each query.
+  chance level of Recall@1, from a score matrix and the relevant gallery items of each query
+  (:func:`first_relevant_ranks` and :func:`recall_scores`, its two halves, serve the benchmarks'
+  chunked rankings).
 - :func:`winoground_scores`: text, image and group scores of 2×2 caption–image similarity blocks.
 """
 
@@ -74,6 +76,38 @@ def choice_scores(correct: Sequence[bool], groups: Sequence[str | None]) -> dict
     return out
 
 
+def first_relevant_ranks(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's best-placed relevant column in its descending ranking.
+
+    ``scores`` ``[queries, gallery]`` (higher = better), ``relevant`` a boolean mask of the same
+    shape with at least one true per row. Ties are broken by column order, as a stable sort does:
+    the rank is the number of columns scoring above the best relevant score, plus the columns
+    scoring the same that come before it. Vectorised: no sort of the gallery.
+    """
+    if scores.shape != relevant.shape or scores.dim() != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevance {tuple(relevant.shape)} differ")
+    if not bool(relevant.any(1).all()):
+        raise ValueError("every query needs at least one relevant gallery item")
+    s = scores.double()
+    best = torch.where(relevant, s, torch.full_like(s, -torch.inf)).max(1, keepdim=True).values
+    columns = torch.arange(s.shape[1], device=s.device).expand_as(s)
+    # the first column, in gallery order, that is relevant and scores the best relevant score
+    first = torch.where(relevant & (s == best), columns, s.shape[1]).min(1, keepdim=True).values
+    return ((s > best) | ((s == best) & (columns < first))).sum(1)
+
+
+def recall_scores(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k (the share of queries with a relevant item in the top k) and MRR from the 0-based
+    ranks of :func:`first_relevant_ranks`."""
+    n = len(ranks)
+    if not n:
+        return {**{f"R@{k}": float("nan") for k in ks}, "MRR": float("nan")}
+    r = ranks.double()
+    out = {f"R@{k}": (r < k).double().mean().item() for k in ks}
+    out["MRR"] = (1.0 / (r + 1)).mean().item()
+    return out
+
+
 def ranking_scores(
     scores: torch.Tensor, relevant: Sequence[set[int]], ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
@@ -85,21 +119,11 @@ def ranking_scores(
     """
     if scores.dim() != 2 or scores.shape[0] != len(relevant):
         raise ValueError(f"scores {tuple(scores.shape)} do not match {len(relevant)} queries")
-    if any(not r for r in relevant):
-        raise ValueError("every query needs at least one relevant gallery item")
-    order = torch.argsort(-scores.double(), dim=1, stable=True)
-    gallery = scores.shape[1]
-    hits = {k: 0.0 for k in ks}
-    reciprocal = 0.0
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
     for q, rel in enumerate(relevant):
-        ranked = order[q].tolist()
-        first = next(i for i, col in enumerate(ranked) if col in rel)
-        reciprocal += 1.0 / (first + 1)
-        for k in ks:
-            hits[k] += float(first < k)
-    n = len(relevant)
-    out: dict[str, float] = {f"R@{k}": hits[k] / n for k in ks}
-    out["MRR"] = reciprocal / n
+        mask[q, list(rel)] = True
+    n, gallery = scores.shape
+    out: dict[str, float] = recall_scores(first_relevant_ranks(scores, mask), ks)
     out["chance@1"] = sum(len(r) for r in relevant) / (n * gallery)
     out["queries"] = n
     out["gallery"] = gallery

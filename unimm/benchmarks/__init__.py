@@ -1,0 +1,83 @@
+"""The field's benchmarks, read from their official release files (``unimm eval --benchmark``).
+
+One module per benchmark (or family of one layout) turns the release's files into the plain
+tasks of :mod:`unimm.benchmarks.base`; :mod:`unimm.benchmarks.run` embeds and scores them with
+the pure metrics of :mod:`unimm.inference.metrics`. This registry names each benchmark, the files
+it expects (for ``unimm eval --list`` and for the error on a folder that is something else) and
+its loader; loaders import lazily, so listing costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+from unimm.benchmarks.base import BenchmarkData
+from unimm.errors import UnimmError
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark: its name, what it measures, the files it reads, its loader."""
+
+    name: str
+    title: str
+    expects: str
+    module: str
+
+    def load(self, path: Path, *, image_root: Path | None = None, limit: int = 0) -> BenchmarkData:
+        """Read the release at ``path`` (its folder, or its annotation file) into tasks; images are
+        looked up under ``image_root`` (default: where the release keeps them). ``limit``: the
+        first N test examples only (0 = all)."""
+        loader = importlib.import_module(self.module)
+        return loader.load(self, Path(path), image_root=image_root, limit=limit)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "coco",
+            "MSCOCO 5k test (Karpathy split): text→image and image→text R@1/5/10",
+            "dataset_coco.json (Karpathy split) with the val2014/ (and train2014/) image folders",
+            "unimm.benchmarks.karpathy",
+        ),
+        Benchmark(
+            "flickr30k",
+            "Flickr30k 1k test (Karpathy split): text→image and image→text R@1/5/10",
+            "dataset_flickr30k.json (Karpathy split) with the flickr30k-images/ folder",
+            "unimm.benchmarks.karpathy",
+        ),
+        Benchmark(
+            "winoground",
+            "Winoground: text, image and group scores over 400 examples",
+            "examples.jsonl with the images/ folder (the Hugging Face facebook/winoground data/ folder)",
+            "unimm.benchmarks.winoground",
+        ),
+    )
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark ``name``.
+
+    Raises:
+        UnimmError: naming the known benchmarks.
+    """
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise UnimmError(
+            f"--benchmark {name!r}: unknown; known: {', '.join(BENCHMARKS)} (unimm eval --list)"
+        ) from None
+
+
+def format_list() -> str:
+    """The registry as ``unimm eval --list`` prints it."""
+    width = max(len(n) for n in BENCHMARKS)
+    lines = []
+    for b in BENCHMARKS.values():
+        lines.append(f"{b.name:<{width}}  {b.title}")
+        lines.append(f"{'':<{width}}  reads: {b.expects}")
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Scoring a loaded benchmark with a checkpoint: embed each distinct input once, rank, score.
+
+The metrics are the pure functions of :mod:`unimm.inference.metrics`; what is kept per query
+(the relevant ids, the rank of the first relevant one, the top candidates with their scores) is
+enough to recompute every figure, at any cut-off up to ``keep``, without the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from unimm.benchmarks.base import BenchmarkData, Item, PairTask, RankingTask
+from unimm.errors import UnimmError
+from unimm.utils import text_table
+
+KEEP = 10
+"""Top candidates kept per query in the results (R@1/5/10 recomputable from them)."""
+
+
+class ItemEncoder:
+    """Unit embeddings of :class:`Item` s through a loaded :class:`~unimm.inference.session.Session`,
+    each distinct input embedded once per evaluation (COCO's 5k images once, however many
+    captions point at them); batches are formed from inputs of similar length."""
+
+    def __init__(self, session, batch_size: int = 16, *, progress: bool = False) -> None:
+        self.session = session
+        self.batch_size = batch_size
+        self.progress = progress
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.forwarded = 0
+        """Inputs sent through the model so far (each distinct input counts once)."""
+
+    def __call__(self, items: Sequence[Item], desc: str = "embed") -> torch.Tensor:
+        """``[len(items), d]`` unit float32 embeddings, in the order of ``items``."""
+        from tqdm import tqdm
+
+        todo = [p for p in dict.fromkeys(item.parts for item in items) if p not in self.cache]
+        todo.sort(key=lambda parts: sum(len(v) for k, v in parts if k == "text"))
+        with tqdm(total=len(todo), desc=desc, unit="input", disable=not self.progress or not todo) as bar:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                vectors = self.session.embed_views([_sample(parts, n) for n, parts in enumerate(chunk)])
+                self.cache.update(zip(chunk, vectors, strict=True))
+                self.forwarded += len(chunk)
+                bar.update(len(chunk))
+        if not items:
+            return torch.zeros(0, 0)
+        return torch.stack([self.cache[item.parts] for item in items])
+
+
+def _sample(parts: tuple[tuple[str, str], ...], n: int):
+    from unimm.data.adapters import open_image
+    from unimm.data.samples import Sample, Slice
+
+    slices = [Slice.of_text(v) if k == "text" else Slice.of_image(open_image(v)) for k, v in parts]
+    return Sample.of_slices(slices, key=str(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking
+
+
+def _columns(task: RankingTask) -> dict[str, int]:
+    index = {item.id: j for j, item in enumerate(task.gallery)}
+    if len(index) != len(task.gallery):
+        raise UnimmError(f"{task.name}: gallery ids repeat")
+    return index
+
+
+def rank_task(encoder: ItemEncoder, task: RankingTask, keep: int = KEEP, chunk: int = 512) -> dict:
+    """Metrics (R@1/5/10, MRR, chance@1) and per-query records of one ranking task."""
+    from unimm.inference.metrics import first_relevant_ranks, recall_scores
+
+    index = _columns(task)
+    queries = encoder(task.queries, desc=f"{task.name}: queries")
+    gallery = encoder(task.gallery, desc=f"{task.name}: gallery")
+    gallery_ids = [item.id for item in task.gallery]
+    ranks: list[int] = []
+    per_query: list[dict[str, Any]] = []
+    pool_sizes: list[int] = []
+    relevant_counts: list[int] = []
+    for start in range(0, len(task.queries), chunk):
+        stop = min(start + chunk, len(task.queries))
+        if task.candidates is None:
+            scores = queries[start:stop] @ gallery.T
+            columns = None
+        else:
+            columns = [[_column(index, c, task, q) for c in task.candidates[q]] for q in range(start, stop)]
+            width = max(len(c) for c in columns)
+            scores = torch.full((stop - start, width), -torch.inf)
+            for row, cols in enumerate(columns):
+                scores[row, : len(cols)] = gallery[cols] @ queries[start + row]
+        relevant = torch.zeros(scores.shape, dtype=torch.bool)
+        for row, q in enumerate(range(start, stop)):
+            where = index if columns is None else {gallery_ids[c]: n for n, c in enumerate(columns[row])}
+            for gid in task.exclude[q] if task.exclude else ():
+                if gid in where:
+                    scores[row, where[gid]] = -torch.inf
+            hits = [_column(where, gid, task, q) for gid in task.relevant[q]]
+            relevant[row, hits] = True
+            pool_sizes.append(int(torch.isfinite(scores[row]).sum()))
+            relevant_counts.append(len(hits))
+        if bool((relevant & ~torch.isfinite(scores)).any()):
+            raise UnimmError(f"{task.name}: a relevant item is also excluded from its query's ranking")
+        chunk_ranks = first_relevant_ranks(scores, relevant)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+        for row, q in enumerate(range(start, stop)):
+            finite = order[row][torch.isfinite(scores[row, order[row]])]
+            cols = finite if columns is None else torch.tensor(columns[row], dtype=torch.long)[finite]
+            top_scores = scores[row, finite]
+            per_query.append(
+                {
+                    "id": task.queries[q].id,
+                    "relevant": list(task.relevant[q]),
+                    "rank": int(chunk_ranks[row]) + 1,
+                    "ranked": [
+                        [gallery_ids[c], round(float(s), 6)] for c, s in zip(cols, top_scores, strict=True)
+                    ],
+                }
+            )
+        ranks.extend(chunk_ranks.tolist())
+    metrics: dict[str, Any] = recall_scores(torch.tensor(ranks, dtype=torch.long))
+    metrics["chance@1"] = (
+        sum(r / p for r, p in zip(relevant_counts, pool_sizes, strict=True)) / len(ranks) if ranks else None
+    )
+    metrics["queries"] = len(ranks)
+    metrics["gallery"] = len(task.gallery) if task.candidates is None else max(pool_sizes, default=0)
+    return {"metrics": metrics, "per_query": per_query}
+
+
+def _column(index: dict[str, int], gid: str, task: RankingTask, q: int) -> int:
+    try:
+        return index[gid]
+    except KeyError:
+        raise UnimmError(
+            f"{task.name}: query {task.queries[q].id!r} names {gid!r}, not in its gallery"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Winoground-shaped pairs
+
+
+def pair_task(encoder: ItemEncoder, task: PairTask) -> dict:
+    """Text, image and group scores (overall and per group value) and each example's 2×2 scores."""
+    from unimm.inference.metrics import winoground_scores
+
+    captions = encoder([c for pair in task.captions for c in pair], desc=f"{task.name}: captions")
+    images = encoder([i for pair in task.images for i in pair], desc=f"{task.name}: images")
+    n = len(task.ids)
+    similarity = torch.einsum("pcd,pid->pci", captions.view(n, 2, -1), images.view(n, 2, -1))
+    metrics: dict[str, Any] = winoground_scores(similarity)
+    for name, values in task.groups.items():
+        by_value: dict[str, list[int]] = {}
+        for p, value in enumerate(values):
+            by_value.setdefault(value, []).append(p)
+        metrics[f"by_{name}"] = {
+            v: winoground_scores(similarity[rows]) for v, rows in sorted(by_value.items())
+        }
+    per_example = []
+    for p, example in enumerate(task.ids):
+        s = similarity[p].double()
+        per_example.append(
+            {
+                "id": example,
+                "scores": [[round(float(x), 6) for x in row] for row in s],
+                "text": bool(s[0, 0] > s[1, 0] and s[1, 1] > s[0, 1]),
+                "image": bool(s[0, 0] > s[0, 1] and s[1, 1] > s[1, 0]),
+            }
+        )
+    return {"metrics": metrics, "per_query": per_example}
+
+
+def run_benchmark(encoder: ItemEncoder, data: BenchmarkData, keep: int = KEEP) -> dict:
+    """Every task of ``data``: ``{"metrics": {task: …}, "per_query": {task: […]}}``."""
+    metrics: dict[str, Any] = {}
+    per_query: dict[str, Any] = {}
+    for task in data.tasks:
+        out = rank_task(encoder, task, keep) if isinstance(task, RankingTask) else pair_task(encoder, task)
+        metrics[task.name] = out["metrics"]
+        per_query[task.name] = out["per_query"]
+    return {"metrics": metrics, "per_query": per_query}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+_COLUMNS = ("R@1", "R@5", "R@10", "MRR", "chance@1", "text", "image", "group", "accuracy", "P@1")
+_COUNTS = ("queries", "pairs", "questions")
+
+
+def _headline(metrics: dict) -> dict[str, Any]:
+    """The printable figures of one task's metrics (nested breakdowns left to the JSON)."""
+    row: dict[str, Any] = {k: f"{metrics[k]:.3f}" for k in _COLUMNS if isinstance(metrics.get(k), float)}
+    row["n"] = next((metrics[k] for k in _COUNTS if k in metrics), None)
+    return row
+
+
+def format_results(results: dict) -> str:
+    """One line per task with its headline figures."""
+    rows = [{"task": name, **_headline(m)} for name, m in results["metrics"].items() if isinstance(m, dict)]
+    return text_table(rows, ["task", *_COLUMNS, "n"], right=(*_COLUMNS, "n"))
+
+
+def format_comparison(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """Two results side by side: every headline figure of A and B and the change B − A."""
+    rows = []
+    for task in dict.fromkeys([*a.get("metrics", {}), *b.get("metrics", {})]):
+        ma, mb = a.get("metrics", {}).get(task, {}), b.get("metrics", {}).get(task, {})
+        for key in _COLUMNS:
+            va, vb = ma.get(key), mb.get(key)
+            if not isinstance(va, float) and not isinstance(vb, float):
+                continue
+            rows.append(
+                {
+                    "task": task,
+                    "metric": key,
+                    names[0]: _fmt(va),
+                    names[1]: _fmt(vb),
+                    "change": f"{vb - va:+.3f}" if isinstance(va, float) and isinstance(vb, float) else None,
+                }
+            )
+    return text_table(rows, ["task", "metric", *names, "change"], right=(*names, "change"))
+
+
+def _fmt(value: Any) -> str | None:
+    return f"{value:.3f}" if isinstance(value, float) else None
