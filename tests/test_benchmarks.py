@@ -299,3 +299,90 @@ def test_cli_list_unknown_compare_and_headless_checkpoint(trained, tmp_path):
     result = invoke("eval", "--benchmark", "coco", "--data", str(tmp_path / "c"), "--model", str(headless))
     assert result.exit_code != 0 and "retrieval_head.safetensors" in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# During training
+
+
+def test_training_logs_benchmarks_and_keeps_the_best_checkpoint(tiny_shards, tmp_path):
+    from tests.helpers import config, metrics
+    from unimm.commands.train import run as train
+
+    karpathy(tmp_path / "coco", "coco")
+    settings = [
+        f"train.benchmarks.coco={tmp_path / 'coco'}",
+        "train.benchmark_split=test",
+        "train.eval_every=1",
+        "train.save_every=100",
+        "train.keep_last=1",
+        "train.best_metric=coco/image_to_text/MRR",
+    ]
+    run_dir = tmp_path / "run"
+    train(config(run_dir, tiny_shards, "train.max_steps=3", *settings), progress=False)
+    logged = metrics(run_dir)
+    values = [line["coco/image_to_text/MRR"] for line in logged]
+    assert len(values) == 3 and all("coco/text_to_image/R@1" in line for line in logged)
+    best_step = 1 + values.index(max(values))  # the first step reaching the maximum
+    record = json.loads((run_dir / "best.json").read_text())
+    assert record["step"] == best_step and record["value"] == pytest.approx(max(values))
+    assert (run_dir / "best").resolve() == (run_dir / f"step-{best_step:06d}").resolve()
+    assert (run_dir / "best" / "retrieval_head.safetensors").is_file()  # kept despite keep_last=1
+    # the checkpoint, loaded, scores what the live model scored at that step
+    out = tmp_path / "best.json"
+    result = invoke(
+        "eval",
+        "--benchmark",
+        "coco",
+        "--data",
+        str(tmp_path / "coco"),
+        "--model",
+        str(run_dir / "best"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["metrics"]["image_to_text"]["MRR"] == pytest.approx(
+        max(values), abs=1e-6
+    )
+    # resumed, the run keeps comparing against the recorded best
+    train(config(run_dir, tiny_shards, "train.max_steps=5", *settings, resume=True), progress=False)
+    values = [line["coco/image_to_text/MRR"] for line in metrics(run_dir)]
+    record = json.loads((run_dir / "best.json").read_text())
+    assert len(values) == 5 and record["step"] == 1 + values.index(max(values))
+
+
+def test_training_benchmark_settings_are_checked_before_the_first_step(tiny_shards, tmp_path):
+    from tests.helpers import config
+    from unimm.commands.train import run as train
+    from unimm.errors import UnimmError
+
+    winoground(tmp_path / "w", examples=1)
+    with pytest.raises(
+        UnimmError, match=r"train.benchmarks.winoground: winoground: no 'val' split \(it has test\)"
+    ):
+        train(
+            config(
+                tmp_path / "r1",
+                tiny_shards,
+                f"train.benchmarks.winoground={tmp_path / 'w'}",
+                "train.eval_every=1",
+            )
+        )
+    with pytest.raises(
+        UnimmError,
+        match=r"best_metric 'winoground/winoground/R@1': not a logged figure.*winoground/winoground/group",
+    ):
+        train(
+            config(
+                tmp_path / "r2",
+                tiny_shards,
+                f"train.benchmarks.winoground={tmp_path / 'w'}",
+                "train.eval_every=1",
+                "train.benchmark_split=test",
+                "train.best_metric=winoground/winoground/R@1",
+            )
+        )
+    assert not (tmp_path / "r2" / "step-000001").exists()

@@ -26,12 +26,20 @@ class Benchmark:
     expects: str
     module: str
 
-    def load(self, path: Path, *, image_root: Path | None = None, limit: int = 0) -> BenchmarkData:
+    def load(
+        self, path: Path, *, image_root: Path | None = None, limit: int = 0, split: str = "test"
+    ) -> BenchmarkData:
         """Read the release at ``path`` (its folder, or its annotation file) into tasks; images are
         looked up under ``image_root`` (default: where the release keeps them). ``limit``: the
-        first N test examples only (0 = all)."""
+        first N examples only (0 = all). ``split``: which of the release's splits (``test``, the
+        published figures; ``val`` where the release has one, for choosing checkpoints)."""
         loader = importlib.import_module(self.module)
-        return loader.load(self, Path(path), image_root=image_root, limit=limit)
+        if split not in loader.SPLITS:
+            raise UnimmError(
+                f"{self.name}: no {split!r} split (it has {', '.join(loader.SPLITS)}); choosing "
+                "checkpoints on a test split makes its figures optimistic"
+            )
+        return loader.load(self, Path(path), image_root=image_root, limit=limit, split=split)
 
 
 BENCHMARKS: dict[str, Benchmark] = {

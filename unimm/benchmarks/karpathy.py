@@ -8,9 +8,10 @@ Karpathy & Fei-Fei's files, as everyone since (FROMAGe, CLIP, BLIP) evaluates on
                              "sentid": 770337, …}, …]}, …]}
     dataset_flickr30k.json  the same without filepath/cocoid; images in flickr30k-images/
 
-Only the ``test`` split is scored (``restval`` is training data): 5,000 COCO images and 1,000
-Flickr30k images, five captions each. Relevance is by image: a caption's relevant image is the one
-it describes; an image's relevant captions are its five. Handling of the files' quirks:
+The ``test`` split is scored (``val`` on request, for choosing checkpoints during training;
+``restval`` is training data): 5,000 COCO images and 1,000 Flickr30k images, five captions
+each. Relevance is by image: a caption's relevant image is the one it describes; an image's
+relevant captions are its five. Handling of the files' quirks:
 
 - captions are stripped (Karpathy's ``raw`` strings end in spaces); a blank ``raw`` falls back to
   the joined ``tokens``;
@@ -29,13 +30,15 @@ from pathlib import Path
 from unimm.benchmarks.base import BenchmarkData, ImageFinder, Item, RankingTask, field, find_file, read_json
 from unimm.errors import UnimmError
 
+SPLITS = ("test", "val")
 CAPTIONS_PER_IMAGE = 5
 USUAL_TEST_IMAGES = {"coco": 5000, "flickr30k": 1000}
 IMAGE_FOLDERS = {"coco": ("", "images"), "flickr30k": ("flickr30k-images", "images", "Images", "")}
 
 
-def load(benchmark, path: Path, *, image_root: Path | None, limit: int) -> BenchmarkData:
-    """The test split of ``dataset_<name>.json`` as two ranking tasks (see the module docstring)."""
+def load(benchmark, path: Path, *, image_root: Path | None, limit: int, split: str = "test") -> BenchmarkData:
+    """A split of ``dataset_<name>.json`` (``test``, or ``val`` for choosing checkpoints during
+    training) as two ranking tasks (see the module docstring)."""
     name = benchmark.name
     file = find_file(
         path, [f"dataset_{name}.json", f"annotations/dataset_{name}.json"], name, benchmark.expects
@@ -52,19 +55,21 @@ def load(benchmark, path: Path, *, image_root: Path | None, limit: int) -> Bench
     test = []
     for n, image in enumerate(doc["images"]):
         where = f"{file}: images[{n}]"
-        split = field(image, "split", str, where)
-        splits[split] = splits.get(split, 0) + 1
-        if split == "test":
+        its_split = field(image, "split", str, where)
+        splits[its_split] = splits.get(its_split, 0) + 1
+        if its_split == split:
             test.append((where, image))
     if not test:
         found = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items())) or "no images"
-        raise UnimmError(f"{file}: no image in the 'test' split (found {found})")
+        raise UnimmError(f"{file}: no image in the {split!r} split (found {found})")
     usual = USUAL_TEST_IMAGES[name]
-    notes = []
+    notes = [] if split == "test" else [f"the {split!r} split, not the published test split"]
     if limit:
         test = test[:limit]
-        notes.append(f"--limit {limit}: {len(test)} of the test images; not comparable to published figures")
-    elif len(test) != usual:
+        notes.append(
+            f"--limit {limit}: {len(test)} of the {split} images; not comparable to published figures"
+        )
+    elif split == "test" and len(test) != usual:
         notes.append(f"the test split has {len(test)} images, not the usual {usual}")
     finder = ImageFinder(image_root or file.parent, IMAGE_FOLDERS[name], name)
     images, captions, owner = [], [], []

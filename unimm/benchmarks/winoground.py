@@ -21,10 +21,11 @@ from pathlib import Path
 from unimm.benchmarks.base import BenchmarkData, ImageFinder, Item, PairTask, field, find_file, read_jsonl
 from unimm.errors import UnimmError
 
+SPLITS = ("test",)
 USUAL_EXAMPLES = 400
 
 
-def load(benchmark, path: Path, *, image_root: Path | None, limit: int) -> BenchmarkData:
+def load(benchmark, path: Path, *, image_root: Path | None, limit: int, split: str = "test") -> BenchmarkData:
     """``examples.jsonl`` and its images as one pair task."""
     file = find_file(path, ["examples.jsonl", "data/examples.jsonl"], benchmark.name, benchmark.expects)
     rows = read_jsonl(file)

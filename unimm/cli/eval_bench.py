@@ -60,6 +60,9 @@ def eval_(
         str | None,
         typer.Option(help="A benchmark read from its official files (see --list); --data is its folder."),
     ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="The benchmark's split: test (published figures) or val.")
+    ] = None,
     list_: Annotated[
         bool, typer.Option("--list", help="List the benchmarks and the files each reads.")
     ] = False,

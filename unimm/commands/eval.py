@@ -67,7 +67,10 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
     if opts.out:
         claim_output(Path(opts.out), None, [*opts.data, opts.model])
     data = benchmark.load(
-        Path(opts.data[0]), image_root=Path(opts.image_root) if opts.image_root else None, limit=opts.limit
+        Path(opts.data[0]),
+        image_root=Path(opts.image_root) if opts.image_root else None,
+        limit=opts.limit,
+        split=opts.split,
     )
     if session is None:
         session = Session.load(
@@ -89,6 +92,7 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
             "files": data.files,
             "images": len(set(data.images)),
         },
+        "split": opts.split,
         "limit": opts.limit,
         "notes": data.notes,
         "metrics": scored["metrics"],

@@ -196,6 +196,8 @@ class EvalOptions(CheckpointOptions):
     benchmark: str | None = None
     """A benchmark read from its official files (``unimm eval --list``); ``data`` is then its
     folder (or annotation file) and ``tasks`` does not apply."""
+    split: str = "test"
+    """The benchmark's split: ``test`` (published figures) or ``val`` where the release has one."""
 
     def validate(self) -> list[str]:
         problems = super().validate()

@@ -124,6 +124,18 @@ class TrainOptions:
     eval_every: int = 0
     """Evaluate data.eval every this many steps (0 = never)."""
     eval_batches: int = 4
+    benchmarks: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Benchmarks run every ``eval_every`` steps: name → the release's folder (``unimm eval
+    --list``), e.g. ``{coco: data/coco}``; logged as ``coco/text_to_image/R@1``."""
+    benchmark_split: str = "val"
+    """The held-out split they are scored on (Karpathy's ``val``; ``test`` where that is all a
+    release has, which makes its test figures optimistic)."""
+    benchmark_limit: int = 0
+    """Examples per benchmark (0 = all)."""
+    best_metric: str = ""
+    """A logged figure (``coco/text_to_image/R@1``, ``eval_loss_disc``): ``RUN/best`` then links
+    the checkpoint of the step where it was best, kept however old."""
+    best_mode: Literal["max", "min"] = "max"
     grad_cache_chunk: int = 0
     """Gradient caching: samples per forward chunk (0 = off). The step's gradient is exactly the
     full batch's, while memory holds one chunk's activations, so batch_size (and with it the
@@ -152,6 +164,12 @@ class TrainOptions:
             problems.append(f"train.grad_cache_chunk: must be >= 0 (0 = off), got {self.grad_cache_chunk}")
         if self.eval_every < 0 or self.eval_batches < 1:
             problems.append("train.eval_every must be >= 0 (0 = never) and train.eval_batches >= 1")
+        if (self.benchmarks or self.best_metric) and self.eval_every == 0:
+            problems.append(
+                "train.benchmarks and train.best_metric run every train.eval_every steps: set it > 0"
+            )
+        if self.benchmark_limit < 0:
+            problems.append(f"train.benchmark_limit: must be >= 0 (0 = all), got {self.benchmark_limit}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not self.temperature > 0:

@@ -106,12 +106,9 @@ class Session:
         last slice (how documents and queries are embedded, as in training)."""
         return self.embed_counted(samples)[0]
 
-    @torch.no_grad()
     def embed_counted(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
         """:meth:`embed_views` and each sample's length in tokens."""
-        batch = self.collator(samples)
-        batch["views"] = [(b, len(s) - 1) for b, s in enumerate(batch["spans"])]
-        return self.model.embed(batch).float().cpu(), batch["attention_mask"].sum(1).tolist()
+        return embed_last_views(self.model, self.collator, samples)
 
     @torch.no_grad()
     def embed_slices(self, samples: list[Sample]) -> list[torch.Tensor]:
@@ -184,3 +181,13 @@ class Session:
             **sampling,
         )
         return out[:, longest:], longest
+
+
+@torch.no_grad()
+def embed_last_views(model, collator, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
+    """Unit float32 CPU embeddings of ``samples``, each the view cut after its last slice, and
+    each sample's length in tokens: the one definition of a document's vector, for a loaded
+    session and for the model being trained (its benchmarks during training)."""
+    batch = collator(samples)
+    batch["views"] = [(b, len(s) - 1) for b, s in enumerate(batch["spans"])]
+    return model.embed(batch).float().cpu(), batch["attention_mask"].sum(1).tolist()

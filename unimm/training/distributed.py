@@ -143,3 +143,13 @@ def gather_objects(value) -> list:
     gathered: list = [None] * world
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a collective; a tensor, nothing pickled)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())

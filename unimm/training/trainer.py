@@ -33,7 +33,7 @@ import torch
 from unimm.config import ModelOptions, TrainConfig, config_to_dict
 from unimm.data.stream import BatchMaker, check_data_fits, check_shards, open_batches, training_texts
 from unimm.errors import UnimmError
-from unimm.training.distributed import gather_objects, resolve_mixed_precision
+from unimm.training.distributed import broadcast_flag, gather_objects, resolve_mixed_precision
 from unimm.training.step import evaluate, load_eval_batches, train_step, train_step_cached
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
@@ -191,6 +191,7 @@ class Trainer:
         # Under FSDP a forward pass gathers parameters from every rank, so every rank evaluates.
         evaluating = accelerator.is_main_process or accelerator.is_fsdp2
         self.eval_batches = load_eval_batches(cfg, self.collator) if evaluating else []
+        self._setup_benchmarks(model, evaluating, resume_from)
         # The scheduler stays outside prepare(): accelerate would step it once per process per
         # call, while train.max_steps counts optimizer steps of the whole run.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -205,6 +206,42 @@ class Trainer:
             BatchMaker(self.collator, opts.grad_cache_chunk),
             data_position,
         )
+
+    def _setup_benchmarks(self, model, evaluating: bool, resume_from: Path | None) -> None:
+        """``train.benchmarks`` loaded (every rank checks the folders; evaluating ranks keep them)
+        and the best-checkpoint record of ``train.best_metric``."""
+        from unimm.data.collate import Collator
+        from unimm.training.benchmarks import BestCheckpoint, TrainingBenchmarks, check_best_metric
+
+        cfg, opts = self.cfg, self.opts
+        benchmarks = TrainingBenchmarks(cfg) if opts.benchmarks else None
+        self.benchmarks = benchmarks if evaluating else None
+        # embedded as a loaded checkpoint embeds: one view after the last slice, no cut sampling
+        self.benchmark_collator = Collator.for_model(
+            model, self.processor, max_length=cfg.model.max_length, system_prompt=cfg.model.system_prompt
+        )
+        self.best = None
+        if opts.best_metric:
+            losses = (
+                ["eval_loss_gen", *(["eval_loss_disc"] if opts.alpha > 0 else [])] if cfg.data.eval else []
+            )
+            check_best_metric(opts.best_metric, [*losses, *(benchmarks.keys() if benchmarks else [])])
+            resumed_at = int(resume_from.name.split("-")[-1]) if resume_from is not None else 0
+            self.best = BestCheckpoint(self.run_dir, opts.best_metric, opts.best_mode, resumed_at)
+
+    def _evaluate(self) -> bool:
+        """This step's evaluations into ``self.last``; whether it is the best step so far (every
+        rank gets rank 0's answer: saving is a collective)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.eval_batches:
+            self.last.update(evaluate(model, self.eval_batches, self.cfg))
+        if self.benchmarks is not None:
+            self.last.update(
+                self.benchmarks.evaluate(model, self.benchmark_collator, self.accelerator.autocast)
+            )
+        if self.best is None:
+            return False
+        return bool(broadcast_flag(self.best.improves(self.last)))
 
     def _check_out_dir(self) -> Path | None:
         """The checkpoint to resume from (``--resume``), after refusing to mix runs in one folder."""
@@ -289,10 +326,7 @@ class Trainer:
         fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
         while self.step < opts.max_steps:
             self.last = self.optimizer_step()
-            if self.eval_batches and self.step % opts.eval_every == 0:
-                self.last.update(
-                    evaluate(self.accelerator.unwrap_model(self.model), self.eval_batches, self.cfg)
-                )
+            best = bool(opts.eval_every) and self.step % opts.eval_every == 0 and self._evaluate()
             if self.metrics_file is not None and self.step % opts.log_every == 0:
                 self.metrics_file.write(json.dumps(self.last) + "\n")
                 self.metrics_file.flush()
@@ -304,8 +338,10 @@ class Trainer:
             )
             if fault_after is not None and self.step == fault_after:
                 os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
-            if self.step % opts.save_every == 0 or self.step == opts.max_steps:
+            if best or self.step % opts.save_every == 0 or self.step == opts.max_steps:
                 self.save()
+            if best and self.accelerator.is_main_process:
+                self.best.record(self.step, self.last)
         if opts.merge_lora:
             self._save_merged()
         return {**self.last, "history": self.history, "main": self.accelerator.is_main_process}
@@ -432,7 +468,7 @@ class Trainer:
                 train_state=state,
                 state_dict=model_state,
             )
-            _prune(self.run_dir, self.opts.keep_last)
+            _prune(self.run_dir, self.opts.keep_last, self.best.folder() if self.best else None)
         accelerator.wait_for_everyone()
 
     def _save_merged(self) -> None:
@@ -508,7 +544,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-def _prune(run_dir: Path, keep: int) -> None:
+def _prune(run_dir: Path, keep: int, best: Path | None = None) -> None:
+    """Remove all but the last ``keep`` checkpoints, never the best one."""
     steps = sorted(run_dir.glob("step-*"))
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)

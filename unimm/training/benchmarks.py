@@ -1,0 +1,145 @@
+"""Benchmarks during training and the best checkpoint (``train.benchmarks``, ``train.best_metric``).
+
+Every ``train.eval_every`` steps the model being trained embeds each named benchmark's held-out
+split (read once, at setup, so a wrong folder fails before the first step) exactly as a loaded
+checkpoint would (:func:`unimm.inference.session.embed_last_views`), and the figures join that
+step's line in ``metrics.jsonl`` as ``NAME/TASK/METRIC``. With ``train.best_metric`` the step
+where that figure was best is checkpointed and ``RUN/best`` links it; ``RUN/best.json`` records
+the step and value, so a resumed run keeps comparing against it, and pruning never removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimm.config import TrainConfig
+from unimm.errors import UnimmError
+
+RANKING_FIGURES = ("R@1", "R@5", "R@10", "MRR")
+PAIR_FIGURES = ("text", "image", "group")
+
+
+class _LiveModel:
+    """What :class:`~unimm.benchmarks.run.ItemEncoder` needs of a session, over the model being
+    trained (in eval mode and without gradients while it embeds)."""
+
+    def __init__(self, model, collator, autocast) -> None:
+        self.model, self.collator, self.autocast = model, collator, autocast
+
+    def embed_views(self, samples) -> torch.Tensor:
+        from unimm.inference.session import embed_last_views
+
+        with self.autocast():
+            return embed_last_views(self.model, self.collator, samples)[0]
+
+
+class TrainingBenchmarks:
+    """The benchmarks of ``train.benchmarks``, loaded once; :meth:`evaluate` scores a model."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from unimm.benchmarks import get_benchmark
+
+        opts = cfg.train
+        self.batch_size = opts.batch_size
+        self.data = {}
+        for name, path in opts.benchmarks.items():
+            try:
+                self.data[name] = get_benchmark(name).load(
+                    Path(path), limit=opts.benchmark_limit, split=opts.benchmark_split
+                )
+            except UnimmError as exc:
+                raise UnimmError(f"train.benchmarks.{name}: {exc}") from None
+
+    def keys(self) -> list[str]:
+        """The figures :meth:`evaluate` logs."""
+        from unimm.benchmarks.base import RankingTask
+
+        return [
+            f"{name}/{task.name}/{figure}"
+            for name, data in self.data.items()
+            for task in data.tasks
+            for figure in (RANKING_FIGURES if isinstance(task, RankingTask) else PAIR_FIGURES)
+        ]
+
+    def evaluate(self, model, collator, autocast) -> dict[str, float]:
+        """Every benchmark's headline figures for ``model`` (restored to its mode afterwards)."""
+        from unimm.benchmarks.run import ItemEncoder, run_benchmark
+
+        was_training = model.training
+        model.eval()
+        try:
+            encoder = ItemEncoder(_LiveModel(model, collator, autocast), self.batch_size)
+            out = {}
+            for name, data in self.data.items():
+                for task, metrics in run_benchmark(encoder, data)["metrics"].items():
+                    for figure in (*RANKING_FIGURES, *PAIR_FIGURES):
+                        if isinstance(metrics.get(figure), float):
+                            out[f"{name}/{task}/{figure}"] = metrics[figure]
+            return out
+        finally:
+            model.train(was_training)
+
+
+class BestCheckpoint:
+    """The step at which ``metric`` was best so far, persisted in ``RUN/best.json`` with a
+    ``RUN/best`` link to its checkpoint."""
+
+    def __init__(self, run_dir: Path, metric: str, mode: str, resumed_at: int = 0) -> None:
+        self.run_dir, self.metric, self.mode = run_dir, metric, mode
+        self.step: int | None = None
+        self.value: float | None = None
+        record = _read_record(run_dir / "best.json")
+        if record and record.get("metric") == metric and record.get("step", math.inf) <= resumed_at:
+            self.step, self.value = int(record["step"]), float(record["value"])
+
+    def improves(self, metrics: dict[str, Any]) -> bool:
+        """Whether this step's ``metric`` beats the best so far (strictly)."""
+        value = metrics.get(self.metric)
+        if not isinstance(value, float) or math.isnan(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == "max" else value < self.value
+
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        """Make ``step`` (already checkpointed) the best: ``best.json`` then the ``best`` link."""
+        from unimm.utils import atomic_write_json
+
+        self.step, self.value = step, float(metrics[self.metric])
+        atomic_write_json(
+            self.run_dir / "best.json",
+            {"metric": self.metric, "mode": self.mode, "step": step, "value": self.value},
+        )
+        link, tmp = self.run_dir / "best", self.run_dir / ".best.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(f"step-{step:06d}", tmp)
+        os.replace(tmp, link)  # atomic: the link always names a whole checkpoint
+
+    def folder(self) -> Path | None:
+        return None if self.step is None else self.run_dir / f"step-{self.step:06d}"
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UnimmError(f"{path}: unreadable ({exc}); delete it to start choosing the best anew") from None
+    return record if isinstance(record, dict) else None
+
+
+def check_best_metric(metric: str, available: list[str]) -> None:
+    """Refuse a ``train.best_metric`` that no evaluation logs."""
+    if metric and metric not in available:
+        raise UnimmError(
+            f"train.best_metric {metric!r}: not a logged figure; the evaluations log "
+            f"{', '.join(available) or 'nothing (set data.eval or train.benchmarks)'}"
+        )
