@@ -1,6 +1,6 @@
 """The package's layers: imports point one way only (docs/architecture.md).
 
-    cli → pipelines → commands → training | inference → model | tiny → data → config → align
+    cli → pipelines → commands → training → benchmarks → inference → model | tiny → data → config → align
 
 plus plumbing (``unimm``, ``errors``, ``utils``, ``plots``, ``outputs``) that any layer may import and that
 imports only plumbing. Every import counts, also those inside functions and under
@@ -20,11 +20,12 @@ RANKS = {
     "data": 3,
     "model": 4,
     "tiny": 4,  # beside model: neither imports the other
-    "training": 5,
     "inference": 5,
-    "commands": 6,
-    "pipelines": 7,
-    "cli": 8,
+    "benchmarks": 6,  # scored with inference's metrics and sessions
+    "training": 7,  # evaluates benchmarks during training
+    "commands": 8,
+    "pipelines": 9,
+    "cli": 10,
 }
 
 
