@@ -24,6 +24,14 @@ def invoke(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
+def eval_benchmark(name: str, data: Path, checkpoint: Path, out: Path, *extra: str):
+    """``unimm eval --benchmark`` on the CPU: its output and the results file it wrote."""
+    args = ["--benchmark", name, "--data", str(data), "--model", str(checkpoint), "--out", str(out)]
+    result = invoke("eval", *args, "--device", "cpu", *extra)
+    assert result.exit_code == 0, result.output
+    return result.output, json.loads(out.read_text())
+
+
 # ---------------------------------------------------------------------------------------------
 # Miniature releases
 
@@ -128,25 +136,10 @@ def test_first_relevant_ranks_equal_a_sorted_ranking():
 def test_karpathy_retrieval_equals_trec_eval(trained, tmp_path, name):
     checkpoint, _ = trained
     karpathy(tmp_path / name, name)
-    out = tmp_path / "results.json"
-    result = invoke(
-        "eval",
-        "--benchmark",
-        name,
-        "--data",
-        str(tmp_path / name),
-        "--model",
-        str(checkpoint),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "3",
+    output, results = eval_benchmark(
+        name, tmp_path / name, checkpoint, tmp_path / "results.json", "--batch-size", "3"
     )
-    assert result.exit_code == 0, result.output
-    assert "text_to_image" in result.output and "not the usual" in result.output
-    results = json.loads(out.read_text())
+    assert "text_to_image" in output and "not the usual" in output
 
     # the test split only (restval, train, val left out), the first five captions of each image
     test_images = [0, 1, 3, 6]
@@ -191,22 +184,7 @@ def test_karpathy_retrieval_equals_trec_eval(trained, tmp_path, name):
 def test_winoground_scores_equal_the_closed_form(trained, tmp_path):
     checkpoint, _ = trained
     root = winoground(tmp_path / "wino")
-    out = tmp_path / "w.json"
-    result = invoke(
-        "eval",
-        "--benchmark",
-        "winoground",
-        "--data",
-        str(root),
-        "--model",
-        str(checkpoint),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    )
-    assert result.exit_code == 0, result.output
-    results = json.loads(out.read_text())
+    _, results = eval_benchmark("winoground", root, checkpoint, tmp_path / "w.json")
     texts = direct_embeddings(
         checkpoint, [("text", f"a {WORDS[(2 * e + c) % 6]} square") for e in range(4) for c in (0, 1)]
     )
@@ -329,24 +307,8 @@ def test_training_logs_benchmarks_and_keeps_the_best_checkpoint(tiny_shards, tmp
     assert (run_dir / "best").resolve() == (run_dir / f"step-{best_step:06d}").resolve()
     assert (run_dir / "best" / "retrieval_head.safetensors").is_file()  # kept despite keep_last=1
     # the checkpoint, loaded, scores what the live model scored at that step
-    out = tmp_path / "best.json"
-    result = invoke(
-        "eval",
-        "--benchmark",
-        "coco",
-        "--data",
-        str(tmp_path / "coco"),
-        "--model",
-        str(run_dir / "best"),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["metrics"]["image_to_text"]["MRR"] == pytest.approx(
-        max(values), abs=1e-6
-    )
+    _, reloaded = eval_benchmark("coco", tmp_path / "coco", run_dir / "best", tmp_path / "best.json")
+    assert reloaded["metrics"]["image_to_text"]["MRR"] == pytest.approx(max(values), abs=1e-6)
     # resumed, the run keeps comparing against the recorded best
     train(config(run_dir, tiny_shards, "train.max_steps=5", *settings, resume=True), progress=False)
     values = [line["coco/image_to_text/MRR"] for line in metrics(run_dir)]
