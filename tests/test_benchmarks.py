@@ -348,3 +348,34 @@ def test_training_benchmark_settings_are_checked_before_the_first_step(tiny_shar
             )
         )
     assert not (tmp_path / "r2" / "step-000001").exists()
+
+
+def test_candidate_lists_and_exclusions_rank_within_what_is_left():
+    """MMEB-style per-query candidates and VIST-style exclusions, against a hand-made ranking."""
+    from unimm.benchmarks.base import Item, RankingTask
+    from unimm.benchmarks.run import ItemEncoder, rank_task
+
+    class FixedVectors:  # a stand-in session: vectors chosen so the ranking is known by hand
+        def embed_views(self, samples):
+            return torch.stack([torch.tensor(VECTORS[s.slices[0].text]) for s in samples])
+
+    VECTORS = {"q": [1.0, 0.0], "a": [0.9, 0.1], "b": [0.6, 0.4], "c": [0.2, 0.8], "d": [0.95, 0.05]}
+    gallery = [Item.text(k, k) for k in "abcd"]
+    query = Item.text("q0", "q")
+    scores = {k: torch.tensor(VECTORS["q"]) @ torch.tensor(v) for k, v in VECTORS.items()}
+    order = sorted("abcd", key=lambda k: -scores[k])  # d, a, b, c
+    assert order == ["d", "a", "b", "c"]
+    # candidates: only b, c, a (d is not offered) → a first; b relevant at rank 2
+    task = RankingTask("mmeb", [query], gallery, [["b"]], candidates=[["b", "c", "a"]])
+    out = rank_task(ItemEncoder(FixedVectors()), task)
+    assert out["per_query"][0]["rank"] == 2 and [c for c, _ in out["per_query"][0]["ranked"]] == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert out["metrics"]["chance@1"] == pytest.approx(1 / 3)
+    # exclusion: d and a removed from the full gallery → b first
+    task = RankingTask("vist", [query], gallery, [["b"]], exclude=[["d", "a"]])
+    out = rank_task(ItemEncoder(FixedVectors()), task)
+    assert out["per_query"][0]["rank"] == 1 and [c for c, _ in out["per_query"][0]["ranked"]] == ["b", "c"]
+    assert out["metrics"]["R@1"] == 1.0 and out["metrics"]["chance@1"] == pytest.approx(1 / 2)

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,9 +185,7 @@ class ImageFinder:
     EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
     def __init__(self, root: Path, folders: Sequence[str], benchmark: str) -> None:
-        from unimm.data.images import _real_dir
-
-        self.root = Path(_real_dir(str(root)))
+        self.root = Path(os.path.realpath(root))
         self.folders = [f for f in folders if (self.root / f).is_dir()] or [""]
         self.benchmark = benchmark
         self.missing: list[str] = []
@@ -218,8 +216,3 @@ class ImageFinder:
             f"{self.benchmark}: {len(self.missing)} image(s) not found under {self.root}: {shown}{more}. "
             "Point --image-root at the folder the release's images were extracted to."
         )
-
-
-def unique(values: Iterable[str]) -> list[str]:
-    """``values`` without repeats, first occurrence order."""
-    return list(dict.fromkeys(values))

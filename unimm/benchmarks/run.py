@@ -162,13 +162,13 @@ def pair_task(encoder: ItemEncoder, task: PairTask) -> dict:
         }
     per_example = []
     for p, example in enumerate(task.ids):
-        s = similarity[p].double()
+        one = winoground_scores(similarity[p : p + 1])  # the one definition of the conditions
         per_example.append(
             {
                 "id": example,
-                "scores": [[round(float(x), 6) for x in row] for row in s],
-                "text": bool(s[0, 0] > s[1, 0] and s[1, 1] > s[0, 1]),
-                "image": bool(s[0, 0] > s[0, 1] and s[1, 1] > s[1, 0]),
+                "scores": [[round(float(x), 6) for x in row] for row in similarity[p].double()],
+                "text": one["text"] == 1.0,
+                "image": one["image"] == 1.0,
             }
         )
     return {"metrics": metrics, "per_query": per_example}
