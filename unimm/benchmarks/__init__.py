@@ -63,6 +63,30 @@ BENCHMARKS: dict[str, Benchmark] = {
             "examples.jsonl with the images/ folder (the Hugging Face facebook/winoground data/ folder)",
             "unimm.benchmarks.winoground",
         ),
+        Benchmark(
+            "vist",
+            "VIST (FROMAGe's protocol): a story's last image from its 5 captions (and 4 images), R@1/5/10",
+            "sis/<split>.story-in-sequence.json with the photos in images/<split>/ (or <split>_images/)",
+            "unimm.benchmarks.vist",
+        ),
+        Benchmark(
+            "mmeb",
+            "MMEB: P@1 on 36 tasks, the classification / VQA / retrieval / grounding averages, overall",
+            "task folders <Task>/test-00000-of-00001.parquet with eval_images/ (TIGER-Lab/MMEB-eval)",
+            "unimm.benchmarks.mmeb",
+        ),
+        Benchmark(
+            "mmvp",
+            "MMVP: 300 questions in 150 pairs about CLIP-blind images; pair accuracy (likeliest option)",
+            "Questions.csv with the MMVP Images/ folder (Hugging Face MMVP/MMVP)",
+            "unimm.benchmarks.mmvp",
+        ),
+        Benchmark(
+            "mmvp-vlm",
+            "MMVP-VLM: 135 statement pairs in 9 visual patterns; pair accuracy, by pattern",
+            "Questions.csv with the MLLM_VLM Images/<Type>/ folders (Hugging Face MMVP/MMVP_VLM)",
+            "unimm.benchmarks.mmvp",
+        ),
     )
 }
 

@@ -56,6 +56,9 @@ class RankingTask:
     relevant: list[list[str]]
     candidates: list[list[str]] | None = None
     exclude: list[list[str]] | None = None
+    precision_at_1: bool = False
+    """Also report ``P@1`` (MMEB's name for the top candidate being relevant; with our hit-rate
+    definition of R@k it equals ``R@1``)."""
     description: str = ""
 
 
@@ -70,6 +73,25 @@ class PairTask:
     images: list[tuple[Item, Item]]
     groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     """Optional breakdowns: a field name (e.g. ``collapsed_tag``) → each example's value."""
+    pair_accuracy: str | None = None
+    """The 2×2 condition a benchmark reports as its ``pair_accuracy`` (MMVP-VLM: ``image``, each
+    statement prefers its own image), or ``None``."""
+    description: str = ""
+
+
+@dataclasses.dataclass
+class ChoiceTask:
+    """Multiple-choice questions, each answered by the option the model finds most likely as its
+    reply (summed token log-probabilities); questions sharing a group are right together or not at
+    all (MMVP's pair accuracy)."""
+
+    name: str
+    ids: list[str]
+    prompts: list[Item]
+    options: list[list[str]]
+    answers: list[int]
+    """Index of each question's right option."""
+    groups: list[str]
     description: str = ""
 
 
@@ -80,10 +102,13 @@ class BenchmarkData:
 
     benchmark: str
     root: str
-    tasks: list[RankingTask | PairTask]
+    tasks: list[RankingTask | PairTask | ChoiceTask]
     files: list[str]
     images: list[str]
     notes: list[str] = dataclasses.field(default_factory=list)
+    averages: dict[str, tuple[str, list[str]]] = dataclasses.field(default_factory=dict)
+    """Summary figures: a name → (a metric, the tasks whose metric is averaged), e.g. MMEB's
+    meta-task averages."""
 
     def digest(self) -> str:
         """sha256 over the annotation files' bytes and each image's path (relative to the root)
@@ -182,17 +207,23 @@ class ImageFinder:
     and, for names written without one, the usual extensions; collects what is missing so one
     error names them all."""
 
-    EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+    EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG", ".gif")
 
     def __init__(self, root: Path, folders: Sequence[str], benchmark: str) -> None:
         self.root = Path(os.path.realpath(root))
         self.folders = [f for f in folders if (self.root / f).is_dir()] or [""]
         self.benchmark = benchmark
         self.missing: list[str] = []
+        self.seen: dict[tuple[str, str | None], str | None] = {}
 
     def __call__(self, name: str, folder: str | None = None) -> str | None:
         """The real path of ``name`` (in ``folder`` when given, else in the first of the finder's
         folders that has it); ``None``, noted as missing, when there is none."""
+        if (name, folder) not in self.seen:
+            self.seen[name, folder] = self._find(name, folder)
+        return self.seen[name, folder]
+
+    def _find(self, name: str, folder: str | None) -> str | None:
         from unimm.data.images import ImageProblem, resolve_image_path
 
         for base in [folder] if folder is not None else self.folders:

@@ -7,12 +7,13 @@ enough to recompute every figure, at any cut-off up to ``keep``, without the mod
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from unimm.benchmarks.base import BenchmarkData, Item, PairTask, RankingTask
+from unimm.benchmarks.base import BenchmarkData, ChoiceTask, Item, PairTask, RankingTask
 from unimm.errors import UnimmError
 from unimm.utils import text_table
 
@@ -126,6 +127,8 @@ def rank_task(encoder: ItemEncoder, task: RankingTask, keep: int = KEEP, chunk: 
     metrics["chance@1"] = (
         sum(r / p for r, p in zip(relevant_counts, pool_sizes, strict=True)) / len(ranks) if ranks else None
     )
+    if task.precision_at_1:
+        metrics["P@1"] = metrics["R@1"]
     metrics["queries"] = len(ranks)
     metrics["gallery"] = len(task.gallery) if task.candidates is None else max(pool_sizes, default=0)
     return {"metrics": metrics, "per_query": per_query}
@@ -152,14 +155,19 @@ def pair_task(encoder: ItemEncoder, task: PairTask) -> dict:
     images = encoder([i for pair in task.images for i in pair], desc=f"{task.name}: images")
     n = len(task.ids)
     similarity = torch.einsum("pcd,pid->pci", captions.view(n, 2, -1), images.view(n, 2, -1))
-    metrics: dict[str, Any] = winoground_scores(similarity)
+
+    def scores(rows) -> dict[str, Any]:
+        out = winoground_scores(similarity[rows])
+        if task.pair_accuracy:
+            out["pair_accuracy"] = out[task.pair_accuracy]
+        return out
+
+    metrics: dict[str, Any] = scores(slice(None))
     for name, values in task.groups.items():
         by_value: dict[str, list[int]] = {}
         for p, value in enumerate(values):
             by_value.setdefault(value, []).append(p)
-        metrics[f"by_{name}"] = {
-            v: winoground_scores(similarity[rows]) for v, rows in sorted(by_value.items())
-        }
+        metrics[f"by_{name}"] = {v: scores(rows) for v, rows in sorted(by_value.items())}
     per_example = []
     for p, example in enumerate(task.ids):
         one = winoground_scores(similarity[p : p + 1])  # the one definition of the conditions
@@ -174,22 +182,77 @@ def pair_task(encoder: ItemEncoder, task: PairTask) -> dict:
     return {"metrics": metrics, "per_query": per_example}
 
 
+# ---------------------------------------------------------------------------------------------
+# Multiple choice by likelihood
+
+
+def choice_task(encoder: ItemEncoder, task: ChoiceTask) -> dict:
+    """Accuracy and pair accuracy of the likeliest option, and each question's option scores."""
+    from unimm.inference.evaluate import Evaluator
+    from unimm.inference.metrics import choice_scores
+
+    expanded = [
+        _sample(prompt.parts, q).replace(response=option)
+        for q, (prompt, options) in enumerate(zip(task.prompts, task.options, strict=True))
+        for option in options
+    ]
+    autocast = getattr(encoder.session, "autocast", contextlib.nullcontext)  # a live training model's
+    with autocast():
+        logprobs = Evaluator(encoder.session, encoder.batch_size).answer_logprobs(expanded).tolist()
+    encoder.forwarded += len(expanded)
+    per_question, correct, start = [], [], 0
+    for q, options in enumerate(task.options):
+        scores = logprobs[start : start + len(options)]
+        start += len(options)
+        chosen = max(range(len(options)), key=scores.__getitem__)  # the first of equal scores
+        correct.append(chosen == task.answers[q])
+        per_question.append(
+            {
+                "id": task.ids[q],
+                "group": task.groups[q],
+                "options": options,
+                "logprobs": [round(x, 6) for x in scores],
+                "answer": task.answers[q],
+                "chosen": chosen,
+                "correct": correct[-1],
+            }
+        )
+    metrics: dict[str, Any] = choice_scores(correct, task.groups)
+    metrics["pair_accuracy"] = metrics.pop("group_accuracy")
+    metrics["pairs"] = metrics.pop("groups")
+    metrics["chance"] = sum(1 / len(o) for o in task.options) / len(task.options)
+    return {"metrics": metrics, "per_query": per_question}
+
+
 def run_benchmark(encoder: ItemEncoder, data: BenchmarkData, keep: int = KEEP) -> dict:
-    """Every task of ``data``: ``{"metrics": {task: …}, "per_query": {task: […]}}``."""
+    """Every task of ``data`` and its averages: ``{"metrics": {task: …, "averages": …},
+    "per_query": {task: […]}}``."""
     metrics: dict[str, Any] = {}
     per_query: dict[str, Any] = {}
     for task in data.tasks:
-        out = rank_task(encoder, task, keep) if isinstance(task, RankingTask) else pair_task(encoder, task)
+        if isinstance(task, RankingTask):
+            out = rank_task(encoder, task, keep)
+        elif isinstance(task, PairTask):
+            out = pair_task(encoder, task)
+        else:
+            out = choice_task(encoder, task)
         metrics[task.name] = out["metrics"]
         per_query[task.name] = out["per_query"]
+    if data.averages:
+        metrics["averages"] = {
+            name: {key: sum(metrics[t][key] for t in tasks) / len(tasks), "tasks": len(tasks)}
+            for name, (key, tasks) in data.averages.items()
+        }
     return {"metrics": metrics, "per_query": per_query}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
 
-_COLUMNS = ("R@1", "R@5", "R@10", "MRR", "chance@1", "text", "image", "group", "accuracy", "P@1")
-_COUNTS = ("queries", "pairs", "questions")
+_COLUMNS = (
+    "R@1", "R@5", "R@10", "MRR", "chance@1", "text", "image", "group", "accuracy", "pair_accuracy", "P@1",
+)  # fmt: skip
+_COUNTS = ("queries", "pairs", "questions", "tasks")
 
 
 def _headline(metrics: dict) -> dict[str, Any]:
@@ -199,17 +262,27 @@ def _headline(metrics: dict) -> dict[str, Any]:
     return row
 
 
+def _tasks(results: dict) -> dict[str, dict]:
+    """Task name → its metrics, the averages (MMEB's meta-tasks) last as ``average: NAME``."""
+    metrics = dict(results.get("metrics", {}))
+    averages = metrics.pop("averages", {})
+    out = {name: m for name, m in metrics.items() if isinstance(m, dict)}
+    out.update({f"average: {name}": m for name, m in averages.items()})
+    return out
+
+
 def format_results(results: dict) -> str:
     """One line per task with its headline figures."""
-    rows = [{"task": name, **_headline(m)} for name, m in results["metrics"].items() if isinstance(m, dict)]
+    rows = [{"task": name, **_headline(m)} for name, m in _tasks(results).items()]
     return text_table(rows, ["task", *_COLUMNS, "n"], right=(*_COLUMNS, "n"))
 
 
 def format_comparison(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> str:
     """Two results side by side: every headline figure of A and B and the change B − A."""
     rows = []
-    for task in dict.fromkeys([*a.get("metrics", {}), *b.get("metrics", {})]):
-        ma, mb = a.get("metrics", {}).get(task, {}), b.get("metrics", {}).get(task, {})
+    tasks_a, tasks_b = _tasks(a), _tasks(b)
+    for task in dict.fromkeys([*tasks_a, *tasks_b]):
+        ma, mb = tasks_a.get(task, {}), tasks_b.get(task, {})
         for key in _COLUMNS:
             va, vb = ma.get(key), mb.get(key)
             if not isinstance(va, float) and not isinstance(vb, float):

@@ -23,14 +23,27 @@ from unimm.errors import UnimmError
 
 RANKING_FIGURES = ("R@1", "R@5", "R@10", "MRR")
 PAIR_FIGURES = ("text", "image", "group")
+CHOICE_FIGURES = ("accuracy", "pair_accuracy")
+
+
+def task_figures(task) -> tuple[str, ...]:
+    """The figures of a benchmark task that training logs."""
+    from unimm.benchmarks.base import PairTask, RankingTask
+
+    if isinstance(task, RankingTask):
+        return (*RANKING_FIGURES, *(("P@1",) if task.precision_at_1 else ()))
+    if isinstance(task, PairTask):
+        return (*PAIR_FIGURES, *(("pair_accuracy",) if task.pair_accuracy else ()))
+    return CHOICE_FIGURES
 
 
 class _LiveModel:
-    """What :class:`~unimm.benchmarks.run.ItemEncoder` needs of a session, over the model being
-    trained (in eval mode and without gradients while it embeds)."""
+    """What the benchmark runner needs of a session, over the model being trained (in eval mode
+    and without gradients while it embeds or scores answers)."""
 
     def __init__(self, model, collator, autocast) -> None:
         self.model, self.collator, self.autocast = model, collator, autocast
+        self.device = next(model.parameters()).device
 
     def embed_views(self, samples) -> torch.Tensor:
         from unimm.inference.session import embed_last_views
@@ -58,14 +71,11 @@ class TrainingBenchmarks:
 
     def keys(self) -> list[str]:
         """The figures :meth:`evaluate` logs."""
-        from unimm.benchmarks.base import RankingTask
-
-        return [
-            f"{name}/{task.name}/{figure}"
-            for name, data in self.data.items()
-            for task in data.tasks
-            for figure in (RANKING_FIGURES if isinstance(task, RankingTask) else PAIR_FIGURES)
-        ]
+        keys = []
+        for name, data in self.data.items():
+            keys += [f"{name}/{task.name}/{figure}" for task in data.tasks for figure in task_figures(task)]
+            keys += [f"{name}/{average}_average/{metric}" for average, (metric, _) in data.averages.items()]
+        return keys
 
     def evaluate(self, model, collator, autocast) -> dict[str, float]:
         """Every benchmark's headline figures for ``model`` (restored to its mode afterwards)."""
@@ -77,10 +87,12 @@ class TrainingBenchmarks:
             encoder = ItemEncoder(_LiveModel(model, collator, autocast), self.batch_size)
             out = {}
             for name, data in self.data.items():
-                for task, metrics in run_benchmark(encoder, data)["metrics"].items():
-                    for figure in (*RANKING_FIGURES, *PAIR_FIGURES):
-                        if isinstance(metrics.get(figure), float):
-                            out[f"{name}/{task}/{figure}"] = metrics[figure]
+                metrics = run_benchmark(encoder, data)["metrics"]
+                for task in data.tasks:
+                    for figure in task_figures(task):
+                        out[f"{name}/{task.name}/{figure}"] = float(metrics[task.name][figure])
+                for average, (metric, _) in data.averages.items():
+                    out[f"{name}/{average}_average/{metric}"] = metrics["averages"][average][metric]
             return out
         finally:
             model.train(was_training)
