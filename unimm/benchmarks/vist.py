@@ -24,8 +24,9 @@ FROMAGe reports on the ``val`` file (``--split val``); ``test`` reads ``test.sto
 Handling of the release's quirks: Flickr photos disappear, so — as FROMAGe does — a story with a
 missing image is left out (counted and named in the notes) and the gallery holds the images
 found; an error only when no story is left. Image names carry no extension in the file
-(``.jpg``, ``.png``, ``.gif`` are tried); captions are stripped; a story without five
-annotations is left out and counted.
+(``.jpg``, ``.png``, ``.gif`` are tried); captions are stripped; a story of another length than
+VIST's five (none in the release) is scored the same way, its last photo from all before it, and
+counted in the notes; one of a single annotation is left out.
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ def load(benchmark, path: Path, *, image_root: Path | None, limit: int, split: s
         raise UnimmError(f"{file}: not a VIST story-in-sequence file (expected an 'annotations' list)")
     stories = _stories(doc["annotations"], file)
     notes = [] if split == "val" else ["FROMAGe's published figures are on the val file (--split val)"]
-    short = [s for s, anns in stories.items() if len(anns) != STORY_LENGTH]
-    if short:
-        notes.append(f"{len(short)} stories without {STORY_LENGTH} annotations left out (e.g. {short[0]})")
-        stories = {s: a for s, a in stories.items() if len(a) == STORY_LENGTH}
+    single = [s for s, anns in stories.items() if len(anns) < 2]
+    if single:
+        notes.append(f"{len(single)} stories of one annotation left out (e.g. {single[0]})")
+        stories = {s: a for s, a in stories.items() if len(a) >= 2}
+    other = [s for s, anns in stories.items() if len(anns) != STORY_LENGTH]
+    if other:
+        notes.append(
+            f"{len(other)} stories not of {STORY_LENGTH} annotations (e.g. {other[0]}): their last photo "
+            "is retrieved from all before it"
+        )
     if limit:
         stories = dict(list(stories.items())[:limit])
         notes.append(f"--limit {limit}: {len(stories)} stories and their images only; not comparable")
