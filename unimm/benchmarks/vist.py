@@ -48,6 +48,13 @@ def _folders(split: str) -> tuple[str, ...]:
 def load(benchmark, path: Path, *, image_root: Path | None, limit: int, split: str = "test") -> BenchmarkData:
     """The stories of ``<split>.story-in-sequence.json`` as four ranking tasks (module docstring)."""
     name = f"{split}.story-in-sequence.json"
+    present = [p for p in (path / name, path / "sis" / name) if p.is_file()]
+    if path.is_dir() and not present:
+        for other in (s for s in SPLITS if s != split):
+            if any((p / f"{other}.story-in-sequence.json").is_file() for p in (path, path / "sis")):
+                raise UnimmError(
+                    f"{path}: no {name}, but {other}.story-in-sequence.json: use --split {other}"
+                )
     file = find_file(path, [name, f"sis/{name}"], benchmark.name, f"{name} ({benchmark.expects})")
     doc = read_json(file)
     if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
