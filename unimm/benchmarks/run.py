@@ -191,9 +191,10 @@ def choice_task(encoder: ItemEncoder, task: ChoiceTask) -> dict:
     from unimm.inference.evaluate import Evaluator
     from unimm.inference.metrics import choice_scores
 
+    prompts = [_sample(prompt.parts, q) for q, prompt in enumerate(task.prompts)]  # each image opened once
     expanded = [
-        _sample(prompt.parts, q).replace(response=option)
-        for q, (prompt, options) in enumerate(zip(task.prompts, task.options, strict=True))
+        prompt.replace(response=option)
+        for prompt, options in zip(prompts, task.options, strict=True)
         for option in options
     ]
     autocast = getattr(encoder.session, "autocast", contextlib.nullcontext)  # a live training model's
