@@ -27,7 +27,6 @@ the root.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from unimm.benchmarks.base import BenchmarkData, ImageFinder, Item, RankingTask, listing
@@ -155,7 +154,7 @@ def _task(name: str, file: Path, finder: ImageFinder, limit: int) -> RankingTask
     if limit:
         rows = min(rows, limit)
     queries, candidates, relevant = [], [], []
-    gallery: dict[str, Item] = {}
+    gallery: dict[tuple, str] = {}  # a distinct candidate's parts → its id
     for r in range(rows):
         where = f"{file}: row {r}"
         queries.append(
@@ -174,13 +173,16 @@ def _task(name: str, file: Path, finder: ImageFinder, limit: int) -> RankingTask
         ids = []
         for text, image in zip(texts, paths, strict=True):
             item = _item("", text, image, finder, f"{where} (a candidate)")
-            key = name + ":" + hashlib.sha1(repr(item.parts).encode()).hexdigest()[:16]
-            gallery.setdefault(key, Item(key, item.parts))
-            ids.append(key)
+            ids.append(gallery.setdefault(item.parts, f"{name}:c{len(gallery)}"))
         candidates.append(list(dict.fromkeys(ids)))
         relevant.append([ids[0]])
     return RankingTask(
-        name, queries, list(gallery.values()), relevant, candidates=candidates, precision_at_1=True
+        name,
+        queries,
+        [Item(gid, parts) for parts, gid in gallery.items()],
+        relevant,
+        candidates=candidates,
+        precision_at_1=True,
     )
 
 
