@@ -45,7 +45,9 @@ class ModelOptions:
     lora_dropout: float = 0.05
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names inside the language model that get LoRA adapters."""
-    train_projector: bool = True
+    train_projector: bool = False
+    """Also train the vision–language connector (opt-in: the paper trains the LoRA adapters and
+    the retrieval head only; a random tiny model or a new connector needs it)."""
     train_vision: bool = False
     train_lm: bool = False
     """Fine-tune the whole language model (only without LoRA)."""

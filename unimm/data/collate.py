@@ -54,6 +54,7 @@ class Encoded:
     images: list[Any]
     dropped: int = 0
     key: str = ""
+    epoch: int = 0
 
 
 class Collator:
@@ -160,7 +161,7 @@ class Collator:
                 spans[: len(whole)],
                 images[: sum(kind == IMAGE for kind, _, _ in spans[: len(whole)])],
             )
-        return Encoded(ids, labels, spans, images, dropped, sample.key)
+        return Encoded(ids, labels, spans, images, dropped, sample.key, sample.epoch)
 
     def _literal(self, sample: Sample) -> Sample:
         """``sample`` with the tokenizer's control tokens inside its texts made literal: a
@@ -301,13 +302,15 @@ class Collator:
     def cuts(self, encoded: Encoded) -> list[int]:
         """Up to ``cut_points`` slice indices to embed (sorted), always including the last kept slice.
 
-        Chosen at random but reproducibly: the generator is seeded by the collator's seed and
-        the sample's key, so a resumed or distributed run picks the same views.
+        Chosen at random but reproducibly: the generator is seeded by the collator's seed, the
+        sample's key and the epoch that drew it, so each epoch sees other prefixes (the paper
+        samples them afresh) while a resumed or distributed run picks the same views.
         """
         n = len(encoded.spans)
         if n == 0:
             return []
-        digest = hashlib.sha256(f"{self.seed}/{encoded.key}".encode()).digest()
+        salt = f"{self.seed}/{encoded.key}" + (f"/{encoded.epoch}" if encoded.epoch else "")
+        digest = hashlib.sha256(salt.encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "little"))
         others = rng.sample(range(n - 1), min(self.cut_points - 1, n - 1)) if self.cut_points > 1 else []
         return sorted({*others, n - 1})

@@ -77,6 +77,8 @@ class Sample:
         source: where the record came from (input file and line), if known.
         url: the shard it was read from, if any.
         teacher: the teacher features ``{"u", "v", "modality"}`` (tensors), if prepared with teachers.
+        epoch: the training epoch of its directory that drew it (0 outside training); with the key
+            it seeds the sample's cut points, so each epoch sees other prefixes.
     """
 
     key: str
@@ -87,6 +89,7 @@ class Sample:
     source: str | None = None
     url: str | None = None
     teacher: dict[str, torch.Tensor] | None = None
+    epoch: int = 0
 
     @classmethod
     def of_slices(cls, slices: list[Slice], key: str = "prompt", **fields: Any) -> Sample:

@@ -114,7 +114,7 @@ class DataStream:
             got = False
             for sample in pipeline:
                 got = True
-                yield sample
+                yield sample.replace(epoch=self.epochs[k])
             if not got:  # check_data_fits rules out a process without shards
                 raise UnimmError(f"{self.data.train[k]}: no readable sample (all skipped as corrupt?)")
             self.epochs[k] += 1
