@@ -18,6 +18,8 @@ from unimm.errors import ConfigError, UnimmError
 
 
 def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_shards):
+    """24 samples in batches of 8: the run resumes from step 3, the end of the first epoch, so the
+    second epoch's cut points (drawn afresh per epoch) must be drawn the same after a resume."""
     args = [
         "--recipe",
         str(RECIPE),
