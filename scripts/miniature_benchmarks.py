@@ -10,7 +10,11 @@ captioned image one test image, its caption its one sentence), Winoground's ``ex
 (the minimal pairs), VIST's ``sis/val.story-in-sequence.json`` (the three-photo stories), MMEB's
 ``MSCOCO_t2i`` / ``MSCOCO_i2t`` task files (each query against its positive and 9 others drawn
 with a fixed seed), MMVP's ``Questions.csv`` (the paired two-choice questions) and MMVP-VLM's
-(the minimal pairs as statements, Type = the attribute that differs). What the figures show:
+(the minimal pairs as statements, Type = the attribute that differs), VQAv2's val questions and
+annotations (the QA records, the answer given by all ten annotators), POPE's and MME's yes/no
+questions about the captioned images (their shape, another shape; their colour, another colour),
+ScienceQA's problems and MMBench's dev TSV (the two-choice questions); VQAv2 also with
+``--rag`` over the quickstart's index. What the figures show:
 that the loaders, the protocols and the scores run end to end on a trained checkpoint and move
 with training; not how a real model does on the real sets.
 
@@ -175,6 +179,81 @@ def mmvp_vlm(rows: list[dict], src: Path, out: Path) -> None:
             )
 
 
+def _save(src: Path, record: dict, to: Path) -> None:
+    to.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(src / image_of(record)).convert("RGB").save(to, quality=95)
+
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def _scene(caption: str) -> tuple[str, str]:
+    """``"two blue squares on the left"`` → ``("blue", "square")``."""
+    words = caption.split()
+    return words[1], words[2].rstrip("s")
+
+
+def vqav2(rows: list[dict], src: Path, out: Path) -> None:
+    qa = [r for r in rows if r["meta"]["kind"] == "qa"]
+    questions, annotations = [], []
+    for n, r in enumerate(qa):
+        _save(src, r, out / "val2014" / f"COCO_val2014_{n:012d}.jpg")
+        questions.append({"image_id": n, "question": text_of(r), "question_id": n})
+        answers = [
+            {"answer": r["response"], "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)
+        ]
+        annotations.append({"question_id": n, "image_id": n, "answer_type": "other", "answers": answers})
+    (out / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
+    (out / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def pope_and_mme(captioned: list[dict], src: Path, pope: Path, mme: Path) -> None:
+    """POPE: per image, its shape (yes) and another (no); MME existence: its colour and shape (Yes)
+    and the same shape in another colour (No)."""
+    rng = random.Random(0)
+    lines, colours = [], sorted({_scene(r["meta"]["caption"])[0] for r in captioned})
+    for n, r in enumerate(captioned):
+        colour, shape = _scene(r["meta"]["caption"])
+        name = f"COCO_val2014_{n:012d}.jpg"
+        _save(src, r, pope / "val2014" / name)
+        other = rng.choice([s for s in SHAPES if s != shape])
+        for qid, (thing, label) in enumerate(((shape, "yes"), (other, "no"))):
+            text = f"Is there a {thing} in the image?"
+            lines.append(
+                json.dumps({"question_id": 2 * n + qid, "image": name, "text": text, "label": label})
+            )
+        _save(src, r, mme / "existence" / f"{n:04d}.jpg")
+        wrong = rng.choice([c for c in colours if c != colour])
+        (mme / "existence" / f"{n:04d}.txt").write_text(
+            f"Is there a {colour} {shape} in this image? Please answer yes or no.\tYes\n"
+            f"Is there a {wrong} {shape} in this image? Please answer yes or no.\tNo\n"
+        )
+    (pope / "coco_pope_random.json").write_text("\n".join(lines) + "\n")
+
+
+def scienceqa_and_mmbench(rows: list[dict], src: Path, sqa: Path, mmb: Path) -> None:
+    """The two-choice questions as ScienceQA problems and as MMBench's dev TSV (images inline)."""
+    import base64
+
+    choice = [r for r in rows if r["meta"]["kind"] == "choice"]
+    problems, tsv = {}, ["\t".join(["index", "question", "hint", "A", "B", "answer", "category", "image"])]
+    for n, r in enumerate(choice):
+        options = r["meta"]["choices"]
+        pid = str(n)
+        _save(src, r, sqa / "images" / "test" / pid / "image.png")
+        problems[pid] = {
+            "question": text_of(r), "choices": options, "answer": options.index(r["response"]), "hint": "",
+            "image": "image.png", "split": "test", "subject": r["meta"]["field"], "grade": "grade1",
+        }  # fmt: skip
+        image = base64.b64encode((src / image_of(r)).read_bytes()).decode()
+        letter = "AB"[options.index(r["response"])]
+        tsv.append("\t".join([pid, text_of(r), "nan", *options, letter, r["meta"]["field"], image]))
+    (sqa / "problems.json").write_text(json.dumps(problems))
+    (sqa / "pid_splits.json").write_text(json.dumps({"test": sorted(problems, key=int), "val": []}))
+    mmb.mkdir(parents=True, exist_ok=True)
+    (mmb / "MMBench_DEV_EN.tsv").write_text("\n".join(tsv) + "\n")
+
+
 def throughput(checkpoint: Path, data: Path, out: Path, repeats: int = 5) -> dict:
     """``unimm eval --benchmark coco`` against ``unimm embed`` over a record file of the same
     distinct captions and images (one a record): both commands' own code paths in this process,
@@ -239,25 +318,36 @@ def main(quickstart: Path, out: Path) -> None:
     mmeb(captioned, src, out / "mmeb")
     mmvp(rows, src, out / "mmvp")
     mmvp_vlm(rows, src, out / "mmvp-vlm")
-    for name, extra in (
-        ("coco", []),
-        ("winoground", []),
-        ("vist", ["--split", "val"]),
-        ("mmeb", []),
-        ("mmvp", []),
-        ("mmvp-vlm", []),
+    vqav2(rows, src, out / "vqav2")
+    pope_and_mme(captioned, src, out / "pope", out / "mme")
+    scienceqa_and_mmbench(rows, src, out / "scienceqa-img", out / "mmbench")
+    index = quickstart / "index"  # the quickstart's index of its held-out records
+    for name, extra, data in (
+        ("coco", [], "coco"),
+        ("winoground", [], "winoground"),
+        ("vist", ["--split", "val"], "vist"),
+        ("mmeb", [], "mmeb"),
+        ("mmvp", [], "mmvp"),
+        ("mmvp-vlm", [], "mmvp-vlm"),
+        ("vqav2", ["--split", "val"], "vqav2"),
+        ("vqav2", ["--split", "val", "--rag", str(index), "--rag-k", "1"], "vqav2"),
+        ("pope", [], "pope"),
+        ("mme", [], "mme"),
+        ("scienceqa-img", [], "scienceqa-img"),
+        ("mmbench", ["--split", "val"], "mmbench"),
     ):
+        stem = name + ("-rag" if "--rag" in extra else "")
         command = [
             "unimm",
             "eval",
             "--benchmark",
             name,
             "--data",
-            str(out / name),
+            str(out / data),
             "--model",
             str(checkpoint),
         ]
-        command += ["--out", str(out / f"{name}.json"), "--device", "cpu", *extra]
+        command += ["--out", str(out / f"{stem}.json"), "--device", "cpu", *extra]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
     print(json.dumps(throughput(checkpoint, out / "coco", out), indent=1))

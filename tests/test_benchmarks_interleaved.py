@@ -189,7 +189,9 @@ def test_vist_quirks_missing_photos_and_splits(tmp_path):
     assert "1012" not in {i.id for i in data.tasks[0].gallery}
     with pytest.raises(UnimmError, match=r"vist: no 'train' split"):
         load("vist", root, split="train")
-    with pytest.raises(UnimmError, match=r"no val.story-in-sequence.json, but test.story-in-sequence.json: use --split test"):
+    with pytest.raises(
+        UnimmError, match=r"no val.story-in-sequence.json, but test.story-in-sequence.json: use --split test"
+    ):
         load("vist", root, split="val")
     for f in (root / "images" / "test").iterdir():
         f.unlink()

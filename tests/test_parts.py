@@ -171,6 +171,8 @@ def test_lora_and_trainable_parts_on_idefics3_and_qwen2_vl():
     model = UnimmModel(qwen, RetrievalHead(32, 8))
     trainable = lambda: {n for n, p in model.mllm.named_parameters() if p.requires_grad}  # noqa: E731
     _set_trainable(model, ModelOptions(tiny=True, lora=False), lora_done=False)
+    assert not trainable()  # the default: LoRA (none here) and the head only
+    _set_trainable(model, ModelOptions(tiny=True, lora=False, train_projector=True), lora_done=False)
     assert trainable() and all(n.startswith("model.visual.merger.") for n in trainable())
     _set_trainable(model, ModelOptions(tiny=True, lora=False, train_vision=True), lora_done=False)
     assert trainable() == {n for n, _ in qwen.named_parameters() if n.startswith("model.visual.")}

@@ -87,6 +87,67 @@ BENCHMARKS: dict[str, Benchmark] = {
             "Questions.csv with the MLLM_VLM Images/<Type>/ folders (Hugging Face MMVP/MMVP_VLM)",
             "unimm.benchmarks.mmvp",
         ),
+        Benchmark(
+            "vqav2",
+            "VQAv2: questions about COCO images, the VQA accuracy (val; test-dev: replies for its server)",
+            "v2_OpenEnded_mscoco_<split>_questions.json (+ v2_mscoco_val2014_annotations.json), "
+            "val2014/ or test2015/",
+            "unimm.benchmarks.vqa",
+        ),
+        Benchmark(
+            "gqa",
+            "GQA test-dev balanced: compositional questions, exact-match accuracy by structural type",
+            "testdev_balanced_questions.json (val: val_balanced_questions.json) with the images/ folder",
+            "unimm.benchmarks.vqa",
+        ),
+        Benchmark(
+            "vizwiz",
+            "VizWiz-VQA: questions from blind users (answer 'unanswerable' when it is), the VQA accuracy",
+            "Annotations/<split>.json with the <split>/ image folder (test: replies for the server)",
+            "unimm.benchmarks.vqa",
+        ),
+        Benchmark(
+            "textvqa",
+            "TextVQA: questions about text in images, the VQA accuracy (val; test: replies for the server)",
+            "TextVQA_0.5.1_<split>.json with train_images/ (val) or test_images/ (test)",
+            "unimm.benchmarks.vqa",
+        ),
+        Benchmark(
+            "pope",
+            "POPE: object hallucination, yes/no; accuracy, precision, recall, F1, yes ratio per file",
+            "coco_pope_{adversarial,popular,random}.json (JSON lines) with the COCO val2014/ images",
+            "unimm.benchmarks.yesno",
+        ),
+        Benchmark(
+            "mme",
+            "MME: 14 yes/no subtasks; acc, acc+ and score per subtask, perception and cognition totals",
+            "MME_Benchmark_release_version/<subtask>/ (images with .txt question files)",
+            "unimm.benchmarks.yesno",
+        ),
+        Benchmark(
+            "scienceqa-img",
+            "ScienceQA-IMG: multiple choice with an image; accuracy by generation and by likelihood",
+            "problems.json and pid_splits.json with images/<split>/<pid>/image.png",
+            "unimm.benchmarks.choice",
+        ),
+        Benchmark(
+            "mmbench",
+            "MMBench: multiple choice, circular evaluation; by generation and by likelihood, per category",
+            "MMBench_DEV_EN.tsv (--split val) or MMBench_TEST_EN.tsv (the OpenCompass TSV, images inline)",
+            "unimm.benchmarks.choice",
+        ),
+        Benchmark(
+            "llava-w",
+            "LLaVA-Bench (In-the-Wild): 60 open questions, rated by a judge against GPT-4's (--judge URL)",
+            "questions.jsonl, context.jsonl, answers_gpt4.jsonl with images/ (llava-bench-in-the-wild)",
+            "unimm.benchmarks.judged",
+        ),
+        Benchmark(
+            "mm-vet",
+            "MM-Vet: 218 open questions on integrated capabilities, scored 0–1 by a judge (--judge URL)",
+            "mm-vet.json with the images/ folder (the MM-Vet release)",
+            "unimm.benchmarks.judged",
+        ),
     )
 }
 

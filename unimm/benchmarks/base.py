@@ -93,6 +93,47 @@ class ChoiceTask:
     """Index of each question's right option."""
     groups: list[str]
     description: str = ""
+    group_metric: str = "pair_accuracy"
+    """The name the all-right-together figure is reported under (MMBench: ``circular_accuracy``)."""
+    group_count: str = "pairs"
+    breakdowns: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Accuracy per value of a field (e.g. ScienceQA's ``subject``): the name → each question's value."""
+
+
+@dataclasses.dataclass
+class AnswerTask:
+    """Questions answered by generation (greedy), each reply graded by the benchmark's rule.
+
+    ``grading``: ``vqa`` (the VQA accuracy against the human answers), ``exact`` (GQA: lower
+    case, no final period, equal to the answer), ``pope`` / ``mme`` (the reply read as yes/no by
+    that benchmark's rule), ``letter`` (the option the reply names, :func:`~unimm.benchmarks.
+    scoring.option_letter`) or ``llava-w`` / ``mm-vet`` (a judge model's verdict,
+    :mod:`unimm.benchmarks.judged`). ``references`` are each question's right answers (``[]`` on a split
+    whose answers are not released: the replies are kept for the benchmark's server).
+    """
+
+    name: str
+    ids: list[str]
+    prompts: list[Item]
+    references: list[list[str]]
+    grading: str
+    groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Breakdowns: a field name (e.g. ``answer_type``) → each question's value."""
+    together: list[str] | None = None
+    """Questions that count only when all are right (MME: the two questions of an image; MMBench:
+    a question's rotations), reported as ``together_metric``."""
+    together_metric: str = "group_accuracy"
+    options: list[list[str]] | None = None
+    """``letter`` grading: each question's options (A, B, … in order)."""
+    max_new_tokens: int = 16
+    first_line: bool = True
+    """Keep only the reply's first line (short answers); judged benchmarks keep it whole."""
+    extras: list[dict] | None = None
+    """Per question, what a judge is shown besides the reply (LLaVA-W: the caption)."""
+    submission: dict[str, str] | None = None
+    """On a split without answers: the submission file's field names, ``{"id": "question_id",
+    "answer": "answer"}`` (the question id is written as a number when it is one)."""
+    description: str = ""
 
 
 @dataclasses.dataclass
@@ -102,13 +143,16 @@ class BenchmarkData:
 
     benchmark: str
     root: str
-    tasks: list[RankingTask | PairTask | ChoiceTask]
+    tasks: list[RankingTask | PairTask | ChoiceTask | AnswerTask]
     files: list[str]
     images: list[str]
     notes: list[str] = dataclasses.field(default_factory=list)
     averages: dict[str, tuple[str, list[str]]] = dataclasses.field(default_factory=dict)
     """Summary figures: a name → (a metric, the tasks whose metric is averaged), e.g. MMEB's
     meta-task averages."""
+    totals: dict[str, tuple[str, list[str]]] = dataclasses.field(default_factory=dict)
+    """Summed figures: a name → (a metric, the tasks whose metric is summed), e.g. MME's
+    perception and cognition scores."""
 
     def digest(self) -> str:
         """sha256 over the annotation files' bytes and each image's path (relative to the root)
@@ -123,6 +167,34 @@ class BenchmarkData:
         for path in sorted(set(self.images)):
             h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0".encode())
         return "sha256:" + h.hexdigest()
+
+
+def sample_of(parts: tuple[tuple[str, str], ...], n: int, context: list | None = None):
+    """The sample of an item's parts (images opened now), after ``context`` slices if given."""
+    from unimm.data.samples import Sample, Slice
+
+    slices = [Slice.of_text(v) if k == "text" else Slice.of_image(_open(k, v)) for k, v in parts]
+    return Sample.of_slices([*(context or []), *slices], key=str(n))
+
+
+def _open(kind: str, value: str):
+    """An image part: a file path, or (``image_base64``) the image's bytes in base64."""
+    from unimm.data.adapters import open_image
+
+    if kind != "image_base64":
+        return open_image(value)
+    import base64
+    import io
+
+    from PIL import Image, ImageOps
+
+    from unimm.data.images import to_rgb
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(value))) as img:
+            return to_rgb(ImageOps.exif_transpose(img))  # a copy: usable once the file is closed
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnimmError(f"an inline (base64) image cannot be read ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------

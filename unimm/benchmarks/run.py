@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 
-from unimm.benchmarks.base import BenchmarkData, ChoiceTask, Item, PairTask, RankingTask
+from unimm.benchmarks.base import (
+    AnswerTask,
+    BenchmarkData,
+    ChoiceTask,
+    Item,
+    PairTask,
+    RankingTask,
+    sample_of,
+)
 from unimm.errors import UnimmError
 from unimm.utils import text_table
 
@@ -43,21 +51,13 @@ class ItemEncoder:
         with tqdm(total=len(todo), desc=desc, unit="input", disable=not self.progress or not todo) as bar:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                vectors = self.session.embed_views([_sample(parts, n) for n, parts in enumerate(chunk)])
+                vectors = self.session.embed_views([sample_of(parts, n) for n, parts in enumerate(chunk)])
                 self.cache.update(zip(chunk, vectors, strict=True))
                 self.forwarded += len(chunk)
                 bar.update(len(chunk))
         if not items:
             return torch.zeros(0, 0)
         return torch.stack([self.cache[item.parts] for item in items])
-
-
-def _sample(parts: tuple[tuple[str, str], ...], n: int):
-    from unimm.data.adapters import open_image
-    from unimm.data.samples import Sample, Slice
-
-    slices = [Slice.of_text(v) if k == "text" else Slice.of_image(open_image(v)) for k, v in parts]
-    return Sample.of_slices(slices, key=str(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,12 +186,15 @@ def pair_task(encoder: ItemEncoder, task: PairTask) -> dict:
 # Multiple choice by likelihood
 
 
-def choice_task(encoder: ItemEncoder, task: ChoiceTask) -> dict:
-    """Accuracy and pair accuracy of the likeliest option, and each question's option scores."""
+def choice_task(encoder: ItemEncoder, task: ChoiceTask, context: list[list] | None = None) -> dict:
+    """Accuracy and pair accuracy of the likeliest option, and each question's option scores
+    (``context``: per question, slices put before it)."""
     from unimm.inference.evaluate import Evaluator
     from unimm.inference.metrics import choice_scores
 
-    prompts = [_sample(prompt.parts, q) for q, prompt in enumerate(task.prompts)]  # each image opened once
+    prompts = [  # each image opened once
+        sample_of(prompt.parts, q, context[q] if context else None) for q, prompt in enumerate(task.prompts)
+    ]
     expanded = [
         prompt.replace(response=option)
         for prompt, options in zip(prompts, task.options, strict=True)
@@ -218,32 +221,59 @@ def choice_task(encoder: ItemEncoder, task: ChoiceTask) -> dict:
                 "correct": correct[-1],
             }
         )
-    metrics: dict[str, Any] = choice_scores(correct, task.groups)
-    metrics["pair_accuracy"] = metrics.pop("group_accuracy")
-    metrics["pairs"] = metrics.pop("groups")
-    metrics["chance"] = sum(1 / len(o) for o in task.options) / len(task.options)
+
+    def figures(rows: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = choice_scores([correct[q] for q in rows], [task.groups[q] for q in rows])
+        out[task.group_metric] = out.pop("group_accuracy")
+        out[task.group_count] = out.pop("groups")
+        out["chance"] = sum(1 / len(task.options[q]) for q in rows) / len(rows)
+        return out
+
+    metrics = figures(list(range(len(correct))))
+    for name, values in task.breakdowns.items():
+        by_value: dict[str, list[int]] = {}
+        for q, value in enumerate(values):
+            by_value.setdefault(value, []).append(q)
+        metrics[f"by_{name}"] = {v: figures(rows) for v, rows in sorted(by_value.items())}
     return {"metrics": metrics, "per_query": per_question}
 
 
-def run_benchmark(encoder: ItemEncoder, data: BenchmarkData, keep: int = KEEP) -> dict:
-    """Every task of ``data`` and its averages: ``{"metrics": {task: …, "averages": …},
-    "per_query": {task: […]}}``."""
+def run_benchmark(
+    encoder: ItemEncoder,
+    data: BenchmarkData,
+    keep: int = KEEP,
+    context: dict[str, list] | None = None,
+    judge=None,
+) -> dict:
+    """Every task of ``data`` and its averages and totals: ``{"metrics": {task: …, "averages": …,
+    "totals": …}, "per_query": {task: […]}}``. ``context``: per answer task, each question's
+    retrieved slices (retrieval-augmented evaluation); ``judge``: a judged benchmark's judge."""
     metrics: dict[str, Any] = {}
     per_query: dict[str, Any] = {}
+    from unimm.benchmarks.answering import answer_task
+
     for task in data.tasks:
         if isinstance(task, RankingTask):
             out = rank_task(encoder, task, keep)
         elif isinstance(task, PairTask):
             out = pair_task(encoder, task)
+        elif isinstance(task, AnswerTask):
+            out = answer_task(encoder, task, context.get(task.name) if context else None, judge)
         else:
-            out = choice_task(encoder, task)
+            out = choice_task(encoder, task, context.get(task.name) if context else None)
         metrics[task.name] = out["metrics"]
         per_query[task.name] = out["per_query"]
-    if data.averages:
-        metrics["averages"] = {
-            name: {key: sum(metrics[t][key] for t in tasks) / len(tasks), "tasks": len(tasks)}
-            for name, (key, tasks) in data.averages.items()
-        }
+    for field, summaries, combine in (
+        ("averages", data.averages, lambda values: sum(values) / len(values)),
+        ("totals", data.totals, sum),
+    ):
+        scored = {n: (k, [t for t in ts if k in metrics[t]]) for n, (k, ts) in summaries.items()}
+        if any(tasks for _, tasks in scored.values()):
+            metrics[field] = {
+                name: {key: combine([metrics[t][key] for t in tasks]), "tasks": len(tasks)}
+                for name, (key, tasks) in scored.items()
+                if tasks
+            }
     return {"metrics": metrics, "per_query": per_query}
 
 
@@ -252,6 +282,7 @@ def run_benchmark(encoder: ItemEncoder, data: BenchmarkData, keep: int = KEEP) -
 
 _COLUMNS = (
     "R@1", "R@5", "R@10", "MRR", "chance@1", "text", "image", "group", "accuracy", "pair_accuracy", "P@1",
+    "precision", "recall", "F1", "yes_ratio", "acc+", "circular_accuracy", "score", "relative_score",
 )  # fmt: skip
 _COUNTS = ("queries", "pairs", "questions", "tasks")
 
@@ -267,8 +298,10 @@ def _tasks(results: dict) -> dict[str, dict]:
     """Task name → its metrics, the averages (MMEB's meta-tasks) last as ``average: NAME``."""
     metrics = dict(results.get("metrics", {}))
     averages = metrics.pop("averages", {})
+    totals = metrics.pop("totals", {})
     out = {name: m for name, m in metrics.items() if isinstance(m, dict)}
     out.update({f"average: {name}": m for name, m in averages.items()})
+    out.update({f"total: {name}": m for name, m in totals.items()})
     return out
 
 

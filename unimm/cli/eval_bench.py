@@ -63,6 +63,19 @@ def eval_(
     split: Annotated[
         str | None, typer.Option(help="The benchmark's split: test (published figures) or val.")
     ] = None,
+    rag: Annotated[
+        Path | None,
+        typer.Option(help="Retrieval-augmented: an index (unimm embed) to retrieve from for each question."),
+    ] = None,
+    rag_k: Annotated[
+        int | None, typer.Option(help=f"Documents retrieved per question {default('eval.rag_k')}")
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="Judged benchmarks: URL of an OpenAI-compatible endpoint.")
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help=f"The judge's model {default('eval.judge_model')}")
+    ] = None,
     list_: Annotated[
         bool, typer.Option("--list", help="List the benchmarks and the files each reads.")
     ] = False,

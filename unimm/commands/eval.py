@@ -11,6 +11,7 @@ the benchmarks are :mod:`unimm.benchmarks`.
 from __future__ import annotations
 
 from unimm.config import EvalConfig
+from unimm.errors import UnimmError
 from unimm.inference.evaluate import Evaluator, evaluate, load_samples, strict_json
 
 
@@ -64,8 +65,18 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
 
     opts = cfg.eval
     benchmark = get_benchmark(opts.benchmark or "")
+    judge = None
+    if benchmark.module == "unimm.benchmarks.judged":
+        from unimm.benchmarks.judged import Judge
+
+        if not opts.judge:
+            raise UnimmError(
+                f"--benchmark {benchmark.name} is scored by a judge model: give --judge URL of an "
+                "OpenAI-compatible endpoint (and --judge-model; the key, if any, in $OPENAI_API_KEY)"
+            )
+        judge = Judge(opts.judge, opts.judge_model)
     if opts.out:
-        claim_output(Path(opts.out), None, [*opts.data, opts.model])
+        claim_output(Path(opts.out), None, [*opts.data, opts.model, *([opts.rag] if opts.rag else [])])
     data = benchmark.load(
         Path(opts.data[0]),
         image_root=Path(opts.image_root) if opts.image_root else None,
@@ -81,7 +92,15 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
         )
     encoder = ItemEncoder(session, opts.batch_size, progress=progress)
     started = time.perf_counter()
-    scored = score(encoder, data)
+    context, retrieved, rag = None, {}, None
+    if opts.rag:
+        from unimm.benchmarks.augmented import retrieve_for
+
+        context, retrieved, rag = retrieve_for(encoder, data, opts.rag, str(opts.model), opts.rag_k)
+    scored = score(encoder, data, context=context, judge=judge)
+    for task, found in retrieved.items():
+        for record, hits in zip(scored["per_query"][task], found, strict=True):
+            record["retrieved"] = hits
     seconds = time.perf_counter() - started
     results = {
         "benchmark": benchmark.name,
@@ -95,12 +114,32 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
         "split": opts.split,
         "limit": opts.limit,
         "notes": data.notes,
+        **({"rag": rag} if rag else {}),
         "metrics": scored["metrics"],
-        "settings": {"batch_size": opts.batch_size, "device": str(session.device), "keep": KEEP},
+        "settings": {
+            "batch_size": opts.batch_size,
+            "device": str(session.device),
+            "keep": KEEP,
+            **({"judge": judge.url, "judge_model": judge.model, "judge_calls": judge.calls} if judge else {}),
+        },
         "timing": {"seconds": round(seconds, 3), "inputs_embedded": encoder.forwarded},
         "environment": environment(),
         "per_query": scored["per_query"],
     }
     if opts.out:
+        _write_submissions(data, scored, Path(opts.out), results["notes"])
         atomic_write_json(opts.out, strict_json(results))
     return results
+
+
+def _write_submissions(data, scored: dict, out, notes: list[str]) -> None:
+    """Beside ``out``: per task without released answers, the replies in the server's format."""
+    from unimm.benchmarks.answering import submission
+    from unimm.benchmarks.base import AnswerTask
+    from unimm.utils import atomic_write_json
+
+    for task in data.tasks:
+        if isinstance(task, AnswerTask) and task.submission is not None:
+            path = out.with_name(f"{out.stem}.{task.name}.submission.json")
+            atomic_write_json(path, submission(task, scored["per_query"][task.name]))
+            notes.append(f"{task.name}: the replies for the benchmark's server are in {path}")

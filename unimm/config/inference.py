@@ -198,6 +198,16 @@ class EvalOptions(CheckpointOptions):
     folder (or annotation file) and ``tasks`` does not apply."""
     split: str = "test"
     """The benchmark's split: ``test`` (published figures) or ``val`` where the release has one."""
+    rag: str | None = None
+    """Retrieval-augmented evaluation of a generative benchmark: an index (``unimm embed``) whose
+    ``rag_k`` nearest documents to each question are put before it."""
+    rag_k: int = 2
+    judge: str | None = None
+    """A judged benchmark's judge: the URL of an OpenAI-compatible endpoint (its key, if it needs
+    one, in ``$OPENAI_API_KEY``)."""
+    judge_model: str = "gpt-4o"
+    """The model the judge endpoint serves (the published figures used GPT-4: 0314 for LLaVA-W,
+    0613 for MM-Vet)."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -210,6 +220,10 @@ class EvalOptions(CheckpointOptions):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             problems.append(f"eval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+        if self.rag and not self.benchmark:
+            problems.append("eval.rag: retrieval-augmented evaluation needs --benchmark (a generative one)")
+        if self.rag_k < 1:
+            problems.append(f"eval.rag_k: retrieve at least one document, got {self.rag_k}")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             problems.append("eval.limit must be >= 0; eval.batch_size and eval.max_new_tokens >= 1")
         return problems

@@ -31,13 +31,20 @@ def build_prompt(question: list[Slice], retrieved: list[Sample], history: list[S
     ``history`` is the conversation so far as slices: the user's (role ``user``) and the answers
     (text slices of role ``assistant``).
     """
+    slices = retrieved_slices(retrieved)
+    slices.extend(history)
+    slices.extend(question)
+    return Sample.of_slices(slices, key="chat", id="chat")
+
+
+def retrieved_slices(retrieved: list[Sample]) -> list[Slice]:
+    """The retrieval template's part before the question: ``Retrieved item k (ID):`` and the
+    document's slices, for each document (the one definition, for chat and for evaluation)."""
     slices: list[Slice] = []
     for k, doc in enumerate(retrieved, start=1):
         slices.append(Slice.of_text(f"Retrieved item {k} ({doc.id}):"))
         slices.extend(s.as_role("user") for s in doc.slices)
-    slices.extend(history)
-    slices.extend(question)
-    return Sample.of_slices(slices, key="chat", id="chat")
+    return slices
 
 
 class ChatSession:

@@ -6,6 +6,8 @@ checkpoint would (:func:`unimm.inference.session.embed_last_views`), and the fig
 step's line in ``metrics.jsonl`` as ``NAME/TASK/METRIC``. With ``train.best_metric`` the step
 where that figure was best is checkpointed and ``RUN/best`` links it; ``RUN/best.json`` records
 the step and value, so a resumed run keeps comparing against it, and pruning never removes it.
+Replies generated and graded (VQAv2, POPE, MME, the generation half of ScienceQA-IMG and
+MMBench) are left to ``unimm eval``; the likelihood halves are scored during training.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from unimm.errors import UnimmError
 
 RANKING_FIGURES = ("R@1", "R@5", "R@10", "MRR")
 PAIR_FIGURES = ("text", "image", "group")
-CHOICE_FIGURES = ("accuracy", "pair_accuracy")
 
 
 def task_figures(task) -> tuple[str, ...]:
@@ -34,7 +35,7 @@ def task_figures(task) -> tuple[str, ...]:
         return (*RANKING_FIGURES, *(("P@1",) if task.precision_at_1 else ()))
     if isinstance(task, PairTask):
         return (*PAIR_FIGURES, *(("pair_accuracy",) if task.pair_accuracy else ()))
-    return CHOICE_FIGURES
+    return ("accuracy", task.group_metric)
 
 
 class _LiveModel:
@@ -57,6 +58,7 @@ class TrainingBenchmarks:
 
     def __init__(self, cfg: TrainConfig) -> None:
         from unimm.benchmarks import get_benchmark
+        from unimm.benchmarks.base import AnswerTask
 
         opts = cfg.train
         self.batch_size = opts.batch_size
@@ -68,6 +70,12 @@ class TrainingBenchmarks:
                 )
             except UnimmError as exc:
                 raise UnimmError(f"train.benchmarks.{name}: {exc}") from None
+            self.data[name].tasks = [t for t in self.data[name].tasks if not isinstance(t, AnswerTask)]
+            if not self.data[name].tasks:  # generating and grading replies takes too long mid-run
+                raise UnimmError(
+                    f"train.benchmarks.{name}: its replies are generated and graded, which training does "
+                    f"not do; score the checkpoints with unimm eval --benchmark {name}"
+                )
 
     def keys(self) -> list[str]:
         """The figures :meth:`evaluate` logs."""
