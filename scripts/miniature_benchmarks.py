@@ -194,14 +194,15 @@ def _scene(caption: str) -> tuple[str, str]:
 
 
 def vqav2(rows: list[dict], src: Path, out: Path) -> None:
+    from unimm.benchmarks.scoring import normalize_vqa_answer
+
     qa = [r for r in rows if r["meta"]["kind"] == "qa"]
     questions, annotations = [], []
     for n, r in enumerate(qa):
         _save(src, r, out / "val2014" / f"COCO_val2014_{n:012d}.jpg")
         questions.append({"image_id": n, "question": text_of(r), "question_id": n})
-        answers = [
-            {"answer": r["response"], "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)
-        ]
+        answer = normalize_vqa_answer(r["response"])  # the release's answers are normalised ("3")
+        answers = [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]
         annotations.append({"question_id": n, "image_id": n, "answer_type": "other", "answers": answers})
     (out / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
     (out / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))

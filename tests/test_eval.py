@@ -244,13 +244,16 @@ def test_ablation_table_and_verdict_by_hand():
     rows = {"joint": joint, "generative-only": worse, "discriminative-only": missing}
     table = format_markdown(rows)
     assert table.splitlines()[0].startswith("| variant | QA EM |")
-    assert "| generative-only | 0.600 | 0.400 |" in table and "| discriminative-only | – |" in table
+    # each cell of a variant with its relative change against the full method, as the paper prints it
+    assert "| generative-only | 0.600 (+20.0%) | 0.400 (-20.0%) |" in table
+    assert "| discriminative-only | – |" in table and "| joint | 0.500 | 0.500 |" in table
     assert verdict(rows) == [
         f"- joint ≥ generative-only on {len(columns) - 1} of {len(columns)} columns (below on: QA EM)"
     ]
 
 
 def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
+    from tests.test_benchmarks_generative import pope
     from unimm.data.synthetic import write_synthetic
     from unimm.pipelines.ablate import AblateOptions, run
 
@@ -259,16 +262,27 @@ def test_ablate_trains_each_variant_once(tiny_shards, tmp_path):
         recipe=str(recipe),
         train=[str(tiny_shards)],
         eval=[str(write_synthetic(tmp_path / "e", 30, seed=5))],
-        steps=2,
+        steps=3,
         out=str(tmp_path / "abl"),
-        variants=["joint", "w/o avg pooling"],
+        variants=["joint", "w/o data_g", "w/o avg pooling"],
+        benchmarks={"pope": str(pope(tmp_path / "pope"))},
     )
     summary = run(opts, progress=False)
-    assert list(summary["rows"]) == ["joint", "w/o avg pooling"]
+    assert list(summary["rows"]) == ["joint", "w/o data_g", "w/o avg pooling"]
     assert all(v is not None for v in summary["rows"]["joint"].values())
+    stored = json.loads((tmp_path / "abl" / "joint" / "seed-0" / "eval.json").read_text())
+    pope_accuracy = stored["benchmarks"]["pope"]["metrics"]["averages"]["accuracy"]["accuracy"]
+    assert summary["rows"]["joint"]["pope accuracy"] == pytest.approx(pope_accuracy)
+    # the data-reduction row trained on the stated share: 3 steps of 8 = the 24 samples once, all
+    # tagged "both"; half of them (by key) kept their next-token loss, the rest only the alignment loss
+    (joint,), (reduced,) = summary["samples"]["joint"], summary["samples"]["w/o data_g"]
+    assert joint == {"both": 24, "generative": 0, "discriminative": 0}
+    assert reduced["both"] + reduced["discriminative"] == 24 and 6 <= reduced["discriminative"] <= 18
+    row = next(line for line in summary["table"].splitlines() if line.startswith("| w/o data_g |"))
+    assert "%)" in row and "w/o data_g: " in summary["table"]  # the relative changes; the samples
     from unimm.model.checkpoint import read_meta
 
-    assert read_meta(tmp_path / "abl" / "without-avg-pooling" / "seed-0" / "step-000002")["pooling"] == "last"
+    assert read_meta(tmp_path / "abl" / "without-avg-pooling" / "seed-0" / "step-000003")["pooling"] == "last"
     for name in ("ablation.md", "ablation.json", "ablation.png", "loss.png"):
         assert (tmp_path / "abl" / name).stat().st_size > 0
     stored = tmp_path / "abl" / "joint" / "seed-0" / "eval.json"

@@ -169,14 +169,31 @@ def eval_ablate(
     out: Annotated[Path, typer.Option("--out", help="Folder for the runs and the table.")] = Path("ablation"),
     variants: Annotated[
         str | None,
-        typer.Option(help="Comma list (default all): joint, generative-only, discriminative-only, ..."),
+        typer.Option(
+            help="Comma list (default: the paper's rows: joint, w/o data_g, w/o data_d, w/o GAK, "
+            "w/o triple kernel, w/o avg pooling; also generative-only, discriminative-only)."
+        ),
     ] = None,
+    reduce: Annotated[
+        float, typer.Option(help="The fraction of a task's data the w/o data_g / w/o data_d rows keep.")
+    ] = 0.5,
+    benchmark: Annotated[
+        list[str] | None,
+        typer.Option("--benchmark", help="NAME=FOLDER: also score each variant on a benchmark; repeatable."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="The benchmarks' split.")] = "test",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Train the paper's ablation variants on the same data, seed and steps; print the table."""
-    from unimm.pipelines.ablate import VARIANTS, AblateOptions, run
+    from unimm.pipelines.ablate import PAPER_ROWS, AblateOptions, run
 
+    benchmarks = {}
+    for pair in benchmark or []:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise UnimmError(f"--benchmark {pair!r}: give NAME=FOLDER, e.g. --benchmark coco=data/coco")
+        benchmarks[name.strip()] = folder.strip()
     opts = AblateOptions(
         recipe=str(recipe),
         train=[str(t) for t in train],
@@ -184,8 +201,11 @@ def eval_ablate(
         steps=steps,
         seeds=_seeds(seeds),
         out=str(out),
-        variants=comma_list(variants) or list(VARIANTS),
+        variants=comma_list(variants) or list(PAPER_ROWS),
         overrides=list(set_ or []),
+        reduce=reduce,
+        benchmarks=benchmarks,
+        split=split,
     )
     summary = run(opts, progress=not quiet)
     typer.echo("\n" + summary["table"] + "\n\n" + "\n".join(summary["verdict"]))

@@ -22,7 +22,7 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
 def notes(history: dict[str, Any]) -> list[str]:
     """What the run's end should mention: cut slices, skipped steps, undecodable samples."""
-    return [
+    out = [
         f"{history[key]} {what}"
         for key, what in (
             ("dropped_slices", "slice(s) cut by model.max_length"),
@@ -31,3 +31,10 @@ def notes(history: dict[str, Any]) -> list[str]:
         )
         if history.get(key)
     ]
+    seen = history.get("samples", {})
+    if seen.get("generative") or seen.get("discriminative"):  # data tagged by task, or reduced
+        out.append(
+            f"samples trained: {seen.get('both', 0)} on both losses, {seen['generative']} on the "
+            f"next-token loss only, {seen['discriminative']} on the alignment loss only"
+        )
+    return out

@@ -17,6 +17,10 @@ class PrepareOptions:
     """Output shard directory."""
     format: Literal["auto", "unimm", "llava", "mmc4", "csv"] = "auto"
     """Input format; ``auto`` decides per file from its extension and first record."""
+    task: Literal["records", "both", "generative", "discriminative"] = "records"
+    """Which losses the inputs' records train: ``records`` (each record's own ``task``, default
+    ``both``), or one for every record of these inputs (e.g. ``generative`` for instruction data,
+    ``discriminative`` for image–text pairs: the paper's data_g and data_d)."""
     image_root: str | None = None
     """Folder image paths are relative to (and must stay inside); default: each input's folder."""
     samples_per_shard: int = 1000
@@ -130,6 +134,11 @@ class DataOptions:
     are the same for any number of workers, so resuming and changing it are both exact."""
     cut_points: int = 4
     """Views per sample (the paper's P); the last slice is always one of them."""
+    task_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Keep only this fraction of each task's data (the paper's "w/o data_g" / "w/o data_d"):
+    ``{generative: 0.5}`` keeps the next-token loss of half the records that train it (chosen per
+    record key and seed, the same every epoch): the others of them that are generative-only are
+    skipped, those tagged ``both`` train the alignment loss only."""
     verify: Literal["full", "size", "off"] = "full"
     """Check each shard against its manifest as it is read: ``full`` (its size when opened, its
     sha256 streamed as it is read), ``size``, or ``off`` (a damaged shard's unreadable samples are
@@ -151,4 +160,9 @@ class DataOptions:
             problems.append("data.prefetch: must be >= 1 with data.workers > 0 (batches ahead per worker)")
         if self.cut_points < 1:
             problems.append(f"data.cut_points: must be >= 1, got {self.cut_points}")
+        for task, fraction in self.task_fraction.items():
+            if task not in ("generative", "discriminative"):
+                problems.append(f"data.task_fraction.{task}: the tasks are generative and discriminative")
+            elif not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+                problems.append(f"data.task_fraction.{task}: a fraction in (0, 1], got {fraction!r}")
         return problems

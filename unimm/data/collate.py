@@ -55,6 +55,7 @@ class Encoded:
     dropped: int = 0
     key: str = ""
     epoch: int = 0
+    task: str = "both"
 
 
 class Collator:
@@ -161,7 +162,7 @@ class Collator:
                 spans[: len(whole)],
                 images[: sum(kind == IMAGE for kind, _, _ in spans[: len(whole)])],
             )
-        return Encoded(ids, labels, spans, images, dropped, sample.key, sample.epoch)
+        return Encoded(ids, labels, spans, images, dropped, sample.key, sample.epoch, sample.task)
 
     def _literal(self, sample: Sample) -> Sample:
         """``sample`` with the tokenizer's control tokens inside its texts made literal: a
@@ -351,10 +352,12 @@ class Collator:
             at = longest - len(e.input_ids) if pad_left else 0
             row = slice(at, at + len(e.input_ids))
             input_ids[b, row] = torch.tensor(e.input_ids)
-            labels[b, row] = torch.tensor(e.labels)
+            if e.task != "discriminative":  # a discriminative-only sample has no next-token targets
+                labels[b, row] = torch.tensor(e.labels)
             attention[b, row] = 1
             spans.append([(kind, start + at, end + at) for kind, start, end in e.spans])
-            views.extend((b, c) for c in self.cuts(e))
+            if e.task != "generative":  # nor a generative-only one views to align
+                views.extend((b, c) for c in self.cuts(e))
         images = self.image_inputs([img for e in encoded for img in e.images])
         if images is not None and self._token_type_key is not None:
             types = self.processor.create_mm_token_type_ids(input_ids.tolist())
@@ -367,6 +370,7 @@ class Collator:
             "spans": spans,
             "views": views,
             "dropped_slices": sum(e.dropped for e in encoded),
+            "tasks": [e.task for e in encoded],
         }
         if samples is not None:
             batch["teacher"] = [s.teacher for s in samples]

@@ -306,6 +306,8 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
             except ImageProblem as exc:
                 rejects.append(DataError(str(exc), source=item.source, line=item.line, record_id=item.id))
                 continue
+            if opts.task != "records":
+                item.task = opts.task
             pending.append(_Pending(item, files))
     return pending, rejects
 
@@ -447,6 +449,7 @@ def _members(item: _Pending, images: list[EncodedImage], features) -> dict[str, 
         "id": record.id,
         "slices": slices,
         "response": record.response,
+        **({"task": record.task} if record.task != "both" else {}),  # earlier shards: unchanged bytes
         "meta": record.meta,
         "source": {"file": Path(record.source).name if record.source else None, "line": record.line},
     }
@@ -484,6 +487,7 @@ def _fingerprint(inputs: list[Path], input_hashes: dict, cfg: PrepareConfig, tea
         },
         "teachers": teachers.manifest() if teachers is not None else None,
         "teacher_text_max_length": cfg.teachers.text_max_length,
+        **({"task": opts.task} if opts.task != "records" else {}),  # older fingerprints unchanged
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

@@ -19,7 +19,9 @@ from unimm.errors import DataError
 
 SliceKind = Literal["text", "image"]
 ROLES = ("user", "assistant")
-RECORD_KEYS = ("id", "slices", "response", "meta")
+RECORD_KEYS = ("id", "slices", "response", "task", "meta")
+TASKS = ("both", "generative", "discriminative")
+"""Which losses a record trains: both (the default), the next-token loss only, or the alignment loss only."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Record:
     meta: dict[str, Any] | None = None
     source: str | None = None
     line: int | None = None
+    task: str = "both"
+    """The losses it trains (:data:`TASKS`): in the paper's terms, generative data, discriminative
+    data, or both."""
 
     @property
     def image_paths(self) -> list[str]:
@@ -98,7 +103,12 @@ def record_from_obj(obj: Any, *, source: str | None = None, line: int | None = N
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise fail(f"'meta' must be an object, got {type(meta).__name__}")
-    return Record(id=rid_text, slices=slices, response=response, meta=meta, source=source, line=line)
+    task = obj.get("task", "both")
+    if task not in TASKS:
+        raise fail(f"'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    return Record(
+        id=rid_text, slices=slices, response=response, meta=meta, source=source, line=line, task=task
+    )
 
 
 def _slice_from_obj(obj: Any, index: int, fail) -> RecordSlice:
@@ -130,6 +140,8 @@ def record_to_obj(record: Record) -> dict[str, Any]:
     obj: dict[str, Any] = {"id": record.id, "slices": slices}
     if record.response is not None:
         obj["response"] = record.response
+    if record.task != "both":
+        obj["task"] = record.task
     if record.meta:
         obj["meta"] = record.meta
     return obj

@@ -79,6 +79,8 @@ class Sample:
         teacher: the teacher features ``{"u", "v", "modality"}`` (tensors), if prepared with teachers.
         epoch: the training epoch of its directory that drew it (0 outside training); with the key
             it seeds the sample's cut points, so each epoch sees other prefixes.
+        task: the losses it trains: ``both``, ``generative`` (next-token loss only) or
+            ``discriminative`` (alignment loss only).
     """
 
     key: str
@@ -90,6 +92,7 @@ class Sample:
     url: str | None = None
     teacher: dict[str, torch.Tensor] | None = None
     epoch: int = 0
+    task: str = "both"
 
     @classmethod
     def of_slices(cls, slices: list[Slice], key: str = "prompt", **fields: Any) -> Sample:

@@ -377,6 +377,7 @@ def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> Sample:
         slices=slices,
         id=header.get("id"),
         response=header.get("response"),
+        task=header.get("task", "both"),
         meta=header.get("meta"),
         source=header.get("source"),
         url=url,

@@ -10,6 +10,8 @@ same order either way (:func:`open_batches` picks one).
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import os
 import random
@@ -96,6 +98,8 @@ class DataStream:
         self.epochs = [0] * len(data.train)
         self._iters: list[Iterator | None] = [None] * len(data.train)
         self._rng = random.Random(seed)
+        self.seen: collections.Counter[str] = collections.Counter()
+        """Samples drawn so far by the task they train (after ``data.task_fraction``)."""
 
     def _stream(self, k: int) -> Iterator[Sample]:
         from unimm.data.shards import read_samples
@@ -111,13 +115,34 @@ class DataStream:
                 decode_images=False,  # decoded per batch by BatchMaker, where the batch is made
                 verify=self.data.verify,
             )
-            got = False
+            got = read = False
             for sample in pipeline:
+                read = True
+                kept = self._reduced(sample)
+                if kept is None:
+                    continue
                 got = True
-                yield sample.replace(epoch=self.epochs[k])
+                self.seen[kept.task] += 1
+                yield kept.replace(epoch=self.epochs[k])
             if not got:  # check_data_fits rules out a process without shards
-                raise UnimmError(f"{self.data.train[k]}: no readable sample (all skipped as corrupt?)")
+                why = "all left out by data.task_fraction" if read else "all skipped as corrupt?"
+                raise UnimmError(f"{self.data.train[k]}: no readable sample ({why})")
             self.epochs[k] += 1
+
+    def _reduced(self, sample: Sample) -> Sample | None:
+        """``sample`` as ``data.task_fraction`` keeps it: unchanged, without the task it loses
+        (``both`` → the other task), or ``None`` (a single-task sample whose task is left out)."""
+        for task, fraction in self.data.task_fraction.items():
+            if sample.task not in (task, "both") or fraction >= 1:
+                continue
+            digest = hashlib.sha256(f"{self.seed}/{task}/{sample.key}".encode()).digest()
+            if int.from_bytes(digest[:8], "little") / 2**64 < fraction:
+                continue
+            if sample.task == task:
+                return None
+            other = "discriminative" if task == "generative" else "generative"
+            sample = sample.replace(task=other)
+        return sample
 
     def next(self) -> Sample:
         k = (

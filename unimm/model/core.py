@@ -181,6 +181,8 @@ class UnimmModel(nn.Module):
             # the collator's CPU ids: finding each image's positions there needs no device sync
             pooled = self.pool(hidden, batch["spans"], batch["views"], batch["input_ids"])
             embeddings = self.head(pooled)
+        elif with_views and batch.get("views") is not None:  # only generative-only samples here
+            embeddings = self.head(torch.zeros((0, hidden.shape[-1]), device=hidden.device))
         return ModelOutput(loss_gen, embeddings, pooled, label_tokens)
 
     @torch.no_grad()

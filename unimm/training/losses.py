@@ -72,6 +72,8 @@ def structure_loss(
         views: ``(sample, cut slice)`` of each embedding row.
         cfg: the training config (sections ``align`` and ``train``).
     """
+    if len(views) < 2:  # a batch of generative-only samples (data tagged by task) has nothing to align
+        return embeddings.sum() * 0.0
     targets = view_targets(teacher, views, cfg.align, device=embeddings.device)
     same = same_sample_mask(views, device=embeddings.device)
     train = cfg.train

@@ -148,6 +148,8 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.step = 0
         self.history = {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0, "corrupt_samples": 0}
+        self.history["samples"] = {"both": 0, "generative": 0, "discriminative": 0}
+        """Samples trained on by the losses they trained (this process; data.task_fraction)."""
         self.batches = self.bar = self.metrics_file = None
         self.last: dict[str, Any] = {}
 
@@ -383,6 +385,9 @@ class Trainer:
         """Forward and backward of one micro-batch (or its gradient-cache chunks): the step's
         result, whether its loss was finite, and the objective to log."""
         opts, accelerator, model = self.opts, self.accelerator, self.model
+        for chunk in payload if opts.grad_cache_chunk else [payload]:
+            for task in chunk.get("tasks", ()):
+                self.history["samples"][task] += 1
         if opts.grad_cache_chunk:
             self.history["dropped_slices"] += sum(c["dropped_slices"] for c in payload)
             result = train_step_cached(
