@@ -183,6 +183,12 @@ def test_vizwiz_textvqa_gqa_layouts(tmp_path):
 
 def test_vqa_layout_errors(tmp_path):
     root = vqav2(tmp_path)
+    (root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").unlink()
+    with pytest.raises(
+        UnimmError,
+        match=r"\(the test split\), but v2_OpenEnded_mscoco_val2014_questions.json: use --split val",
+    ):
+        load("vqav2", root)
     doc = json.loads((root / "v2_mscoco_val2014_annotations.json").read_text())
     doc["annotations"] = doc["annotations"][:2]
     (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(doc))
@@ -520,3 +526,19 @@ def invoke_eval(name: str, data: Path, checkpoint: Path, out: Path, *extra: str)
 
     args = ["--benchmark", name, "--data", str(data), "--model", str(checkpoint), "--out", str(out)]
     return invoke("eval", *args, "--device", "cpu", *extra)
+
+
+def test_vqa_quirks_unknown_answer_type_and_limit(tmp_path):
+    root = vqav2(tmp_path)
+    doc = json.loads((root / "v2_mscoco_val2014_annotations.json").read_text())
+    del doc["annotations"][0]["answer_type"]
+    doc["annotations"][1]["answer_type"] = "colour"  # not one of VQAv2's three: its own group
+    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(doc))
+    (task,) = load("vqav2", root, split="val").tasks
+    assert task.groups["answer_type"] == ["unknown", "colour", "other"]
+    data = load("vqav2", root, split="val", limit=2)
+    assert data.tasks[0].ids == ["11", "12"] and any("--limit 2" in n for n in data.notes)
+    doc["annotations"][2]["answers"] = [{"answer": 3}] * 10
+    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(doc))
+    with pytest.raises(UnimmError, match="question_id 21: an answer is int, not text"):
+        load("vqav2", root, split="val")

@@ -17,6 +17,7 @@ from unimm.benchmarks.scoring import (
     normalize_vqa_answer,
     option_letter,
     vqa_accuracy,
+    with_breakdowns,
     yes_no,
 )
 from unimm.errors import UnimmError
@@ -117,13 +118,7 @@ def answer_metrics(task: AnswerTask, read: list[str | None], scores: list[float]
             out["unmatched"] = sum(read[q] is None for q in rows)
         return out
 
-    metrics = figures(list(range(len(scores))))
-    for name, values in task.groups.items():
-        by_value: dict[str, list[int]] = {}
-        for q, value in enumerate(values):
-            by_value.setdefault(value, []).append(q)
-        metrics[f"by_{name}"] = {v: figures(rows) for v, rows in sorted(by_value.items())}
-    return metrics
+    return with_breakdowns(figures, len(scores), task.groups)
 
 
 def submission(task: AnswerTask, per_query: list[dict]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,6 +220,23 @@ def find_file(root: Path, names: Sequence[str], benchmark: str, expected: str) -
     raise UnimmError(f"{root}: not the {benchmark} benchmark; expected {expected}, found {listing(root)}")
 
 
+def find_split_file(
+    root: Path, split: str, names: dict[str, list[str]], benchmark: str, expected: str
+) -> Path:
+    """:func:`find_file` of ``names[split]``; when only another split's file is there, the error
+    says which ``--split`` to use."""
+    try:
+        return find_file(root, names[split], benchmark, expected)
+    except UnimmError:
+        for other, candidates in names.items():
+            if other != split and any((root / n).is_file() or root.name == Path(n).name for n in candidates):
+                raise UnimmError(
+                    f"{root}: no {names[split][0]} (the {split} split), but {Path(candidates[0]).name}: "
+                    f"use --split {other}"
+                ) from None
+        raise
+
+
 def listing(folder: Path, most: int = 8) -> str:
     """A short description of a folder's top-level entries, for errors."""
     try:
@@ -262,6 +279,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     except UnicodeDecodeError as exc:
         raise UnimmError(f"{path}: not UTF-8 text ({exc.reason})") from None
     return rows
+
+
+def objects_of(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, dict]]:
+    """``(where, obj)`` of each ``(where, value)``, refusing a value that is not a JSON object."""
+    for where, value in items:
+        if not isinstance(value, dict):
+            raise UnimmError(f"{where}: not an object")
+        yield where, value
 
 
 def field(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -46,6 +46,7 @@ from unimm.benchmarks.base import (
     Item,
     field,
     find_file,
+    find_split_file,
     read_json,
 )
 from unimm.benchmarks.scoring import LETTERS
@@ -183,9 +184,8 @@ def _empty(value: str | None) -> bool:
 
 
 def _mmbench(benchmark, path: Path, image_root: Path | None, limit: int, split: str) -> BenchmarkData:
-    file = find_file(
-        path, [_MMBENCH[split], _MMBENCH[split].replace("_EN", "_EN_V11")], benchmark.name, benchmark.expects
-    )
+    names = {s: [_MMBENCH[s], _MMBENCH[s].replace("_EN", "_EN_V11")] for s in SPLITS}
+    file = find_split_file(path, split, names, benchmark.name, benchmark.expects)
     rows = _read_tsv(file)
     images = {
         row["index"]: row["image"]

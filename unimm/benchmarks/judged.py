@@ -48,9 +48,11 @@ from unimm.benchmarks.base import (
     Item,
     field,
     find_file,
+    objects_of,
     read_json,
     read_jsonl,
 )
+from unimm.benchmarks.scoring import with_breakdowns
 from unimm.errors import UnimmError
 
 SPLITS = ("test",)
@@ -122,10 +124,7 @@ def _mm_vet(benchmark, path: Path, image_root: Path | None):
         raise UnimmError(f"{file}: expected an object of questions by id (MM-Vet's mm-vet.json)")
     finder = ImageFinder(image_root or file.parent, ["images", ""], benchmark.name)
     ids, prompts, refs, extras = [], [], [], []
-    for qid, row in doc.items():
-        where = f"{file}: {qid}"
-        if not isinstance(row, dict):
-            raise UnimmError(f"{where}: not an object")
+    for (where, row), qid in zip(objects_of((f"{file}: {q}", r) for q, r in doc.items()), doc, strict=True):
         question = field(row, "question", str, where)
         ids.append(qid)
         prompts.append(
@@ -298,12 +297,7 @@ def judged_metrics(task: AnswerTask, verdicts: list[dict[str, Any]]) -> dict[str
                 "judge_failures": len(rows) - len(good),
             }
 
-        metrics = relative(list(range(len(verdicts))))
-        by: dict[str, list[int]] = {}
-        for q, value in enumerate(task.groups.get("category", [])):
-            by.setdefault(value, []).append(q)
-        metrics["by_category"] = {v: relative(rows) for v, rows in sorted(by.items())}
-        return metrics
+        return with_breakdowns(relative, len(verdicts), task.groups)
     scores = [v["score"] if v["score"] is not None else 0.0 for v in verdicts]
     metrics = {
         "score": 100 * sum(scores) / len(scores) if scores else None,

@@ -22,6 +22,7 @@ from unimm.benchmarks.base import (
     RankingTask,
     sample_of,
 )
+from unimm.benchmarks.scoring import with_breakdowns
 from unimm.errors import UnimmError
 from unimm.utils import text_table
 
@@ -162,12 +163,7 @@ def pair_task(encoder: ItemEncoder, task: PairTask) -> dict:
             out["pair_accuracy"] = out[task.pair_accuracy]
         return out
 
-    metrics: dict[str, Any] = scores(slice(None))
-    for name, values in task.groups.items():
-        by_value: dict[str, list[int]] = {}
-        for p, value in enumerate(values):
-            by_value.setdefault(value, []).append(p)
-        metrics[f"by_{name}"] = {v: scores(rows) for v, rows in sorted(by_value.items())}
+    metrics: dict[str, Any] = with_breakdowns(scores, len(task.ids), task.groups)
     per_example = []
     for p, example in enumerate(task.ids):
         one = winoground_scores(similarity[p : p + 1])  # the one definition of the conditions
@@ -229,12 +225,7 @@ def choice_task(encoder: ItemEncoder, task: ChoiceTask, context: list[list] | No
         out["chance"] = sum(1 / len(task.options[q]) for q in rows) / len(rows)
         return out
 
-    metrics = figures(list(range(len(correct))))
-    for name, values in task.breakdowns.items():
-        by_value: dict[str, list[int]] = {}
-        for q, value in enumerate(values):
-            by_value.setdefault(value, []).append(q)
-        metrics[f"by_{name}"] = {v: figures(rows) for v, rows in sorted(by_value.items())}
+    metrics = with_breakdowns(figures, len(correct), task.breakdowns)
     return {"metrics": metrics, "per_query": per_question}
 
 

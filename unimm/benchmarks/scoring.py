@@ -10,12 +10,14 @@
   or the option's text), as LLaVA's ScienceQA and MMBench scripts read it; ``None`` when none.
 - :func:`group_all_right`: the share of groups whose members are all right (MME's acc+, per
   image; MMBench's circular evaluation, per question over its rotations).
+- :func:`with_breakdowns`: a task's figures overall and per value of each breakdown field.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # The VQA challenge's normalisation (the evaluation script of visualqa.org, as published with the
 # VQA API): punctuation, number words, articles and contractions written without apostrophes.
@@ -172,3 +174,17 @@ def group_all_right(correct: Sequence[bool], groups: Sequence[str]) -> tuple[flo
     for right, group in zip(correct, groups, strict=True):
         every[group] = every.get(group, True) and bool(right)
     return (sum(every.values()) / len(every) if every else float("nan")), len(every)
+
+
+def with_breakdowns(
+    figures: Callable[[list[int]], dict[str, Any]], count: int, groups: dict[str, Sequence[str]]
+) -> dict[str, Any]:
+    """``figures`` of all ``count`` questions, plus ``by_<field>``: the figures of each value's
+    questions, for every breakdown field in ``groups`` (field → each question's value)."""
+    metrics = figures(list(range(count)))
+    for name, values in groups.items():
+        by_value: dict[str, list[int]] = {}
+        for q, value in enumerate(values):
+            by_value.setdefault(value, []).append(q)
+        metrics[f"by_{name}"] = {v: figures(rows) for v, rows in sorted(by_value.items())}
+    return metrics

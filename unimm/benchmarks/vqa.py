@@ -44,7 +44,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unimm.benchmarks.base import AnswerTask, BenchmarkData, ImageFinder, Item, field, find_file, read_json
+from unimm.benchmarks.base import (
+    AnswerTask,
+    BenchmarkData,
+    ImageFinder,
+    Item,
+    field,
+    find_file,
+    find_split_file,
+    objects_of,
+    read_json,
+)
 from unimm.errors import UnimmError
 
 SPLITS = ("test", "val")
@@ -133,7 +143,8 @@ def _ten_answers(raw: Any, where: str) -> list[str]:
 
 def _vqav2(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], Path, str, str]:
     q_name, a_name, folder = _VQAV2[split]
-    q_file = find_file(path, [q_name], benchmark.name, f"{q_name} ({benchmark.expects})")
+    names = {s: [_VQAV2[s][0]] for s in SPLITS}
+    q_file = find_split_file(path, split, names, benchmark.name, f"{q_name} ({benchmark.expects})")
     files = [q_file]
     doc = read_json(q_file)
     raw = doc.get("questions") if isinstance(doc, dict) else None
@@ -149,10 +160,7 @@ def _vqav2(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], P
             raise UnimmError(f"{a_file}: no 'annotations' list; expected the VQAv2 annotations file")
         annotations = {row.get("question_id"): row for row in rows if isinstance(row, dict)}
     questions = []
-    for n, q in enumerate(raw):
-        where = f"{q_file}: question {n}"
-        if not isinstance(q, dict):
-            raise UnimmError(f"{where}: not an object")
+    for where, q in objects_of((f"{q_file}: question {n}", q) for n, q in enumerate(raw)):
         qid = field(q, "question_id", int, where)
         image_id = field(q, "image_id", int, where)
         text = field(q, "question", str, where)
@@ -169,15 +177,13 @@ def _vqav2(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], P
 
 def _vizwiz(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], Path, str, str]:
     name = f"{split}.json"
-    file = find_file(path, [name, f"Annotations/{name}"], benchmark.name, f"{name} ({benchmark.expects})")
+    names = {s: [f"{s}.json", f"Annotations/{s}.json"] for s in SPLITS}
+    file = find_split_file(path, split, names, benchmark.name, f"{name} ({benchmark.expects})")
     rows = read_json(file)
     if not isinstance(rows, list):
         raise UnimmError(f"{file}: expected a list of questions (VizWiz's {name})")
     questions = []
-    for n, row in enumerate(rows):
-        where = f"{file}: question {n}"
-        if not isinstance(row, dict):
-            raise UnimmError(f"{where}: not an object")
+    for where, row in objects_of((f"{file}: question {n}", row) for n, row in enumerate(rows)):
         image = field(row, "image", str, where)
         text = field(row, "question", str, where)
         answers = _ten_answers(row.get("answers"), where) if split != "test" else None
@@ -189,16 +195,14 @@ def _vizwiz(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], 
 
 def _textvqa(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], Path, str, str]:
     name, folder = _TEXTVQA[split]
-    file = find_file(path, [name], benchmark.name, f"{name} ({benchmark.expects})")
+    names = {s: [_TEXTVQA[s][0]] for s in SPLITS}
+    file = find_split_file(path, split, names, benchmark.name, f"{name} ({benchmark.expects})")
     doc = read_json(file)
     rows = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise UnimmError(f"{file}: no 'data' list; expected TextVQA's {name}")
     questions = []
-    for n, row in enumerate(rows):
-        where = f"{file}: data[{n}]"
-        if not isinstance(row, dict):
-            raise UnimmError(f"{where}: not an object")
+    for where, row in objects_of((f"{file}: data[{n}]", row) for n, row in enumerate(rows)):
         qid = field(row, "question_id", int, where)
         answers = _ten_answers(row.get("answers"), where) if split != "test" else None
         questions.append(
@@ -209,15 +213,15 @@ def _textvqa(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path],
 
 def _gqa(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], Path, str, str]:
     name = _GQA[split]
-    file = find_file(path, [name, f"questions/{name}"], benchmark.name, f"{name} ({benchmark.expects})")
+    names = {s: [_GQA[s], f"questions/{_GQA[s]}"] for s in SPLITS}
+    file = find_split_file(path, split, names, benchmark.name, f"{name} ({benchmark.expects})")
     rows = read_json(file)
     if not isinstance(rows, dict):
         raise UnimmError(f"{file}: expected an object of questions by id (GQA's {name})")
     questions = []
-    for qid, row in rows.items():
-        where = f"{file}: question {qid}"
-        if not isinstance(row, dict):
-            raise UnimmError(f"{where}: not an object")
+    for (where, row), qid in zip(
+        objects_of((f"{file}: question {q}", r) for q, r in rows.items()), rows, strict=True
+    ):
         types = row.get("types") if isinstance(row.get("types"), dict) else {}
         questions.append(
             _question(

@@ -91,7 +91,7 @@ def _pope(benchmark, path: Path, image_root: Path | None, limit: int) -> Benchma
         files=[str(f) for f in files],
         images=[part for t in tasks for item in t.prompts for kind, part in item.parts if kind == "image"],
         notes=notes,
-        averages={"F1": ("F1", names), "accuracy": ("accuracy", names)} if len(tasks) > 1 else {},
+        averages={"F1": ("F1", names), "accuracy": ("accuracy", names)},  # one file: its own figures
     )
 
 

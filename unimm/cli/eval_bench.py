@@ -89,6 +89,7 @@ def eval_(
     """Score a checkpoint: generation (exact match, two-choice) and retrieval (text↔image,
     interleaved, Winoground-style pairs) on records, or a benchmark on its own files
     (--benchmark), as a table and optionally JSON."""
+    # Long only because it declares the command's options; the mapping is by name.
     if ctx.invoked_subcommand is not None:
         return
     if list_:
@@ -179,21 +180,28 @@ def eval_ablate(
     ] = 0.5,
     benchmark: Annotated[
         list[str] | None,
-        typer.Option("--benchmark", help="NAME=FOLDER: also score each variant on a benchmark; repeatable."),
+        typer.Option(
+            "--benchmark",
+            help="NAME=FOLDER (or NAME@SPLIT=FOLDER): also score each variant on a benchmark; repeatable.",
+        ),
     ] = None,
-    split: Annotated[str, typer.Option(help="The benchmarks' split.")] = "test",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Train the paper's ablation variants on the same data, seed and steps; print the table."""
     from unimm.pipelines.ablate import PAPER_ROWS, AblateOptions, run
 
-    benchmarks = {}
+    benchmarks, splits = {}, {}
     for pair in benchmark or []:
         name, sep, folder = pair.partition("=")
-        if not sep or not name or not folder:
-            raise UnimmError(f"--benchmark {pair!r}: give NAME=FOLDER, e.g. --benchmark coco=data/coco")
-        benchmarks[name.strip()] = folder.strip()
+        name, _, split = name.strip().partition("@")
+        if not sep or not name or not folder.strip():
+            raise UnimmError(
+                f"--benchmark {pair!r}: give NAME=FOLDER or NAME@SPLIT=FOLDER (vqav2@val=data/vqa)"
+            )
+        benchmarks[name] = folder.strip()
+        if split:
+            splits[name] = split
     opts = AblateOptions(
         recipe=str(recipe),
         train=[str(t) for t in train],
@@ -205,7 +213,7 @@ def eval_ablate(
         overrides=list(set_ or []),
         reduce=reduce,
         benchmarks=benchmarks,
-        split=split,
+        splits=splits,
     )
     summary = run(opts, progress=not quiet)
     typer.echo("\n" + summary["table"] + "\n\n" + "\n".join(summary["verdict"]))

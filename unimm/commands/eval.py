@@ -58,23 +58,13 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
 
     from unimm.benchmarks import get_benchmark
     from unimm.benchmarks.run import KEEP, ItemEncoder
-    from unimm.benchmarks.run import run_benchmark as score
     from unimm.inference.session import Session
     from unimm.outputs import claim_output
     from unimm.utils import atomic_write_json, environment
 
     opts = cfg.eval
     benchmark = get_benchmark(opts.benchmark or "")
-    judge = None
-    if benchmark.module == "unimm.benchmarks.judged":
-        from unimm.benchmarks.judged import Judge
-
-        if not opts.judge:
-            raise UnimmError(
-                f"--benchmark {benchmark.name} is scored by a judge model: give --judge URL of an "
-                "OpenAI-compatible endpoint (and --judge-model; the key, if any, in $OPENAI_API_KEY)"
-            )
-        judge = Judge(opts.judge, opts.judge_model)
+    judge = _judge(benchmark, opts)
     if opts.out:
         claim_output(Path(opts.out), None, [*opts.data, opts.model, *([opts.rag] if opts.rag else [])])
     data = benchmark.load(
@@ -92,15 +82,7 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
         )
     encoder = ItemEncoder(session, opts.batch_size, progress=progress)
     started = time.perf_counter()
-    context, retrieved, rag = None, {}, None
-    if opts.rag:
-        from unimm.benchmarks.augmented import retrieve_for
-
-        context, retrieved, rag = retrieve_for(encoder, data, opts.rag, str(opts.model), opts.rag_k)
-    scored = score(encoder, data, context=context, judge=judge)
-    for task, found in retrieved.items():
-        for record, hits in zip(scored["per_query"][task], found, strict=True):
-            record["retrieved"] = hits
+    scored, rag = _score(encoder, data, opts, judge)
     seconds = time.perf_counter() - started
     results = {
         "benchmark": benchmark.name,
@@ -130,6 +112,41 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
         _write_submissions(data, scored, Path(opts.out), results["notes"])
         atomic_write_json(opts.out, strict_json(results))
     return results
+
+
+def _judge(benchmark, opts):
+    """The judge of a judged benchmark (``--judge``), else ``None``.
+
+    Raises:
+        UnimmError: a judged benchmark without ``--judge``.
+    """
+    if benchmark.module != "unimm.benchmarks.judged":
+        return None
+    from unimm.benchmarks.judged import Judge
+
+    if not opts.judge:
+        raise UnimmError(
+            f"--benchmark {benchmark.name} is scored by a judge model: give --judge URL of an "
+            "OpenAI-compatible endpoint (and --judge-model; the key, if any, in $OPENAI_API_KEY)"
+        )
+    return Judge(opts.judge, opts.judge_model)
+
+
+def _score(encoder, data, opts, judge) -> tuple[dict, dict | None]:
+    """The benchmark's scores, retrieval-augmented with ``--rag`` (each question's retrieved
+    documents then kept in its record), and the description of the index used."""
+    from unimm.benchmarks.run import run_benchmark as score
+
+    context, retrieved, rag = None, {}, None
+    if opts.rag:
+        from unimm.benchmarks.augmented import retrieve_for
+
+        context, retrieved, rag = retrieve_for(encoder, data, opts.rag, str(opts.model), opts.rag_k)
+    scored = score(encoder, data, context=context, judge=judge)
+    for task, found in retrieved.items():
+        for record, hits in zip(scored["per_query"][task], found, strict=True):
+            record["retrieved"] = hits
+    return scored, rag
 
 
 def _write_submissions(data, scored: dict, out, notes: list[str]) -> None:

@@ -99,8 +99,8 @@ class AblateOptions:
     """The fraction of a task's data the rows w/o data_g and w/o data_d keep."""
     benchmarks: dict[str, str] = dataclasses.field(default_factory=dict)
     """Benchmarks to evaluate each variant on: name → its release's folder (``unimm eval --list``)."""
-    split: str = "test"
-    """The benchmarks' split."""
+    splits: dict[str, str] = dataclasses.field(default_factory=dict)
+    """A benchmark's split when not ``test`` (e.g. ``{vqav2: val}``)."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -158,20 +158,17 @@ def _evaluate(opts: AblateOptions, checkpoint: Path, samples: list) -> dict:
     results = evaluate(ev, samples, EvalOptions(model=str(checkpoint), data=list(opts.eval)))
     results["benchmarks"] = {}
     for name, folder in opts.benchmarks.items():
-        data = get_benchmark(name).load(Path(folder), split=opts.split)
+        data = get_benchmark(name).load(Path(folder), split=opts.splits.get(name, "test"))
         results["benchmarks"][name] = run_benchmark(ItemEncoder(ev.session, ev.batch_size), data)
     return results
 
 
 def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every variant; return ``{"rows": {variant: {column: value}}, ...}``."""
-    import typer
 
     from unimm.benchmarks import get_benchmark
-    from unimm.commands.train import run as train
-    from unimm.config import TrainConfig, build_config
     from unimm.errors import ConfigError
-    from unimm.inference.evaluate import load_samples, strict_json
+    from unimm.inference.evaluate import load_samples
     from unimm.plots import ablation_bars, loss_curves
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
@@ -182,38 +179,14 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(opts.eval)
     for name, folder in opts.benchmarks.items():  # a wrong folder fails before any training
-        get_benchmark(name).load(Path(folder), split=opts.split)
+        get_benchmark(name).load(Path(folder), split=opts.splits.get(name, "test"))
     columns = _columns(opts)
     runs: dict[str, list[dict[str, float | None]]] = {}
     seen: dict[str, list[dict[str, int]]] = {}
     for name in opts.variants:
         overrides = [o.format(reduce=opts.reduce) for o in VARIANTS[name][0]]
         for seed in opts.seeds:
-            run_dir = out / _slug(name) / f"seed-{seed}"
-            result_path = run_dir / "eval.json"
-            if result_path.is_file():
-                results = json.loads(result_path.read_text(encoding="utf-8"))
-                typer.echo(f"{name}, seed {seed}: evaluated before, reusing {result_path}")
-            else:
-                typer.secho(f"\n==> {name}, seed {seed}: {' '.join(overrides) or '(no change)'}", bold=True)
-                shutil.rmtree(run_dir, ignore_errors=True)
-                cfg = build_config(
-                    TrainConfig,
-                    recipe=opts.recipe,
-                    options={"out": str(run_dir)},
-                    overrides=[
-                        *[f"data.train={d}" for d in opts.train],
-                        f"train.max_steps={opts.steps}",
-                        f"train.save_every={opts.steps}",
-                        f"train.seed={seed}",
-                        *opts.overrides,
-                        *overrides,
-                    ],
-                )
-                trained = train(cfg, progress=progress)
-                results = _evaluate(opts, run_dir / f"step-{opts.steps:06d}", samples)
-                results["samples"] = trained["history"]["samples"]
-                atomic_write_json(result_path, strict_json(results))
+            results = _variant_run(opts, name, seed, overrides, samples, progress=progress)
             runs.setdefault(name, []).append(
                 {column: _value(results, section, metric) for column, section, metric in columns}
             )
@@ -251,6 +224,45 @@ def run(opts: AblateOptions, *, progress: bool = True) -> dict[str, Any]:
     )
     summary["table"] = table
     return summary
+
+
+def _variant_run(
+    opts: AblateOptions, name: str, seed: int, overrides: list[str], samples: list, *, progress: bool
+) -> dict:
+    """One variant and seed trained and evaluated (``OUT/VARIANT/seed-N/eval.json``), or its
+    results of an earlier run, reused."""
+    import typer
+
+    from unimm.commands.train import run as train
+    from unimm.config import TrainConfig, build_config
+    from unimm.inference.evaluate import strict_json
+    from unimm.utils import atomic_write_json
+
+    run_dir = Path(opts.out) / _slug(name) / f"seed-{seed}"
+    result_path = run_dir / "eval.json"
+    if result_path.is_file():
+        typer.echo(f"{name}, seed {seed}: evaluated before, reusing {result_path}")
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    typer.secho(f"\n==> {name}, seed {seed}: {' '.join(overrides) or '(no change)'}", bold=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = build_config(
+        TrainConfig,
+        recipe=opts.recipe,
+        options={"out": str(run_dir)},
+        overrides=[
+            *[f"data.train={d}" for d in opts.train],
+            f"train.max_steps={opts.steps}",
+            f"train.save_every={opts.steps}",
+            f"train.seed={seed}",
+            *opts.overrides,
+            *overrides,
+        ],
+    )
+    trained = train(cfg, progress=progress)
+    results = _evaluate(opts, run_dir / f"step-{opts.steps:06d}", samples)
+    results["samples"] = trained["history"]["samples"]
+    atomic_write_json(result_path, strict_json(results))
+    return results
 
 
 def _aggregate(values: list[dict[str, float | None]], reduce) -> dict[str, float | None]:
