@@ -98,7 +98,7 @@ def test_a_records_task_is_validated_kept_in_shards_and_masks_its_other_loss(
     from unimm.model.checkpoint import load_checkpoint
 
     model, processor, _ = load_checkpoint(trained[0])
-    collator = Collator.for_model(model, processor, cut_points=2)
+    collator = Collator.for_model(model, processor, cut_points=2, by_task=True)
     samples = list(read_samples(tmp_path / "own", decode_images=True))[:3]
     samples = [
         s.replace(task=t) for s, t in zip(samples, ["both", "generative", "discriminative"], strict=True)
@@ -111,6 +111,9 @@ def test_a_records_task_is_validated_kept_in_shards_and_masks_its_other_loss(
         "generative",
         "discriminative",
     ]
+    # evaluation's collator scores every sample both ways, whatever its tag
+    plain = Collator.for_model(model, processor, cut_points=2)(samples)
+    assert (plain["labels"][2] != -100).any() and {b for b, _ in plain["views"]} == {0, 1, 2}
 
 
 def test_task_fraction_keeps_the_same_records_each_epoch_and_training_counts_them(tiny_shards, tmp_path):

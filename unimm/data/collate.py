@@ -72,6 +72,8 @@ class Collator:
         seed: seeds the choice of cut points (per sample, from its key, so it is reproducible).
         processor: the model's processor: its image placeholder, image expansion, chat template
             and per-token image type ids (without one: the plain layout and a fixed image length).
+        by_task: training's batches: a sample tagged ``discriminative`` gets no next-token targets
+            and one tagged ``generative`` no views (evaluation scores every sample both ways).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Collator:
         cut_points: int = 4,
         seed: int = 0,
         processor=None,
+        by_task: bool = False,
     ) -> None:
         from unimm.data.layout import PlainLayout, choose_layout
 
@@ -96,6 +99,7 @@ class Collator:
         self.max_length = max_length
         self.cut_points = cut_points
         self.seed = seed
+        self.by_task = by_task
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.processor = processor
         self.placeholder = getattr(processor, "image_token", None) or tokenizer.convert_ids_to_tokens(
@@ -352,11 +356,11 @@ class Collator:
             at = longest - len(e.input_ids) if pad_left else 0
             row = slice(at, at + len(e.input_ids))
             input_ids[b, row] = torch.tensor(e.input_ids)
-            if e.task != "discriminative":  # a discriminative-only sample has no next-token targets
+            if not self.by_task or e.task != "discriminative":  # the alignment loss only: no targets
                 labels[b, row] = torch.tensor(e.labels)
             attention[b, row] = 1
             spans.append([(kind, start + at, end + at) for kind, start, end in e.spans])
-            if e.task != "generative":  # nor a generative-only one views to align
+            if not self.by_task or e.task != "generative":  # the next-token loss only: no views
                 views.extend((b, c) for c in self.cuts(e))
         images = self.image_inputs([img for e in encoded for img in e.images])
         if images is not None and self._token_type_key is not None:

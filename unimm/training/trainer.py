@@ -183,6 +183,7 @@ class Trainer:
             system_prompt=cfg.model.system_prompt,
             cut_points=cfg.data.cut_points,
             seed=opts.seed,
+            by_task=True,
         )
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=opts.weight_decay
