@@ -48,6 +48,7 @@ def test_checkpoints_record_their_inference_settings(trained):
         "pooling": raw["pooling"],
         "embed_dim": raw["embed_dim"],
         "attn_implementation": recipe["attn_implementation"],
+        "dimensions": [raw["embed_dim"]],  # no Matryoshka sizes trained
     }
 
 

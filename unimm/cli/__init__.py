@@ -308,6 +308,9 @@ def embed(
     batch_size: Annotated[int | None, typer.Option(help=default("embed.batch_size"))] = None,
     dtype: Annotated[str | None, typer.Option(help=f"float16 | float32 {default('embed.dtype')}")] = None,
     per_slice: Annotated[bool, typer.Option("--per-slice", help="Also store per-slice embeddings.")] = False,
+    dim: Annotated[
+        int | None, typer.Option(help="Vectors of this trained Matryoshka size (default: the full size).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('embed.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished parts of an earlier run.")] = False,

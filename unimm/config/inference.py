@@ -48,6 +48,9 @@ class EmbedOptions(CheckpointOptions):
     """Storage dtype of the embeddings."""
     per_slice: bool = False
     """Also store an embedding after every slice (for GAK re-ranking)."""
+    dim: int | None = None
+    """Store vectors of this size (a Matryoshka size the checkpoint was trained for, its
+    ``model.matryoshka``); default: the full size."""
     part_size: int = 10000
     max_length: int | None = None
     """Longest document in tokens; default: the checkpoint's (its training length)."""

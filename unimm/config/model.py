@@ -31,6 +31,10 @@ class ModelOptions:
     """Build the tiny random LLaVA instead (its tokenizer trained on the training texts)."""
     pooling: Literal["paper", "last"] = "paper"
     embed_dim: int = 256
+    matryoshka: list[int] = dataclasses.field(default_factory=list)
+    """Smaller embedding sizes trained alongside ``embed_dim`` (Matryoshka: the alignment loss is
+    averaged over the full vector and each leading ``d`` components, re-normalised), so that
+    ``unimm embed --dim d`` and ``dimensions`` on ``/v1/embeddings`` serve shorter vectors."""
     system_prompt: str = ""
     max_length: int = 2048
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -62,6 +66,12 @@ class ModelOptions:
             problems.append("model.path and model.tiny: choose one")
         if self.embed_dim < 1 or self.max_length < 16 or self.lora_r < 1:
             problems.append("model.embed_dim, model.lora_r must be >= 1 and model.max_length >= 16")
+        bad = [d for d in self.matryoshka if not isinstance(d, int) or not 0 < d < self.embed_dim]
+        if bad or len(set(self.matryoshka)) != len(self.matryoshka):
+            problems.append(
+                f"model.matryoshka: different sizes each between 1 and model.embed_dim - 1 "
+                f"({self.embed_dim - 1}), got {self.matryoshka}"
+            )
         if self.lora and self.train_lm:
             problems.append("model.train_lm: full fine-tuning of the language model is for lora=false")
         if why := attention_problem(self.attn_implementation):

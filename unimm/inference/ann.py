@@ -212,10 +212,15 @@ class Searcher:
                 f"--index {folder} was embedded with another model ({self.manifest['model']}); embed it "
                 f"again with --model {model}, or use the model it was built with"
             )
-        if dim != self.manifest["dim"]:
-            raise UnimmError(
-                f"dimension mismatch: the model embeds in {dim}-d, the index holds {self.manifest['dim']}-d"
-            )
+        self.query_dim = int(self.manifest["dim"])
+        """Queries are cut to the index's size (a Matryoshka index of a shorter trained size)."""
+        if dim != self.query_dim:
+            from unimm.model.checkpoint import read_meta
+
+            if self.query_dim not in read_meta(model)["inference"]["dimensions"]:
+                raise UnimmError(
+                    f"dimension mismatch: the model embeds in {dim}-d, the index holds {self.query_dim}-d"
+                )
         self.rows = load_rows(self.folder, self.manifest)
         self.ann = read_ann_manifest(self.folder) if backend in ("auto", "ann") else None
         if backend == "ann" and self.ann is None:
@@ -238,7 +243,9 @@ class Searcher:
         """For each query, up to ``k`` ``(row, score)`` pairs, best first (an ANN index may find
         fewer than ``k``)."""
         from unimm.inference.search import exact_search
+        from unimm.model.core import truncate
 
+        queries = truncate(queries, self.query_dim)
         if self.ann is None:
             scores, found = exact_search(queries, self.embeddings, k, block=block)
         else:

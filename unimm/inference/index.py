@@ -233,7 +233,12 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         dtype=opts.model_dtype,
         max_length=opts.max_length,
         attn_implementation=opts.attn_implementation,
+        dim=opts.dim,
     )
+    if base and base.get("dim") != session.dim:
+        raise UnimmError(
+            f"--append: the index holds {base.get('dim')}-d vectors, --dim asks for {session.dim}"
+        )
     digest = model_hash(opts.model)
     run = _run_number(base)
     writer = _PartWriter(out, opts, rank, world, kept, digest, run)
@@ -265,7 +270,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         "unimm_version": __version__,
         "model": str(Path(opts.model).resolve()),
         "model_hash": digest,
-        "dim": int(session.model.head.embed_dim),
+        "dim": int(session.dim),
         "count": base.get("count", 0) + count,
         "dtype": opts.dtype,
         "per_slice": opts.per_slice,

@@ -207,11 +207,19 @@ def create_app(state: ServerState):
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise ApiError(400, "'encoding_format' must be float or base64", param="encoding_format")
-        dim = state.session.model.head.embed_dim
-        if body.get("dimensions") not in (None, dim):
-            raise ApiError(400, f"this model embeds in {dim} dimensions", param="dimensions")
+        trained = state.session.meta["inference"]["dimensions"]
+        dim = body.get("dimensions")
+        if dim is not None and (isinstance(dim, bool) or dim not in trained):
+            sizes = ", ".join(str(d) for d in sorted(trained, reverse=True))
+            raise ApiError(
+                400, f"'dimensions' {dim!r}: this model was trained for {sizes}", param="dimensions"
+            )
         samples = await asyncio.to_thread(inputs_of, body, "input", state.limits)
         vectors, tokens = await state.batcher(samples)
+        if dim is not None:
+            from unimm.model.core import truncate
+
+            vectors = truncate(vectors, dim)
         data = [
             {"object": "embedding", "index": i, "embedding": _vector_payload(v, encoding)}
             for i, v in enumerate(vectors)

@@ -40,10 +40,15 @@ class Session:
         collator: builds batches with the checkpoint's system prompt and maximum length.
     """
 
-    def __init__(self, model, processor, meta: dict[str, Any], device: torch.device, *, max_length=None):
+    def __init__(
+        self, model, processor, meta: dict[str, Any], device: torch.device, *, max_length=None, dim=None
+    ):
         from unimm.data.collate import Collator
+        from unimm.model.core import check_dimension
 
         settings = meta["inference"]
+        self.dim = check_dimension(dim, settings["dimensions"]) if dim else model.head.embed_dim
+        """The size of the vectors it returns (Matryoshka: a trained size below the full one)."""
         self.model = model.to(device).eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -65,6 +70,7 @@ class Session:
         dtype: str = "auto",
         max_length: int | None = None,
         attn_implementation: str = "auto",
+        dim: int | None = None,
     ) -> Session:
         """Load ``checkpoint`` for inference.
 
@@ -76,6 +82,8 @@ class Session:
             max_length: longest input in tokens; default: the checkpoint's (its training length).
             attn_implementation: ``auto`` (the checkpoint's, as trained), ``sdpa``, ``eager`` or
                 ``flash_attention_2``.
+            dim: the embedding size to return (default: the full one); a Matryoshka size the
+                checkpoint was trained for (its ``inference.dimensions``), else an error.
 
         Raises:
             UnimmError: an unknown dtype, or a checkpoint that cannot be loaded (see
@@ -99,7 +107,7 @@ class Session:
         model, processor, meta = load_checkpoint(
             checkpoint, dtype=DTYPES[name], attn_implementation=attention
         )
-        return cls(model, processor, meta, resolve_device(device), max_length=max_length)
+        return cls(model, processor, meta, resolve_device(device), max_length=max_length, dim=dim)
 
     def embed_views(self, samples: list[Sample]) -> torch.Tensor:
         """Unit float32 embeddings ``[n, d]`` on the CPU, one per sample: the view cut after its
@@ -108,7 +116,10 @@ class Session:
 
     def embed_counted(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
         """:meth:`embed_views` and each sample's length in tokens."""
-        return embed_last_views(self.model, self.collator, samples)
+        from unimm.model.core import truncate
+
+        vectors, lengths = embed_last_views(self.model, self.collator, samples)
+        return truncate(vectors, self.dim), lengths
 
     @torch.no_grad()
     def embed_slices(self, samples: list[Sample]) -> list[torch.Tensor]:
@@ -118,7 +129,9 @@ class Session:
         batch = self.collator(samples)
         counts = [len(s) for s in batch["spans"]]
         batch["views"] = [(b, c) for b, n in enumerate(counts) for c in range(n)]
-        return list(torch.split(self.model.embed(batch).float().cpu(), counts))
+        from unimm.model.core import truncate
+
+        return list(torch.split(truncate(self.model.embed(batch).float().cpu(), self.dim), counts))
 
     @torch.no_grad()
     def generate(

@@ -122,6 +122,9 @@ def save_checkpoint(
                 "dtype": _weights_dtype(mllm_state),
                 "pooling": model.pooling,
                 "embed_dim": model.head.embed_dim,
+                "dimensions": sorted(
+                    {model.head.embed_dim, *meta.get("inference", {}).get("dimensions", [])}, reverse=True
+                ),
             },
         }
         full_meta["files"] = _content_hashes(tmp)
@@ -219,6 +222,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     meta = {**META_DEFAULTS, **meta}
     if "inference" not in meta:  # written before the inference settings were (unimm < 0.2)
         meta["inference"] = _inference_of_old(Path(folder), meta)
+    meta["inference"].setdefault("dimensions", [meta["inference"]["embed_dim"]])  # before Matryoshka
     return meta
 
 

@@ -44,6 +44,30 @@ class RetrievalHead(nn.Module):
         return nn.functional.normalize(out.float(), dim=-1)
 
 
+def truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    """Matryoshka: the leading ``dim`` components of unit rows, re-normalised (the one definition,
+    for the loss and for every vector served)."""
+    if dim >= embeddings.shape[-1]:
+        return embeddings
+    return nn.functional.normalize(embeddings[..., :dim].float(), dim=-1)
+
+
+def check_dimension(dim: int, trained: list[int]) -> int:
+    """``dim`` when the checkpoint was trained for it (its ``inference.dimensions``).
+
+    Raises:
+        UnimmError: naming the sizes it was trained for.
+    """
+    from unimm.errors import UnimmError
+
+    if dim not in trained:
+        sizes = ", ".join(str(d) for d in sorted(trained, reverse=True))
+        raise UnimmError(
+            f"embedding size {dim}: this checkpoint was trained for {sizes} (model.matryoshka adds sizes)"
+        )
+    return dim
+
+
 @dataclasses.dataclass
 class ModelOutput:
     """What :meth:`UnimmModel.forward` returns."""

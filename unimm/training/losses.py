@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from unimm.model.core import truncate
 from unimm.model.targets import same_sample_mask, view_targets
 
 DISC_LOSSES = ("mse", "infonce", "kl")
@@ -77,4 +78,11 @@ def structure_loss(
     targets = view_targets(teacher, views, cfg.align, device=embeddings.device)
     same = same_sample_mask(views, device=embeddings.device)
     train = cfg.train
-    return discriminative_loss(embeddings, targets, same, kind=train.disc_loss, temperature=train.temperature)
+    sizes = [embeddings.shape[-1], *cfg.model.matryoshka]  # Matryoshka: the mean over the sizes
+    losses = [
+        discriminative_loss(
+            truncate(embeddings, d), targets, same, kind=train.disc_loss, temperature=train.temperature
+        )
+        for d in sizes
+    ]
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()

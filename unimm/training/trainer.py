@@ -464,6 +464,7 @@ class Trainer:
                     "system_prompt": cfg.model.system_prompt,
                     "max_length": cfg.model.max_length,
                     "attn_implementation": cfg.model.attn_implementation,
+                    "dimensions": [cfg.model.embed_dim, *cfg.model.matryoshka],
                 },
             }
             save_checkpoint(
