@@ -140,3 +140,21 @@ def test_served_dimensions(nested):
         with pytest.raises(urllib.error.HTTPError) as err:
             post(url, {"input": ["x"], "dimensions": 48})
         assert err.value.code == 400 and "trained for 64, 32, 16" in err.value.read().decode()
+
+
+def test_the_sentence_transformers_export_truncates_as_embed_dim_does(nested, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    from unimm.config import ExportOptions
+    from unimm.data.samples import Sample, Slice
+    from unimm.inference.export import export
+    from unimm.inference.session import Session
+
+    export(ExportOptions(model=str(nested), out=str(tmp_path / "st")))
+    model = st.SentenceTransformer(
+        str(tmp_path / "st"), trust_remote_code=True, device="cpu", truncate_dim=16
+    )
+    got = model.encode(["two red circles"], normalize_embeddings=True, convert_to_tensor=True)
+    want = Session.load(nested, device="cpu", dim=16).embed_views(
+        [Sample.of_slices([Slice.of_text("two red circles")])]
+    )
+    torch.testing.assert_close(got.cpu().float(), want, atol=1e-5, rtol=1e-4)
