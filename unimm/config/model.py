@@ -116,7 +116,20 @@ class TrainOptions:
     disc_loss: Literal["mse", "infonce", "kl"] = "mse"
     temperature: float = 0.05
     lr: float = 1e-4
+    head_lr: float | None = None
+    """Learning rate of the retrieval head (default: ``lr``)."""
+    lora_lr: float | None = None
+    """Learning rate of the LoRA adapters (default: ``lr``)."""
+    projector_lr: float | None = None
+    """Learning rate of the vision–language connector, when trained (default: ``lr``)."""
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
+    """torch's AdamW (fused when the trained parameters are on CUDA), Adam, SGD (momentum 0.9) or
+    Adafactor."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after the linear warm-up (``warmup_ratio`` of the steps): cosine or linear to 0, or
+    constant."""
     weight_decay: float = 0.0
+    """Decoupled weight decay of the matrices; biases and normalisation weights take none."""
     warmup_ratio: float = 0.03
     max_steps: int = 1000
     batch_size: int = 8
@@ -172,6 +185,12 @@ class TrainOptions:
                 problems.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             problems.append(f"train.lr: must be > 0, got {self.lr}")
+        for key in ("head_lr", "lora_lr", "projector_lr"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                problems.append(f"train.{key}: must be > 0 (or unset for train.lr), got {value}")
+        if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            problems.append("train.weight_decay must be >= 0 and train.warmup_ratio in [0, 1)")
         if self.grad_cache_chunk < 0:
             problems.append(f"train.grad_cache_chunk: must be >= 0 (0 = off), got {self.grad_cache_chunk}")
         if self.eval_every < 0 or self.eval_batches < 1:

@@ -214,7 +214,6 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     from unimm.inference.documents import DocumentStream, check_sources
-    from unimm.inference.session import Session
 
     opts = cfg.embed
     out = Path(opts.out)
@@ -227,18 +226,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         kept, base = _prepare_out(out, opts)
     device = state.device if state and opts.device == "auto" else resolve_device(opts.device)
-    session = Session.load(
-        opts.model,
-        device=str(device),
-        dtype=opts.model_dtype,
-        max_length=opts.max_length,
-        attn_implementation=opts.attn_implementation,
-        dim=opts.dim,
-    )
-    if base and base.get("dim") != session.dim:
-        raise UnimmError(
-            f"--append: the index holds {base.get('dim')}-d vectors, --dim asks for {session.dim}"
-        )
+    session = _session(opts, str(device), base)
     digest = model_hash(opts.model)
     run = _run_number(base)
     writer = _PartWriter(out, opts, rank, world, kept, digest, run)
@@ -290,6 +278,25 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     for path in out.glob(".embed-journal*.json"):
         path.unlink()
     return manifest | {"added": count, "added_rejected": stream.rejected}
+
+
+def _session(opts: EmbedOptions, device: str, base: dict):
+    """The checkpoint loaded to embed at ``embed.dim`` (an index appended to keeps its size)."""
+    from unimm.inference.session import Session
+
+    session = Session.load(
+        opts.model,
+        device=device,
+        dtype=opts.model_dtype,
+        max_length=opts.max_length,
+        attn_implementation=opts.attn_implementation,
+        dim=opts.dim,
+    )
+    if base and base.get("dim") != session.dim:
+        raise UnimmError(
+            f"--append: the index holds {base.get('dim')}-d vectors, --dim asks for {session.dim}"
+        )
+    return session
 
 
 def _nothing_embedded(stream) -> str:

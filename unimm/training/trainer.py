@@ -34,6 +34,7 @@ from unimm.config import ModelOptions, TrainConfig, config_to_dict
 from unimm.data.stream import BatchMaker, check_data_fits, check_shards, open_batches, training_texts
 from unimm.errors import UnimmError
 from unimm.training.distributed import broadcast_flag, gather_objects, resolve_mixed_precision
+from unimm.training.optim import build_optimizer, build_schedule
 from unimm.training.step import evaluate, load_eval_batches, train_step, train_step_cached
 
 # Testing hook: exit hard right after step N (its metrics written, no checkpoint), as a kill would.
@@ -157,8 +158,6 @@ class Trainer:
 
     def setup(self) -> None:
         """Check the data and the output folder, build everything, restore a resumed state."""
-        from transformers import get_cosine_schedule_with_warmup
-
         from unimm.data.collate import Collator
 
         cfg, opts = self.cfg, self.opts
@@ -185,12 +184,8 @@ class Trainer:
             seed=opts.seed,
             by_task=True,
         )
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=opts.weight_decay
-        )
-        self.scheduler = get_cosine_schedule_with_warmup(
-            optimizer, math.ceil(opts.warmup_ratio * opts.max_steps), opts.max_steps
-        )
+        optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_schedule(optimizer, cfg)
         # Under FSDP a forward pass gathers parameters from every rank, so every rank evaluates.
         evaluating = accelerator.is_main_process or accelerator.is_fsdp2
         self.eval_batches = load_eval_batches(cfg, self.collator) if evaluating else []
