@@ -98,3 +98,27 @@ def test_a_run_logs_the_learning_rates_of_its_schedule(tmp_path, tiny_shards):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [x["lr"] for x in lines if "lr" in x]
     assert logged == pytest.approx([0.01 * lr_factor(s, 3, 6, "linear") for s in range(1, 7)])
+
+
+def test_epochs_set_the_step_count(tmp_path, tiny_shards):
+    from unimm.commands.train import run
+    from unimm.config import TrainConfig, build_config
+    from unimm.errors import ConfigError
+    from unimm.model.checkpoint import read_meta
+
+    # 24 samples, batches of 8: 1.5 epochs are ceil(36 / 8) = 5 optimizer steps
+    overrides = [
+        f"data.train={tiny_shards}",
+        "train.epochs=1.5",
+        "train.max_steps=1000",
+        "train.save_every=1000",
+    ]
+    cfg = build_config(
+        TrainConfig, recipe=RECIPE, options={"out": str(tmp_path / "run")}, overrides=overrides
+    )
+    run(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x["step"] for x in lines) == 5 and (tmp_path / "run" / "step-000005").is_dir()
+    assert read_meta(tmp_path / "run" / "step-000005")["recipe"]["train"]["max_steps"] == 5
+    with pytest.raises(ConfigError, match=r"train\.epochs: must be >= 0"):
+        _cfg(tmp_path, "train.epochs=-1")

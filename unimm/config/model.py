@@ -132,6 +132,10 @@ class TrainOptions:
     """Decoupled weight decay of the matrices; biases and normalisation weights take none."""
     warmup_ratio: float = 0.03
     max_steps: int = 1000
+    epochs: float = 0.0
+    """Train for this many passes over ``data.train`` instead (0 = ``max_steps`` decides):
+    ``max_steps`` becomes ceil(epochs × samples / (processes × batch_size × grad_accum)), recorded
+    in the checkpoints' recipe."""
     batch_size: int = 8
     """Samples per device per step."""
     grad_accum: int = 1
@@ -189,6 +193,8 @@ class TrainOptions:
             value = getattr(self, key)
             if value is not None and not value > 0:
                 problems.append(f"train.{key}: must be > 0 (or unset for train.lr), got {value}")
+        if self.epochs < 0:
+            problems.append(f"train.epochs: must be >= 0 (0 = train.max_steps decides), got {self.epochs}")
         if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
             problems.append("train.weight_decay must be >= 0 and train.warmup_ratio in [0, 1)")
         if self.grad_cache_chunk < 0:

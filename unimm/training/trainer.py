@@ -170,6 +170,10 @@ class Trainer:
         torch.manual_seed(opts.seed)
         accelerator = self.accelerator = self._accelerator()
         check_data_fits(self.manifests, cfg.data.train, accelerator.num_processes, opts.batch_size)
+        if opts.epochs:  # the schedule, the saving and the end all count optimizer steps
+            samples = sum(m["counts"]["samples"] for m in self.manifests)
+            per_step = accelerator.num_processes * opts.batch_size * opts.grad_accum
+            opts.max_steps = max(1, math.ceil(opts.epochs * samples / per_step))
         with accelerator.main_process_first():  # the tiny base model is built once, by rank 0
             model, self.processor = build_model(cfg, self.run_dir, resume_from)
         if opts.gradient_checkpointing:  # transformers 5 renamed it; older versions have the old name
