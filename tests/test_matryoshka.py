@@ -158,3 +158,25 @@ def test_the_sentence_transformers_export_truncates_as_embed_dim_does(nested, tm
         [Sample.of_slices([Slice.of_text("two red circles")])]
     )
     torch.testing.assert_close(got.cpu().float(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_size_above_the_models_is_a_clear_error(nested, tiny_shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from unimm.cli import app
+
+    args = [
+        "embed",
+        "--data",
+        str(tiny_shards),
+        "--model",
+        str(nested),
+        "--out",
+        str(tmp_path / "i"),
+        "--dim",
+        "128",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "embedding size 128: this checkpoint was trained for 64, 32, 16" in result.output
+    assert not (tmp_path / "i" / "manifest.json").exists()
