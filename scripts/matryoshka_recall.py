@@ -48,6 +48,7 @@ def recalls(checkpoint: Path, quickstart: Path) -> dict[int, dict[str, float]]:
     from unimm.data.samples import Sample, Slice
     from unimm.inference.metrics import first_relevant_ranks, recall_scores
     from unimm.inference.session import Session
+    from unimm.model.core import truncate
 
     rows = [json.loads(line) for line in (quickstart / "eval" / "data.jsonl").read_text().splitlines()]
     pairs = [r for r in rows if r["meta"]["kind"] in ("caption", "pair")]
@@ -60,8 +61,7 @@ def recalls(checkpoint: Path, quickstart: Path) -> dict[int, dict[str, float]]:
     )
     out = {}
     for d in SIZES:
-        q = torch.nn.functional.normalize(queries[:, :d], dim=1)
-        g = torch.nn.functional.normalize(gallery[:, :d], dim=1)
+        q, g = truncate(queries, d), truncate(gallery, d)  # what unimm embed --dim stores
         relevant = torch.tensor([[t == u for u in text] for t in text])  # equal captions: equally right
         out[d] = recall_scores(first_relevant_ranks(q @ g.T, relevant))
     return out

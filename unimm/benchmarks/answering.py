@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 from unimm.benchmarks.base import AnswerTask, sample_of
+from unimm.benchmarks.judged import JUDGED
 from unimm.benchmarks.scoring import (
     binary_scores,
     group_all_right,
@@ -73,7 +74,7 @@ def answer_task(encoder, task: AnswerTask, context: list[list] | None = None, ju
     """The task's figures and per-question records (``context``: see :func:`generate_replies`;
     ``judge``: the :class:`~unimm.benchmarks.judged.Judge` of a judged benchmark)."""
     replies = generate_replies(encoder, task, context)
-    if task.grading in ("llava-w", "mm-vet"):
+    if task.grading in JUDGED:
         from unimm.benchmarks.judged import judge_task
 
         if judge is None:

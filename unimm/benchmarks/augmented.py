@@ -34,8 +34,6 @@ def retrieve_for(
             f"--rag: {data.benchmark} is scored by ranking, not by replies; retrieval-augmented "
             "evaluation applies to the generative benchmarks (unimm eval --list)"
         )
-    if k < 1:
-        raise UnimmError(f"--rag-k {k}: retrieve at least one document")
     searcher = Searcher(index, model=model, dim=encoder.session.model.head.embed_dim)
     sources = searcher.manifest["data"]
     documents: dict[int, Any] = {}

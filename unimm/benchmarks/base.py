@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,12 +281,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def objects_of(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, dict]]:
-    """``(where, obj)`` of each ``(where, value)``, refusing a value that is not a JSON object."""
-    for where, value in items:
+def objects_of(
+    items: Iterable[tuple[Any, Any]], where: Callable[[Any], str]
+) -> Iterator[tuple[Any, str, dict]]:
+    """``(key, where(key), obj)`` of each ``(key, value)``, refusing a value that is not a JSON object."""
+    for key, value in items:
         if not isinstance(value, dict):
-            raise UnimmError(f"{where}: not an object")
-        yield where, value
+            raise UnimmError(f"{where(key)}: not an object")
+        yield key, where(key), value
 
 
 def field(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -124,7 +124,7 @@ def _mm_vet(benchmark, path: Path, image_root: Path | None):
         raise UnimmError(f"{file}: expected an object of questions by id (MM-Vet's mm-vet.json)")
     finder = ImageFinder(image_root or file.parent, ["images", ""], benchmark.name)
     ids, prompts, refs, extras = [], [], [], []
-    for (where, row), qid in zip(objects_of((f"{file}: {q}", r) for q, r in doc.items()), doc, strict=True):
+    for qid, where, row in objects_of(doc.items(), lambda q: f"{file}: {q}"):
         question = field(row, "question", str, where)
         ids.append(qid)
         prompts.append(

@@ -160,7 +160,7 @@ def _vqav2(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], P
             raise UnimmError(f"{a_file}: no 'annotations' list; expected the VQAv2 annotations file")
         annotations = {row.get("question_id"): row for row in rows if isinstance(row, dict)}
     questions = []
-    for where, q in objects_of((f"{q_file}: question {n}", q) for n, q in enumerate(raw)):
+    for _, where, q in objects_of(enumerate(raw), lambda n: f"{q_file}: question {n}"):
         qid = field(q, "question_id", int, where)
         image_id = field(q, "image_id", int, where)
         text = field(q, "question", str, where)
@@ -183,7 +183,7 @@ def _vizwiz(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], 
     if not isinstance(rows, list):
         raise UnimmError(f"{file}: expected a list of questions (VizWiz's {name})")
     questions = []
-    for where, row in objects_of((f"{file}: question {n}", row) for n, row in enumerate(rows)):
+    for _, where, row in objects_of(enumerate(rows), lambda n: f"{file}: question {n}"):
         image = field(row, "image", str, where)
         text = field(row, "question", str, where)
         answers = _ten_answers(row.get("answers"), where) if split != "test" else None
@@ -202,7 +202,7 @@ def _textvqa(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path],
     if not isinstance(rows, list):
         raise UnimmError(f"{file}: no 'data' list; expected TextVQA's {name}")
     questions = []
-    for where, row in objects_of((f"{file}: data[{n}]", row) for n, row in enumerate(rows)):
+    for _, where, row in objects_of(enumerate(rows), lambda n: f"{file}: data[{n}]"):
         qid = field(row, "question_id", int, where)
         answers = _ten_answers(row.get("answers"), where) if split != "test" else None
         questions.append(
@@ -219,9 +219,7 @@ def _gqa(benchmark, path: Path, split: str) -> tuple[list[dict], list[Path], Pat
     if not isinstance(rows, dict):
         raise UnimmError(f"{file}: expected an object of questions by id (GQA's {name})")
     questions = []
-    for (where, row), qid in zip(
-        objects_of((f"{file}: question {q}", r) for q, r in rows.items()), rows, strict=True
-    ):
+    for qid, where, row in objects_of(rows.items(), lambda q: f"{file}: question {q}"):
         types = row.get("types") if isinstance(row.get("types"), dict) else {}
         questions.append(
             _question(

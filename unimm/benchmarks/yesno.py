@@ -35,7 +35,6 @@ from unimm.errors import UnimmError
 
 SPLITS = ("test",)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-POPE_KINDS = ("adversarial", "popular", "random")
 PERCEPTION = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
 )  # fmt: skip

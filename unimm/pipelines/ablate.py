@@ -141,9 +141,10 @@ def _value(results: dict, section: str, metric: str) -> float | None:
 
 def _columns(opts: AblateOptions) -> list[tuple[str, str, str]]:
     """The table's columns: the records' figures (``unimm eval``), then each benchmark's headline."""
-    extra = [(f"{name} {metric}", f"benchmarks/{name}/metrics/{task}", metric) for name, (task, metric) in (
-        (n, HEADLINES[n]) for n in opts.benchmarks
-    )]  # fmt: skip
+    extra = []
+    for name in opts.benchmarks:
+        task, metric = HEADLINES[name]
+        extra.append((f"{name} {metric}", f"benchmarks/{name}/metrics/{task}", metric))
     return [*COLUMNS, *extra]
 
 

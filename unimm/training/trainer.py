@@ -149,8 +149,8 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.step = 0
         self.history = {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0, "corrupt_samples": 0}
+        # samples trained, by the losses they trained (this process; records' task, data.task_fraction)
         self.history["samples"] = {"both": 0, "generative": 0, "discriminative": 0}
-        """Samples trained on by the losses they trained (this process; data.task_fraction)."""
         self.batches = self.bar = self.metrics_file = None
         self.last: dict[str, Any] = {}
 
