@@ -356,7 +356,10 @@ def test_candidate_lists_and_exclusions_rank_within_what_is_left():
     from unimm.benchmarks.run import ItemEncoder, rank_task
 
     class FixedVectors:  # a stand-in session: vectors chosen so the ranking is known by hand
-        def embed_views(self, samples):
+        def instruction_for(self, role):
+            return ""
+
+        def embed_views(self, samples, role="document"):
             return torch.stack([torch.tensor(VECTORS[s.slices[0].text]) for s in samples])
 
     VECTORS = {"q": [1.0, 0.0], "a": [0.9, 0.1], "b": [0.6, 0.4], "c": [0.2, 0.8], "d": [0.95, 0.05]}

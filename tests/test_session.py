@@ -49,6 +49,8 @@ def test_checkpoints_record_their_inference_settings(trained):
         "embed_dim": raw["embed_dim"],
         "attn_implementation": recipe["attn_implementation"],
         "dimensions": [raw["embed_dim"]],  # no Matryoshka sizes trained
+        "instructions": recipe["instructions"],
+        "default_instruction": recipe["default_instruction"],
     }
 
 

@@ -171,3 +171,8 @@ def bench_timer(device: str):
         return min(times)
 
     return best
+
+
+def seed_of(salt: str) -> int:
+    """A 64-bit seed from a text (the cut points' and the negatives' choices)."""
+    return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")

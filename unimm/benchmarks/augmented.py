@@ -34,13 +34,14 @@ def retrieve_for(
             f"--rag: {data.benchmark} is scored by ranking, not by replies; retrieval-augmented "
             "evaluation applies to the generative benchmarks (unimm eval --list)"
         )
-    searcher = Searcher(index, model=model, dim=encoder.session.model.head.embed_dim)
+    session = encoder.session
+    searcher = Searcher(index, model=model, dim=session.model.head.embed_dim, instruction=session.task)
     sources = searcher.manifest["data"]
     documents: dict[int, Any] = {}
     context: dict[str, list[list]] = {}
     retrieved: dict[str, list[list[list[Any]]]] = {}
     for task in tasks:
-        queries = encoder(task.prompts, desc=f"{task.name}: queries")
+        queries = encoder(task.prompts, desc=f"{task.name}: queries", role="query")
         hits = searcher.search(queries, k)
         context[task.name], retrieved[task.name] = [], []
         for found in hits:

@@ -83,6 +83,8 @@ class UnimmEncoder(AbsEncoder):
         import torch
 
         instruction = self._instruction(task_metadata, prompt_type)
+        # mteb's query/document split picks the checkpoint's instruction when no prompt is given
+        role = "query" if prompt_type is not None and prompt_type.value == "query" else "document"
         vectors = []
         for batch in inputs:
             rows = _rows(batch)
@@ -91,7 +93,7 @@ class UnimmEncoder(AbsEncoder):
                     _sample(row, instruction, n)
                     for n, row in enumerate(rows[start : start + self.batch_size])
                 ]
-                vectors.append(self.session.embed_views(samples))
+                vectors.append(self.session.embed_views(samples, role=role))
         if not vectors:
             return np.zeros((0, self.mteb_model_meta.embed_dim), dtype=np.float32)
         return torch.cat(vectors).numpy()
@@ -142,7 +144,7 @@ def _pil(image: Any):
 def _sample(row: dict[str, Any], instruction: str, n: int):
     from unimm.data.samples import Sample, Slice
 
-    slices = [Slice.of_text(instruction)] if instruction else []
+    slices = []
     image = row.get("image")
     if image is not None:
         slices.extend(Slice.of_image(_pil(im)) for im in (image if isinstance(image, list) else [image]))
@@ -150,4 +152,5 @@ def _sample(row: dict[str, Any], instruction: str, n: int):
         slices.append(Slice.of_text(str(row["text"])))
     if not slices:
         raise UnimmError("mteb gave an input with neither text nor an image")
-    return Sample.of_slices(slices, key=str(n))
+    # a prompt is the sample's instruction (its system text), as the checkpoint's own are
+    return Sample.of_slices(slices, key=str(n), instruction=instruction or None)

@@ -43,22 +43,27 @@ class ItemEncoder:
         self.forwarded = 0
         """Inputs sent through the model so far (each distinct input counts once)."""
 
-    def __call__(self, items: Sequence[Item], desc: str = "embed") -> torch.Tensor:
-        """``[len(items), d]`` unit float32 embeddings, in the order of ``items``."""
+    def __call__(self, items: Sequence[Item], desc: str = "embed", role: str = "document") -> torch.Tensor:
+        """``[len(items), d]`` unit float32 embeddings, in the order of ``items``, each under the
+        ``role`` (``query`` or ``document``) instruction of the session's task."""
         from tqdm import tqdm
 
-        todo = [p for p in dict.fromkeys(item.parts for item in items) if p not in self.cache]
+        # keyed by the instruction text: without instructions a query and a document are one input
+        text = self.session.instruction_for(role)
+        todo = [p for p in dict.fromkeys(item.parts for item in items) if (text, p) not in self.cache]
         todo.sort(key=lambda parts: sum(len(v) for k, v in parts if k == "text"))
         with tqdm(total=len(todo), desc=desc, unit="input", disable=not self.progress or not todo) as bar:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                vectors = self.session.embed_views([sample_of(parts, n) for n, parts in enumerate(chunk)])
-                self.cache.update(zip(chunk, vectors, strict=True))
+                vectors = self.session.embed_views(
+                    [sample_of(parts, n) for n, parts in enumerate(chunk)], role=role
+                )
+                self.cache.update(zip([(text, p) for p in chunk], vectors, strict=True))
                 self.forwarded += len(chunk)
                 bar.update(len(chunk))
         if not items:
             return torch.zeros(0, 0)
-        return torch.stack([self.cache[item.parts] for item in items])
+        return torch.stack([self.cache[text, item.parts] for item in items])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ def rank_task(encoder: ItemEncoder, task: RankingTask, keep: int = KEEP, chunk: 
     from unimm.inference.metrics import first_relevant_ranks, recall_scores
 
     index = _columns(task)
-    queries = encoder(task.queries, desc=f"{task.name}: queries")
+    queries = encoder(task.queries, desc=f"{task.name}: queries", role="query")
     gallery = encoder(task.gallery, desc=f"{task.name}: gallery")
     gallery_ids = [item.id for item in task.gallery]
     ranks: list[int] = []

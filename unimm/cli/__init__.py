@@ -20,7 +20,16 @@ import typer
 
 from unimm import __version__
 from unimm.cli.eval_bench import bench_app, eval_app
-from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, default, user_errors
+from unimm.cli.mining import mine
+from unimm.cli.options import (
+    InstructionOpt,
+    ModelDtypeOpt,
+    RecipeOpt,
+    SetOpt,
+    as_options,
+    default,
+    user_errors,
+)
 from unimm.cli.serving import export, index_app, serve
 
 app = typer.Typer(
@@ -36,6 +45,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(index_app, name="index", rich_help_panel="Model")
 app.command(rich_help_panel="Model")(serve)
 app.command(rich_help_panel="Model")(export)
+app.command(rich_help_panel="Data")(mine)
 
 
 def _version(value: bool) -> None:
@@ -57,12 +67,18 @@ def main_callback(
 @user_errors
 def prepare(
     inputs: Annotated[
-        list[Path], typer.Argument(help="Record files: unimm JSONL, LLaVA JSON/JSONL, MMC4 JSONL, CSV/TSV.")
+        list[Path],
+        typer.Argument(
+            help="Record files: unimm JSONL (records or pairs), LLaVA JSON/JSONL, MMC4 JSONL, CSV/TSV, "
+            "MMEB's layout, Parquet pairs."
+        ),
     ],
     out: Annotated[Path | None, typer.Option("--out", help="Output shard directory.")] = None,
     format: Annotated[
         str | None,
-        typer.Option("--format", help=f"auto | unimm | llava | mmc4 | csv {default('prepare.format')}"),
+        typer.Option(
+            "--format", help=f"auto | unimm | llava | mmc4 | csv | mmeb | parquet {default('prepare.format')}"
+        ),
     ] = None,
     image_root: Annotated[
         Path | None,
@@ -313,6 +329,7 @@ def embed(
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('embed.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
+    instruction: InstructionOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished parts of an earlier run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -388,6 +405,7 @@ def retrieve(
         str | None, typer.Option(help=f"auto | cpu | cuda {default('retrieve.device')}")
     ] = None,
     model_dtype: ModelDtypeOpt = None,
+    instruction: InstructionOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -442,6 +460,7 @@ def chat(
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('chat.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
+    instruction: InstructionOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:

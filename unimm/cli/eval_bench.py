@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, comma_list, default, user_errors
+from unimm.cli.options import (
+    InstructionOpt,
+    ModelDtypeOpt,
+    RecipeOpt,
+    SetOpt,
+    as_options,
+    comma_list,
+    default,
+    user_errors,
+)
 from unimm.errors import UnimmError
 
 eval_app = typer.Typer(help="Evaluate a checkpoint; `unimm eval ablate` runs the paper's ablation.")
@@ -56,6 +65,7 @@ def eval_(
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('eval.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
+    instruction: InstructionOpt = None,
     benchmark: Annotated[
         str | None,
         typer.Option(help="A benchmark read from its official files (see --list); --data is its folder."),

@@ -47,6 +47,16 @@ ModelDtypeOpt = Annotated[
 ]
 
 
+InstructionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--instruction",
+        help="Instruction task of the checkpoint's model.instructions to encode queries and documents "
+        'under ("" = none) \\[default: the checkpoint\'s default_instruction]',
+    ),
+]
+
+
 def as_options(section: str, values: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
     """CLI values as dotted config options: parameter ``name`` → ``section.name`` unless
     ``renames`` says otherwise. Paths become strings; ``None``, an empty list and a flag left off

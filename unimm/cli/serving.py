@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from unimm.cli.options import ModelDtypeOpt, RecipeOpt, SetOpt, as_options, default, user_errors
+from unimm.cli.options import (
+    InstructionOpt,
+    ModelDtypeOpt,
+    RecipeOpt,
+    SetOpt,
+    as_options,
+    default,
+    user_errors,
+)
 
 index_app = typer.Typer(
     help="Persistent ANN indexes (FAISS) beside an index's embeddings.", no_args_is_help=True
@@ -70,6 +78,7 @@ def serve(
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('serve.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
+    instruction: InstructionOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -94,6 +103,7 @@ def export(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
     model_dtype: ModelDtypeOpt = None,
+    instruction: InstructionOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export.")] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,

@@ -74,12 +74,7 @@ def run_benchmark(cfg: EvalConfig, *, progress: bool = True, session=None) -> di
         split=opts.split,
     )
     if session is None:
-        session = Session.load(
-            opts.model,
-            device=opts.device,
-            dtype=opts.model_dtype,
-            attn_implementation=opts.attn_implementation,
-        )
+        session = Session.load(opts.model, **opts.session_options())
     encoder = ItemEncoder(session, opts.batch_size, progress=progress)
     started = time.perf_counter()
     scored, rag = _score(encoder, data, opts, judge)

@@ -65,15 +65,19 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     for flag, path in (("--out", opts.out), ("--metrics-out", opts.metrics_out)):
         if path:
             claim_output(Path(path), None, inputs, flag=flag)
-    session = Session.load(
-        opts.model, device=opts.device, dtype=opts.model_dtype, attn_implementation=opts.attn_implementation
+    session = Session.load(opts.model, **opts.session_options())
+    searcher = Searcher(
+        opts.index,
+        model=opts.model,
+        dim=session.model.head.embed_dim,
+        backend=opts.backend,
+        instruction=session.task,
     )
-    searcher = Searcher(opts.index, model=opts.model, dim=session.model.head.embed_dim, backend=opts.backend)
     queries = load_queries(opts)
     per_slice = [
         rows
         for start in range(0, len(queries), 16)
-        for rows in session.embed_slices(queries[start : start + 16])
+        for rows in session.embed_slices(queries[start : start + 16], role="query")
     ]
     embedded = torch.cat(
         [rows[-1:] for rows in per_slice]

@@ -39,6 +39,7 @@ RECIPE_SECTIONS = frozenset(
         "eval",
         "serve",
         "export",
+        "mine",
     }
 )
 

@@ -12,6 +12,7 @@ from unimm.config.inference import (
     EvalOptions,
     ExportOptions,
     IndexOptions,
+    MineOptions,
     RetrieveOptions,
     ServeOptions,
 )
@@ -70,6 +71,13 @@ class ChatConfig:
 
 
 @dataclasses.dataclass
+class MineConfig:
+    """Configuration of ``unimm mine``."""
+
+    mine: MineOptions = dataclasses.field(default_factory=MineOptions)
+
+
+@dataclasses.dataclass
 class ServeConfig:
     """Configuration of ``unimm serve``."""
 
@@ -104,6 +112,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalOptions,
     "serve": ServeOptions,
     "export": ExportOptions,
+    "mine": MineOptions,
 }
 """Every recipe section and its dataclass (``RECIPE_SECTIONS`` names the same set)."""
 

@@ -15,7 +15,7 @@ class PrepareOptions:
     """Record files (JSONL, LLaVA JSON/JSONL, MMC4 JSONL, CSV/TSV)."""
     out: str = ""
     """Output shard directory."""
-    format: Literal["auto", "unimm", "llava", "mmc4", "csv"] = "auto"
+    format: Literal["auto", "unimm", "llava", "mmc4", "csv", "mmeb", "parquet"] = "auto"
     """Input format; ``auto`` decides per file from its extension and first record."""
     task: Literal["records", "both", "generative", "discriminative"] = "records"
     """Which losses the inputs' records train: ``records`` (each record's own ``task``, default

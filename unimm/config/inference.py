@@ -23,9 +23,21 @@ class CheckpointOptions:
     """Dtype the checkpoint is loaded in; ``auto``: the dtype its weights were saved in."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernels; ``auto``: the checkpoint's (as trained)."""
+    instruction: str | None = None
+    """The instruction task (a key of the checkpoint's ``instructions``) queries and documents
+    are encoded under; default: the checkpoint's ``default_instruction``; ``""``: none."""
 
     def validate(self) -> list[str]:
         return [] if self.model else [f"{self.section}.model: give a checkpoint with --model RUN/step-…"]
+
+    def session_options(self) -> dict:
+        """The keyword arguments of ``Session.load`` these options give."""
+        return {
+            "device": self.device,
+            "dtype": self.model_dtype,
+            "attn_implementation": self.attn_implementation,
+            "instruction": self.instruction,
+        }
 
 
 @dataclasses.dataclass
@@ -289,3 +301,49 @@ class ExportOptions(CheckpointOptions):
     def validate(self) -> list[str]:
         problems = super().validate()
         return problems + ([] if self.out else ["export.out: give the output folder with --out DIR"])
+
+
+@dataclasses.dataclass
+class MineOptions(CheckpointOptions):
+    """Section ``mine``: hard negatives for pair records from an index of the corpus."""
+
+    section: ClassVar[str] = "mine"
+    pairs: str = ""
+    """Pair records (any pair format: unimm pairs, MMEB's layout, query/positive tables)."""
+    index: str = ""
+    """An index of the corpus built by ``unimm embed`` with the same checkpoint (from record
+    files: its rows keep each document's slices, which the mined negatives are written from)."""
+    out: str = ""
+    """The pair records with their mined negatives (JSONL); never one of the inputs."""
+    format: Literal["auto", "unimm", "csv", "mmeb", "parquet"] = "auto"
+    image_root: str | None = None
+    """The folder the pairs' image paths are relative to (default: the pairs file's folder);
+    the mined negatives' image paths are written relative to it, so it must hold the corpus's."""
+    negatives: int = 4
+    """Hard negatives mined per query."""
+    depth: int = 50
+    """Candidates searched per query."""
+    margin: float = 0.95
+    """Positive-aware false-negative filter (NV-Retriever's TopK-PercPos): a candidate scoring
+    above ``margin × s⁺`` (the query's score with its own positive; ``s⁺ − (1 − margin)·|s⁺|``
+    when negative) is taken for an unlabelled positive and dropped."""
+    keep_negatives: bool = True
+    """Keep the records' own negatives (the mined ones are added after them)."""
+    batch_size: int = 16
+    backend: SearchBackend = "auto"
+    resume: bool = False
+    """Go on from the records an interrupted run already wrote."""
+    overwrite: bool = False
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        for key, flag in (("pairs", "--pairs"), ("index", "--index"), ("out", "--out")):
+            if not getattr(self, key):
+                problems.append(f"mine.{key}: give {flag}")
+        if self.negatives < 1 or self.depth < self.negatives or self.batch_size < 1:
+            problems.append("mine.negatives must be >= 1, mine.depth >= mine.negatives, mine.batch_size >= 1")
+        if not 0 < self.margin <= 1:
+            problems.append(f"mine.margin: must be in (0, 1], got {self.margin}")
+        if self.resume and self.overwrite:
+            problems.append("mine.resume and mine.overwrite: choose one")
+        return problems

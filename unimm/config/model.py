@@ -21,6 +21,30 @@ def attention_problem(name: str) -> str | None:
     return None
 
 
+INSTRUCTION_ROLES = ("query", "document")
+
+
+def instruction_problems(table: dict[str, dict[str, str]], default: str, where: str = "model") -> list[str]:
+    """What is wrong with an instructions table and its default task (empty when nothing)."""
+    problems = []
+    for task, texts in table.items():
+        unknown = sorted(set(texts) - set(INSTRUCTION_ROLES))
+        if unknown:
+            problems.append(
+                f"{where}.instructions.{task}: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(INSTRUCTION_ROLES)})"
+            )
+        empty = [role for role, text in texts.items() if role in INSTRUCTION_ROLES and not text.strip()]
+        if empty or not texts:
+            problems.append(f"{where}.instructions.{task}: give a non-empty query and/or document text")
+    if default and default not in table:
+        known = ", ".join(sorted(table)) or "none"
+        problems.append(
+            f"{where}.default_instruction: {default!r} is not a task of {where}.instructions (known: {known})"
+        )
+    return problems
+
+
 @dataclasses.dataclass
 class ModelOptions:
     """Section ``model``."""
@@ -36,6 +60,14 @@ class ModelOptions:
     averaged over the full vector and each leading ``d`` components, re-normalised), so that
     ``unimm embed --dim d`` and ``dimensions`` on ``/v1/embeddings`` serve shorter vectors."""
     system_prompt: str = ""
+    instructions: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    """Task instructions, ``{TASK: {query: TEXT, document: TEXT}}`` (VLM2Vec / E5-V style): a
+    record (or pair record) naming ``instruction: TASK`` is encoded under them, a pair's query
+    under the query text and every other side under the document text. Kept in the checkpoint and
+    applied by embed, retrieve, serve and the exports (docs/formats.md)."""
+    default_instruction: str = ""
+    """The task (a key of ``instructions``) of records that name none, and of ``embed``,
+    ``retrieve`` and ``serve`` when not told another (empty: none)."""
     max_length: int = 2048
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in (mixed precision is train.mixed_precision)."""
@@ -72,6 +104,7 @@ class ModelOptions:
                 f"model.matryoshka: different sizes each between 1 and model.embed_dim - 1 "
                 f"({self.embed_dim - 1}), got {self.matryoshka}"
             )
+        problems += instruction_problems(self.instructions, self.default_instruction)
         if self.lora and self.train_lm:
             problems.append("model.train_lm: full fine-tuning of the language model is for lora=false")
         if why := attention_problem(self.attn_implementation):
@@ -115,6 +148,14 @@ class TrainOptions:
     """Weight of the generative loss (0 = discriminative only)."""
     disc_loss: Literal["mse", "infonce", "kl"] = "mse"
     temperature: float = 0.05
+    pair_weight: float = 1.0
+    """Weight of the pair loss ``L_p`` (InfoNCE of pair records' queries against their positives,
+    in-batch positives and hard negatives; 0 = pairs train nothing)."""
+    pair_temperature: float = 0.02
+    """``τ`` of the pair loss (VLM2Vec's 0.02)."""
+    hard_negatives: int = 1
+    """Hard negatives per pair record in a batch (chosen afresh each epoch from the record's;
+    0 = in-batch negatives only)."""
     lr: float = 1e-4
     head_lr: float | None = None
     """Learning rate of the retrieval head (default: ``lr``)."""
@@ -211,6 +252,10 @@ class TrainOptions:
             problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not self.temperature > 0:
             problems.append(f"train.temperature: must be > 0, got {self.temperature}")
+        if not self.pair_temperature > 0 or self.pair_weight < 0 or self.hard_negatives < 0:
+            problems.append(
+                "train.pair_temperature must be > 0, train.pair_weight and train.hard_negatives >= 0"
+            )
         if self.weight_decay < 0:
             problems.append(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:

@@ -1,4 +1,6 @@
-"""Input adapters: unimm JSONL, LLaVA conversations, MMC4 documents and image–caption CSV/TSV.
+"""Input adapters: unimm JSONL (records and pair records), LLaVA conversations, MMC4 documents,
+image–caption CSV/TSV, and pair tables (MMEB's training layout, query/positive/negative columns)
+as JSON Lines, CSV/TSV or Parquet (:mod:`unimm.data.pairs`).
 
 :func:`iter_records` reads one file and yields a :class:`~unimm.data.records.Record` per good
 record and a :class:`~unimm.errors.DataError` (not raised) per bad one, each located by file and
@@ -12,7 +14,8 @@ Mapping of each format to slices (documented in docs/formats.md):
   slices with ``role: assistant``.
 - MMC4: each image is placed before the sentence it is matched to (``matched_text_index``),
   images matched to the same sentence in ``image_info`` order; empty sentences are dropped.
-- CSV/TSV: a header with ``image`` and ``caption`` columns (``id`` optional) -> [image, text].
+- CSV/TSV: a header with ``image`` and ``caption`` columns (``id`` optional) -> [image, text];
+  a header with ``query`` and ``positive`` (or MMEB's ``qry``, ``pos_text``, ...) -> pair records.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from unimm.data.records import Record, RecordLimits, RecordSlice, record_from_ob
 from unimm.data.samples import Sample, Slice
 from unimm.errors import DataError, UnimmError
 
-FORMATS = ("unimm", "llava", "mmc4", "csv")
+FORMATS = ("unimm", "llava", "mmc4", "csv", "mmeb", "parquet")
 _IMAGE_TOKEN = "<image>"
 _HUMAN = {"human": "user", "user": "user"}
 _GPT = {"gpt": "assistant", "assistant": "assistant"}
@@ -63,6 +66,11 @@ def iter_records(
         return
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    if fmt == "parquet" or (fmt == "auto" and path.suffix.lower() == ".parquet"):
+        from unimm.data.pairs import iter_parquet
+
+        yield from _bounded(iter_parquet(path), limits)
+        return
     if fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv")):
         yield from _bounded(_iter_csv(data, path, limits), limits)
         return
@@ -82,7 +90,7 @@ def iter_records(
             break
         if fmt == "auto":
             return
-    convert = {"unimm": _unimm, "llava": _llava, "mmc4": _mmc4}.get(fmt)
+    convert = {"unimm": _unimm, "llava": _llava, "mmc4": _mmc4, "mmeb": _mmeb}.get(fmt)
     if convert is None:
         raise DataError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}", source=source)
     stem = path.stem
@@ -169,8 +177,10 @@ def _check_tree(obj: Any, limits: RecordLimits) -> None:
 def detect_format(obj: Any, source: str) -> str:
     """Name the format of a decoded first record from its keys."""
     if isinstance(obj, dict):
-        if "slices" in obj:
+        if "slices" in obj or "query" in obj or "positive" in obj:
             return "unimm"
+        if "qry" in obj:
+            return "mmeb"
         if "conversations" in obj:
             return "llava"
         if "text_list" in obj:
@@ -180,7 +190,8 @@ def detect_format(obj: Any, source: str) -> str:
         keys = type(obj).__name__
     raise DataError(
         f"cannot tell the format from the first record (keys: {keys}); expected 'slices' (unimm), "
-        "'conversations' (llava) or 'text_list' (mmc4), or pass --format",
+        "'query' (a unimm pair record), 'qry' (MMEB's training layout), 'conversations' (llava) or "
+        "'text_list' (mmc4), or pass --format",
         source=source,
     )
 
@@ -260,6 +271,16 @@ def _iter_json_array(data: bytes, source: str, limits: RecordLimits) -> Iterator
 
 def _unimm(obj: Any, source: str, line: int, default_id: str) -> Record:
     return record_from_obj(obj, source=source, line=line)
+
+
+def _mmeb(obj: Any, source: str, line: int, default_id: str) -> Record:
+    from unimm.data.pairs import mmeb_record
+
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"an MMEB row must be a JSON object, got {type(obj).__name__}", source=source, line=line
+        )
+    return mmeb_record(obj, source, line, default_id)
 
 
 def _record_id(obj: dict, keys: tuple[str, ...], default_id: str) -> str:
@@ -371,9 +392,14 @@ def _iter_csv(data: bytes, path: Path, limits: RecordLimits) -> Iterator[Record 
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
-    if "image" not in header or "caption" not in header:
+    from unimm.data.pairs import mmeb_record, table_columns, table_record
+
+    layout = table_columns(header)
+    convert = {"mmeb": mmeb_record, "pairs": table_record}.get(layout or "", _caption_row)
+    if layout is None and ("image" not in header or "caption" not in header):
         yield DataError(
-            f"the header must name 'image' and 'caption' columns (found: {', '.join(header) or 'none'})",
+            "the header must name 'image' and 'caption' columns, or 'query' and 'positive' (pairs), "
+            f"or MMEB's 'qry', 'pos_text', ... (found: {', '.join(header) or 'none'})",
             source=source,
             line=1,
         )
@@ -382,12 +408,12 @@ def _iter_csv(data: bytes, path: Path, limits: RecordLimits) -> Iterator[Record 
     start = 2
     limit = csv.field_size_limit(limits.text_chars)  # process-wide: restored below
     try:
-        yield from _csv_rows(reader, path, start)
+        yield from _csv_rows(reader, path, start, convert)
     finally:
         csv.field_size_limit(limit)
 
 
-def _csv_rows(reader: csv.DictReader, path: Path, start: int) -> Iterator[Record | DataError]:
+def _csv_rows(reader: csv.DictReader, path: Path, start: int, convert) -> Iterator[Record | DataError]:
     source = str(path)
     while True:
         line = start
@@ -400,21 +426,27 @@ def _csv_rows(reader: csv.DictReader, path: Path, start: int) -> Iterator[Record
             yield DataError(f"not a valid CSV row ({exc}; prepare.max_text_chars)", source=source, line=line)
             continue
         start = reader.line_num + 1
-        rid = (row.get("id") or "").strip() or f"{path.stem}-{line}"
-        image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+        default_id = f"{path.stem}-{line}"
         if None in row:
+            rid = (row.get("id") or "").strip() or default_id
             yield DataError("more fields than header columns", source=source, line=line, record_id=rid)
-        elif not image:
-            yield DataError("empty 'image' field", source=source, line=line, record_id=rid)
-        elif not caption:
-            yield DataError("empty 'caption' field", source=source, line=line, record_id=rid)
-        else:
-            yield Record(
-                id=rid,
-                slices=[RecordSlice("image", image), RecordSlice("text", caption)],
-                source=source,
-                line=line,
-            )
+            continue
+        try:
+            yield convert(row, source, line, default_id)
+        except DataError as exc:
+            yield exc
+
+
+def _caption_row(row: dict[str, str], source: str, line: int, default_id: str) -> Record:
+    rid = (row.get("id") or "").strip() or default_id
+    image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+    if not image:
+        raise DataError("empty 'image' field", source=source, line=line, record_id=rid)
+    if not caption:
+        raise DataError("empty 'caption' field", source=source, line=line, record_id=rid)
+    return Record(
+        id=rid, slices=[RecordSlice("image", image), RecordSlice("text", caption)], source=source, line=line
+    )
 
 
 def open_image(path: str | Path, root: str | Path | None = None):
@@ -501,6 +533,13 @@ def iter_decoded_records(
             continue
         record = dataclasses.replace(item, slices=resolved)
         sample = Sample(
-            key=item.id, slices=slices, id=item.id, response=item.response, meta=item.meta, source=source
+            key=item.id,
+            slices=slices,
+            id=item.id,
+            response=item.response,
+            meta=item.meta,
+            source=source,
+            pair=item.pair,
+            instruction_name=item.instruction,
         )
         yield record, sample

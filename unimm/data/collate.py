@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import itertools
 import logging
 import random
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from unimm.data.samples import Sample
+from unimm.utils import seed_of
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ class Collator:
             and per-token image type ids (without one: the plain layout and a fixed image length).
         by_task: training's batches: a sample tagged ``discriminative`` gets no next-token targets
             and one tagged ``generative`` no views (evaluation scores every sample both ways).
+        instructions: ``model.instructions`` (task → query/document instruction text); a sample
+            without its own ``instruction`` text gets the document instruction of the task its
+            record names; a pair's sides that of its task, or of ``default_instruction``, its
+            query the query instruction.
+        hard_negatives: how many of a pair record's negatives join the batch (chosen afresh each
+            epoch, reproducibly, as the cut points are).
     """
 
     def __init__(
@@ -89,6 +95,9 @@ class Collator:
         seed: int = 0,
         processor=None,
         by_task: bool = False,
+        instructions: dict[str, dict[str, str]] | None = None,
+        default_instruction: str = "",
+        hard_negatives: int = 1,
     ) -> None:
         from unimm.data.layout import PlainLayout, choose_layout
 
@@ -100,6 +109,9 @@ class Collator:
         self.cut_points = cut_points
         self.seed = seed
         self.by_task = by_task
+        self.instructions = instructions or {}
+        self.default_instruction = default_instruction
+        self.hard_negatives = hard_negatives
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.processor = processor
         self.placeholder = getattr(processor, "image_token", None) or tokenizer.convert_ids_to_tokens(
@@ -141,7 +153,7 @@ class Collator:
         ``document_end=False`` leaves a document without a response open (no end mark);
         ``ending`` (``assistant`` or ``slice``) ends the text as a prompt does (see :meth:`prompt`).
         """
-        sample = self._literal(sample)
+        sample = self._literal(self._instructed(sample))
         response = sample.response or None
         # Everything is tokenized once first (the common case: it fits). Only a sample that is too
         # long is fitted from its slices' token counts, and refitted in the rare case that was short.
@@ -168,6 +180,17 @@ class Collator:
             )
         return Encoded(ids, labels, spans, images, dropped, sample.key, sample.epoch, sample.task)
 
+    def _instructed(self, sample: Sample) -> Sample:
+        """``sample`` with its instruction text: its own (``""`` = none), else the document
+        instruction of the task its record names (records that name none have none: the default
+        task is for pairs and for inference)."""
+        if sample.instruction is not None:
+            return sample
+        from unimm.data.instructions import instruction_text
+
+        text = instruction_text(self.instructions, sample.instruction_name, "document")
+        return sample if text is None else sample.replace(instruction=text)
+
     def _literal(self, sample: Sample) -> Sample:
         """``sample`` with the tokenizer's control tokens inside its texts made literal: a
         document that contains ``<image>`` or ``<|im_end|>`` as text would otherwise become an
@@ -192,7 +215,7 @@ class Collator:
         from unimm.errors import UnimmError
 
         try:
-            return self.layout.render(kept, response, **how)
+            return self.layout.render(kept, response, system=sample.instruction, **how)
         except LayoutError as exc:
             where = f" ({sample.source})" if sample.source else ""
             raise UnimmError(f"sample {sample.key!r}{where}: {exc}") from None
@@ -315,8 +338,7 @@ class Collator:
         if n == 0:
             return []
         salt = f"{self.seed}/{encoded.key}" + (f"/{encoded.epoch}" if encoded.epoch else "")
-        digest = hashlib.sha256(salt.encode()).digest()
-        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        rng = random.Random(seed_of(salt))
         others = rng.sample(range(n - 1), min(self.cut_points - 1, n - 1)) if self.cut_points > 1 else []
         return sorted({*others, n - 1})
 
@@ -335,9 +357,18 @@ class Collator:
         return {key: value for key, value in out.items() if names is None or key in names}
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        """Collate decoded samples into a batch (right-padded)."""
-        encoded = [self.encode(s) for s in samples]
-        return self.batch(encoded, samples)
+        """Collate decoded samples into a batch (right-padded). A pair record becomes several
+        rows (its query, its positive, up to ``hard_negatives`` negatives), and the batch's
+        ``pairs`` lists ``(query view, positive view, [negative views])`` of each."""
+        from unimm.data.pairs import expand_pairs, pair_views
+
+        rows, sides = expand_pairs(samples, self)
+        encoded = [self.encode(s) for s in rows]
+        batch = self.batch(encoded, rows)
+        if sides:
+            batch["pairs"] = pair_views(batch["views"], sides)
+            batch["tasks"] = [s.task for s in samples]  # a pair counts once
+        return batch
 
     def batch(
         self, encoded: list[Encoded], samples: Sequence[Sample] | None = None, *, pad_left: bool = False

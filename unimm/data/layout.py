@@ -71,11 +71,19 @@ class PlainLayout:
         self.system_prompt = system_prompt
 
     def render(
-        self, slices: list[Slice], response: str | None, *, closed: bool = False, ending: str | None = None
+        self,
+        slices: list[Slice],
+        response: str | None,
+        *,
+        closed: bool = False,
+        ending: str | None = None,
+        system: str | None = None,
     ) -> Rendered:
         """``slices`` (and ``response``) as text; ``closed`` adds the document's ``</s>``,
-        ``ending`` ends it as a prompt (:data:`ENDINGS`)."""
-        system = f"{self.system_prompt} " if self.system_prompt else ""
+        ``ending`` ends it as a prompt (:data:`ENDINGS`); ``system`` (an instruction) takes the
+        system prompt's place."""
+        system = system or self.system_prompt
+        system = f"{system} " if system else ""
         text = f"{self.bos}{system}USER: "
         places = []
         for n, item in enumerate(slices):
@@ -123,10 +131,10 @@ class ChatLayout:
         self.system_prompt = system_prompt
         self._templates: dict[tuple, str] = {}
 
-    def _messages(self, slices: list[Slice], response: str | None) -> list[dict[str, Any]]:
+    def _messages(self, slices: list[Slice], response: str | None, system: str) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        if system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         for n, item in enumerate(slices):
             role = "assistant" if item.role == "assistant" else "user"
             if not messages or messages[-1]["role"] != role:
@@ -149,12 +157,19 @@ class ChatLayout:
         return text[0] if isinstance(text, list) else text
 
     def render(
-        self, slices: list[Slice], response: str | None, *, closed: bool = False, ending: str | None = None
+        self,
+        slices: list[Slice],
+        response: str | None,
+        *,
+        closed: bool = False,
+        ending: str | None = None,
+        system: str | None = None,
     ) -> Rendered:
         """Like :meth:`PlainLayout.render`, through the chat template."""
+        system = system or self.system_prompt
         if response is not None:
-            return self._substitute(self._template(slices, "answer"), slices, response)
-        out = self._substitute(self._template(slices, ending == "assistant"), slices)
+            return self._substitute(self._template(slices, "answer", system), slices, response)
+        out = self._substitute(self._template(slices, ending == "assistant", system), slices)
         last = out.places[-1][2] if out.places else None
         if ending == "slice" or (ending is None and not closed):
             # a document left open (or continued) ends at its last slice: the turn is not closed
@@ -164,18 +179,18 @@ class ChatLayout:
             out.closing = last  # the turn's end markup after the last slice is the end mark
         return out
 
-    def _template(self, slices: list[Slice], kind: bool | str) -> str:
+    def _template(self, slices: list[Slice], kind: bool | str, system: str) -> str:
         """The chat template's text for slices of this shape (kinds and roles; the texts are
         sentinels), with the answer's sentinel (``kind="answer"``) or with or without the
         generation prompt (``kind`` True/False). It depends on the shape alone, so it is rendered
         once per shape: jinja was half of the time collation spent on a sample."""
-        key = (tuple((s.kind, s.role) for s in slices), kind)
+        key = (tuple((s.kind, s.role) for s in slices), kind, system)
         template = self._templates.get(key)
         if template is None:
-            user_only = self._messages(slices, None)
+            user_only = self._messages(slices, None, system)
             if kind == "answer":
                 prompt = self._apply(user_only, generation_prompt=True)
-                template = self._apply(self._messages(slices, ""), generation_prompt=False)
+                template = self._apply(self._messages(slices, "", system), generation_prompt=False)
                 if not template.startswith(prompt):  # train on exactly the prompt generation gets
                     template = prompt + template[template.find(_sentinel("a")) :]
             else:

@@ -122,6 +122,7 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
             f"see {out_dir / REJECTS_NAME} for the reasons"
         )
     manifest = _manifest(inputs, input_hashes, cfg, teachers, fingerprint, shards, len(all_rejects))
+    manifest["counts"]["pairs"], manifest["instructions"] = _pairs_and_instructions(pending, all_rejects)
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
     return PrepareResult(
@@ -132,6 +133,15 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         kept_shards=len(kept),
         seconds=time.perf_counter() - start_time,
     )
+
+
+def _pairs_and_instructions(pending: list[_Pending], rejects: list[dict]) -> tuple[int, list[str]]:
+    """How many pair records the shards hold, and the instruction tasks their records name (so
+    that ``train`` can check them against the recipe before it starts)."""
+    rejected = {(r.get("source"), r.get("line")) for r in rejects}
+    kept = [p.record for p in pending if (p.record.source, p.record.line) not in rejected]
+    names = sorted({r.instruction for r in kept if r.instruction is not None})
+    return sum(r.pair is not None for r in kept), names
 
 
 def _roll_back(out_dir: Path, journal: dict, kept: int) -> None:
@@ -306,7 +316,18 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
             except ImageProblem as exc:
                 rejects.append(DataError(str(exc), source=item.source, line=item.line, record_id=item.id))
                 continue
-            if opts.task != "records":
+            if opts.task == "generative" and item.pair is not None:
+                rejects.append(
+                    DataError(
+                        "--set prepare.task=generative on a pair record: pairs train the alignment "
+                        "only; prepare them separately",
+                        source=item.source,
+                        line=item.line,
+                        record_id=item.id,
+                    )
+                )
+                continue
+            if opts.task != "records" and item.pair is None:
                 item.task = opts.task
             pending.append(_Pending(item, files))
     return pending, rejects
@@ -449,7 +470,10 @@ def _members(item: _Pending, images: list[EncodedImage], features) -> dict[str, 
         "id": record.id,
         "slices": slices,
         "response": record.response,
-        **({"task": record.task} if record.task != "both" else {}),  # earlier shards: unchanged bytes
+        # keys only when set: shards of earlier versions' records keep their bytes
+        **({"task": record.task} if record.task != "both" else {}),
+        **({"instruction": record.instruction} if record.instruction is not None else {}),
+        **({"pair": record.pair.to_obj()} if record.pair is not None else {}),
         "meta": record.meta,
         "source": {"file": Path(record.source).name if record.source else None, "line": record.line},
     }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from unimm.data.records import ROLES, SliceKind
+from unimm.data.records import ROLES, PairSides, SliceKind
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,10 @@ class Sample:
             it seeds the sample's cut points, so each epoch sees other prefixes.
         task: the losses it trains: ``both``, ``generative`` (next-token loss only) or
             ``discriminative`` (alignment loss only).
+        pair: for a pair record, how ``slices`` divide into query, positive and negatives
+            (:func:`unimm.data.pairs.split_sides` cuts it up).
+        instruction: the instruction text it is encoded under (its system text), if any.
+        instruction_name: the record's instruction task (a key of ``model.instructions``), if any.
     """
 
     key: str
@@ -93,6 +97,9 @@ class Sample:
     teacher: dict[str, torch.Tensor] | None = None
     epoch: int = 0
     task: str = "both"
+    pair: PairSides | None = None
+    instruction: str | None = None
+    instruction_name: str | None = None
 
     @classmethod
     def of_slices(cls, slices: list[Slice], key: str = "prompt", **fields: Any) -> Sample:

@@ -372,12 +372,24 @@ def decode_sample(raw: dict[str, Any], *, decode_images: bool = True) -> Sample:
             raise SampleError(url, f"{key}.teacher.safetensors", f"cannot load ({exc})") from None
         if teacher["v"].shape[0] != len(slices):
             raise SampleError(url, f"{key}.teacher.safetensors", "row count differs from the slice count")
+    pair = None
+    if header.get("pair") is not None:
+        from unimm.data.records import PairSides
+
+        try:
+            pair = PairSides.from_obj(header["pair"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SampleError(url, f"{key}.json", f"bad pair header ({exc})") from None
+        if sum(pair.counts) != len(slices):
+            raise SampleError(url, f"{key}.json", "the pair's side counts differ from the slice count")
     return Sample(
         key=key,
         slices=slices,
         id=header.get("id"),
         response=header.get("response"),
         task=header.get("task", "both"),
+        pair=pair,
+        instruction_name=header.get("instruction"),
         meta=header.get("meta"),
         source=header.get("source"),
         url=url,

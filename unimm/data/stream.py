@@ -51,6 +51,20 @@ def check_shards(data, need_teachers: bool) -> list[dict]:
     return manifests
 
 
+def check_instructions(manifests: list[dict], folders: list, instructions: dict) -> None:
+    """Refuse shards whose records name an instruction task that ``model.instructions`` lacks,
+    before training starts (``prepare`` lists the names in the manifest)."""
+    from unimm.data.instructions import unknown_task_message
+
+    for folder, manifest in zip(folders, manifests, strict=True):
+        for name in manifest.get("instructions", []):
+            if name not in instructions:
+                raise UnimmError(
+                    unknown_task_message(name, instructions, f"data.train: {folder}")
+                    + "; add it to the recipe's model.instructions, or prepare the records without it"
+                )
+
+
 def check_data_fits(manifests: list[dict], folders: list, processes: int, batch_size: int) -> None:
     """Refuse data too small for ``processes`` × ``batch_size`` before training starts.
 

@@ -202,7 +202,17 @@ class Searcher:
         manifest: the index's manifest; ``ann`` the ANN index's (None for exact search).
     """
 
-    def __init__(self, folder: str | Path, *, model: str | Path, dim: int, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        model: str | Path,
+        dim: int,
+        backend: str = "auto",
+        instruction: str | None = None,
+    ) -> None:
+        """``instruction``: the task queries are encoded under; an index whose documents were
+        encoded under another is refused (their vectors were not made to be compared)."""
         from unimm.inference.store import embeddings_hash, load_rows, model_hash, read_manifest
 
         self.folder = Path(folder)
@@ -211,6 +221,13 @@ class Searcher:
             raise UnimmError(
                 f"--index {folder} was embedded with another model ({self.manifest['model']}); embed it "
                 f"again with --model {model}, or use the model it was built with"
+            )
+        built = self.manifest.get("instruction", "")
+        if instruction is not None and built != instruction:
+            raise UnimmError(
+                f"--index {folder}: its documents were embedded under instruction task {built!r}, the "
+                f'queries\' is {instruction!r}; pass --instruction {built!r} ("" for none), or embed '
+                "the documents again under this one"
             )
         self.query_dim = int(self.manifest["dim"])
         """Queries are cut to the index's size (a Matryoshka index of a shorter trained size)."""

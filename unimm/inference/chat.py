@@ -55,15 +55,14 @@ class ChatSession:
         from unimm.inference.session import Session
 
         self.opts = opts
-        self.session = Session.load(
-            opts.model,
-            device=opts.device,
-            dtype=opts.model_dtype,
-            attn_implementation=opts.attn_implementation,
-        )
+        self.session = Session.load(opts.model, **opts.session_options())
         self.searcher = (
             Searcher(
-                opts.index, model=opts.model, dim=self.session.model.head.embed_dim, backend=opts.backend
+                opts.index,
+                model=opts.model,
+                dim=self.session.model.head.embed_dim,
+                backend=opts.backend,
+                instruction=self.session.task,
             )
             if opts.index
             else None
@@ -78,7 +77,7 @@ class ChatSession:
 
         if self.searcher is None:
             return []
-        emb = self.session.embed_views([build_prompt(question, [], self.history)])
+        emb = self.session.embed_views([build_prompt(question, [], self.history)], role="query")
         (hits,) = self.searcher.search(emb, self.opts.top_k)
         data = self.searcher.manifest["data"]
         return [load_document(self.searcher.rows[r], data) for r, _ in hits]

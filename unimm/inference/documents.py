@@ -89,12 +89,23 @@ class DocumentStream:
                 for s in read_samples(
                     source, split_by_node=False, split_by_worker=False, stats=self.stats, verify=self.verify
                 ):
+                    _refuse_pair(s)
                     yield s, {"id": s.id, "shard": Path(s.url).name, "key": s.key, "source": s.source}
                 continue
             on_error = self.reject if self.on_error == "skip" else None
             for record, sample in iter_decoded_records(source, self.fmt, self.image_root, on_error=on_error):
+                _refuse_pair(sample)
                 slices = [{"kind": s.kind, "value": s.value, "role": s.role} for s in record.slices]
                 yield sample, {"id": record.id, "source": sample.source, "slices": slices}
+
+
+def _refuse_pair(sample: Sample) -> None:
+    if sample.pair is not None:
+        raise UnimmError(
+            f"{sample.source or sample.url}: record {sample.id!r} is a pair record (query, positive, "
+            "negatives): training data, not a document to index; give the corpus's documents "
+            "(`unimm mine` reads pair records against an index of them)"
+        )
 
 
 def load_document(row: dict[str, Any], data_dirs: list[str]) -> Sample:

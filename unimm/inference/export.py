@@ -33,7 +33,23 @@ EXPORT_MANIFEST = "unimm-export.json"
 FORMATS = ("sentence-transformers", "hf-merged")
 
 
-def _sentence_transformers(checkpoint: Path, staging: Path) -> None:
+def _st_prompts(checkpoint: Path, instruction: str | None) -> dict[str, str]:
+    """sentence-transformers' ``prompts`` of the export: the instruction task's query and
+    document texts (``encode_query``/``encode_document`` pick them; the module makes a prompt the
+    sample's instruction, as ``unimm embed`` and ``retrieve`` do)."""
+    from unimm.data.instructions import instruction_text, unknown_task_message
+    from unimm.model.checkpoint import read_meta
+
+    settings = read_meta(checkpoint)["inference"]
+    table = settings["instructions"]
+    task = settings["default_instruction"] if instruction is None else instruction
+    if task and task not in table:
+        raise UnimmError(unknown_task_message(task, table, "--instruction"))
+    texts = {role: instruction_text(table, task, role) for role in ("query", "document")}
+    return {role: text for role, text in texts.items() if text}
+
+
+def _sentence_transformers(checkpoint: Path, staging: Path, prompts: dict[str, str]) -> None:
     import sentence_transformers
     import torch
     import transformers
@@ -55,8 +71,9 @@ def _sentence_transformers(checkpoint: Path, staging: Path) -> None:
         {
             "model_type": "SentenceTransformer",
             "__version__": versions,
-            "prompts": {},
-            "default_prompt_name": None,
+            "prompts": prompts,
+            # plain encode() embeds documents, as `unimm embed` does
+            "default_prompt_name": "document" if "document" in prompts else None,
             "similarity_fn_name": "cosine",
         },
     )
@@ -103,8 +120,10 @@ def export(opts: ExportOptions) -> dict[str, Any]:
         raise UnimmError(
             f"--out {out} is not empty; pass --overwrite (it replaces an earlier export) or another --out"
         )
+    prompts: dict[str, str] = {}
     if opts.format == "sentence-transformers":  # hf-merged's load checks the same, once
         check_content(checkpoint, read_meta(checkpoint))  # complete and undamaged, before any copy
+        prompts = _st_prompts(checkpoint, opts.instruction)
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -112,7 +131,7 @@ def export(opts: ExportOptions) -> dict[str, Any]:
             _hf_merged(checkpoint, staging, opts)
         else:
             staging.mkdir(parents=True)
-            _sentence_transformers(checkpoint, staging)
+            _sentence_transformers(checkpoint, staging, prompts)
         manifest = {
             "kind": "unimm-export",
             "format": opts.format,

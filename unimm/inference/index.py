@@ -259,6 +259,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         "model": str(Path(opts.model).resolve()),
         "model_hash": digest,
         "dim": int(session.dim),
+        "instruction": session.task,  # the task its documents were encoded under ("" = none)
         "count": base.get("count", 0) + count,
         "dtype": opts.dtype,
         "per_slice": opts.per_slice,
@@ -285,16 +286,17 @@ def _session(opts: EmbedOptions, device: str, base: dict):
     from unimm.inference.session import Session
 
     session = Session.load(
-        opts.model,
-        device=device,
-        dtype=opts.model_dtype,
-        max_length=opts.max_length,
-        attn_implementation=opts.attn_implementation,
-        dim=opts.dim,
+        opts.model, **(opts.session_options() | {"device": device}), max_length=opts.max_length, dim=opts.dim
     )
     if base and base.get("dim") != session.dim:
         raise UnimmError(
             f"--append: the index holds {base.get('dim')}-d vectors, --dim asks for {session.dim}"
+        )
+    if base and base.get("instruction", "") != session.task:
+        raise UnimmError(
+            f"--append: the index's documents were embedded under instruction task "
+            f"{base.get('instruction', '')!r}, this run's is {session.task!r}; pass --instruction "
+            f'{base.get("instruction", "")!r} ("" for none)'
         )
     return session
 

@@ -1,6 +1,6 @@
 """``unimm serve``'s ASGI application: one loaded session behind an OpenAI-compatible HTTP API.
 
-    POST /v1/embeddings        {"input": "text" | [parts] | ["text", [parts], ...]}
+    POST /v1/embeddings        {"input": "text" | [parts] | [...], "input_type": "document" | "query"}
     POST /v1/chat/completions  {"messages": [...], "stream": true, "retrieval": {"top_k": 2}}
     POST /v1/search            {"query": "text" | [parts] | [...], "top_k": 10}
     GET  /v1/models, GET /health
@@ -121,9 +121,25 @@ class ServerState:
         with self.lock:
             return self.session.embed_counted(samples)
 
+    def instructed(self, samples: list[Sample], role: str) -> list[Sample]:
+        """``samples`` under the served task's ``role`` instruction (as ``unimm embed`` and
+        ``unimm retrieve`` encode documents and queries)."""
+        return self.session.instruct(samples, role)
+
     def documents(self, hits: list[tuple[int, float]]) -> list[dict[str, Any]]:
         rows = self.searcher.rows
         return [{"id": rows[r]["id"], "score": round(s, 6), "source": rows[r].get("source")} for r, s in hits]
+
+
+def _input_type(body: dict[str, Any]) -> str:
+    """``input_type`` of an embeddings request: ``document`` (the default, as ``unimm embed``)
+    or ``query`` (as ``unimm retrieve`` encodes queries), which picks the instruction."""
+    from unimm.data.instructions import INSTRUCTION_ROLES
+
+    kind = body.get("input_type", "document")
+    if kind not in INSTRUCTION_ROLES:
+        raise ApiError(400, "'input_type' must be document or query", param="input_type")
+    return kind
 
 
 def _vector_payload(vector: torch.Tensor, encoding: str) -> Any:
@@ -215,7 +231,7 @@ def create_app(state: ServerState):
                 400, f"'dimensions' {dim!r}: this model was trained for {sizes}", param="dimensions"
             )
         samples = await asyncio.to_thread(inputs_of, body, "input", state.limits)
-        vectors, tokens = await state.batcher(samples)
+        vectors, tokens = await state.batcher(state.instructed(samples, _input_type(body)))
         if dim is not None:
             from unimm.model.core import truncate
 
@@ -234,7 +250,7 @@ def create_app(state: ServerState):
             raise ApiError(400, "no index is loaded: start the server with --index DIR", code="no_index")
         top_k = number(body, "top_k", 10, 1, state.limits.max_top_k, int)
         samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
-        vectors, _ = await state.batcher(samples)
+        vectors, _ = await state.batcher(state.instructed(samples, "query"))
         hits = await asyncio.to_thread(state.searcher.search, vectors, top_k)  # off the event loop
         data = [{"index": i, "results": state.documents(h)} for i, h in enumerate(hits)]
         return {"object": "list", "data": data, "model": state.name}
@@ -277,7 +293,7 @@ async def _prompt(state: ServerState, req) -> tuple[list[dict], Sample]:
     if not req.top_k:
         return [], build_prompt(req.question, [], req.history)
     query = build_prompt(req.question, [], req.history)
-    vector, _ = await state.batcher([query])
+    vector, _ = await state.batcher(state.instructed([query], "query"))
     (hits,) = await asyncio.to_thread(state.searcher.search, vector, req.top_k)
     data = state.searcher.manifest["data"]
     docs = await asyncio.to_thread(lambda: [load_document(state.searcher.rows[r], data) for r, _ in hits])

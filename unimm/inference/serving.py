@@ -35,13 +35,13 @@ def build_state(opts: ServeOptions):
     from unimm.inference.server import ServerState
     from unimm.inference.session import Session
 
-    session = Session.load(
-        opts.model, device=opts.device, dtype=opts.model_dtype, attn_implementation=opts.attn_implementation
-    )
+    session = Session.load(opts.model, **opts.session_options())
     searcher = None
     if opts.index:
         dim = session.model.head.embed_dim
-        searcher = Searcher(opts.index, model=opts.model, dim=dim, backend=opts.backend)
+        searcher = Searcher(
+            opts.index, model=opts.model, dim=dim, backend=opts.backend, instruction=session.task
+        )
     folder = Path(opts.model).resolve()
     limits = Limits(
         max_inputs=opts.max_inputs,

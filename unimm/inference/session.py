@@ -41,7 +41,15 @@ class Session:
     """
 
     def __init__(
-        self, model, processor, meta: dict[str, Any], device: torch.device, *, max_length=None, dim=None
+        self,
+        model,
+        processor,
+        meta: dict[str, Any],
+        device: torch.device,
+        *,
+        max_length=None,
+        dim=None,
+        instruction: str | None = None,
     ):
         from unimm.data.collate import Collator
         from unimm.model.core import check_dimension
@@ -54,12 +62,40 @@ class Session:
         self.tokenizer = processor.tokenizer
         self.meta = meta
         self.device = device
+        self.instructions: dict[str, dict[str, str]] = settings["instructions"]
+        self.task = self._task(settings, instruction)
+        """The instruction task queries and documents are encoded under ("" = none)."""
         self.collator = Collator.for_model(
             model,
             processor,
             max_length=max_length or settings["max_length"],
             system_prompt=settings["system_prompt"],
+            instructions=self.instructions,
+            default_instruction=self.task,
         )
+
+    def _task(self, settings: dict[str, Any], instruction: str | None) -> str:
+        from unimm.data.instructions import unknown_task_message
+
+        if instruction is None:
+            return settings["default_instruction"]
+        if instruction and instruction not in self.instructions:
+            raise UnimmError(unknown_task_message(instruction, self.instructions, "--instruction"))
+        return instruction
+
+    def instruction_for(self, role: str) -> str:
+        """The instruction text the session encodes ``role`` (query or document) inputs under
+        (``""``: none)."""
+        from unimm.data.instructions import instruction_text
+
+        return instruction_text(self.instructions, self.task, role) or ""
+
+    def instruct(self, samples: list[Sample], role: str = "document") -> list[Sample]:
+        """``samples`` under the session's task's ``role`` (``query`` or ``document``)
+        instruction; a sample that has its own instruction text keeps it."""
+        from unimm.data.instructions import instructed
+
+        return instructed(samples, self.instructions, self.task, role)
 
     @classmethod
     def load(
@@ -71,6 +107,7 @@ class Session:
         max_length: int | None = None,
         attn_implementation: str = "auto",
         dim: int | None = None,
+        instruction: str | None = None,
     ) -> Session:
         """Load ``checkpoint`` for inference.
 
@@ -84,6 +121,8 @@ class Session:
                 ``flash_attention_2``.
             dim: the embedding size to return (default: the full one); a Matryoshka size the
                 checkpoint was trained for (its ``inference.dimensions``), else an error.
+            instruction: the instruction task (a key of the checkpoint's ``instructions``) to
+                encode under; default: the checkpoint's default task; ``""``: none.
 
         Raises:
             UnimmError: an unknown dtype, or a checkpoint that cannot be loaded (see
@@ -107,26 +146,35 @@ class Session:
         model, processor, meta = load_checkpoint(
             checkpoint, dtype=DTYPES[name], attn_implementation=attention
         )
-        return cls(model, processor, meta, resolve_device(device), max_length=max_length, dim=dim)
+        return cls(
+            model,
+            processor,
+            meta,
+            resolve_device(device),
+            max_length=max_length,
+            dim=dim,
+            instruction=instruction,
+        )
 
-    def embed_views(self, samples: list[Sample]) -> torch.Tensor:
+    def embed_views(self, samples: list[Sample], role: str = "document") -> torch.Tensor:
         """Unit float32 embeddings ``[n, d]`` on the CPU, one per sample: the view cut after its
-        last slice (how documents and queries are embedded, as in training)."""
-        return self.embed_counted(samples)[0]
+        last slice (how documents and queries are embedded, as in training), each under the
+        ``role`` (``document`` or ``query``) instruction of the session's task."""
+        return self.embed_counted(samples, role)[0]
 
-    def embed_counted(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
+    def embed_counted(self, samples: list[Sample], role: str = "document") -> tuple[torch.Tensor, list[int]]:
         """:meth:`embed_views` and each sample's length in tokens."""
         from unimm.model.core import truncate
 
-        vectors, lengths = embed_last_views(self.model, self.collator, samples)
+        vectors, lengths = embed_last_views(self.model, self.collator, self.instruct(samples, role))
         return truncate(vectors, self.dim), lengths
 
     @torch.no_grad()
-    def embed_slices(self, samples: list[Sample]) -> list[torch.Tensor]:
+    def embed_slices(self, samples: list[Sample], role: str = "document") -> list[torch.Tensor]:
         """Per sample, the unit embeddings ``[slices, d]`` of its views cut after every slice, in
         order (the last row is :meth:`embed_views`' vector); for per-slice indexes and GAK
         re-ranking. Slices cut by the maximum length have no row."""
-        batch = self.collator(samples)
+        batch = self.collator(self.instruct(samples, role))
         counts = [len(s) for s in batch["spans"]]
         batch["views"] = [(b, c) for b, n in enumerate(counts) for c in range(n)]
         from unimm.model.core import truncate
@@ -177,7 +225,11 @@ class Session:
     @torch.no_grad()
     def _generate_ids(self, prompts, after, max_new_tokens, temperature, top_p, streamer):
         """The generated token ids ``[n, new]`` and the padded prompt length."""
-        encoded = [self.collator.prompt(p, after=after) for p in prompts]
+        # a prompt is no retrieval query: the system prompt, not an instruction
+        encoded = [
+            self.collator.prompt(p if p.instruction is not None else p.replace(instruction=""), after=after)
+            for p in prompts
+        ]
         batch = self.collator.batch(encoded, pad_left=True)
         longest = batch["input_ids"].shape[1]
         if temperature > 0:

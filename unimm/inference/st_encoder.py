@@ -111,9 +111,9 @@ class UnimmEncoder(InputModule):
         return int(self.model.head.embed_dim)
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict[str, Any]:
-        samples = [to_sample(item) for item in inputs]
-        if prompt:
-            samples = [s.replace(slices=[Slice.of_text(prompt), *s.slices]) for s in samples]
+        # a prompt (the export's query/document instruction, or the caller's own text) is the
+        # samples' instruction, as `unimm embed` and `unimm retrieve` apply it; none: none
+        samples = [to_sample(item).replace(instruction=prompt or "") for item in inputs]
         batch = self.collator(samples)
         batch["views"] = [(b, len(spans) - 1) for b, spans in enumerate(batch["spans"])]
         return batch

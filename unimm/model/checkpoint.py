@@ -44,6 +44,8 @@ INFERENCE_DEFAULTS: dict[str, Any] = {
     "max_length": 2048,
     "dtype": "float32",
     "attn_implementation": "sdpa",
+    "instructions": {},
+    "default_instruction": "",
 }
 
 
@@ -223,6 +225,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     if "inference" not in meta:  # written before the inference settings were (unimm < 0.2)
         meta["inference"] = _inference_of_old(Path(folder), meta)
     meta["inference"].setdefault("dimensions", [meta["inference"]["embed_dim"]])  # before Matryoshka
+    meta["inference"].setdefault("instructions", {})  # before task instructions
+    meta["inference"].setdefault("default_instruction", "")
     return meta
 
 

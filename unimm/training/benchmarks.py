@@ -46,9 +46,18 @@ class _LiveModel:
         self.model, self.collator, self.autocast = model, collator, autocast
         self.device = next(model.parameters()).device
 
-    def embed_views(self, samples) -> torch.Tensor:
+    def instruction_for(self, role: str) -> str:
+        from unimm.data.instructions import instruction_text
+
+        c = self.collator
+        return instruction_text(c.instructions, c.default_instruction, role) or ""
+
+    def embed_views(self, samples, role: str = "document") -> torch.Tensor:
+        from unimm.data.instructions import instructed
         from unimm.inference.session import embed_last_views
 
+        c = self.collator
+        samples = instructed(samples, c.instructions, c.default_instruction, role)
         with self.autocast():
             return embed_last_views(self.model, self.collator, samples)[0]
 

@@ -121,6 +121,31 @@ def _gather_teacher(teacher: list[dict], n_samples: list[int], n_slices: list[in
     return out
 
 
+def gather_pairs(pairs: list[tuple[int, int, list[int]]], local_views: int) -> list:
+    """Every rank's pairs (query, positive, negatives as rows of the gathered view embeddings:
+    each rank's rows moved past the views of the ranks before it), in rank order."""
+    _, world = rank_and_world()
+    if world == 1:
+        return pairs
+    width = 2 + max((len(n) for _, _, n in pairs), default=0)
+    header = torch.tensor([len(pairs), width, local_views], dtype=torch.long, device=collective_device())
+    headers = [torch.empty_like(header) for _ in range(world)]
+    torch.distributed.all_gather(headers, header)
+    counts, widths, view_counts = ([int(h[k]) for h in headers] for k in range(3))
+    if not any(counts):
+        return []
+    table = torch.full((len(pairs), max(widths)), -1, dtype=torch.long)
+    for row, (query, positive, negatives) in enumerate(pairs):
+        table[row, : 2 + len(negatives)] = torch.tensor([query, positive, *negatives])
+    out, offset = [], 0
+    for part, views in zip(_all_gather_padded(table, counts), view_counts, strict=True):
+        for row in part.tolist():
+            kept = [v + offset for v in row if v >= 0]
+            out.append((kept[0], kept[1], kept[2:]))
+        offset += views
+    return out
+
+
 def global_sum(value: float) -> float:
     """``value`` summed over the ranks (``value`` in one process); a collective."""
     _, world = rank_and_world()

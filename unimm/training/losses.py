@@ -7,6 +7,9 @@
   ``mse`` (the paper's, ``(1/N) Σ_i Σ_j (M^r_ij − M^l_ij)²``), ``infonce`` (same-sample views as
   positives) or ``kl`` (soft labels: KL between the rows of ``softmax(M^l/τ)`` and
   ``softmax(M^r/τ)``, as in UniME-V2).
+- Pair loss ``L_p`` (pair records, :mod:`unimm.data.pairs`): InfoNCE of each query's embedding
+  against its positive, with every other positive and every hard negative of the (global) batch
+  as negatives (:func:`pair_loss`).
 - The generative loss is computed by the model core (only at labelled positions).
 """
 
@@ -58,6 +61,43 @@ def discriminative_loss(
     log_q = torch.log_softmax(logits, dim=1).masked_fill(eye, 0.0)
     log_p = torch.log(soft.clamp_min(1e-30)).masked_fill(eye, 0.0)
     return (soft * (log_p - log_q)).sum(1).mean()
+
+
+def pair_loss(
+    embeddings: torch.Tensor, pairs: list[tuple[int, int, list[int]]], temperature: float = 0.02
+) -> torch.Tensor:
+    """InfoNCE over pairs: ``−log softmax(q_i·c / τ)`` at ``c = p_i``, the candidates ``c`` being
+    every pair's positive and every hard negative of the batch; the mean over the pairs.
+
+    Args:
+        embeddings: ``[N, d]`` unit view embeddings (of the global batch when distributed).
+        pairs: per pair, the rows of its query, its positive and its hard negatives.
+        temperature: ``τ`` (``train.pair_temperature``).
+    """
+    if not pairs:
+        return embeddings.sum() * 0.0
+    queries = torch.tensor([q for q, _, _ in pairs], device=embeddings.device)
+    candidates = [p for _, p, _ in pairs] + [n for _, _, negatives in pairs for n in negatives]
+    candidates_t = torch.tensor(candidates, device=embeddings.device)
+    logits = embeddings[queries].float() @ embeddings[candidates_t].float().T / temperature
+    target = torch.arange(len(pairs), device=embeddings.device)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+def alignment_losses(
+    embeddings: torch.Tensor, teacher: list, views: list[tuple[int, int]], pairs: list, cfg
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_d, L_p)`` of a (global) batch's view embeddings: the structural loss when
+    ``train.alpha`` > 0 and the pair loss when the batch has pairs and ``train.pair_weight`` > 0
+    (each a zero that keeps the graph otherwise); both averaged over the Matryoshka sizes."""
+    zero = embeddings.sum() * 0.0
+    train = cfg.train
+    disc = structure_loss(embeddings, teacher, views, cfg) if train.alpha > 0 else zero
+    if not pairs or train.pair_weight == 0:
+        return disc, zero
+    sizes = [embeddings.shape[-1], *cfg.model.matryoshka]
+    losses = [pair_loss(truncate(embeddings, d), pairs, train.pair_temperature) for d in sizes]
+    return disc, losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
 def structure_loss(

@@ -1,8 +1,10 @@
-"""One training step: ``L = gen_weight·L_g + α·L_d`` on a (micro-)batch, and fixed-batch evaluation.
+"""One training step: ``L = gen_weight·L_g + α·L_d + pair_weight·L_p`` on a (micro-)batch, and
+fixed-batch evaluation.
 
-Distributed: ``L_d`` is computed over the *global* batch — view embeddings are gathered from every
-rank (the local part keeps its gradient) and the targets are computed from every rank's teacher
-features — and scaled by the world size, while ``L_g`` is normalised by the global number of
+Distributed: ``L_d`` and ``L_p`` are computed over the *global* batch — view embeddings are
+gathered from every rank (the local part keeps its gradient), the targets are computed from every
+rank's teacher features and every rank's pairs take every rank's positives and hard negatives as
+candidates — and scaled by the world size, while ``L_g`` is normalised by the global number of
 labelled tokens; averaging gradients over ranks (DDP, FSDP) then gives exactly the single-process
 gradient of the same global batch.
 """
@@ -15,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unimm.training.distributed import gather_views, global_sum, rank_and_world
-from unimm.training.losses import structure_loss
+from unimm.training.distributed import gather_pairs, gather_views, global_sum, rank_and_world
+from unimm.training.losses import alignment_losses, structure_loss
 
 if TYPE_CHECKING:
     from unimm.config import TrainConfig
@@ -27,23 +29,43 @@ class StepResult:
     loss: torch.Tensor
     """What this rank back-propagates (scaled so that DDP's average is the global gradient)."""
     objective: float
-    """The global objective ``gen_weight·L_g + α·L_d``, the same on every rank."""
+    """The global objective ``gen_weight·L_g + α·L_d + pair_weight·L_p``, the same on every rank."""
     loss_gen: float
     loss_disc: float
     views: int
     tokens: int
+    loss_pair: float = 0.0
 
 
-def _merge_views(chunks: list[dict]) -> tuple[list, list[tuple[int, int]]]:
-    teacher, views, offset = [], [], 0
+def uses_views(cfg: TrainConfig, pairs: bool) -> bool:
+    """Whether a step embeds views: for the structural loss, or for the pair loss when the data
+    has pair records (the same answer on every rank: the steps' collectives depend on it)."""
+    return cfg.train.alpha > 0 or (pairs and cfg.train.pair_weight > 0)
+
+
+def _alignment(embeddings, teacher, views, pairs, cfg: TrainConfig):
+    """``(α·L_d + pair_weight·L_p, L_d, L_p)`` over the global batch of this rank's views."""
+    n_local = len(views)
+    global_embeddings, teacher, views = gather_views(embeddings, teacher, views)
+    disc, pair = alignment_losses(global_embeddings, teacher, views, gather_pairs(pairs, n_local), cfg)
+    return cfg.train.alpha * disc + cfg.train.pair_weight * pair, float(disc.detach()), float(pair.detach())
+
+
+def _merge_views(chunks: list[dict]) -> tuple[list, list[tuple[int, int]], list]:
+    """The chunks' teachers, views and pairs as one batch's (rows and view indices moved along)."""
+    teacher, views, pairs, offset = [], [], [], 0
     for chunk in chunks:
+        at = len(views)
+        pairs.extend((q + at, p + at, [n + at for n in neg]) for q, p, neg in chunk.get("pairs", []))
         views.extend((b + offset, c) for b, c in chunk["views"])
         teacher.extend(chunk["teacher"])
         offset += len(chunk["teacher"])
-    return teacher, views
+    return teacher, views, pairs
 
 
-def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_sync) -> StepResult:
+def train_step_cached(
+    model, chunks: list[dict], cfg: TrainConfig, backward, no_sync, *, pairs: bool = False
+) -> StepResult:
     """One step with gradient caching (Gao et al. 2021); runs the backward passes itself.
 
     1. Embed every chunk without gradients (each chunk's RNG state is saved).
@@ -54,10 +76,11 @@ def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_
     Args:
         backward: ``loss -> None`` (the accelerator's backward).
         no_sync: context manager that defers DDP's gradient sync (used for all but the last chunk).
+        pairs: the training data has pair records (their loss needs the views even at α = 0).
     """
     opts = cfg.train
     _, world = rank_and_world()
-    use_views = opts.alpha > 0
+    use_views = uses_views(cfg, pairs)
     states, embedded = [], []
     with torch.no_grad():
         for chunk in chunks:
@@ -65,14 +88,13 @@ def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_
             if use_views:
                 embedded.append(model(chunk, with_lm=False, with_views=True).embeddings)
     grads: list[torch.Tensor | None] = [None] * len(chunks)
-    loss_disc = 0.0
+    loss_disc = loss_pair = 0.0
     if use_views:
         local = torch.cat(embedded).requires_grad_()
-        teacher, views = _merge_views(chunks)
-        disc = structure_loss(*gather_views(local, teacher, views), cfg)
-        (grad,) = torch.autograd.grad(opts.alpha * disc * world, local)
+        weighted, loss_disc, loss_pair = _alignment(local, *_merge_views(chunks), cfg)
+        (grad,) = torch.autograd.grad(weighted * world, local, allow_unused=True)
+        grad = torch.zeros_like(local) if grad is None else grad
         grads = list(torch.split(grad, [e.shape[0] for e in embedded]))
-        loss_disc = float(disc.detach())
     tokens = [int((c["labels"][:, 1:] != -100).sum()) for c in chunks]
     global_tokens = global_sum(float(sum(tokens))) if opts.gen_weight > 0 else 0.0
     loss_gen = 0.0
@@ -92,9 +114,11 @@ def train_step_cached(model, chunks: list[dict], cfg: TrainConfig, backward, no_
             backward(loss)
     _set_rng_state(after)
     loss_gen = global_sum(loss_gen)
-    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
+    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc + opts.pair_weight * loss_pair
     views_count = sum(len(c["views"]) for c in chunks)
-    return StepResult(torch.tensor(objective), objective, loss_gen, loss_disc, views_count, sum(tokens))
+    return StepResult(
+        torch.tensor(objective), objective, loss_gen, loss_disc, views_count, sum(tokens), loss_pair
+    )
 
 
 def _rng_state() -> tuple:
@@ -142,7 +166,7 @@ def load_eval_batches(cfg: TrainConfig, collator) -> list[dict]:
     return [collator(samples[i : i + size]) for i in range(0, len(samples), size)]
 
 
-def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
+def train_step(model, batch: dict, cfg: TrainConfig, *, pairs: bool = False) -> StepResult:
     """Loss of one (micro-)batch; call ``.loss.backward()`` (or the accelerator's) on the result.
 
     ``loss = gen_weight·L_g + α·L_d``, normalised so that averaging gradients over ranks gives
@@ -150,10 +174,10 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
     """
     opts = cfg.train
     _, world = rank_and_world()
-    need_views = opts.alpha > 0
+    need_views = uses_views(cfg, pairs)
     out = model(batch, with_lm=opts.gen_weight > 0, with_views=need_views)
     loss = torch.zeros((), device=next(model.parameters()).device)
-    loss_gen = loss_disc = 0.0
+    loss_gen = loss_disc = loss_pair = 0.0
     tokens = out.label_tokens
     if opts.gen_weight > 0:
         global_tokens = global_sum(float(tokens))
@@ -162,10 +186,11 @@ def train_step(model, batch: dict, cfg: TrainConfig) -> StepResult:
         loss = loss + opts.gen_weight * out.loss_gen * scale
         loss_gen = float(out.loss_gen.detach()) * tokens / global_tokens * world if global_tokens else 0.0
     if need_views:
-        disc = structure_loss(*gather_views(out.embeddings, batch["teacher"], batch["views"]), cfg)
-        loss = loss + opts.alpha * disc * world
-        loss_disc = float(disc.detach())
+        weighted, loss_disc, loss_pair = _alignment(
+            out.embeddings, batch["teacher"], batch["views"], batch.get("pairs", []), cfg
+        )
+        loss = loss + weighted * world
     if world > 1:  # report the global mean of L_g
         loss_gen = global_sum(loss_gen) / world
-    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc
-    return StepResult(loss, objective, loss_gen, loss_disc, len(batch.get("views", [])), tokens)
+    objective = opts.gen_weight * loss_gen + opts.alpha * loss_disc + opts.pair_weight * loss_pair
+    return StepResult(loss, objective, loss_gen, loss_disc, len(batch.get("views", [])), tokens, loss_pair)

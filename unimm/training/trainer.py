@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from unimm.config import ModelOptions, TrainConfig, config_to_dict
-from unimm.data.stream import BatchMaker, check_data_fits, check_shards, open_batches, training_texts
+from unimm.data.stream import (
+    BatchMaker,
+    check_data_fits,
+    check_instructions,
+    check_shards,
+    open_batches,
+    training_texts,
+)
 from unimm.errors import UnimmError
 from unimm.training.distributed import broadcast_flag, gather_objects, resolve_mixed_precision
 from unimm.training.optim import build_optimizer, build_schedule
@@ -162,6 +169,8 @@ class Trainer:
 
         cfg, opts = self.cfg, self.opts
         self.manifests = check_shards(cfg.data, need_teachers=opts.alpha > 0)
+        check_instructions(self.manifests, cfg.data.train, cfg.model.instructions)
+        self.has_pairs = any(m["counts"].get("pairs", 0) for m in self.manifests)
         if cfg.data.eval:
             check_shards(dataclasses.replace(cfg.data, train=cfg.data.eval), need_teachers=opts.alpha > 0)
         resume_from = self._check_out_dir()
@@ -187,6 +196,9 @@ class Trainer:
             cut_points=cfg.data.cut_points,
             seed=opts.seed,
             by_task=True,
+            instructions=cfg.model.instructions,
+            default_instruction=cfg.model.default_instruction,
+            hard_negatives=opts.hard_negatives,
         )
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_schedule(optimizer, cfg)
@@ -220,7 +232,12 @@ class Trainer:
         self.benchmarks = benchmarks if evaluating else None
         # embedded as a loaded checkpoint embeds: one view after the last slice, no cut sampling
         self.benchmark_collator = Collator.for_model(
-            model, self.processor, max_length=cfg.model.max_length, system_prompt=cfg.model.system_prompt
+            model,
+            self.processor,
+            max_length=cfg.model.max_length,
+            system_prompt=cfg.model.system_prompt,
+            instructions=cfg.model.instructions,  # scored as a checkpoint of this run would be
+            default_instruction=cfg.model.default_instruction,
         )
         self.best = None
         if opts.best_metric:
@@ -353,7 +370,7 @@ class Trainer:
         finite); the step's metrics."""
         opts, history = self.opts, self.history
         start = time.perf_counter()
-        parts, gen, disc, views, tokens, skipped = [], 0.0, 0.0, 0, 0, False
+        parts, gen, disc, pair, views, tokens, skipped = [], 0.0, 0.0, 0.0, 0, 0, False
         for _ in range(opts.grad_accum):
             payload, corrupt = self.batches.next()
             history["corrupt_samples"] += corrupt
@@ -362,6 +379,7 @@ class Trainer:
             parts.append(logged)
             gen += result.loss_gen / opts.grad_accum
             disc += result.loss_disc / opts.grad_accum
+            pair += result.loss_pair / opts.grad_accum
             views += result.views
             tokens += result.tokens
         grad_norm = self._apply_gradients(skipped)
@@ -372,6 +390,7 @@ class Trainer:
             "loss": sum(parts) / len(parts),
             "loss_gen": gen,
             "loss_disc": disc,
+            **({"loss_pair": pair} if self.has_pairs else {}),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "views": views,
@@ -396,12 +415,13 @@ class Trainer:
                 self.cfg,
                 lambda loss: accelerator.backward(loss / opts.grad_accum),
                 lambda: accelerator.no_sync(model),
+                pairs=self.has_pairs,
             )
             finite = math.isfinite(result.objective)
             return result, finite, result.objective
         self.history["dropped_slices"] += payload["dropped_slices"]
         with accelerator.accumulate(model):
-            result = train_step(model, payload, self.cfg)
+            result = train_step(model, payload, self.cfg, pairs=self.has_pairs)
             finite = bool(torch.isfinite(result.loss))  # one device sync per micro-step
             if finite:
                 accelerator.backward(result.loss / opts.grad_accum)
@@ -464,6 +484,8 @@ class Trainer:
                     "max_length": cfg.model.max_length,
                     "attn_implementation": cfg.model.attn_implementation,
                     "dimensions": [cfg.model.embed_dim, *cfg.model.matryoshka],
+                    "instructions": cfg.model.instructions,
+                    "default_instruction": cfg.model.default_instruction,
                 },
             }
             save_checkpoint(
