@@ -6,13 +6,15 @@
 
 1. Pair records from the quickstart's training data: each captioned image (``caption`` and the
    near-duplicate ``pair`` records) gives a pair, query = its caption, positive = its image.
-2. The quickstart's checkpoint embeds every training image (the corpus) and ``unimm mine`` finds
-   two hard negatives per query (margin 0.95); the near-duplicate pairs' other image is the kind
-   of negative it should find.
-3. Per seed, the tiny recipe trains 1500 steps on the quickstart's shards plus the pair shards
-   (weights 3:1) twice: ``train.hard_negatives=0`` (the pair loss with in-batch negatives only)
-   and ``=2`` (plus the mined ones) — the same records, the same steps; and once on the shards
-   alone (the quickstart's training) for reference.
+2. The miner, as ANCE and NV-Retriever mine: the tiny recipe trained 1500 steps (seed 0) on the
+   quickstart's shards plus the pairs (weights 3:1) with in-batch negatives only. It embeds every
+   training image (the corpus) and ``unimm mine`` finds two hard negatives per query (margin 0.95;
+   the quickstart's own checkpoint ranks its positives too low for the positive-aware filter to
+   leave anything).
+3. Per seed, four runs of 1500 steps: the shards alone (the quickstart's training), the shards
+   plus pairs with in-batch negatives (``train.hard_negatives=0``), plus the mined pairs
+   (``train.hard_negatives=2``), and plus pairs mined without the false-negative filter
+   (``unimm mine --no-filter``) — the same records, the same steps.
 4. ``unimm eval`` on the held-out data: two-choice accuracy, Winoground-style text/image/group
    scores over near-duplicate pairs, and text→image R@1 — mean ± std over the seeds.
 """
@@ -25,8 +27,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-
-ARMS = {"records only": None, "pairs, in-batch negatives": 0, "pairs + mined negatives": 2}
 
 
 def unimm(*args: str) -> None:
@@ -58,47 +58,17 @@ def make_pairs(quickstart: Path, out: Path) -> tuple[Path, Path]:
     return pair_file, corpus_file
 
 
-def mined_shards(quickstart: Path, out: Path) -> Path:
-    miner = quickstart / "run" / "step-001500"
-    pair_file, corpus_file = make_pairs(quickstart, out)
-    if not (out / "index" / "manifest.json").is_file():
-        unimm(
-            "embed",
-            "--model",
-            str(miner),
-            "--data",
-            str(corpus_file),
-            "--out",
-            str(out / "index"),
-            "--dtype",
-            "float32",
-            "--overwrite",
-        )
-    mined = quickstart / "train" / "hn-mined.jsonl"
-    if not mined.is_file():
-        unimm(
-            "mine",
-            "--model",
-            str(miner),
-            "--index",
-            str(out / "index"),
-            "--pairs",
-            str(pair_file),
-            "--out",
-            str(mined),
-            "--negatives",
-            "2",
-        )
-    shards = out / "pair-shards"
+def prepare(quickstart: Path, records: Path, shards: Path) -> Path:
     if not (shards / "manifest.json").is_file():
         teachers = quickstart / "teachers"
         unimm(
             "prepare",
-            str(mined),
+            str(records),
             "--out",
             str(shards),
             "--image-size",
-            "64",
+            "32",
+            "--overwrite",
             "--teacher-image-expert",
             str(teachers / "image_expert"),
             "--teacher-text-expert",
@@ -109,14 +79,14 @@ def mined_shards(quickstart: Path, out: Path) -> Path:
     return shards
 
 
-def train_and_eval(quickstart: Path, pair_shards: Path, out: Path, seed: int, negatives: int | None) -> dict:
-    run = out / f"seed{seed}-{'none' if negatives is None else negatives}"
+def train_and_eval(quickstart: Path, run: Path, seed: int, pairs: Path | None, negatives: int) -> dict:
     data = (
         f"data.train={quickstart / 'shards'}"
-        if negatives is None
-        else (f"data.train=[{quickstart / 'shards'},{pair_shards}]")
+        if pairs is None
+        else f"data.train=[{quickstart / 'shards'},{pairs}]"
     )
     if not (run / "step-001500").is_dir():
+        mixed = ["--set", "data.weights=[3,1]", "--set", f"train.hard_negatives={negatives}"] if pairs else []
         unimm(
             "train",
             "--recipe",
@@ -125,11 +95,7 @@ def train_and_eval(quickstart: Path, pair_shards: Path, out: Path, seed: int, ne
             str(run),
             "--set",
             data,
-            *(
-                ["--set", "data.weights=[3,1]", "--set", f"train.hard_negatives={negatives}"]
-                if negatives is not None
-                else []
-            ),
+            *mixed,
             "--set",
             "train.max_steps=1500",
             "--set",
@@ -158,18 +124,83 @@ def train_and_eval(quickstart: Path, pair_shards: Path, out: Path, seed: int, ne
     }
 
 
+def mine_with(
+    quickstart: Path, out: Path, miner: Path, pair_file: Path, corpus_file: Path, *flags: str
+) -> Path:
+    if not (out / "index" / "manifest.json").is_file():
+        unimm(
+            "embed",
+            "--model",
+            str(miner),
+            "--data",
+            str(corpus_file),
+            "--out",
+            str(out / "index"),
+            "--dtype",
+            "float32",
+            "--overwrite",
+        )
+    mined = quickstart / "train" / f"hn-mined{''.join(flags)}.jsonl"
+    if not mined.is_file():
+        unimm(
+            "mine",
+            "--model",
+            str(miner),
+            "--index",
+            str(out / "index"),
+            "--pairs",
+            str(pair_file),
+            "--out",
+            str(mined),
+            "--negatives",
+            "2",
+            *flags,
+        )
+    rows = [json.loads(line) for line in mined.read_text().splitlines()]
+    found = sum(len(r["negatives"]) for r in rows)
+    dropped = sum(r["meta"]["mined"]["dropped_false_negatives"] for r in rows)
+    captions = {r["positive"][0]["image"]: r["query"][0]["text"] for r in rows}
+    same = sum(captions.get(n[0].get("image")) == r["query"][0]["text"] for r in rows for n in r["negatives"])
+    print(
+        f"mined{' '.join(flags)}: {found} negatives for {len(rows)} queries, {same} of them an image of "
+        f"the query's very caption (a false negative); {dropped} likely false negatives dropped"
+    )
+    return mined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("quickstart", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
-    pair_shards = mined_shards(args.quickstart, args.out)
+    quickstart, out = args.quickstart, args.out
+    pair_file, corpus_file = make_pairs(quickstart, out)
+    plain_pairs = prepare(quickstart, pair_file, out / "pair-shards")
     seeds = [int(s) for s in args.seeds.split(",")]
-    table = {
-        arm: [train_and_eval(args.quickstart, pair_shards, args.out, s, n) for s in seeds]
-        for arm, n in ARMS.items()
+    table: dict[str, list[dict]] = {
+        "records only": [],
+        "pairs, in-batch negatives": [],
+        "pairs + mined negatives": [],
     }
+    for seed in seeds:
+        table["records only"].append(train_and_eval(quickstart, out / f"seed{seed}-records", seed, None, 0))
+        table["pairs, in-batch negatives"].append(
+            train_and_eval(quickstart, out / f"seed{seed}-inbatch", seed, plain_pairs, 0)
+        )
+    miner = out / f"seed{seeds[0]}-inbatch" / "step-001500"
+    for name, flags, shards in (
+        ("pairs + mined negatives", (), "mined-shards"),
+        ("pairs + mined, no false-negative filter", ("--no-filter",), "mined-nofilter-shards"),
+    ):
+        mined = mine_with(quickstart, out, miner, pair_file, corpus_file, *flags)
+        mined_pairs = prepare(quickstart, mined, out / shards)
+        table[name] = [
+            train_and_eval(
+                quickstart, out / f"seed{seed}-{shards.removesuffix('-shards')}", seed, mined_pairs, 2
+            )
+            for seed in seeds
+        ]
     keys = list(next(iter(table.values()))[0])
     print("| arm | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

@@ -4,6 +4,7 @@ negatives dropped; resume; inputs never overwritten."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import make_image, write_jsonl
@@ -34,6 +35,12 @@ def _corpus(tmp_path):
         for i in range(3)
     ]
     return corpus, write_jsonl(tmp_path / "pairs.jsonl", pairs), rows
+
+
+def _doc_id(side: list[dict], rows: list[dict]) -> str:
+    """The corpus document a mined side was written from (by its one slice)."""
+    (found,) = [r["id"] for r in rows if r["slices"] == side]
+    return found
 
 
 def _mine_config(checkpoint, index, pairs, out, **extra):
@@ -67,18 +74,24 @@ def mined_setup(tmp_path, trained):
     return checkpoint, tmp_path / "index", pairs, rows, shard_index
 
 
-def _expected(checkpoint, rows, margin: float, count: int):
+def _expected(checkpoint, rows, margin: float, count: int, rows_folder):
     """By brute force: every document scored against each query, best first; the query's own
     positive and anything scoring above the positive-aware threshold left out."""
+    from unimm.data.adapters import open_image
     from unimm.data.samples import Sample, Slice
     from unimm.inference.session import Session
 
     session = Session.load(checkpoint, device="cpu")
-    texts = [r["slices"][0].get("text") for r in rows]
-    docs = [r for r, t in zip(rows, texts, strict=True) if t is not None]
-    doc_vectors = session.embed_views(
-        [Sample.of_slices([Slice.of_text(r["slices"][0]["text"])]) for r in docs]
-    )
+    folder = Path(rows_folder)
+
+    def document(row):
+        slice_ = row["slices"][0]
+        if "text" in slice_:
+            return Sample.of_slices([Slice.of_text(slice_["text"])])
+        return Sample.of_slices([Slice.of_image(open_image(folder / slice_["image"]))])
+
+    docs = rows
+    doc_vectors = session.embed_views([document(r) for r in docs])  # texts and images alike
     expected, planted_dropped = {}, {}
     for i in range(3):
         q = session.embed_views([Sample.of_slices([Slice.of_text(f"find {CAPTIONS[i]}")])], role="query")[0]
@@ -100,25 +113,21 @@ def test_mining_returns_exactly_the_brute_force_negatives_without_planted_false_
     from unimm.inference.mining import mine
 
     checkpoint, index, pairs, rows, _ = mined_setup
-    text_of = {r["id"]: r["slices"][0].get("text") for r in rows}
-    expected, planted = _expected(checkpoint, rows, 0.95, 2)
+    expected, planted = _expected(checkpoint, rows, 0.95, 2, index.parent)
     assert all(planted.values()), planted  # the near-duplicates score above the threshold: the test bites
     summary = mine(_mine_config(checkpoint, index, pairs, tmp_path / "mined.jsonl").mine, progress=False)
     assert summary["records"] == 3 and summary["dropped_false_negatives"] >= 3
     out = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
-    by_text = {t: d for d, t in text_of.items() if t is not None}
     for record in out:
-        got = [by_text.get(side[0].get("text"), side[0].get("image")) for side in record["negatives"]]
+        got = [_doc_id(side, rows) for side in record["negatives"]]
         assert got == expected[record["id"]], record["id"]
         assert f"dup-{record['id'][1:]}" not in got
         assert len(record["meta"]["mined"]["scores"]) == 2
     # a margin of 1 drops only what scores above the positive itself
-    expected_loose, _ = _expected(checkpoint, rows, 1.0, 2)
+    expected_loose, _ = _expected(checkpoint, rows, 1.0, 2, index.parent)
     mine(_mine_config(checkpoint, index, pairs, tmp_path / "loose.jsonl", margin=1.0).mine, progress=False)
     loose = [json.loads(line) for line in (tmp_path / "loose.jsonl").read_text().splitlines()]
-    assert [[by_text.get(s[0].get("text")) for s in r["negatives"]] for r in loose] == list(
-        expected_loose.values()
-    )
+    assert [[_doc_id(s, rows) for s in r["negatives"]] for r in loose] == list(expected_loose.values())
 
 
 def test_mining_resumes_after_the_last_complete_record_and_never_overwrites(mined_setup, tmp_path):
@@ -141,3 +150,45 @@ def test_mining_resumes_after_the_last_complete_record_and_never_overwrites(mine
     with pytest.raises(UnimmError, match="prepared shards"):
         mine(_mine_config(checkpoint, shard_index, pairs, tmp_path / "x.jsonl").mine, progress=False)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_cli_without_the_filter_mines_naive_top_k_planted_false_negatives_included(mined_setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from unimm.cli import app
+
+    checkpoint, index, pairs, rows, _ = mined_setup
+    out = tmp_path / "naive.jsonl"
+    args = [
+        "mine",
+        "--model",
+        str(checkpoint),
+        "--index",
+        str(index),
+        "--pairs",
+        str(pairs),
+        "--out",
+        str(out),
+        "--negatives",
+        "2",
+        "--no-filter",
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "mined 6 negatives for 3 records" in result.output
+        and "0 likely false negatives dropped" in result.output
+    )
+    expected, _ = _expected(checkpoint, rows, float("inf"), 2, index.parent)
+    text_to_id = {r["slices"][0].get("text"): r["id"] for r in rows}
+    got = {
+        r["id"]: [text_to_id[n[0]["text"]] for n in r["negatives"]]
+        for r in map(json.loads, out.read_text().splitlines())
+    }
+    assert got == expected
+    assert all(f"dup-{q[1:]}" in negatives for q, negatives in got.items())  # naive top-k takes them
+    bad = CliRunner().invoke(app, [*args[:-4], "--margin", "1.5"])
+    assert bad.exit_code != 0 and "mine.margin: must be in (0, 1]" in bad.output

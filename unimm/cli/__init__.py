@@ -283,8 +283,9 @@ def train(
         return
     typer.echo(
         f"trained to step {result.get('step')} (loss {result.get('loss', float('nan')):.4f}, "
-        f"gen {result.get('loss_gen', float('nan')):.4f}, disc {result.get('loss_disc', float('nan')):.4f}); "
-        f"checkpoints in {cfg.out}"
+        f"gen {result.get('loss_gen', float('nan')):.4f}, disc {result.get('loss_disc', float('nan')):.4f}"
+        + (f", pair {result['loss_pair']:.4f}" if "loss_pair" in result else "")
+        + f"); checkpoints in {cfg.out}"
     )
     said = notes(result.get("history", {}))
     if said:

@@ -49,6 +49,9 @@ def mine(
             + default("mine.margin")
         ),
     ] = None,
+    no_filter: Annotated[
+        bool, typer.Option("--no-filter", help="Keep likely false negatives (naive top-k mining).")
+    ] = False,
     replace_negatives: Annotated[
         bool,
         typer.Option("--replace-negatives", help="Drop the records' own negatives (default: keep them)."),
@@ -73,13 +76,19 @@ def mine(
 ) -> None:
     """Mine hard negatives for pair records with a checkpoint and an index of the corpus."""
     # Long only because it declares the command's options; the mapping is by name.
-    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_", "replace_negatives")}
+    given = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("quiet", "recipe", "set_", "replace_negatives", "no_filter")
+    }
     from unimm.config import MineConfig, build_config
     from unimm.inference.mining import mine as run
 
     cfg = build_config(MineConfig, recipe=recipe, options=as_options("mine", given), overrides=set_)
     if replace_negatives:  # a flag left off is "not given" (the recipe's value stands)
         cfg.mine.keep_negatives = False
+    if no_filter:
+        cfg.mine.filter_false_negatives = False
     summary = run(cfg.mine, progress=not quiet)
     typer.echo(
         f"mined {summary['negatives']} negatives for {summary['records']} records into {summary['out']} "

@@ -327,6 +327,9 @@ class MineOptions(CheckpointOptions):
     """Positive-aware false-negative filter (NV-Retriever's TopK-PercPos): a candidate scoring
     above ``margin × s⁺`` (the query's score with its own positive; ``s⁺ − (1 − margin)·|s⁺|``
     when negative) is taken for an unlabelled positive and dropped."""
+    filter_false_negatives: bool = True
+    """Apply the ``margin`` filter (off: the best-scoring candidates that are not the record's own
+    sides, false negatives and all — naive top-k mining)."""
     keep_negatives: bool = True
     """Keep the records' own negatives (the mined ones are added after them)."""
     batch_size: int = 16

@@ -11,11 +11,12 @@ checkpoint's instructions, as ``retrieve`` and ``embed`` encode them), the index
   with its own positive; ``s⁺ − (1 − margin)·|s⁺|`` when ``s⁺`` is negative) is probably an
   unlabelled positive (NV-Retriever's positive-aware TopK-PercPos filter),
 
-until ``negatives`` are found. Each record is written again with them as its ``negatives`` (after
-its own, unless ``keep_negatives`` is off) and ``meta.mined`` (their scores, ``s⁺``, how many
-candidates were dropped as likely false negatives). The output is a JSONL file written under a
-temporary name one record per line (flushed), so ``--resume`` goes on after the last complete
-record; it is renamed into place when every record is done, and it never overwrites an input.
+until ``negatives`` are found (``--no-filter``: without the second rule, naive top-k mining).
+Each record is written again with them as its ``negatives`` (after its own, unless
+``keep_negatives`` is off) and ``meta.mined`` (their scores, ``s⁺``, how many candidates were
+dropped as likely false negatives). The output is a JSONL file written under a temporary name one
+record per line (flushed), so ``--resume`` goes on after the last complete record; it is renamed
+into place when every record is done, and it never overwrites an input.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from unimm.errors import UnimmError
 
 
 def false_negative_threshold(positive: float, margin: float) -> float:
-    """The score above which a candidate is taken for an unlabelled positive."""
+    """The score above which a candidate is taken for an unlabelled positive (``margin`` inf:
+    none is)."""
+    if margin == float("inf"):
+        return float("inf")
     return positive - (1.0 - margin) * abs(positive)
 
 
@@ -190,7 +194,8 @@ def _mine_batch(
         ranges = record.pair.ranges()
         own = [[(s.kind, s.value) for s in record.slices[a:b]] for a, b in ranges]
         excluded = {r for side in own for r in corpus.rows_like(side)}  # its query, positive, negatives
-        kept, dropped = choose_negatives(found, s_pos, excluded, count=opts.negatives, margin=opts.margin)
+        margin = opts.margin if opts.filter_false_negatives else float("inf")
+        kept, dropped = choose_negatives(found, s_pos, excluded, count=opts.negatives, margin=margin)
         summary["records"] += 1
         summary["negatives"] += len(kept)
         summary["dropped_false_negatives"] += dropped

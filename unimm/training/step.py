@@ -169,8 +169,9 @@ def load_eval_batches(cfg: TrainConfig, collator) -> list[dict]:
 def train_step(model, batch: dict, cfg: TrainConfig, *, pairs: bool = False) -> StepResult:
     """Loss of one (micro-)batch; call ``.loss.backward()`` (or the accelerator's) on the result.
 
-    ``loss = gen_weight·L_g + α·L_d``, normalised so that averaging gradients over ranks gives
-    the gradient of the global batch (see the module docs).
+    ``loss = gen_weight·L_g + α·L_d + pair_weight·L_p``, normalised so that averaging gradients
+    over ranks gives the gradient of the global batch (see the module docs); ``pairs``: the
+    training data has pair records (their loss needs the views even at α = 0).
     """
     opts = cfg.train
     _, world = rank_and_world()

@@ -354,6 +354,7 @@ class Trainer:
                 loss=f"{self.last['loss']:.4f}",
                 gen=f"{self.last['loss_gen']:.3f}",
                 disc=f"{self.last['loss_disc']:.4f}",
+                **({"pair": f"{self.last['loss_pair']:.4f}"} if self.has_pairs else {}),
             )
             if fault_after is not None and self.step == fault_after:
                 os._exit(75)  # testing hook: die like a killed run (see _FAULT_ENV)
