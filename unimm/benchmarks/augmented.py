@@ -35,7 +35,7 @@ def retrieve_for(
             "evaluation applies to the generative benchmarks (unimm eval --list)"
         )
     session = encoder.session
-    searcher = Searcher(index, model=model, dim=session.model.head.embed_dim, instruction=session.task)
+    searcher = Searcher.for_session(index, session, model)
     sources = searcher.manifest["data"]
     documents: dict[int, Any] = {}
     context: dict[str, list[list]] = {}

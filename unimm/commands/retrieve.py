@@ -66,13 +66,7 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
         if path:
             claim_output(Path(path), None, inputs, flag=flag)
     session = Session.load(opts.model, **opts.session_options())
-    searcher = Searcher(
-        opts.index,
-        model=opts.model,
-        dim=session.model.head.embed_dim,
-        backend=opts.backend,
-        instruction=session.task,
-    )
+    searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
     queries = load_queries(opts)
     per_slice = [
         rows

@@ -75,19 +75,8 @@ def _split_marker(text: str) -> tuple[str, str, str]:
 
 def mmeb_record(row: dict[str, Any], source: str, line: int, default_id: str) -> Record:
     """A pair record from one row of MMEB's training layout (see the module docs)."""
-    rid = str(row.get("id") or default_id)
-    fail = failer(rid, source, line)
-    query = _text_and_image(row.get("qry"), row.get("qry_image_path"), "qry", fail)
-    positive = _text_and_image(row.get("pos_text"), row.get("pos_image_path"), "pos", fail)
-    if not query:
-        raise fail("empty query: 'qry' and 'qry_image_path' are both empty")
-    if not positive:
-        raise fail("pair record without a positive: 'pos_text' and 'pos_image_path' are both empty")
-    sides = [(query, None), (positive, None)]
-    negative = _text_and_image(row.get("neg_text"), row.get("neg_image_path"), "neg", fail)
-    if negative:
-        sides.append((negative, None))
-    return make_pair(rid, sides, fail, source=source, line=line)
+    columns = [("qry", "qry_image_path"), ("pos_text", "pos_image_path"), ("neg_text", "neg_image_path")]
+    return _table_pair(row, columns, source, line, default_id, instruction=None)
 
 
 def table_columns(header: list[str]) -> str | None:
@@ -101,29 +90,25 @@ def table_columns(header: list[str]) -> str | None:
 
 def table_record(row: dict[str, Any], source: str, line: int, default_id: str) -> Record:
     """A pair record from a row with ``query``/``positive``/``negative…`` columns (module docs)."""
+    numbered = sorted((int(m.group(1) or 1), key) for key in row if key and (m := _TABLE_NEGATIVE.match(key)))
+    columns = [(key, f"{key}_image") for key in ("query", "positive", *(key for _, key in numbered))]
+    instruction = row.get("instruction")
+    instruction = instruction.strip() if isinstance(instruction, str) and instruction.strip() else None
+    return _table_pair(row, columns, source, line, default_id, instruction=instruction)
+
+
+def _table_pair(row, columns, source: str, line: int, default_id: str, *, instruction) -> Record:
+    """The pair of a table row whose sides are ``(text column, image column)`` pairs, in order:
+    the query, the positive, then the negatives (an empty negative is no side)."""
     rid = str(row.get("id") or default_id).strip() or default_id
     fail = failer(rid, source, line)
-    query = _text_and_image(row.get("query"), row.get("query_image"), "query", fail)
-    positive = _text_and_image(row.get("positive"), row.get("positive_image"), "positive", fail)
-    if not query:
-        raise fail("empty 'query' (and no 'query_image')")
-    if not positive:
-        raise fail("pair record without a positive: the 'positive' field is empty")
-    sides = [(query, None), (positive, None)]
-    numbered = sorted((int(m.group(1) or 1), key) for key in row if key and (m := _TABLE_NEGATIVE.match(key)))
-    for _, key in numbered:
-        negative = _text_and_image(row.get(key), row.get(f"{key}_image"), key, fail)
-        if negative:
-            sides.append((negative, None))
-    instruction = row.get("instruction")
-    return make_pair(
-        rid,
-        sides,
-        fail,
-        instruction=instruction.strip() if isinstance(instruction, str) and instruction.strip() else None,
-        source=source,
-        line=line,
-    )
+    sides = [_text_and_image(row.get(text), row.get(image), text, fail) for text, image in columns]
+    if not sides[0]:
+        raise fail(f"empty query: '{columns[0][0]}' and '{columns[0][1]}' are both empty")
+    if not sides[1]:
+        raise fail(f"pair record without a positive: '{columns[1][0]}' and '{columns[1][1]}' are both empty")
+    kept = [(side, None) for side in sides[:2]] + [(side, None) for side in sides[2:] if side]
+    return make_pair(rid, kept, fail, instruction=instruction, source=source, line=line)
 
 
 def iter_parquet(path: Path) -> Iterator[Record | DataError]:

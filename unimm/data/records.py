@@ -113,12 +113,8 @@ def record_from_obj(obj: Any, *, source: str | None = None, line: int | None = N
     Raises:
         DataError: naming the source, line and record id, and what is wrong.
     """
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    rid_text = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-
-    def fail(reason: str) -> DataError:
-        return DataError(reason, source=source, line=line, record_id=rid_text)
-
+    rid_text = id_text(obj)
+    fail = failer(rid_text, source, line)
     if not isinstance(obj, dict):
         raise fail(f"a record must be a JSON object, got {type(obj).__name__}")
     if "query" in obj or "positive" in obj:
@@ -219,6 +215,12 @@ def slices_to_obj(slices: list[RecordSlice]) -> list[dict[str, Any]]:
 # Pair records (the format: unimm.data.pairs)
 
 
+def id_text(obj: Any) -> str | None:
+    """A decoded record's ``id`` as text (a string or an integer), else ``None``."""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
 def failer(rid: str | None, source: str | None, line: int | None):
     """``reason -> DataError`` located at the record."""
 
@@ -235,8 +237,7 @@ def pair_record_from_obj(obj: dict, *, source: str | None = None, line: int | No
         DataError: naming the source, line and record id: a missing query or positive, a bad
             side, or a negative identical to the positive.
     """
-    rid = obj.get("id")
-    rid_text = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+    rid_text = id_text(obj)
     fail = failer(rid_text, source, line)
     unknown = sorted(k for k in obj if k not in PAIR_KEYS)
     if unknown:

@@ -252,6 +252,14 @@ class Searcher:
         else:
             self.embeddings = torch.from_numpy(_vectors(self.folder, self.manifest))
 
+    @classmethod
+    def for_session(cls, folder: str | Path, session, model: str | Path, backend: str = "auto") -> Searcher:
+        """A searcher of ``folder`` for the queries ``session`` (loaded from ``model``) embeds:
+        its embedding size and its instruction task."""
+        return cls(
+            folder, model=model, dim=session.model.head.embed_dim, backend=backend, instruction=session.task
+        )
+
     @property
     def backend(self) -> str:
         return self.ann["backend"] if self.ann else "exact"

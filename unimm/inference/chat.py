@@ -57,15 +57,7 @@ class ChatSession:
         self.opts = opts
         self.session = Session.load(opts.model, **opts.session_options())
         self.searcher = (
-            Searcher(
-                opts.index,
-                model=opts.model,
-                dim=self.session.model.head.embed_dim,
-                backend=opts.backend,
-                instruction=self.session.task,
-            )
-            if opts.index
-            else None
+            Searcher.for_session(opts.index, self.session, opts.model, opts.backend) if opts.index else None
         )
         self.history: list[Slice] = []
         self.last_prompt: Sample | None = None

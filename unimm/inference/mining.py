@@ -119,13 +119,7 @@ def mine(opts: MineOptions, *, progress: bool = True) -> dict[str, Any]:
     from unimm.inference.session import Session
 
     session = Session.load(opts.model, **opts.session_options())
-    searcher = Searcher(
-        opts.index,
-        model=opts.model,
-        dim=session.model.head.embed_dim,
-        backend=opts.backend,
-        instruction=session.task,
-    )
+    searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
     corpus = _Corpus(searcher.rows, opts.index)
     root = Path(opts.image_root or Path(opts.pairs).parent).resolve()
     summary = {"records": done, "negatives": 0, "dropped_false_negatives": 0, "short": 0, "resumed_at": done}

@@ -38,10 +38,7 @@ def build_state(opts: ServeOptions):
     session = Session.load(opts.model, **opts.session_options())
     searcher = None
     if opts.index:
-        dim = session.model.head.embed_dim
-        searcher = Searcher(
-            opts.index, model=opts.model, dim=dim, backend=opts.backend, instruction=session.task
-        )
+        searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
     folder = Path(opts.model).resolve()
     limits = Limits(
         max_inputs=opts.max_inputs,
