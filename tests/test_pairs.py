@@ -212,7 +212,9 @@ def _gloo_worker(rank: int, world: int, out: str) -> None:
         start = sum(WORLD_ROWS[:rank])
         local = full[start : start + WORLD_ROWS[rank]].clone().requires_grad_()
         views = [(b, 0) for b in range(WORLD_ROWS[rank])]
-        weighted, _, pair = _alignment(local, [None] * len(views), views, WORLD_PAIRS[rank], _pair_config())
+        weighted, _, pair = _alignment(
+            local, [None] * len(views), views, WORLD_PAIRS[rank], _pair_config(), True
+        )
         (grad,) = torch.autograd.grad(weighted, local)
         torch.save({"pair": pair, "grad": grad}, f"{out}/rank{rank}.pt")
         dist.barrier()
@@ -394,3 +396,16 @@ def test_prepare_refuses_generative_pairs_and_embed_refuses_pair_files(tmp_path)
     }
     with pytest.raises(UnimmError, match="pairs train the alignment only"):
         prepare(build_config(PrepareConfig, options=options), progress=False)
+
+
+def test_embed_refuses_a_pair_file_naming_the_record(tmp_path, trained):
+    from typer.testing import CliRunner
+
+    from unimm.cli import app
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("id,query,positive\nx,two red circles,a red circle\n")
+    args = ["embed", "--model", str(trained[0]), "--data", str(path), "--out", str(tmp_path / "ix"), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "pairs.csv:2: record 'x' is a pair record" in result.output
+    assert not list((tmp_path / "ix").glob("*"))  # nothing written

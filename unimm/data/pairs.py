@@ -16,9 +16,10 @@ instruction text; the record's ``instruction`` names a task of the recipe's ``mo
 - the MMEB training layout (VLM2Vec's ``qry``, ``qry_image_path``, ``pos_text``,
   ``pos_image_path``, ``neg_text``, ``neg_image_path``), as JSON Lines, CSV/TSV or Parquet; an
   ``<|image_1|>`` in a text marks where its image goes (first otherwise);
-- a CSV/TSV or Parquet table with ``query`` and ``positive`` columns, optional ``negative`` (and
-  ``negative_2``, ``negative_3``, ...) and, for any of them, an image column beside it
-  (``query_image``, ``positive_image``, ``negative_image``, ``negative_2_image``, ...).
+- a CSV/TSV or Parquet table with a query and a positive column (``query`` text and/or
+  ``query_image``, ``positive`` and/or ``positive_image``), optional ``negative`` (and
+  ``negative_2``, ``negative_3``, ...) each with or without its image column (``negative_image``,
+  ``negative_2_image``, ...).
 
 A pair is stored as one :class:`~unimm.data.records.Record` whose ``slices`` are its sides'
 slices one after another and whose ``pair`` (:class:`~unimm.data.records.PairSides`) says how
@@ -38,7 +39,7 @@ from unimm.errors import DataError
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 MMEB_IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>")
-_TABLE_NEGATIVE = re.compile(r"^negative(?:_(\d+))?$")
+_TABLE_NEGATIVE = re.compile(r"^negative(?:_(\d+))?(?:_image)?$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,14 +84,16 @@ def table_columns(header: list[str]) -> str | None:
     """Which pair layout a table header is: ``mmeb``, ``pairs`` or ``None`` (not a pair table)."""
     if "qry" in header:
         return "mmeb"
-    if "query" in header and "positive" in header:
+    has = set(header)
+    if has & {"query", "query_image"} and has & {"positive", "positive_image"}:
         return "pairs"
     return None
 
 
 def table_record(row: dict[str, Any], source: str, line: int, default_id: str) -> Record:
     """A pair record from a row with ``query``/``positive``/``negative…`` columns (module docs)."""
-    numbered = sorted((int(m.group(1) or 1), key) for key in row if key and (m := _TABLE_NEGATIVE.match(key)))
+    negatives = {key.removesuffix("_image") for key in row if key and _TABLE_NEGATIVE.match(key)}
+    numbered = sorted((int(_TABLE_NEGATIVE.match(key).group(1) or 1), key) for key in negatives)
     columns = [(key, f"{key}_image") for key in ("query", "positive", *(key for _, key in numbered))]
     instruction = row.get("instruction")
     instruction = instruction.strip() if isinstance(instruction, str) and instruction.strip() else None

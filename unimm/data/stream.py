@@ -46,7 +46,8 @@ def check_shards(data, need_teachers: bool) -> list[dict]:
         raise UnimmError(
             f"train.alpha > 0 needs teacher features, but {', '.join(without)} has none. Either prepare "
             "them again with --teacher-image-expert/--teacher-text-expert/--teacher-clip, or train "
-            "generative-only with --set train.alpha=0"
+            "without the structural loss with --set train.alpha=0 (the next-token loss, and the pair "
+            "loss of pair records)"
         )
     return manifests
 

@@ -123,12 +123,17 @@ def mine(opts: MineOptions, *, progress: bool = True) -> dict[str, Any]:
     corpus = _Corpus(searcher.rows, opts.index)
     root = Path(opts.image_root or Path(opts.pairs).parent).resolve()
     summary = {"records": done, "negatives": 0, "dropped_false_negatives": 0, "short": 0, "resumed_at": done}
-    with partial.open("a", encoding="utf-8") as fh:
-        for batch in _batches(opts, skip=done, progress=progress):
-            for line in _mine_batch(batch, session, searcher, corpus, root, opts, summary):
-                fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    try:
+        with partial.open("a", encoding="utf-8") as fh:
+            for batch in _batches(opts, skip=done, progress=progress):
+                for line in _mine_batch(batch, session, searcher, corpus, root, opts, summary):
+                    fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        if partial.stat().st_size == 0:  # nothing to resume from: leave nothing behind
+            partial.unlink()
+        raise
     os.replace(partial, out)
     return summary | {"out": str(out)}
 

@@ -43,11 +43,13 @@ def uses_views(cfg: TrainConfig, pairs: bool) -> bool:
     return cfg.train.alpha > 0 or (pairs and cfg.train.pair_weight > 0)
 
 
-def _alignment(embeddings, teacher, views, pairs, cfg: TrainConfig):
-    """``(α·L_d + pair_weight·L_p, L_d, L_p)`` over the global batch of this rank's views."""
+def _alignment(embeddings, teacher, views, pairs, cfg: TrainConfig, with_pairs: bool):
+    """``(α·L_d + pair_weight·L_p, L_d, L_p)`` over the global batch of this rank's views;
+    ``with_pairs``: the data has pair records (else no rank gathers any, one collective less)."""
     n_local = len(views)
     global_embeddings, teacher, views = gather_views(embeddings, teacher, views)
-    disc, pair = alignment_losses(global_embeddings, teacher, views, gather_pairs(pairs, n_local), cfg)
+    global_pairs = gather_pairs(pairs, n_local) if with_pairs else []
+    disc, pair = alignment_losses(global_embeddings, teacher, views, global_pairs, cfg)
     return cfg.train.alpha * disc + cfg.train.pair_weight * pair, float(disc.detach()), float(pair.detach())
 
 
@@ -91,7 +93,7 @@ def train_step_cached(
     loss_disc = loss_pair = 0.0
     if use_views:
         local = torch.cat(embedded).requires_grad_()
-        weighted, loss_disc, loss_pair = _alignment(local, *_merge_views(chunks), cfg)
+        weighted, loss_disc, loss_pair = _alignment(local, *_merge_views(chunks), cfg, pairs)
         (grad,) = torch.autograd.grad(weighted * world, local, allow_unused=True)
         grad = torch.zeros_like(local) if grad is None else grad
         grads = list(torch.split(grad, [e.shape[0] for e in embedded]))
@@ -188,7 +190,7 @@ def train_step(model, batch: dict, cfg: TrainConfig, *, pairs: bool = False) -> 
         loss_gen = float(out.loss_gen.detach()) * tokens / global_tokens * world if global_tokens else 0.0
     if need_views:
         weighted, loss_disc, loss_pair = _alignment(
-            out.embeddings, batch["teacher"], batch["views"], batch.get("pairs", []), cfg
+            out.embeddings, batch["teacher"], batch["views"], batch.get("pairs", []), cfg, pairs
         )
         loss = loss + weighted * world
     if world > 1:  # report the global mean of L_g
