@@ -260,3 +260,46 @@ def test_model_dtype_flag_shows_the_sections_default():
     assert {default(f"{s}.model_dtype") for s in ("embed", "retrieve", "chat", "eval")} == {
         "\\[default: auto]"
     }
+
+
+def test_config_show_prints_the_resolved_values_their_meanings_and_the_problems():
+    from typer.testing import CliRunner
+
+    from unimm.cli import app
+
+    args = [
+        "config",
+        "show",
+        "--recipe",
+        "tiny-cpu",
+        "--set",
+        "train.hard_negatives=3",
+        "--set",
+        "train.lrr=1",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "  embed_dim: 64" in lines  # the recipe's value, no meaning written for it
+    assert any(line.startswith("  hard_negatives: 3  # Hard negatives per pair record") for line in lines)
+    assert (
+        "  path: null  # Local Hugging Face image-text-to-text folder (e.g. a LLaVA-1.5 checkpoint)" in lines
+    )
+    assert (
+        "#   - train.lrr: unknown key" in result.output and "#   - out: give a run directory" in result.output
+    )
+    bad = CliRunner().invoke(app, ["config", "show", "--command", "nope"])
+    assert bad.exit_code != 0 and "use one of prepare, train" in bad.output
+
+
+def test_quickstart_quiet_turns_the_progress_bars_off(monkeypatch):
+    from typer.testing import CliRunner
+
+    import unimm.pipelines.quickstart as quickstart
+    from unimm.cli import app
+
+    seen = {}
+    monkeypatch.setattr(quickstart, "run", lambda out, **kw: seen.update(kw))
+    assert CliRunner().invoke(app, ["quickstart", "-q"]).exit_code == 0
+    assert seen["progress"] is False
+    assert CliRunner().invoke(app, ["quickstart"]).exit_code == 0 and seen["progress"] is True

@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from unimm import __version__
+from unimm.cli.config_show import config_app
 from unimm.cli.eval_bench import bench_app, eval_app
 from unimm.cli.mining import mine
 from unimm.cli.options import (
@@ -43,6 +44,7 @@ app = typer.Typer(
 app.add_typer(eval_app, name="eval", rich_help_panel="Model")
 app.add_typer(bench_app, name="bench")
 app.add_typer(index_app, name="index", rich_help_panel="Model")
+app.add_typer(config_app, name="config", rich_help_panel="Start here")
 app.command(rich_help_panel="Model")(serve)
 app.command(rich_help_panel="Model")(export)
 app.command(rich_help_panel="Data")(mine)
@@ -185,6 +187,9 @@ def quickstart(
     threads: Annotated[
         int, typer.Option(help="CPU threads for torch (the figures depend on it; the README's: 2).", min=1)
     ] = 2,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (the stages still print).")
+    ] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -214,6 +219,7 @@ def quickstart(
         steps=steps,
         seed=seed,
         threads=threads,
+        progress=not quiet,
         recipe=recipe,
         overrides=set_,
     )

@@ -176,6 +176,21 @@ def build_config(
     Raises:
         ConfigError: listing every unknown key, wrong type and invalid value at once.
     """
+    cfg, problems = resolve_config(cls, recipe=recipe, options=options, overrides=overrides)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def resolve_config(
+    cls: type[C],
+    *,
+    recipe: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[C, list[str]]:
+    """:func:`build_config`'s config and its problems, without raising (``unimm config show``
+    lists them); a field with a problem keeps its default."""
     problems: list[str] = []
     tree: dict[str, Any] = {}
     if recipe is not None:
@@ -201,9 +216,7 @@ def build_config(
     # Fields with a type problem kept their (valid) defaults, so value checks can still run and
     # every problem is reported in one go.
     problems.extend(_validate(cfg))
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return cfg, problems
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
