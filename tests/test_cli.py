@@ -303,3 +303,19 @@ def test_quickstart_quiet_turns_the_progress_bars_off(monkeypatch):
     assert CliRunner().invoke(app, ["quickstart", "-q"]).exit_code == 0
     assert seen["progress"] is False
     assert CliRunner().invoke(app, ["quickstart"]).exit_code == 0 and seen["progress"] is True
+
+
+def test_eval_quiet_turns_the_progress_bars_off(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import unimm.commands.eval as evaluation
+    import unimm.inference.evaluate as evaluate
+    from unimm.cli import app
+
+    seen = {}
+    monkeypatch.setattr(evaluation, "run", lambda cfg, progress=True: seen.update(progress=progress) or {})
+    monkeypatch.setattr(evaluate, "format_table", lambda scores: "table")
+    args = ["eval", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["progress"] is False

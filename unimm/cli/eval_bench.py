@@ -66,6 +66,7 @@ def eval_(
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('eval.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
     instruction: InstructionOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     benchmark: Annotated[
         str | None,
         typer.Option(help="A benchmark read from its official files (see --list); --data is its folder."),
@@ -110,7 +111,9 @@ def eval_(
     if compare is not None:
         typer.echo(_compare(*compare))
         return
-    given = {k: v for k, v in locals().items() if k not in ("ctx", "recipe", "set_", "list_", "compare")}
+    given = {
+        k: v for k, v in locals().items() if k not in ("ctx", "recipe", "set_", "list_", "compare", "quiet")
+    }
     from unimm.config import EvalConfig, build_config
 
     options = as_options("eval", {**given, "tasks": comma_list(tasks)}, {"input_format": "eval.format"})
@@ -119,7 +122,7 @@ def eval_(
         from unimm.benchmarks.run import format_results
         from unimm.commands.eval import run_benchmark
 
-        results = run_benchmark(cfg)
+        results = run_benchmark(cfg, progress=not quiet)
         for note in results["notes"]:
             typer.echo(f"note: {note}")
         typer.echo(format_results(results))
@@ -129,7 +132,7 @@ def eval_(
     from unimm.commands.eval import run
     from unimm.inference.evaluate import format_table
 
-    typer.echo(format_table(run(cfg)))
+    typer.echo(format_table(run(cfg, progress=not quiet)))
 
 
 def _compare(a: Path, b: Path) -> str:
