@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from unimm.data.instructions import instruction_text
+from unimm.data.pairs import expand_pairs, pair_views
 from unimm.data.samples import Sample
 from unimm.utils import seed_of
 
@@ -186,8 +188,6 @@ class Collator:
         task is for pairs and for inference)."""
         if sample.instruction is not None:
             return sample
-        from unimm.data.instructions import instruction_text
-
         text = instruction_text(self.instructions, sample.instruction_name, "document")
         return sample if text is None else sample.replace(instruction=text)
 
@@ -360,8 +360,6 @@ class Collator:
         """Collate decoded samples into a batch (right-padded). A pair record becomes several
         rows (its query, its positive, up to ``hard_negatives`` negatives), and the batch's
         ``pairs`` lists ``(query view, positive view, [negative views])`` of each."""
-        from unimm.data.pairs import expand_pairs, pair_views
-
         rows, sides = expand_pairs(samples, self)
         encoded = [self.encode(s) for s in rows]
         batch = self.batch(encoded, rows)

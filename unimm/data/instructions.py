@@ -15,7 +15,7 @@ from typing import Any
 
 from unimm.config.model import INSTRUCTION_ROLES
 
-__all__ = ["INSTRUCTION_ROLES", "instructed", "instruction_text", "unknown_task_message"]
+__all__ = ["INSTRUCTION_ROLES", "chosen_task", "instructed", "instruction_text", "unknown_task_message"]
 
 
 def instruction_text(table: dict[str, dict[str, str]] | None, task: str | None, role: str) -> str | None:
@@ -24,6 +24,22 @@ def instruction_text(table: dict[str, dict[str, str]] | None, task: str | None, 
     if not task or not table:
         return None
     return table.get(task, {}).get(role) or None
+
+
+def chosen_task(settings: dict[str, Any], asked: str | None) -> str:
+    """The instruction task a checkpoint's ``inference`` settings encode under: ``asked`` (from
+    ``--instruction``; ``""`` = none), else their ``default_instruction``.
+
+    Raises:
+        UnimmError: ``asked`` is not a task of their ``instructions``.
+    """
+    from unimm.errors import UnimmError
+
+    if asked is None:
+        return settings["default_instruction"]
+    if asked and asked not in settings["instructions"]:
+        raise UnimmError(unknown_task_message(asked, settings["instructions"], "--instruction"))
+    return asked
 
 
 def unknown_task_message(task: str, table: dict[str, Any], where: str) -> str:

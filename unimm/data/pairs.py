@@ -29,13 +29,16 @@ record's; :func:`split_sides` cuts a decoded sample back into its sides.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unimm.data.instructions import instruction_text
 from unimm.data.records import Record, RecordSlice, failer, make_pair
 from unimm.errors import DataError
+from unimm.utils import seed_of
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 MMEB_IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>")
@@ -159,8 +162,6 @@ def split_sides(sample, instructions: dict[str, dict[str, str]] | None = None, d
     ``KEY/n0``, ...) and its instruction text: the side's own, else the query or document
     instruction of the sample's task (``instructions``; ``default`` names the task of samples
     that name none)."""
-    from unimm.data.instructions import instruction_text
-
     pair = sample.pair
     task = sample.instruction_name or default
     out = []
@@ -204,10 +205,6 @@ def expand_pairs(samples, collator) -> tuple[list, list[list[int]]]:
 
 
 def _chosen_negatives(sample, count: int, wanted: int, seed: int) -> list[int]:
-    import random
-
-    from unimm.utils import seed_of
-
     if count <= wanted:
         return list(range(count))
     rng = random.Random(seed_of(f"{seed}/{sample.key}/negatives/{sample.epoch}"))

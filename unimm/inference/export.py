@@ -37,15 +37,12 @@ def _st_prompts(checkpoint: Path, instruction: str | None) -> dict[str, str]:
     """sentence-transformers' ``prompts`` of the export: the instruction task's query and
     document texts (``encode_query``/``encode_document`` pick them; the module makes a prompt the
     sample's instruction, as ``unimm embed`` and ``retrieve`` do)."""
-    from unimm.data.instructions import instruction_text, unknown_task_message
+    from unimm.data.instructions import INSTRUCTION_ROLES, chosen_task, instruction_text
     from unimm.model.checkpoint import read_meta
 
     settings = read_meta(checkpoint)["inference"]
-    table = settings["instructions"]
-    task = settings["default_instruction"] if instruction is None else instruction
-    if task and task not in table:
-        raise UnimmError(unknown_task_message(task, table, "--instruction"))
-    texts = {role: instruction_text(table, task, role) for role in ("query", "document")}
+    task = chosen_task(settings, instruction)
+    texts = {role: instruction_text(settings["instructions"], task, role) for role in INSTRUCTION_ROLES}
     return {role: text for role, text in texts.items() if text}
 
 

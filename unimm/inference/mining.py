@@ -22,6 +22,7 @@ into place when every record is done, and it never overwrites an input.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,24 +33,15 @@ from unimm.errors import UnimmError
 
 
 def false_negative_threshold(positive: float, margin: float) -> float:
-    """The score above which a candidate is taken for an unlabelled positive (``margin`` inf:
-    none is)."""
-    if margin == float("inf"):
-        return float("inf")
+    """The score above which a candidate is taken for an unlabelled positive."""
     return positive - (1.0 - margin) * abs(positive)
 
 
 def choose_negatives(
-    hits: list[tuple[int, float]],
-    positive_score: float,
-    excluded: set[int],
-    *,
-    count: int,
-    margin: float,
+    hits: list[tuple[int, float]], threshold: float, excluded: set[int], *, count: int
 ) -> tuple[list[tuple[int, float]], int]:
-    """The first ``count`` hits (best first) that are neither ``excluded`` rows nor above the
-    false-negative threshold, and how many were dropped by the threshold."""
-    threshold = false_negative_threshold(positive_score, margin)
+    """The first ``count`` hits (best first) that are neither ``excluded`` rows nor scored above
+    ``threshold``, and how many the threshold dropped."""
     kept, dropped = [], 0
     for row, score in hits:
         if row in excluded:
@@ -139,15 +131,20 @@ def mine(opts: MineOptions, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _resume_count(partial: Path) -> int:
-    """Complete records an interrupted run wrote (a torn last line is cut off)."""
+    """Complete records an interrupted run wrote (a torn last line is cut off), read in blocks:
+    a mined file of millions of records is never held whole."""
     if not partial.is_file():
         return 0
-    data = partial.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with partial.open("r+b") as fh:
-            fh.truncate(len(complete))
-    return complete.count(b"\n")
+    lines, end, at = 0, 0, 0
+    with partial.open("r+b") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            lines += block.count(b"\n")
+            if (last := block.rfind(b"\n")) >= 0:
+                end = at + last + 1
+            at += len(block)
+        if end != at:
+            fh.truncate(end)
+    return lines
 
 
 def _batches(opts: MineOptions, *, skip: int, progress: bool) -> Iterator[list]:
@@ -193,8 +190,8 @@ def _mine_batch(
         ranges = record.pair.ranges()
         own = [[(s.kind, s.value) for s in record.slices[a:b]] for a, b in ranges]
         excluded = {r for side in own for r in corpus.rows_like(side)}  # its query, positive, negatives
-        margin = opts.margin if opts.filter_false_negatives else float("inf")
-        kept, dropped = choose_negatives(found, s_pos, excluded, count=opts.negatives, margin=margin)
+        threshold = false_negative_threshold(s_pos, opts.margin) if opts.filter_false_negatives else math.inf
+        kept, dropped = choose_negatives(found, threshold, excluded, count=opts.negatives)
         summary["records"] += 1
         summary["negatives"] += len(kept)
         summary["dropped_false_negatives"] += dropped

@@ -121,11 +121,6 @@ class ServerState:
         with self.lock:
             return self.session.embed_counted(samples)
 
-    def instructed(self, samples: list[Sample], role: str) -> list[Sample]:
-        """``samples`` under the served task's ``role`` instruction (as ``unimm embed`` and
-        ``unimm retrieve`` encode documents and queries)."""
-        return self.session.instruct(samples, role)
-
     def documents(self, hits: list[tuple[int, float]]) -> list[dict[str, Any]]:
         rows = self.searcher.rows
         return [{"id": rows[r]["id"], "score": round(s, 6), "source": rows[r].get("source")} for r, s in hits]
@@ -231,7 +226,7 @@ def create_app(state: ServerState):
                 400, f"'dimensions' {dim!r}: this model was trained for {sizes}", param="dimensions"
             )
         samples = await asyncio.to_thread(inputs_of, body, "input", state.limits)
-        vectors, tokens = await state.batcher(state.instructed(samples, _input_type(body)))
+        vectors, tokens = await state.batcher(state.session.instruct(samples, _input_type(body)))
         if dim is not None:
             from unimm.model.core import truncate
 
@@ -250,7 +245,7 @@ def create_app(state: ServerState):
             raise ApiError(400, "no index is loaded: start the server with --index DIR", code="no_index")
         top_k = number(body, "top_k", 10, 1, state.limits.max_top_k, int)
         samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
-        vectors, _ = await state.batcher(state.instructed(samples, "query"))
+        vectors, _ = await state.batcher(state.session.instruct(samples, "query"))
         hits = await asyncio.to_thread(state.searcher.search, vectors, top_k)  # off the event loop
         data = [{"index": i, "results": state.documents(h)} for i, h in enumerate(hits)]
         return {"object": "list", "data": data, "model": state.name}
@@ -293,7 +288,7 @@ async def _prompt(state: ServerState, req) -> tuple[list[dict], Sample]:
     if not req.top_k:
         return [], build_prompt(req.question, [], req.history)
     query = build_prompt(req.question, [], req.history)
-    vector, _ = await state.batcher(state.instructed([query], "query"))
+    vector, _ = await state.batcher(state.session.instruct([query], "query"))
     (hits,) = await asyncio.to_thread(state.searcher.search, vector, req.top_k)
     data = state.searcher.manifest["data"]
     docs = await asyncio.to_thread(lambda: [load_document(state.searcher.rows[r], data) for r, _ in hits])

@@ -52,6 +52,7 @@ class Session:
         instruction: str | None = None,
     ):
         from unimm.data.collate import Collator
+        from unimm.data.instructions import chosen_task
         from unimm.model.core import check_dimension
 
         settings = meta["inference"]
@@ -63,7 +64,7 @@ class Session:
         self.meta = meta
         self.device = device
         self.instructions: dict[str, dict[str, str]] = settings["instructions"]
-        self.task = self._task(settings, instruction)
+        self.task = chosen_task(settings, instruction)
         """The instruction task queries and documents are encoded under ("" = none)."""
         self.collator = Collator.for_model(
             model,
@@ -73,15 +74,6 @@ class Session:
             instructions=self.instructions,
             default_instruction=self.task,
         )
-
-    def _task(self, settings: dict[str, Any], instruction: str | None) -> str:
-        from unimm.data.instructions import unknown_task_message
-
-        if instruction is None:
-            return settings["default_instruction"]
-        if instruction and instruction not in self.instructions:
-            raise UnimmError(unknown_task_message(instruction, self.instructions, "--instruction"))
-        return instruction
 
     def instruction_for(self, role: str) -> str:
         """The instruction text the session encodes ``role`` (query or document) inputs under
