@@ -124,3 +124,75 @@ def test_hf_merged_is_a_plain_transformers_folder(tmp_path, tiny_shards):
     torch.testing.assert_close(
         Session.load(out).embed_views(docs), session.embed_views(docs), atol=1e-5, rtol=1e-5
     )
+
+
+def test_hf_merged_carries_a_chat_template_and_a_model_card(tmp_path, trained):
+    """A model without a chat template of its own (the tiny LLaVA) is exported with unimm's plain
+    layout as one: ``apply_chat_template`` renders exactly what unimm's layout renders (the
+    oracle), tokenizes to the prompt unimm generates from, and ``pipeline("image-text-to-text")``
+    answers what ``unimm chat`` answers. The card names the base, the data and the losses."""
+    from PIL import Image
+    from transformers import AutoProcessor, pipeline
+
+    from unimm.data.layout import PLAIN_TEMPLATE_MARK, PlainLayout
+    from unimm.data.samples import Sample, Slice
+    from unimm.inference.session import Session
+    from unimm.model.checkpoint import read_meta
+
+    checkpoint, _ = trained
+    out = tmp_path / "merged"
+    export(ExportOptions(model=str(checkpoint), out=str(out), format="hf-merged"))
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert processor.chat_template.startswith(PLAIN_TEMPLATE_MARK)
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    layout = PlainLayout(processor.tokenizer, processor.image_token)
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image"},
+                {"type": "text", "text": "Which colour?"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": "And its shape?"},
+    ]
+    slices = [
+        Slice.of_text("look"),
+        Slice.of_image(image),
+        Slice.of_text("Which colour?"),
+        Slice.of_text("red", role="assistant"),
+        Slice.of_text("And its shape?"),
+    ]
+    rendered = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert rendered == layout.render(slices, None, ending="assistant", system="Answer briefly.").text
+    closed = processor.apply_chat_template(conversation[1:3], tokenize=False)
+    assert closed == layout.render(slices[:3], "red").text  # a trained answer, as training saw it
+
+    session = Session.load(out)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Which colour?"}],
+        }
+    ]
+    sample = Sample.of_slices([Slice.of_image(image), Slice.of_text("Which colour?")])
+    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(ids["input_ids"][0]) == session.collator.prompt(sample).input_ids
+    chat = pipeline("image-text-to-text", model=str(out))
+    answer = chat(text=messages, max_new_tokens=6)[0]["generated_text"][-1]["content"]
+    assert answer.strip() == session.generate([sample], max_new_tokens=6)[0]
+
+    card = (out / "README.md").read_text()
+    meta = read_meta(checkpoint)
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
+    assert meta["data_manifests"][0][:16] in card and "tiny random LLaVA" in card
+    assert f"alpha {meta['recipe']['train']['alpha']}" in card and 'pipeline("image-text-to-text"' in card
+    assert "No evaluation was recorded" in card
+    st_out = tmp_path / "st"
+    export(ExportOptions(model=str(checkpoint), out=str(st_out)))
+    st_card = (st_out / "README.md").read_text()
+    assert "library_name: sentence-transformers" in st_card and "SentenceTransformer(" in st_card
+    assert (st_out / "checkpoint" / "chat_template.jinja").is_file()

@@ -377,8 +377,10 @@ def test_many_bad_records_listed_together(tmp_path, image_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "slices": []} for i in range(25)])
     with pytest.raises(UnimmError) as info:
         prepare([data], tmp_path / "out")
-    assert "25 bad record(s); nothing was written" in str(info.value)
-    assert "... and 5 more" in str(info.value) and "--on-error skip" in str(info.value)
+    message = str(info.value)
+    assert "25 bad record(s); nothing was written" in message and "--on-error skip" in message
+    assert "25 × " in message and "d.jsonl:1, d.jsonl:2" in message and "… 17 more" in message
+    assert message.count("d.jsonl:") == 9  # one example and eight places, not 25 lines
 
 
 def test_zero_byte_input(tmp_path, unimm_records):
@@ -404,7 +406,7 @@ def test_unusable_output_directory(tmp_path, unimm_records):
     target = locked if os.geteuid() != 0 else Path("/proc/unimm-test-out")  # root ignores modes
     with pytest.raises(UnimmError, match="cannot write there"):
         prepare([unimm_records], target)
-    with pytest.raises(UnimmError, match=r"input file.*not found"):
+    with pytest.raises(UnimmError, match=r"input\(s\) not found: .*missing.jsonl"):
         prepare([tmp_path / "missing.jsonl"], tmp_path / "o")
 
 

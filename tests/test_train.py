@@ -243,6 +243,11 @@ def test_periodic_evaluation_is_logged(tmp_path, tiny_shards):
     rows = metrics(tmp_path / "run")
     assert [("eval_loss_gen" in r) for r in rows] == [False, True, False, True]
     assert rows[-1]["eval_loss_gen"] > 0 and rows[-1]["eval_loss_disc"] >= 0
+    # the checkpoint's model card shows that step's figures, and only that step's
+    meta = json.loads((tmp_path / "run" / "step-000004" / "unimm.json").read_text())
+    assert meta["evaluation"] == {k: rows[-1][k] for k in ("eval_loss_gen", "eval_loss_disc")}
+    card = (tmp_path / "run" / "step-000004" / "README.md").read_text()
+    assert f"| eval_loss_gen | {rows[-1]['eval_loss_gen']:.4f} |" in card and "step 4" in card
 
 
 def test_gradient_caching_equals_the_full_batch(tmp_path, tiny_shards):

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
@@ -176,3 +178,48 @@ def bench_timer(device: str):
 def seed_of(salt: str) -> int:
     """A 64-bit seed from a text (the cut points' and the negatives' choices)."""
     return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
+
+
+LOG_INTERVAL_S = 30.0
+"""How often a progress bar writes a line when stderr is not a terminal."""
+
+
+class _LogLines:
+    """A stream for tqdm that turns its in-place redraws (``\\r``) into whole log lines."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _LoggedBar(tqdm):
+    """A bar whose postfix changes wait for its next timed line (training sets one every step)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
+def progress_bar(iterable=None, **options: Any):
+    """A tqdm progress bar on a terminal; redirected to a file or a pipe (a log, CI, a
+    scheduler's output), a line at the start, every :data:`LOG_INTERVAL_S` seconds and at the
+    end, instead of redraws that flood the log."""
+    import sys
+
+    stream = options.pop("file", None) or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        options.setdefault("mininterval", LOG_INTERVAL_S)
+        options.setdefault("maxinterval", LOG_INTERVAL_S)
+        options.setdefault(
+            "bar_format", "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+        )
+        return _LoggedBar(iterable, file=_LogLines(stream), **options)
+    return tqdm(iterable, file=stream, **options)

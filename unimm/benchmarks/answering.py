@@ -29,7 +29,7 @@ def generate_replies(encoder, task: AnswerTask, context: list[list] | None = Non
 
     ``context``: per question, slices to put before it (retrieved documents).
     """
-    from tqdm import tqdm
+    from unimm.utils import progress_bar
 
     session = encoder.session
     order = sorted(
@@ -37,7 +37,7 @@ def generate_replies(encoder, task: AnswerTask, context: list[list] | None = Non
     )
     replies: list[str] = [""] * len(order)
     autocast = getattr(session, "autocast", contextlib.nullcontext)  # a live training model's
-    with tqdm(
+    with progress_bar(
         total=len(order), desc=f"{task.name}: answer", unit="question", disable=not encoder.progress
     ) as bar:
         for start in range(0, len(order), encoder.batch_size):

@@ -46,13 +46,15 @@ class ItemEncoder:
     def __call__(self, items: Sequence[Item], desc: str = "embed", role: str = "document") -> torch.Tensor:
         """``[len(items), d]`` unit float32 embeddings, in the order of ``items``, each under the
         ``role`` (``query`` or ``document``) instruction of the session's task."""
-        from tqdm import tqdm
+        from unimm.utils import progress_bar
 
         # keyed by the instruction text: without instructions a query and a document are one input
         text = self.session.instruction_for(role)
         todo = [p for p in dict.fromkeys(item.parts for item in items) if (text, p) not in self.cache]
         todo.sort(key=lambda parts: sum(len(v) for k, v in parts if k == "text"))
-        with tqdm(total=len(todo), desc=desc, unit="input", disable=not self.progress or not todo) as bar:
+        with progress_bar(
+            total=len(todo), desc=desc, unit="input", disable=not self.progress or not todo
+        ) as bar:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
                 vectors = self.session.embed_views(

@@ -23,6 +23,7 @@ from unimm.cli.config_show import config_app
 from unimm.cli.eval_bench import bench_app, eval_app
 from unimm.cli.mining import mine
 from unimm.cli.options import (
+    ColumnsOpt,
     InstructionOpt,
     ModelDtypeOpt,
     RecipeOpt,
@@ -72,7 +73,8 @@ def prepare(
         list[Path],
         typer.Argument(
             help="Record files: unimm JSONL (records or pairs), LLaVA JSON/JSONL, MMC4 JSONL, CSV/TSV, "
-            "MMEB's layout, Parquet pairs."
+            "MMEB's layout, Parquet (image–text or pairs); or folders: a datasets save_to_disk folder, "
+            "an imagefolder with metadata.jsonl."
         ),
     ],
     out: Annotated[Path | None, typer.Option("--out", help="Output shard directory.")] = None,
@@ -88,6 +90,7 @@ def prepare(
             help="Folder image paths are relative to and must stay in \\[default: the input's folder]."
         ),
     ] = None,
+    columns: ColumnsOpt = None,
     samples_per_shard: Annotated[int | None, typer.Option(help=default("prepare.samples_per_shard"))] = None,
     max_shard_bytes: Annotated[int | None, typer.Option(help=default("prepare.max_shard_bytes"))] = None,
     image_size: Annotated[
@@ -150,7 +153,7 @@ def prepare(
     """Turn records into WebDataset shards (+ frozen teacher features for the structure-induced loss)."""
     # Long only because it declares the command's 19 options; the mapping is by name.
     given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
-    from unimm.commands.prepare import run
+    from unimm.commands.prepare import run, teachers_warning
     from unimm.config import PrepareConfig, build_config
 
     teacher_keys = ("image_expert", "text_expert", "clip", "batch_size")
@@ -159,6 +162,8 @@ def prepare(
     cfg = build_config(
         PrepareConfig, recipe=recipe, options=as_options("prepare", given, renames), overrides=set_
     )
+    if warning := teachers_warning(cfg, recipe):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     result = run(cfg, progress=not quiet)
     kept = f" ({result.kept_shards} kept from the earlier run)" if result.kept_shards else ""
     typer.echo(
@@ -305,14 +310,17 @@ def embed(
     data: Annotated[
         list[Path] | None,
         typer.Option(
-            "--data", help="Record file (JSONL, LLaVA JSON, MMC4, CSV/TSV) or shard directory; repeatable."
+            "--data",
+            help="Record file (JSONL, LLaVA JSON, MMC4, CSV/TSV, Parquet), datasets folder, imagefolder "
+            "or shard directory; repeatable.",
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Index directory.")] = None,
     format: Annotated[
         str | None,
         typer.Option(
-            "--format", help=f"Record format: auto | unimm | llava | mmc4 | csv {default('embed.format')}"
+            "--format",
+            help=f"Record format: auto | unimm | llava | mmc4 | csv | parquet {default('embed.format')}",
         ),
     ] = None,
     image_root: Annotated[
@@ -321,6 +329,7 @@ def embed(
             help="Folder record image paths are relative to and must stay in \\[default: the file's]."
         ),
     ] = None,
+    columns: ColumnsOpt = None,
     on_error: Annotated[
         str | None,
         typer.Option(help=f"fail | skip (bad records, images and repeated ids) {default('embed.on_error')}"),
@@ -413,11 +422,14 @@ def retrieve(
     ] = None,
     model_dtype: ModelDtypeOpt = None,
     instruction: InstructionOpt = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing: results only in --out and --metrics-out.")
+    ] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Search an index with text, image or interleaved queries (and score them against qrels)."""
-    given = {k: v for k, v in locals().items() if k not in ("query", "image", "recipe", "set_")}
+    given = {k: v for k, v in locals().items() if k not in ("query", "image", "quiet", "recipe", "set_")}
     from unimm.commands.retrieve import query_order, run
     from unimm.config import RetrieveConfig, build_config
 
@@ -428,6 +440,11 @@ def retrieve(
     options = as_options("retrieve", {**given, "query": typed})
     cfg = build_config(RetrieveConfig, recipe=recipe, options=options, overrides=set_)
     result = run(cfg)
+    if not quiet:
+        _print_results(result, out)
+
+
+def _print_results(result: dict, out: Path | None) -> None:
     for item in result["results"][:20]:
         typer.secho(f"query {item['query_id']} ({result['backend']} search)", bold=True)
         for rank, (doc, score) in enumerate(zip(item["ids"], item["scores"], strict=True), start=1):
@@ -468,17 +485,20 @@ def chat(
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('chat.device')}")] = None,
     model_dtype: ModelDtypeOpt = None,
     instruction: InstructionOpt = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Answers only: no banner, no retrieved-document lines.")
+    ] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Chat with a checkpoint (REPL or --prompt), optionally grounded on retrieved documents."""
-    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.commands.chat import run
     from unimm.config import ChatConfig, build_config
 
     renames = {"image": "chat.images"}
     cfg = build_config(ChatConfig, recipe=recipe, options=as_options("chat", given, renames), overrides=set_)
-    run(cfg)
+    run(cfg, quiet=quiet)
 
 
 def main() -> None:

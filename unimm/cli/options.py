@@ -57,6 +57,20 @@ InstructionOpt = Annotated[
 ]
 
 
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or status lines; results and errors only.")
+]
+
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--columns",
+        help="Which columns of an image–text table (CSV/TSV, Parquet, datasets folder, imagefolder) "
+        "are the image, the text and the id: image=COL,text=COL,id=COL.",
+    ),
+]
+
+
 def as_options(section: str, values: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, Any]:
     """CLI values as dotted config options: parameter ``name`` → ``section.name`` unless
     ``renames`` says otherwise. Paths become strings; ``None``, an empty list and a flag left off

@@ -10,6 +10,7 @@ import typer
 from unimm.cli.options import (
     InstructionOpt,
     ModelDtypeOpt,
+    QuietOpt,
     RecipeOpt,
     SetOpt,
     as_options,
@@ -41,21 +42,23 @@ def index_build(
     nprobe: Annotated[
         int | None, typer.Option(help=f"IVF-PQ lists searched {default('index.nprobe')}")
     ] = None,
+    quiet: QuietOpt = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Build a FAISS index beside the embeddings; retrieve, chat and serve then search it."""
-    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.config import IndexConfig, build_config
     from unimm.inference.ann import build_ann
 
     cfg = build_config(IndexConfig, recipe=recipe, options=as_options("index", given), overrides=set_)
     ann = build_ann(cfg.index)
     params = ", ".join(f"{k}={v}" for k, v in ann["params"].items())
-    typer.echo(
-        f"built {ann['backend']} over {ann['count']} vectors ({params}): {ann['bytes'] / 2**20:.1f} MiB, "
-        f"{ann['bytes_per_vector']:g} bytes/vector, in {Path(cfg.index.index) / 'ann'}"
-    )
+    if not quiet:
+        typer.echo(
+            f"built {ann['backend']} over {ann['count']} vectors ({params}): {ann['bytes'] / 2**20:.1f} MiB, "
+            f"{ann['bytes_per_vector']:g} bytes/vector, in {Path(cfg.index.index) / 'ann'}"
+        )
 
 
 @user_errors
@@ -77,21 +80,38 @@ def serve(
         int | None, typer.Option(help=f"Embedding inputs per forward pass {default('serve.max_batch')}")
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('serve.device')}")] = None,
+    allow_remote_images: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-remote-images/--no-remote-images",
+            help=f"Fetch http(s) image URLs in requests {default('serve.allow_remote_images')}",
+        ),
+    ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log", help=f"A line per request {default('serve.access_log')}"
+        ),
+    ] = None,
     model_dtype: ModelDtypeOpt = None,
     instruction: InstructionOpt = None,
+    quiet: QuietOpt = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: embeddings, chat (streaming, RAG), search.
 
-    Set UNIMM_API_KEY to require `Authorization: Bearer KEY`.
+    Set UNIMM_API_KEY to require `Authorization: Bearer KEY`. OpenAPI at /docs, Prometheus
+    metrics at /metrics.
     """
-    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.commands.serve import run
     from unimm.config import ServeConfig, build_config
 
+    if quiet:
+        given["access_log"] = False if access_log is None else access_log
     cfg = build_config(ServeConfig, recipe=recipe, options=as_options("serve", given), overrides=set_)
-    run(cfg, announce=typer.echo)
+    run(cfg, announce=(lambda _: None) if quiet else typer.echo)
 
 
 @user_errors
@@ -105,14 +125,18 @@ def export(
     model_dtype: ModelDtypeOpt = None,
     instruction: InstructionOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export.")] = False,
+    quiet: QuietOpt = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Export a checkpoint for other tools: sentence-transformers, or merged weights for vLLM & co."""
-    given = {k: v for k, v in locals().items() if k not in ("recipe", "set_")}
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.config import ExportConfig, build_config
     from unimm.inference.export import export as run
 
     cfg = build_config(ExportConfig, recipe=recipe, options=as_options("export", given), overrides=set_)
     manifest = run(cfg.export)
-    typer.echo(f"exported {cfg.export.model} as {manifest['format']} to {cfg.export.out} (see its README.md)")
+    if not quiet:
+        typer.echo(
+            f"exported {cfg.export.model} as {manifest['format']} to {cfg.export.out} (see its README.md)"
+        )

@@ -13,9 +13,10 @@ from unimm.config import ChatConfig
 from unimm.inference.chat import one_shot, repl
 
 
-def run(cfg: ChatConfig) -> str | None:
-    """Answer ``chat.prompt`` and return the answer, or run the REPL on stdin when there is none."""
+def run(cfg: ChatConfig, *, quiet: bool = False) -> str | None:
+    """Answer ``chat.prompt`` and return the answer, or run the REPL on stdin when there is none
+    (``quiet``: answers only, no banner or retrieved-document lines)."""
     if cfg.chat.prompt is not None:
-        return one_shot(cfg.chat)
-    repl(cfg.chat)
+        return one_shot(cfg.chat, quiet=quiet)
+    repl(cfg.chat, quiet=quiet)
     return None

@@ -23,6 +23,10 @@ class PrepareOptions:
     ``discriminative`` for image–text pairs: the paper's data_g and data_d)."""
     image_root: str | None = None
     """Folder image paths are relative to (and must stay inside); default: each input's folder."""
+    columns: str = ""
+    """Which columns of an image–text table (CSV/TSV, Parquet, datasets folder, imagefolder) are
+    the image, the text and the id: ``image=COL,text=COL,id=COL`` (default: ``image``/``file_name``,
+    ``caption``/``text``, ``id``)."""
     samples_per_shard: int = 1000
     max_shard_bytes: int = 1 << 30
     """A shard is closed before it would pass this size (a single larger sample gets its own)."""

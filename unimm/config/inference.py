@@ -47,10 +47,12 @@ class EmbedOptions(CheckpointOptions):
     section: ClassVar[str] = "embed"
     data: list[str] = dataclasses.field(default_factory=list)
     """Prepared shard directories (or shard files) and record files (any ``unimm prepare`` format)."""
-    format: Literal["auto", "unimm", "llava", "mmc4", "csv"] = "auto"
+    format: Literal["auto", "unimm", "llava", "mmc4", "csv", "parquet"] = "auto"
     """The record files' format (``auto`` detects it per file)."""
     image_root: str | None = None
     """The folder record image paths are relative to and must stay in (default: each file's folder)."""
+    columns: str = ""
+    """The image, text and id columns of an image–text table (see ``prepare.columns``)."""
     on_error: Literal["fail", "skip"] = "fail"
     """A bad record, unreadable image or repeated id: ``fail`` stops, ``skip`` leaves it out
     (counted in the index manifest's ``rejected``)."""
@@ -273,6 +275,11 @@ class ServeOptions(CheckpointOptions):
     """Bytes of one request body (base64 images included)."""
     max_image_pixels: int = 64_000_000
     """Pixels of one decoded image."""
+    allow_remote_images: bool = False
+    """Fetch ``http(s)://`` image URLs in requests (off: images must be inline data URLs, and the
+    server connects nowhere a client names)."""
+    access_log: bool = True
+    """One line per request on stderr: request id, method, path, status, milliseconds, client."""
 
     def validate(self) -> list[str]:
         problems = super().validate()

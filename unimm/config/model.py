@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""What ``train.report_to`` names (accelerate's trackers)."""
+
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 """Attention implementations a model may load with (``model.attn_implementation``)."""
 
@@ -212,9 +215,22 @@ class TrainOptions:
     number of views in L_d) can grow past what fits at once."""
     merge_lora: bool = False
     """Fold LoRA adapters into the weights of the final checkpoint."""
+    report_to: list[str] = dataclasses.field(default_factory=list)
+    """Trackers that get every line of ``metrics.jsonl`` too (losses, learning rate, throughput,
+    evaluations), through accelerate: ``tensorboard`` (event files in ``RUN/trackers/NAME``),
+    ``wandb`` (``WANDB_MODE=offline`` writes ``RUN/wandb``), ``mlflow`` (``MLFLOW_TRACKING_URI``,
+    else a file store in ``RUN/mlruns``); several at once. Empty or ``[none]``: the JSONL alone."""
+    run_name: str = ""
+    """The trackers' project, experiment and run name (default: the run folder's name)."""
 
     def validate(self) -> list[str]:
         problems = []
+        unknown = [t for t in self.report_to if t not in (*TRACKERS, "none")]
+        if unknown or ("none" in self.report_to and len(self.report_to) > 1):
+            problems.append(
+                f"train.report_to: {', '.join(unknown) or 'none with others'}; give any of "
+                f"{', '.join(TRACKERS)}, or none"
+            )
         if self.alpha < 0 or self.gen_weight < 0 or (self.alpha == 0 and self.gen_weight == 0):
             problems.append("train.alpha and train.gen_weight: non-negative and not both 0")
         for key in (

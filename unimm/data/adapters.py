@@ -40,7 +40,11 @@ _GPT = {"gpt": "assistant", "assistant": "assistant"}
 
 
 def iter_records(
-    path: str | Path, fmt: str = "auto", limits: RecordLimits | None = None
+    path: str | Path,
+    fmt: str = "auto",
+    limits: RecordLimits | None = None,
+    *,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[Record | DataError]:
     """Yield the records of one input file (or a located :class:`DataError` for each bad one).
 
@@ -50,12 +54,19 @@ def iter_records(
 
     Args:
         path: the input file.
-        fmt: ``auto`` or one of :data:`FORMATS`.
+        fmt: ``auto`` or one of :data:`FORMATS` (a folder is a table input whatever it says).
         limits: what one record may hold (default: :class:`RecordLimits`).
+        columns: ``{role: column}`` for image–text tables (CSV/TSV, Parquet, datasets folders,
+            imagefolders; :func:`unimm.data.tables.parse_columns`).
     """
     limits = limits or RecordLimits()
     path = Path(path)
     source = str(path)
+    columns = columns or {}
+    tables = _streamed_table(path, fmt, columns)
+    if tables is not None:  # read a batch at a time, never whole
+        yield from _bounded(tables, limits)
+        return
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -66,13 +77,8 @@ def iter_records(
         return
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    if fmt == "parquet" or (fmt == "auto" and path.suffix.lower() == ".parquet"):
-        from unimm.data.pairs import iter_parquet
-
-        yield from _bounded(iter_parquet(path), limits)
-        return
     if fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv")):
-        yield from _bounded(_iter_csv(data, path, limits), limits)
+        yield from _bounded(_iter_csv(data, path, limits, columns), limits)
         return
     objects = _iter_json_objects(data, source, limits)
     if fmt == "auto":
@@ -107,6 +113,27 @@ def iter_records(
                 yield exc
 
     yield from _bounded(converted(), limits)
+
+
+def _streamed_table(path: Path, fmt: str, columns: dict[str, str]) -> Iterator[Record | DataError] | None:
+    """The records of a folder or Parquet input (:mod:`unimm.data.tables`), ``None`` for a file
+    read whole."""
+    from unimm.data.tables import is_table, iter_table
+
+    if path.is_dir():
+        if is_table(path):
+            return iter_table(path, columns)
+        error = DataError(
+            "a folder input must be a datasets folder (save_to_disk: state.json, data-*.arrow) or an "
+            "imagefolder (images beside a metadata.jsonl or metadata.csv naming each file_name)",
+            source=str(path),
+        )
+        return iter([error])
+    if fmt == "parquet" or (fmt == "auto" and path.suffix.lower() == ".parquet"):
+        from unimm.data.pairs import iter_parquet
+
+        return iter_table(path, columns) if columns else iter_parquet(path)
+    return None
 
 
 def _bounded(items: Iterator[Record | DataError], limits: RecordLimits) -> Iterator[Record | DataError]:
@@ -382,7 +409,9 @@ def _mmc4(obj: Any, source: str, line: int, default_id: str) -> Record:
     return Record(id=rid, slices=slices, meta=meta, source=source, line=line)
 
 
-def _iter_csv(data: bytes, path: Path, limits: RecordLimits) -> Iterator[Record | DataError]:
+def _iter_csv(
+    data: bytes, path: Path, limits: RecordLimits, columns: dict[str, str]
+) -> Iterator[Record | DataError]:
     source = str(path)
     try:
         text = data.decode("utf-8")
@@ -393,6 +422,13 @@ def _iter_csv(data: bytes, path: Path, limits: RecordLimits) -> Iterator[Record 
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     from unimm.data.pairs import mmeb_record, table_columns, table_record
+
+    if columns:
+        try:
+            header = _mapped_header(header, [h.strip() for h in reader.fieldnames or []], columns)
+        except DataError as exc:
+            yield DataError(exc.reason, source=source, line=1)
+            return
 
     layout = table_columns(header)
     convert = {"mmeb": mmeb_record, "pairs": table_record}.get(layout or "", _caption_row)
@@ -411,6 +447,18 @@ def _iter_csv(data: bytes, path: Path, limits: RecordLimits) -> Iterator[Record 
         yield from _csv_rows(reader, path, start, convert)
     finally:
         csv.field_size_limit(limit)
+
+
+def _mapped_header(header: list[str], written: list[str], columns: dict[str, str]) -> list[str]:
+    """The header with each ``--columns`` column renamed to its role (``text`` is the caption)."""
+    renames = {}
+    for role, column in columns.items():
+        if column not in written and column.lower() not in header:
+            raise DataError(
+                f"--columns {role}={column}: no such column (found: {', '.join(written)})", line=1
+            )
+        renames[column.lower()] = "caption" if role == "text" else role
+    return [renames.get(name, name) for name in header]
 
 
 def _csv_rows(reader: csv.DictReader, path: Path, start: int, convert) -> Iterator[Record | DataError]:
@@ -457,11 +505,11 @@ def open_image(path: str | Path, root: str | Path | None = None):
     """
     from PIL import Image, ImageOps
 
-    from unimm.data.images import ImageProblem, resolve_image_path, to_rgb
+    from unimm.data.images import ImageProblem, read_image_source, resolve_image_source, to_rgb
 
     try:
-        file = resolve_image_path(str(path), root) if root is not None else Path(path)
-        with Image.open(file) as img:
+        file = resolve_image_source(str(path), root) if root is not None else str(path)
+        with Image.open(io.BytesIO(read_image_source(file))) as img:
             return to_rgb(ImageOps.exif_transpose(img))
     except ImageProblem as exc:
         raise UnimmError(str(exc)) from None
@@ -489,6 +537,7 @@ def iter_decoded_records(
     image_root: str | Path | None = None,
     *,
     on_error: Callable[[UnimmError], None] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[tuple[Record, Sample]]:
     """Stream a record file as ``(record, sample)`` pairs, one record in memory at a time.
 
@@ -500,13 +549,14 @@ def iter_decoded_records(
     Raises:
         UnimmError: the file is missing, or (without ``on_error``) a record or image is invalid.
     """
-    from unimm.data.images import ImageProblem, resolve_image_path
+    from unimm.data.images import ImageProblem, resolve_image_source
+    from unimm.data.tables import default_image_root, is_table
 
     path = Path(path)
-    if not path.is_file():
-        raise UnimmError(f"{path}: no such file")
-    root = image_root if image_root is not None else path.parent
-    for item in iter_records(path, fmt):
+    if not (path.is_file() or is_table(path)):
+        raise UnimmError(f"{path}: no such file (or not a datasets folder or imagefolder)")
+    root = image_root if image_root is not None else default_image_root(path)
+    for item in iter_records(path, fmt, columns=columns):
         try:
             if isinstance(item, DataError):
                 raise UnimmError(str(item))
@@ -515,7 +565,7 @@ def iter_decoded_records(
                 resolved = [
                     s
                     if s.kind == "text"
-                    else RecordSlice("image", str(resolve_image_path(s.value, root)), s.role)
+                    else RecordSlice("image", resolve_image_source(s.value, root), s.role)
                     for s in item.slices
                 ]
                 slices = [

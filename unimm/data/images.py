@@ -39,6 +39,34 @@ class EncodedImage:
     source_size: int = 0
 
 
+def read_image_source(source: str | Path) -> bytes:
+    """The encoded bytes of an image: a file, or an image held in an input table
+    (:func:`unimm.data.tables.embedded_image`).
+
+    Raises:
+        ImageProblem: the file or the table cell cannot be read.
+    """
+    from unimm.data.tables import is_embedded, read_embedded
+    from unimm.errors import UnimmError
+
+    try:
+        if isinstance(source, str) and is_embedded(source):
+            return read_embedded(source)
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ImageProblem(f"image {source}: cannot read it ({exc.strerror or exc})") from None
+    except UnimmError as exc:
+        raise ImageProblem(str(exc)) from None
+
+
+def resolve_image_source(value: str, root: str | Path) -> str:
+    """A record's image value made readable: an image held in the input table as it is, a path
+    resolved and confined by :func:`resolve_image_path`."""
+    from unimm.data.tables import is_embedded
+
+    return value if is_embedded(value) else str(resolve_image_path(value, root))
+
+
 def resolve_image_path(value: str, root: str | Path) -> Path:
     """Resolve an image path written in a record against ``root``.
 
@@ -107,10 +135,7 @@ def encode_image(
     Raises:
         ImageProblem: unreadable, not an image, corrupt, or over ``max_pixels``.
     """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ImageProblem(f"cannot read image {path}: {exc.strerror or exc}") from None
+    raw = read_image_source(path)
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:

@@ -233,6 +233,54 @@ class ChatLayout:
         return out
 
 
+PLAIN_TEMPLATE_MARK = "{#- unimm plain layout -#}"
+"""How a checkpoint's chat template says it is :func:`plain_chat_template` (unimm renders that
+layout itself, so it keeps choosing :class:`PlainLayout` for it)."""
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def plain_chat_template(tokenizer, placeholder: str, system_prompt: str = "") -> str:
+    """:class:`PlainLayout` as a Jinja chat template, for a model whose processor has none.
+
+    Checkpoints and exports of such a model carry it, so that ``apply_chat_template``,
+    ``pipeline("image-text-to-text")`` and servers that read a folder's chat template (vLLM, TGI)
+    prompt the model exactly as unimm trained it: a system message becomes the system prefix,
+    every content part is a slice (text, or ``placeholder`` for an image), an assistant part is
+    ``" ASSISTANT: {text}</s>"`` and the generation prompt is ``" ASSISTANT:"``; without a system
+    message ``system_prompt`` (the checkpoint's ``model.system_prompt``) is the prefix.
+    """
+    bos, eos = _jinja_string(tokenizer.bos_token or ""), _jinja_string(tokenizer.eos_token or "")
+    image = _jinja_string(placeholder)
+    return (
+        PLAIN_TEMPLATE_MARK + "{%- set ns = namespace(n=0) -%}{{- " + bos + " -}}"
+        "{%- for message in messages if message['role'] == 'system' -%}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+        "{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}"
+        "{%- endif -%}{{- ' ' -}}{%- else -%}"
+        + ("{{- " + _jinja_string(system_prompt + " ") + " -}}" if system_prompt else "")
+        + "{%- endfor -%}{{- 'USER: ' -}}"
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string"
+        " else message['content'] -%}"
+        "{%- set last_message = loop.last -%}"
+        "{%- for part in parts -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{- ' ASSISTANT: ' + part['text'] + " + eos + " -}}"
+        "{%- if not (last_message and loop.last) -%}{{- 'USER: ' -}}{%- endif -%}"
+        "{%- else -%}"
+        "{%- if ns.n > 0 -%}{{- '\\n' -}}{%- endif -%}"
+        "{%- if part['type'] in ('image', 'image_url') -%}{{- " + image + " -}}"
+        "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- set ns.n = ns.n + 1 -%}"
+        "{%- endfor -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
 _NO_IMAGE = object()  # rendering never looks at the image
 
 
@@ -240,7 +288,8 @@ def choose_layout(processor, placeholder: str, system_prompt: str = ""):
     """The chat template when the processor has one that keeps an interleaved sample in order,
     otherwise the plain layout (with a warning naming why)."""
     plain = PlainLayout(processor.tokenizer, placeholder, system_prompt)
-    if not getattr(processor, "chat_template", None):
+    template = getattr(processor, "chat_template", None)
+    if not template or (isinstance(template, str) and template.startswith(PLAIN_TEMPLATE_MARK)):
         return plain
     chat = ChatLayout(processor, placeholder, system_prompt)
     probe = [

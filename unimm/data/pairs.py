@@ -119,7 +119,8 @@ def _table_pair(row, columns, source: str, line: int, default_id: str, *, instru
 
 def iter_parquet(path: Path) -> Iterator[Record | DataError]:
     """The pair records of a Parquet file (MMEB's training layout or query/positive columns),
-    read a row group at a time; the line of a row is its number (1 = the first row)."""
+    read a row group at a time (the line of a row is its number, 1 = the first row); any other
+    Parquet file is an image–text table (:mod:`unimm.data.tables`)."""
     source = str(path)
     try:
         import pyarrow.parquet as pq
@@ -133,12 +134,10 @@ def iter_parquet(path: Path) -> Iterator[Record | DataError]:
         return
     header = [name.lower() for name in table.schema_arrow.names]
     layout = table_columns(header)
-    if layout is None:
-        yield DataError(
-            "a Parquet input needs MMEB's columns (qry, pos_text, ...) or 'query' and 'positive' "
-            f"(found: {', '.join(header)})",
-            source=source,
-        )
+    if layout is None:  # not a pair table: an image–text one (or its error naming the columns)
+        from unimm.data.tables import iter_table
+
+        yield from iter_table(path, {})
         return
     convert = mmeb_record if layout == "mmeb" else table_record
     number = 0

@@ -27,12 +27,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
 from unimm import __version__
 from unimm.config import PrepareConfig, PrepareOptions, config_to_dict
 from unimm.data.adapters import iter_records
-from unimm.data.images import EncodedImage, ImageProblem, encode_image, resolve_image_path
+from unimm.data.images import (
+    EncodedImage,
+    ImageProblem,
+    encode_image,
+    read_image_source,
+    resolve_image_source,
+)
+from unimm.data.problems import summarize
 from unimm.data.records import Record, RecordLimits
 from unimm.data.shards import (
     MANIFEST_NAME,
@@ -43,14 +48,14 @@ from unimm.data.shards import (
     ShardWriter,
     shard_name,
 )
+from unimm.data.tables import default_image_root, input_hash, is_table, parse_columns
 from unimm.errors import DataError, UnimmError
-from unimm.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from unimm.utils import atomic_write_bytes, atomic_write_json, progress_bar, sha256_file
 
 JOURNAL_NAME = ".prepare-journal.json"
 # Records per teacher chunk. Chunks start at fixed record indices, so batch composition (and
 # hence the low bits of teacher features) never depends on where a resumed run starts.
 TEACHER_CHUNK = 256
-_MAX_LISTED_PROBLEMS = 20
 # Testing hook: exit hard right after shard N is complete and shard N+1 has its first sample,
 # as a kill would. Used by the resume tests; never set it yourself.
 _FAULT_ENV = "UNIMM_FAULT_AFTER_SHARDS"
@@ -98,7 +103,7 @@ def write_shards(cfg: PrepareConfig, *, progress: bool = True) -> PrepareResult:
         from unimm.data.teachers import TeacherEncoders
 
         teachers = TeacherEncoders(cfg.teachers)
-    input_hashes = {p: sha256_file(p) for p in inputs}  # read once: fingerprint and manifest
+    input_hashes = {p: input_hash(p) for p in inputs}  # read once: fingerprint and manifest
     fingerprint = _fingerprint(inputs, input_hashes, cfg, teachers)
     kept = _resume_point(out_dir, fingerprint) if opts.resume else []
     start = kept[-1].end_record if kept else 0
@@ -186,7 +191,7 @@ def _write_samples(
     """
     fault_after = int(os.environ[_FAULT_ENV]) if os.environ.get(_FAULT_ENV) else None
     new_rejects: list[dict] = []
-    bar = tqdm(
+    bar = progress_bar(
         total=len(pending),
         initial=start,
         unit="sample",
@@ -233,11 +238,15 @@ def _write_samples(
 
 def _check_inputs(opts: PrepareOptions) -> list[Path]:
     paths = [Path(p) for p in opts.inputs]
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not (p.is_file() or is_table(p))]
     if missing:
-        raise UnimmError(f"input file(s) not found: {', '.join(missing)}")
+        raise UnimmError(
+            f"input(s) not found: {', '.join(missing)} (give record files, or folders written by "
+            "datasets' save_to_disk or laid out as an imagefolder with metadata.jsonl)"
+        )
     if opts.image_root is not None and not Path(opts.image_root).is_dir():
         raise UnimmError(f"--image-root {opts.image_root}: not a directory")
+    parse_columns(opts.columns)  # a bad --columns fails before anything is read
     return paths
 
 
@@ -294,8 +303,8 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
     rejects: list[DataError] = []
     seen: dict[str, str] = {}
     for path in inputs:
-        root = Path(opts.image_root) if opts.image_root is not None else path.parent
-        for item in iter_records(path, opts.format, record_limits(opts)):
+        root = Path(opts.image_root) if opts.image_root is not None else default_image_root(path)
+        for item in iter_records(path, opts.format, record_limits(opts), columns=parse_columns(opts.columns)):
             if isinstance(item, DataError):
                 rejects.append(item)
                 continue
@@ -312,7 +321,7 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
                 continue
             seen[item.id] = where
             try:
-                files = [str(resolve_image_path(p, root)) for p in item.image_paths]
+                files = [resolve_image_source(p, root) for p in item.image_paths]
             except ImageProblem as exc:
                 rejects.append(DataError(str(exc), source=item.source, line=item.line, record_id=item.id))
                 continue
@@ -334,11 +343,8 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
 
 
 def _problems_error(problems: list[DataError]) -> UnimmError:
-    listed = "\n".join(f"  - {p}" for p in problems[:_MAX_LISTED_PROBLEMS])
-    more = len(problems) - _MAX_LISTED_PROBLEMS
-    tail = f"\n  ... and {more} more" if more > 0 else ""
     return UnimmError(
-        f"{len(problems)} bad record(s); nothing was written:\n{listed}{tail}\n"
+        f"{len(problems)} bad record(s); nothing was written:\n{summarize(problems)}\n"
         "Fix them, or pass --on-error skip to leave them out (they are listed in rejects.jsonl)."
     )
 
@@ -367,7 +373,7 @@ def _fill_copied(images: list[EncodedImage], files: list[str]) -> list[EncodedIm
     out = []
     for image, file in zip(images, files, strict=True):
         if image.copied and not image.data:
-            data = Path(file).read_bytes()
+            data = read_image_source(file)
             if len(data) != image.source_size:
                 return f"image {file} changed while it was being prepared; run again"
             image = dataclasses.replace(image, data=data)
@@ -495,7 +501,7 @@ def _fingerprint(inputs: list[Path], input_hashes: dict, cfg: PrepareConfig, tea
     relevant = {
         "schema_version": SCHEMA_VERSION,
         "inputs": [[p.name, input_hashes[p]] for p in inputs],
-        "image_roots": [os.path.realpath(opts.image_root or p.parent) for p in inputs],
+        "image_roots": [os.path.realpath(opts.image_root or default_image_root(p)) for p in inputs],
         "options": {
             k: getattr(opts, k)
             for k in (

@@ -4,8 +4,10 @@ Every problem is an :class:`ApiError` with the HTTP status and the OpenAI error 
 (``{"error": {"message", "type", "param", "code"}}``), naming the field (``input[2][1].image_url``)
 and saying what to send instead. Content is what chat messages carry: a string, or a list of
 parts ``{"type": "text", "text": …}`` and ``{"type": "image_url", "image_url": {"url":
-"data:image/png;base64,…"}}``. Images come inline only: the server fetches no URL and reads no
-file (it runs offline, and a URL would let a client make the server open anything).
+"data:image/png;base64,…"}}``. Images come inline by default: the server fetches no URL and
+reads no file (a URL would let any client make the server connect anywhere). ``unimm serve
+--allow-remote-images`` lets it fetch ``http(s)://`` image URLs (a timeout, the request-size and
+pixel limits; never ``file:``), for servers whose clients send links.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from typing import Any
 from unimm.data.samples import Sample, Slice
 
 
+def error_type(status: int) -> str:
+    """The OpenAI error ``type`` of an HTTP status."""
+    kinds = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+    return "server_error" if status >= 500 else kinds.get(status, "invalid_request_error")
+
+
 class ApiError(Exception):
     """A request the server refuses: ``status`` (4xx) and an OpenAI-shaped body."""
 
@@ -28,16 +36,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = {
-            401: "authentication_error",
-            404: "not_found_error",
-            413: "request_too_large",
-            500: "server_error",
-        }
         return {
             "error": {
                 "message": self.message,
-                "type": kind.get(self.status, "invalid_request_error"),
+                "type": error_type(self.status),
                 "param": self.param,
                 "code": self.code,
             }
@@ -61,32 +63,61 @@ class Limits:
     max_top_k: int = 100
     """Documents one search or retrieval may return."""
     max_request_bytes: int = 32 * 2**20
-    """Bytes of one request body (base64 images included)."""
+    """Bytes of one request body (base64 images included), and of one fetched remote image."""
+    remote_images: bool = False
+    """Whether ``http(s)://`` image URLs are fetched (``serve.allow_remote_images``)."""
+    fetch_timeout_s: float = 10.0
+    """How long fetching one remote image may take."""
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-def decode_image(url: Any, where: str, limits: Limits):
-    """An RGB image from a ``data:image/…;base64,…`` URL."""
-    from PIL import Image, ImageOps
+def _fetch(url: str, where: str, limits: Limits) -> bytes:
+    """The bytes behind an ``http(s)://`` image URL, at most ``limits.max_request_bytes``."""
+    import urllib.error
+    import urllib.request
 
-    from unimm.data.images import to_rgb
+    request = urllib.request.Request(url, headers={"User-Agent": "unimm-serve"})
+    try:
+        with urllib.request.urlopen(request, timeout=limits.fetch_timeout_s) as response:
+            data = response.read(limits.max_request_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _bad(
+            f"the image URL cannot be fetched ({getattr(exc, 'reason', exc)})", where, "image_fetch_failed"
+        ) from None
+    if len(data) > limits.max_request_bytes:
+        raise _bad(f"the image at the URL is over {limits.max_request_bytes} bytes", where, "image_too_large")
+    return data
 
+
+def image_bytes(url: Any, where: str, limits: Limits) -> bytes:
+    """The encoded image of an ``image_url``: a data URL's payload, or (when allowed) a fetched URL."""
+    if isinstance(url, str) and url.startswith(("http://", "https://")) and limits.remote_images:
+        return _fetch(url, where, limits)
     if not isinstance(url, str) or not url.startswith("data:"):
         raise _bad(
-            "images must be inline data URLs (data:image/png;base64,...); this server fetches no URL "
-            "and reads no file",
+            "images must be inline data URLs (data:image/png;base64,...): this server fetches no URL "
+            "and reads no file unless started with --allow-remote-images (http and https only)",
             where,
         )
     header, _, payload = url.partition(",")
     if not header.endswith(";base64") or not header[5:].startswith("image/"):
         raise _bad("an image data URL must be data:image/<type>;base64,<data>", where)
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise _bad("the image's base64 data is not valid base64", where) from None
+
+
+def decode_image(url: Any, where: str, limits: Limits):
+    """An RGB image from an ``image_url``'s URL (see :func:`image_bytes`)."""
+    from PIL import Image, ImageOps
+
+    from unimm.data.images import to_rgb
+
+    data = image_bytes(url, where, limits)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > limits.max_image_pixels:

@@ -139,9 +139,9 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def one_shot(opts: ChatOptions, stream: TextIO | None = None) -> str:
+def one_shot(opts: ChatOptions, stream: TextIO | None = None, *, quiet: bool = False) -> str:
     """Answer ``opts.prompt`` (with ``opts.images`` before it) once, streaming to ``stream``
-    (default: the standard output at call time)."""
+    (default: the standard output at call time); ``quiet``: the answer alone."""
     stream = stream if stream is not None else sys.stdout
     _tolerant(sys.stdin, stream)
     session = ChatSession(opts)
@@ -149,22 +149,28 @@ def one_shot(opts: ChatOptions, stream: TextIO | None = None) -> str:
     if opts.prompt and opts.prompt.strip():
         question.append(Slice.of_text(_clean(opts.prompt)))
     answer = session.answer(question, stream)
-    if session.last_retrieved:
+    if session.last_retrieved and not quiet:
         stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
     return answer
 
 
-def repl(opts: ChatOptions, lines: TextIO | None = None, stream: TextIO | None = None) -> ChatSession:
+def repl(
+    opts: ChatOptions, lines: TextIO | None = None, stream: TextIO | None = None, *, quiet: bool = False
+) -> ChatSession:
     """Interactive chat: a line is a message; ``/image PATH`` attaches an image, ``/reset``, ``/exit``.
 
-    ``lines`` and ``stream`` default to the standard input and output at call time.
+    ``lines`` and ``stream`` default to the standard input and output at call time; ``quiet``
+    leaves out the banner and the retrieved-document lines.
     """
     lines = lines if lines is not None else sys.stdin
     stream = stream if stream is not None else sys.stdout
     _tolerant(lines, stream)
     session = ChatSession(opts)
     pending: list[Slice] = []
-    stream.write("unimm chat - /image PATH attaches an image, /reset clears the conversation, /exit quits\n")
+    if not quiet:
+        stream.write(
+            "unimm chat - /image PATH attaches an image, /reset clears the conversation, /exit quits\n"
+        )
     for raw in lines:
         line = _clean(raw).strip()
         if not line:
@@ -186,7 +192,7 @@ def repl(opts: ChatOptions, lines: TextIO | None = None, stream: TextIO | None =
         except UnimmError as exc:
             stream.write(f"error: {exc}\n")
             continue
-        if session.last_retrieved:
+        if session.last_retrieved and not quiet:
             stream.write(f"[retrieved: {', '.join(session.last_retrieved)}]\n")
         pending = []
     return session

@@ -8,6 +8,7 @@ a row of a record document carries the record itself, its image paths resolved a
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,12 @@ from unimm.errors import UnimmError
 
 
 def is_shards(source: str | Path) -> bool:
-    """Whether ``source`` is prepared shards (a directory or a ``.tar`` file) rather than records."""
+    """Whether ``source`` is prepared shards (a directory or a ``.tar`` file) rather than records
+    (files, or a datasets folder or imagefolder)."""
+    from unimm.data.tables import is_table
+
     path = Path(source)
-    return path.is_dir() or path.suffix == ".tar"
+    return (path.is_dir() and not is_table(path)) or path.suffix == ".tar"
 
 
 def check_sources(sources: list[str], image_root: str | None) -> None:
@@ -36,7 +40,7 @@ def check_sources(sources: list[str], image_root: str | None) -> None:
     for source in sources:
         if is_shards(source):
             shard_paths(source)
-        elif not Path(source).is_file():
+        elif not (Path(source).is_file() or Path(source).is_dir()):
             raise UnimmError(
                 f"--data {source}: no such file or directory (give record files or prepared shard folders)"
             )
@@ -53,6 +57,7 @@ class DocumentStream:
         verify: how shards are checked against their manifest (``data.verify``).
         on_error: ``fail`` stops at the first bad record or image; ``skip`` leaves it out and
             counts it in ``rejected`` (the first few reasons in ``reasons``).
+        columns: an image–text table's columns (:func:`unimm.data.tables.parse_columns`).
     """
 
     KEEP_REASONS = 20
@@ -65,10 +70,11 @@ class DocumentStream:
         image_root: str | None = None,
         verify: str = "full",
         on_error: Literal["fail", "skip"] = "fail",
+        columns: dict[str, str] | None = None,
     ) -> None:
         from unimm.data.shards import ReadStats
 
-        self.sources, self.fmt, self.image_root = sources, fmt, image_root
+        self.sources, self.fmt, self.image_root, self.columns = sources, fmt, image_root, columns
         self.verify, self.on_error = verify, on_error
         self.stats = ReadStats()
         self.rejected = 0
@@ -93,10 +99,14 @@ class DocumentStream:
                     yield s, {"id": s.id, "shard": Path(s.url).name, "key": s.key, "source": s.source}
                 continue
             on_error = self.reject if self.on_error == "skip" else None
-            for record, sample in iter_decoded_records(source, self.fmt, self.image_root, on_error=on_error):
+            records = iter_decoded_records(
+                source, self.fmt, self.image_root, on_error=on_error, columns=self.columns
+            )
+            for record, sample in records:
                 _refuse_pair(sample)
                 slices = [{"kind": s.kind, "value": s.value, "role": s.role} for s in record.slices]
-                yield sample, {"id": record.id, "source": sample.source, "slices": slices}
+                row = {"id": record.id, "source": sample.source, "slices": slices}
+                yield sample, row | ({"meta": record.meta} if record.meta else {})
 
 
 def _refuse_pair(sample: Sample) -> None:
@@ -126,6 +136,40 @@ def load_document(row: dict[str, Any], data_dirs: list[str]) -> Sample:
         ]
         return Sample(key=row["id"], slices=slices, id=row["id"], source=row.get("source"))
     return _from_shard(row, data_dirs)
+
+
+_FILE_LINE = re.compile(r"^(.*):(\d+)$")
+
+
+def document_view(row: dict[str, Any], data_dirs: list[str], sample: Sample | None = None) -> dict[str, Any]:
+    """What a search result says about the document behind ``row``, in one shape whatever the
+    index was built from: ``text`` (its text slices, one per line), ``images`` (how many),
+    ``metadata`` (the record's ``meta``) and ``source`` (``{"file", "line"}``: the record file's
+    name and line, or the prepared record's). A record row is read without opening its images;
+    a shard row reads its sample back unless ``sample`` (already loaded) is given.
+
+    Raises:
+        UnimmError: the shard is no longer where it was.
+    """
+    if sample is None and "slices" not in row:
+        sample = _from_shard(row, data_dirs)
+    if sample is not None:
+        kinds_and_values = [(s.kind, s.text) for s in sample.slices]
+        meta, source = sample.meta or row.get("meta"), sample.source
+    else:
+        kinds_and_values = [(s["kind"], s["value"]) for s in row["slices"]]
+        meta, source = row.get("meta"), row.get("source")
+    line = None
+    if isinstance(source, dict):  # a prepared record's header: already {"file", "line"}
+        source, line = source.get("file"), source.get("line")
+    elif isinstance(source, str) and (at := _FILE_LINE.match(source)):  # a record's "path:line"
+        source, line = at.group(1), int(at.group(2))
+    return {
+        "text": "\n".join(value for kind, value in kinds_and_values if kind == "text"),
+        "images": sum(kind == "image" for kind, _ in kinds_and_values),
+        "metadata": meta or {},
+        "source": {"file": Path(source).name if source else None, "line": line},
+    }
 
 
 def _from_shard(row: dict[str, Any], data_dirs: list[str]) -> Sample:

@@ -295,14 +295,14 @@ def _winoground(pairs: _PairEmbeddings, items: list[tuple[int, int]]) -> dict:
 
 def evaluate(ev: Evaluator, samples: list[Sample], opts: EvalOptions, *, progress: bool = False) -> dict:
     """Run the requested tasks that the samples support; skipped tasks say why."""
-    from tqdm import tqdm
+    from unimm.utils import progress_bar
 
     tasks = build_tasks(samples)
     results: dict[str, Any] = {"samples": len(samples)}
     skipped: dict[str, str] = {}
     pairs = _PairEmbeddings(ev, samples)
     minimum = {"retrieval": 2, "interleaved": 2}
-    for name in tqdm(opts.tasks, desc="eval", unit="task", disable=not progress):
+    for name in progress_bar(opts.tasks, desc="eval", unit="task", disable=not progress):
         items = tasks[name][: opts.limit] if opts.limit else tasks[name]
         if len(items) < minimum.get(name, 1):
             skipped[name] = "no record of this shape in the data (see docs/formats.md, Evaluation records)"

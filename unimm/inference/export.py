@@ -52,7 +52,8 @@ def _sentence_transformers(checkpoint: Path, staging: Path, prompts: dict[str, s
     import transformers
 
     from unimm.inference.st_encoder import CONFIG_NAME
-    from unimm.model.checkpoint import copy_checkpoint
+    from unimm.model.card import model_card
+    from unimm.model.checkpoint import copy_checkpoint, read_meta
 
     copy_checkpoint(checkpoint, staging / "checkpoint")
     modules = [{"idx": 0, "name": "0", "path": "", "type": "unimm.inference.st_encoder.UnimmEncoder"}]
@@ -75,7 +76,15 @@ def _sentence_transformers(checkpoint: Path, staging: Path, prompts: dict[str, s
         },
     )
     atomic_write_json(staging / CONFIG_NAME, {"checkpoint": "checkpoint"})
-    (staging / "README.md").write_text(_ST_README.format(version=__version__), encoding="utf-8")
+    meta = read_meta(checkpoint)
+    card = model_card(
+        meta,
+        title="A unimm checkpoint for sentence-transformers",
+        arch=_architecture(checkpoint),
+        usage=_ST_USAGE.format(version=__version__),
+        library="sentence-transformers",
+    )
+    (staging / "README.md").write_text(card, encoding="utf-8")
 
 
 def _hf_merged(checkpoint: Path, staging: Path, opts: ExportOptions) -> None:
@@ -86,10 +95,7 @@ def _hf_merged(checkpoint: Path, staging: Path, opts: ExportOptions) -> None:
     name = meta["inference"]["dtype"] if opts.model_dtype == "auto" else opts.model_dtype
     model, processor, meta = load_checkpoint(checkpoint, dtype=DTYPES[name])
     kept = {k: v for k, v in meta.items() if k not in ("files", "lora")}
-    save_checkpoint(staging, model, processor, kept, merge_lora=True)
-    (staging / "README.md").write_text(
-        _MERGED_README.format(version=__version__, arch=type(model.mllm).__name__), encoding="utf-8"
-    )
+    save_checkpoint(staging, model, processor, kept, merge_lora=True, usage=_MERGED_USAGE)
 
 
 def export(opts: ExportOptions) -> dict[str, Any]:
@@ -144,9 +150,14 @@ def export(opts: ExportOptions) -> dict[str, Any]:
     return manifest
 
 
-_ST_README = """# A unimm checkpoint for sentence-transformers
+def _architecture(checkpoint: Path) -> str:
+    import json
 
-Exported by unimm {version} (`unimm export --format sentence-transformers`).
+    architectures = json.loads((checkpoint / "config.json").read_text()).get("architectures") or ["?"]
+    return architectures[0]
+
+
+_ST_USAGE = """Exported by unimm {version} (`unimm export --format sentence-transformers`).
 
 ```python
 from sentence_transformers import SentenceTransformer
@@ -168,11 +179,17 @@ and sentence-transformers asks for `trust_remote_code=True` before it imports a 
 outside its own package. The checkpoint itself is in `checkpoint/`.
 """
 
-_MERGED_README = """# A unimm checkpoint with its LoRA adapters merged
+_MERGED_USAGE = """Exported with `unimm export --format hf-merged`: a plain transformers image-text-to-text
+folder with any LoRA adapters folded into the weights, plus unimm's retrieval head
+(`retrieval_head.safetensors`) and settings (`unimm.json`).
 
-Exported by unimm {version} (`unimm export --format hf-merged`): a plain transformers
-image-text-to-text folder ({arch}) with the adapters folded into the weights, plus unimm's
-retrieval head (`retrieval_head.safetensors`) and settings (`unimm.json`).
+```python
+from transformers import pipeline
+
+chat = pipeline("image-text-to-text", model="path/to/this/folder")
+chat(text=[{"role": "user", "content": [{"type": "image", "url": "photo.jpg"},
+                                       {"type": "text", "text": "What is in the picture?"}]}])
+```
 
 - Generate with any server that loads transformers folders, e.g. vLLM:
   `vllm serve path/to/this/folder` (chat completions use the model's own chat template), or

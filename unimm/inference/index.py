@@ -211,9 +211,9 @@ def _my_batches(stream, writer: _PartWriter, done: int, batch_size: int, ids: _U
 
 def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     """Embed every document of the data with the checkpoint; see the module docstring."""
-    from tqdm import tqdm
-
+    from unimm.data.tables import parse_columns
     from unimm.inference.documents import DocumentStream, check_sources
+    from unimm.utils import progress_bar
 
     opts = cfg.embed
     out = Path(opts.out)
@@ -232,10 +232,15 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
     writer = _PartWriter(out, opts, rank, world, kept, digest, run)
     done = sum(p["count"] for p in kept)
     stream = DocumentStream(
-        opts.data, fmt=opts.format, image_root=opts.image_root, verify=opts.verify, on_error=opts.on_error
+        opts.data,
+        fmt=opts.format,
+        image_root=opts.image_root,
+        verify=opts.verify,
+        on_error=opts.on_error,
+        columns=parse_columns(opts.columns),
     )
     ids = _UniqueIds(out, base, opts.on_error)
-    with tqdm(desc="embed", unit="doc", initial=done, disable=not progress or rank != 0) as bar:
+    with progress_bar(desc="embed", unit="doc", initial=done, disable=not progress or rank != 0) as bar:
         for samples, rows in _my_batches(stream, writer, done, opts.batch_size, ids):
             writer.add(session, samples, rows)
             bar.update(len(samples))

@@ -148,13 +148,12 @@ def _resume_count(partial: Path) -> int:
 
 
 def _batches(opts: MineOptions, *, skip: int, progress: bool) -> Iterator[list]:
-    from tqdm import tqdm
-
     from unimm.data.adapters import iter_decoded_records
+    from unimm.utils import progress_bar
 
     batch: list = []
     seen = 0
-    with tqdm(desc="mine", unit="query", disable=not progress) as bar:
+    with progress_bar(desc="mine", unit="query", disable=not progress) as bar:
         for record, sample in iter_decoded_records(opts.pairs, opts.format, opts.image_root):
             if sample.pair is None:
                 raise UnimmError(

@@ -3,7 +3,12 @@
     POST /v1/embeddings        {"input": "text" | [parts] | [...], "input_type": "document" | "query"}
     POST /v1/chat/completions  {"messages": [...], "stream": true, "retrieval": {"top_k": 2}}
     POST /v1/search            {"query": "text" | [parts] | [...], "top_k": 10}
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /health, GET /metrics (Prometheus), GET /docs (OpenAPI: /openapi.json)
+
+A search result (and a retrieved document in a chat completion) is one shape whatever the index
+was built from: ``{"id", "score", "text", "images", "metadata", "source": {"file", "line"}}``.
+Every request gets an id (``X-Request-ID``), one access-log line and its metrics
+(:mod:`unimm.inference.monitoring`).
 
 Concurrent embedding requests are batched: inputs wait at most ``batch_wait_ms`` for others to
 join, up to ``max_batch`` per forward pass. The model runs in one worker thread at a time (a
@@ -34,7 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unimm.data.samples import Sample
 from unimm.errors import UnimmError
-from unimm.inference.api import ApiError, Limits, chat_request, inputs_of, number
+from unimm.inference import openapi
+from unimm.inference.api import ApiError, Limits, chat_request, error_type, inputs_of, number
+from unimm.inference.monitoring import REQUEST_ID_HEADER, ServerMetrics, log_access, request_id
 
 
 class EmbedBatcher:
@@ -114,16 +121,27 @@ class ServerState:
         self.session, self.searcher, self.name, self.limits = session, searcher, name, limits
         self.api_key, self.default_tokens = api_key, default_tokens
         self.lock = threading.Lock()
+        self.metrics = ServerMetrics()
         self.batcher = EmbedBatcher(self._embed, max_batch=max_batch, wait_s=batch_wait_ms / 1e3)
         self.created = int(time.time())
 
     def _embed(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
+        self.metrics.observe_batch(len(samples))
         with self.lock:
             return self.session.embed_counted(samples)
 
-    def documents(self, hits: list[tuple[int, float]]) -> list[dict[str, Any]]:
-        rows = self.searcher.rows
-        return [{"id": rows[r]["id"], "score": round(s, 6), "source": rows[r].get("source")} for r, s in hits]
+    def documents(
+        self, hits: list[tuple[int, float]], loaded: list[Sample] | None = None
+    ) -> list[dict[str, Any]]:
+        """The found documents as the API gives them (``loaded``: their samples, when already read)."""
+        from unimm.inference.documents import document_view
+
+        rows, data = self.searcher.rows, self.searcher.manifest["data"]
+        samples = loaded or [None] * len(hits)
+        return [
+            {"id": rows[r]["id"], "score": round(s, 6), **document_view(rows[r], data, sample)}
+            for (r, s), sample in zip(hits, samples, strict=True)
+        ]
 
 
 def _input_type(body: dict[str, Any]) -> str:
@@ -153,7 +171,17 @@ def create_app(state: ServerState):
         yield
         task.cancel()
 
-    app = FastAPI(title="unimm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from unimm import __version__
+
+    app = FastAPI(
+        title="unimm serve",
+        version=__version__,
+        description="One multimodal model that generates and retrieves, behind OpenAI-compatible routes.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -171,12 +199,32 @@ def create_app(state: ServerState):
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if state.api_key and request.url.path != "/health":
+        if state.api_key and request.url.path not in ("/health", "/docs", "/openapi.json"):
             given = request.headers.get("authorization", "")
             if given != f"Bearer {state.api_key}":
                 error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
                 return JSONResponse(error.body(), status_code=401)
         return await call_next(request)
+
+    @app.middleware("http")  # added last, so outermost: it sees every answer, a 401 included
+    async def account(request: Request, call_next):
+        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            response.headers[REQUEST_ID_HEADER] = rid
+            return response
+        finally:
+            seconds = time.perf_counter() - start
+            path = request.url.path
+            state.metrics.observe_request(
+                path, status, seconds, error_type(status) if status >= 400 else None
+            )
+            log_access(
+                rid, request.method, path, status, seconds, request.client.host if request.client else None
+            )
 
     async def body_of(request: Request) -> dict[str, Any]:
         limit = state.limits.max_request_bytes
@@ -207,12 +255,19 @@ def create_app(state: ServerState):
             "index": None if index is None else {"count": len(index.rows), "backend": index.backend},
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        from fastapi.responses import Response
+
+        payload, content_type = state.metrics.exposition()
+        return Response(payload, media_type=content_type)
+
     @app.get("/v1/models")
     async def models():
         card = {"id": state.name, "object": "model", "created": state.created, "owned_by": "unimm"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=openapi.body(openapi.EMBEDDINGS, "the vectors, as OpenAI's"))
     async def embeddings(request: Request):
         body = await body_of(request)
         encoding = body.get("encoding_format", "float")
@@ -238,7 +293,12 @@ def create_app(state: ServerState):
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": state.name, "usage": usage}
 
-    @app.post("/v1/search")
+    @app.post(
+        "/v1/search",
+        openapi_extra=openapi.body(
+            openapi.SEARCH, "the top_k documents of each query", openapi.SEARCH_ANSWER
+        ),
+    )
     async def search(request: Request):
         body = await body_of(request)
         if state.searcher is None:
@@ -247,10 +307,11 @@ def create_app(state: ServerState):
         samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
         vectors, _ = await state.batcher(state.session.instruct(samples, "query"))
         hits = await asyncio.to_thread(state.searcher.search, vectors, top_k)  # off the event loop
-        data = [{"index": i, "results": state.documents(h)} for i, h in enumerate(hits)]
+        found = await asyncio.to_thread(lambda: [state.documents(h) for h in hits])  # reads shards
+        data = [{"index": i, "results": results} for i, results in enumerate(found)]
         return {"object": "list", "data": data, "model": state.name}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.body(openapi.CHAT, "OpenAI's chat completion"))
     async def chat(request: Request):
         body = await body_of(request)
         req = await asyncio.to_thread(
@@ -292,7 +353,7 @@ async def _prompt(state: ServerState, req) -> tuple[list[dict], Sample]:
     (hits,) = await asyncio.to_thread(state.searcher.search, vector, req.top_k)
     data = state.searcher.manifest["data"]
     docs = await asyncio.to_thread(lambda: [load_document(state.searcher.rows[r], data) for r, _ in hits])
-    return state.documents(hits), build_prompt(req.question, docs, req.history)
+    return state.documents(hits, docs), build_prompt(req.question, docs, req.history)
 
 
 def _generate(state: ServerState, req, prompt: Sample, streamer) -> tuple[str, dict]:
@@ -306,6 +367,7 @@ def _generate(state: ServerState, req, prompt: Sample, streamer) -> tuple[str, d
             top_p=req.top_p,
             streamer=streamer,
         )
+    state.metrics.observe_generation(counts["prompt_tokens"], counts["completion_tokens"])
     finish = "length" if counts["completion_tokens"] >= req.max_new_tokens else "stop"
     return text, counts | {"total_tokens": sum(counts.values()), "finish": finish}
 

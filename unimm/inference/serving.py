@@ -28,7 +28,7 @@ def _needs(module: str) -> None:
 
 def build_state(opts: ServeOptions):
     """Load the session and the index, and check them, before anything listens."""
-    for module in ("fastapi", "uvicorn"):
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
         _needs(module)
     from unimm.inference.ann import Searcher
     from unimm.inference.api import Limits
@@ -45,6 +45,7 @@ def build_state(opts: ServeOptions):
         max_new_tokens=opts.max_new_tokens_limit,
         max_request_bytes=opts.max_request_bytes,
         max_image_pixels=opts.max_image_pixels,
+        remote_images=opts.allow_remote_images,
     )
     return ServerState(
         session,

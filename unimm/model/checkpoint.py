@@ -3,7 +3,9 @@
 A checkpoint directory::
 
     config.json, model.safetensors …   the image-text-to-text model (transformers from_pretrained)
-    processor files                      tokenizer and image processor
+    processor files                      tokenizer, image processor and chat template (the base
+                                         model's, or unimm's plain layout when it has none)
+    README.md                            the model card (unimm.model.card)
     adapter/                             LoRA adapters (peft format), when not merged
     retrieval_head.safetensors           the trained retrieval head
     unimm.json                           recipe, data manifest hash, step, head sizes, pooling, and
@@ -28,12 +30,14 @@ from safetensors.torch import save_file
 
 from unimm import __version__
 from unimm.errors import UnimmError
+from unimm.model.card import CHECKPOINT_USAGE, model_card
 from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
 from unimm.utils import atomic_write_json, read_safetensors, replace_folder, sha256_file
 
 META_NAME = "unimm.json"
 ADAPTER_DIR = "adapter"
 HEAD_NAME = "retrieval_head.safetensors"
+CARD_NAME = "README.md"
 STATE_DIR = "train_state"
 # Keys a current checkpoint's unimm.json has; older ones get these defaults when loaded.
 META_DEFAULTS: dict[str, Any] = {"pooling": "paper", "embed_dim": 256, "lora": False, "step": 0, "recipe": {}}
@@ -74,6 +78,22 @@ def _save_weights(tmp: Path, mllm, mllm_state: dict, *, merge_lora: bool, sharde
     return is_peft and not merge_lora
 
 
+def _save_processor(folder: Path, processor, system_prompt: str) -> None:
+    """The processor's files, with a chat template: the processor's own, or (when it has none)
+    unimm's plain layout as one, so that other tools prompt the model as it was trained."""
+    from unimm.data.layout import plain_chat_template
+
+    placeholder = getattr(processor, "image_token", None)
+    if getattr(processor, "chat_template", None) or not placeholder or not hasattr(processor, "tokenizer"):
+        processor.save_pretrained(folder)
+        return
+    processor.chat_template = plain_chat_template(processor.tokenizer, placeholder, system_prompt)
+    try:
+        processor.save_pretrained(folder)
+    finally:  # the live processor keeps choosing the plain layout the same way either way
+        processor.chat_template = None
+
+
 def save_checkpoint(
     folder: str | Path,
     model: UnimmModel,
@@ -83,6 +103,7 @@ def save_checkpoint(
     merge_lora: bool = False,
     train_state: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    usage: str = CHECKPOINT_USAGE,
 ) -> Path:
     """Write a checkpoint atomically into ``folder`` (replacing an older one there).
 
@@ -95,6 +116,7 @@ def save_checkpoint(
         train_state: optimizer/scheduler/RNG/data position (see :func:`pack_train_state`).
         state_dict: the model's full state dict when its live parameters are sharded (FSDP; see
             :func:`gather_training_state`); by default the live model's own.
+        usage: the model card's "Use" section (an export says how other tools load it).
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -106,7 +128,7 @@ def save_checkpoint(
         lora = _save_weights(
             tmp, model.mllm, mllm_state, merge_lora=merge_lora, sharded=state_dict is not None
         )
-        processor.save_pretrained(tmp)
+        _save_processor(tmp, processor, meta.get("inference", {}).get("system_prompt", ""))
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "head.").items()},
             tmp / HEAD_NAME,
@@ -129,6 +151,14 @@ def save_checkpoint(
                 ),
             },
         }
+        card = model_card(
+            full_meta,
+            title="A unimm checkpoint",
+            arch=type(model.mllm).__name__,
+            usage=usage,
+            library="transformers",
+        )
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
         full_meta["files"] = _content_hashes(tmp)
         atomic_write_json(tmp / META_NAME, full_meta)
         if train_state is not None:

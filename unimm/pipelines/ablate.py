@@ -6,7 +6,7 @@
 The rows are the paper's: the full method; **w/o data_g** and **w/o data_d**, which keep only
 ``--reduce`` (0.5) of the data of the generative or the discriminative task
 (``data.task_fraction``: records tagged ``generative`` are then skipped, records serving both
-keep only the other loss; tag records with a record's ``task`` or ``unimm prepare --task``);
+keep only the other loss; tag records with a record's ``task`` or ``unimm prepare --set prepare.task=…``);
 w/o GAK, w/o triple kernel and w/o average pooling. ``generative-only`` and
 ``discriminative-only`` (a loss removed, not data reduced; not the paper's rows) are available
 with ``--variants``.

@@ -40,6 +40,7 @@ from unimm.data.stream import (
     training_texts,
 )
 from unimm.errors import UnimmError
+from unimm.training import trackers
 from unimm.training.distributed import broadcast_flag, gather_objects, resolve_mixed_precision
 from unimm.training.optim import build_optimizer, build_schedule
 from unimm.training.step import evaluate, load_eval_batches, train_step, train_step_cached
@@ -156,9 +157,11 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.step = 0
         self.history = {"nonfinite": 0, "nonfinite_total": 0, "dropped_slices": 0, "corrupt_samples": 0}
+        self.evaluation: tuple[int, dict[str, float]] = (-1, {})
         # samples trained, by the losses they trained (this process; records' task, data.task_fraction)
         self.history["samples"] = {"both": 0, "generative": 0, "discriminative": 0}
-        self.batches = self.bar = self.metrics_file = None
+        self.batches = self.bar = self.metrics_file = self.accelerator = None
+        self.tracking = False
         self.last: dict[str, Any] = {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -168,6 +171,7 @@ class Trainer:
         from unimm.data.collate import Collator
 
         cfg, opts = self.cfg, self.opts
+        trackers.check_installed(opts.report_to)
         self.manifests = check_shards(cfg.data, need_teachers=opts.alpha > 0)
         check_instructions(self.manifests, cfg.data.train, cfg.model.instructions)
         self.has_pairs = any(m["counts"].get("pairs", 0) for m in self.manifests)
@@ -179,6 +183,7 @@ class Trainer:
         torch.manual_seed(opts.seed)
         accelerator = self.accelerator = self._accelerator()
         check_data_fits(self.manifests, cfg.data.train, accelerator.num_processes, opts.batch_size)
+        self.samples_per_step = accelerator.num_processes * opts.batch_size * opts.grad_accum
         if opts.epochs:  # the schedule, the saving and the end all count optimizer steps
             samples = sum(m["counts"]["samples"] for m in self.manifests)
             per_step = accelerator.num_processes * opts.batch_size * opts.grad_accum
@@ -252,12 +257,15 @@ class Trainer:
         """This step's evaluations into ``self.last``; whether it is the best step so far (every
         rank gets rank 0's answer: saving is a collective)."""
         model = self.accelerator.unwrap_model(self.model)
+        figures: dict[str, float] = {}
         if self.eval_batches:
-            self.last.update(evaluate(model, self.eval_batches, self.cfg))
+            figures.update(evaluate(model, self.eval_batches, self.cfg))
         if self.benchmarks is not None:
-            self.last.update(
+            figures.update(
                 self.benchmarks.evaluate(model, self.benchmark_collator, self.accelerator.autocast)
             )
+        self.last.update(figures)
+        self.evaluation = (self.step, figures)  # the model card of this step's checkpoint shows them
         if self.best is None:
             return False
         return bool(broadcast_flag(self.best.improves(self.last)))
@@ -302,6 +310,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             # Without it, accelerate treats several CPU processes (torchrun) as one and skips DDP.
             cpu=not torch.cuda.is_available(),
+            **trackers.accelerator_options(self.opts.report_to, self.run_dir),
         )
         check_parallelism(accelerator)
         return accelerator
@@ -325,10 +334,10 @@ class Trainer:
         return meta["data_position"]
 
     def _open_logs(self) -> None:
-        from tqdm import tqdm
+        from unimm.utils import progress_bar
 
         main = self.accelerator.is_main_process
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=self.opts.max_steps,
             initial=self.step,
             desc="train",
@@ -336,6 +345,9 @@ class Trainer:
             disable=not (self.progress and main),
         )
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
+        self.tracking = trackers.start(
+            self.accelerator, self.opts.report_to, self.run_dir, self.opts.run_name, config_to_dict(self.cfg)
+        )
 
     # -- train ---------------------------------------------------------------------------------
 
@@ -349,6 +361,8 @@ class Trainer:
             if self.metrics_file is not None and self.step % opts.log_every == 0:
                 self.metrics_file.write(json.dumps(self.last) + "\n")
                 self.metrics_file.flush()
+            if self.tracking and self.step % opts.log_every == 0:
+                trackers.log(self.accelerator, self.last, self.samples_per_step)
             self.bar.update(1)
             self.bar.set_postfix(
                 loss=f"{self.last['loss']:.4f}",
@@ -489,6 +503,8 @@ class Trainer:
                     "default_instruction": cfg.model.default_instruction,
                 },
             }
+            if self.evaluation[0] == self.step:
+                meta["evaluation"] = self.evaluation[1]
             save_checkpoint(
                 self.run_dir / f"step-{self.step:06d}",
                 accelerator.unwrap_model(self.model),
@@ -508,9 +524,13 @@ class Trainer:
             return
         # From the final checkpoint, not the live model: its parameters may be sharded (FSDP).
         final, processor, meta = load_checkpoint(self.run_dir / f"step-{self.step:06d}")
-        keep = ("recipe", "step", "data_manifests", "inference")
+        keep = ("recipe", "step", "data_manifests", "inference", "evaluation")
         save_checkpoint(
-            self.run_dir / "final-merged", final, processor, {k: meta[k] for k in keep}, merge_lora=True
+            self.run_dir / "final-merged",
+            final,
+            processor,
+            {k: meta[k] for k in keep if k in meta},
+            merge_lora=True,
         )
 
     # -- cleanup -------------------------------------------------------------------------------
@@ -523,6 +543,8 @@ class Trainer:
             self.bar.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+        if self.tracking:
+            trackers.end(self.accelerator)
 
 
 def check_parallelism(accelerator) -> None:
