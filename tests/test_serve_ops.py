@@ -38,13 +38,29 @@ def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
+class _ImageHost(http.server.SimpleHTTPRequestHandler):
+    """Files, plus a redirect to a file: URL (which must never be followed)."""
+
+    def do_GET(self):
+        if self.path == "/to-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
 def image_server(tmp_path_factory):
-    """A local HTTP server with one PNG (``/red.png``), standing in for a remote image host."""
+    """A local HTTP server with a PNG (``/red.png``), a text file and a redirect, standing in
+    for a remote image host."""
     root = tmp_path_factory.mktemp("www")
     (root / "red.png").write_bytes(png_bytes())
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
+    (root / "notes.txt").write_text("not an image")
+    handler = functools.partial(_ImageHost, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -105,9 +121,29 @@ def test_vision_messages_remote_images_and_one_search_shape(trained, tiny_shards
             for r in rag.model_extra["retrieved"]
         )
 
-    allowed = build_state(ServeOptions(model=str(checkpoint), name="tiny", allow_remote_images=True))
+    public_only = build_state(ServeOptions(model=str(checkpoint), name="tiny", allow_remote_images=True))
+    with Background(public_only) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(
+            openai.BadRequestError, match=r"is at 127\.0\.0\.1, not a public address.*allow_private"
+        ):
+            client.embeddings.create(model="tiny", input=[remote])
+
+    options = {"allow_remote_images": True, "allow_private_image_hosts": True}
+    allowed = build_state(ServeOptions(model=str(checkpoint), name="tiny", **options))
     with Background(allowed) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def fetch(path: str):
+            part = {"type": "image_url", "image_url": {"url": image_server + path}}
+            return client.embeddings.create(model="tiny", input=[[part]], encoding_format="float")
+
+        with pytest.raises(
+            openai.BadRequestError, match="Redirection to url 'file:///etc/passwd' is not allowed"
+        ):
+            fetch("/to-file")
+        with pytest.raises(openai.BadRequestError, match="the URL gives text/plain, not an image"):
+            fetch("/notes.txt")
         fetched = (
             client.embeddings.create(model="tiny", input=[remote], encoding_format="float").data[0].embedding
         )
@@ -198,3 +234,28 @@ def test_openapi_metrics_and_access_log(trained, caplog):
     assert samples[("unimm_embedding_batch_size_count", ())] == 5
     assert samples[("unimm_embedded_inputs_total", ())] == 2 + 3 + 1
     assert samples[("unimm_prompt_tokens_total", ())] > 0 and ("unimm_generated_tokens_total", ()) in samples
+
+
+def test_remote_fetch_refuses_what_it_must():
+    """Every hop is checked: other schemes, and hosts at loopback, private or link-local
+    addresses (cloud metadata), unless private hosts are allowed."""
+    import urllib.request
+
+    from unimm.inference.fetch import FetchRefused, _CheckedRedirects, check_url
+
+    for url in (
+        "ftp://example.org/a.png",
+        "file:///etc/passwd",
+        "http://127.0.0.1/a.png",
+        "http://[::1]/a.png",
+        "http://10.1.2.3/a.png",
+        "http://169.254.169.254/latest/meta-data",
+    ):
+        with pytest.raises(FetchRefused):
+            check_url(url, private_hosts=False)
+    check_url("http://127.0.0.1/a.png", private_hosts=True)
+    with pytest.raises(FetchRefused, match="only http"):
+        check_url("gopher://127.0.0.1/", private_hosts=True)
+    request = urllib.request.Request("http://93.184.216.34/a.png")
+    with pytest.raises(FetchRefused, match=r"169\.254\.169\.254, not a public address"):
+        _CheckedRedirects(False).redirect_request(request, None, 302, "Found", {}, "http://169.254.169.254/x")

@@ -228,3 +228,73 @@ def test_prepare_without_teachers_warns_up_front(tmp_path, unimm_records):
     )
     assert quiet.exit_code == 0 and "warning" not in quiet.output
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["counts"]["samples"] == 12
+
+
+def test_table_inputs_cannot_reach_outside_their_root(tmp_path, image_dir):
+    """An imagefolder's `../` file name and an absolute path are refused like any record's; a
+    record file's string that looks like a table locator is only a (missing) path; a state.json
+    naming a file elsewhere is refused; a column named with '#' and a spreadsheet's BOM work."""
+    make_image(tmp_path / "secret.png", fmt="PNG")
+    folder = tmp_path / "photos"
+    make_image(folder / "ok.png", fmt="PNG")
+    write_jsonl(
+        folder / "metadata.jsonl",
+        [
+            {"file_name": "ok.png", "text": "fine"},
+            {"file_name": "../secret.png", "text": "escape"},
+            {"file_name": str(tmp_path / "secret.png"), "text": "absolute"},
+        ],
+    )
+    with pytest.raises(UnimmError) as info:
+        prepare([folder], tmp_path / "o1")
+    assert "2 bad record(s)" in str(info.value) and "outside the image root" in str(info.value)
+    spoof = write_jsonl(
+        tmp_path / "s.jsonl", [{"id": "a", "slices": [{"image": "embedded:/etc/passwd#0#x"}]}]
+    )
+    with pytest.raises(UnimmError, match="not found"):
+        prepare([spoof], tmp_path / "o2")
+
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(tmp_path / "ds")
+    state = json.loads((tmp_path / "ds" / "state.json").read_text())
+    state["_data_files"] = [{"filename": "../elsewhere.arrow"}]
+    (tmp_path / "ds" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UnimmError, match=r"state.json: names the data file '\.\./elsewhere\.arrow'"):
+        prepare([tmp_path / "ds"], tmp_path / "o3")
+
+    images = pictures(3)
+    pq.write_table(
+        pa.table({"img#1": [jpeg(im) for im in images], "t": ["a", "b", "c"]}), tmp_path / "h.parquet"
+    )
+    decoded = [
+        s
+        for _, s in iter_decoded_records(tmp_path / "h.parquet", columns=parse_columns("image=img#1,text=t"))
+    ]
+    np.testing.assert_array_equal(
+        pixels(decoded[2].slices[0].image), pixels(Image.open(io.BytesIO(jpeg(images[2]))))
+    )
+    bom = tmp_path / "bom"
+    make_image(bom / "0.png", fmt="PNG")
+    (bom / "metadata.csv").write_bytes("\ufefffile_name,text\n0.png,zero\n".encode())
+    assert [s.slices[1].text for _, s in iter_decoded_records(bom)] == ["zero"]
+
+
+def test_a_changed_table_is_reported_not_misread(tmp_path):
+    from unimm.data.adapters import iter_records
+    from unimm.data.images import ImageProblem, read_image_source
+
+    pq.write_table(
+        pa.table({"image": [jpeg(im) for im in pictures(2)], "caption": ["a", "b"]}), tmp_path / "t.parquet"
+    )
+    (first, _) = list(iter_records(tmp_path / "t.parquet"))
+    pq.write_table(
+        pa.table({"image": [jpeg(im) for im in pictures(2, seed=5)], "caption": ["a", "b"]}),
+        tmp_path / "t.parquet",
+    )
+    with pytest.raises(ImageProblem, match="the table changed since it was read"):
+        read_image_source(first.slices[0].value)
+
+
+def test_csv_mapping_wins_over_a_column_named_like_the_role(tmp_path, image_dir):
+    (tmp_path / "c.csv").write_text("path,image,caption\nimgs/1.jpg,imgs/0.jpg,one\n")
+    (decoded,) = [s for _, s in iter_decoded_records(tmp_path / "c.csv", columns=parse_columns("image=path"))]
+    np.testing.assert_array_equal(pixels(decoded.slices[0].image), pixels(Image.open(image_dir / "1.jpg")))

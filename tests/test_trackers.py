@@ -120,3 +120,42 @@ def test_bad_tracker_settings_are_refused_before_training(tmp_path, tiny_shards,
     with pytest.raises(UnimmError, match=r'needs the wandb package: pip install "unimm\[wandb\]"'):
         run(config(tmp_path / "c", tiny_shards, "train.report_to=wandb"), progress=False)
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_benchmark_names_reach_mlflow_and_a_failing_tracker_only_warns(tmp_path, monkeypatch, caplog):
+    """Benchmark figures are named like `coco/text_to_image/R@1`, which MLflow refuses: it gets
+    `R_at_1`, TensorBoard the name itself; a tracker whose log raises is warned about once."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unimm.training import trackers
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    report_to = ["mlflow", "tensorboard"]
+    accelerator = Accelerator(cpu=True, **trackers.accelerator_options(report_to, tmp_path))
+    assert trackers.start(accelerator, report_to, tmp_path, "bench", {"train": {"lr": 0.1}})
+    line = {"step": 3, "loss": 1.5, "coco/text_to_image/R@1": 0.25, "seconds": 2.0}
+    trackers.log(accelerator, line, batch=8)
+    (tensorboard,) = [t for t in accelerator.trackers if t.name == "tensorboard"]
+    monkeypatch.setattr(tensorboard, "log", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    trackers._FAILED.clear()
+    with caplog.at_level("WARNING", logger="unimm.training.trackers"):
+        trackers.log(accelerator, {**line, "step": 4}, batch=8)
+        trackers.log(accelerator, {**line, "step": 5}, batch=8)
+    assert [r.getMessage() for r in caplog.records].count(
+        "train.report_to=tensorboard: logging step 4 failed (OSError: disk full); training goes on, "
+        "metrics.jsonl has every step"
+    ) == 1 and len(caplog.records) == 1
+    trackers.end(accelerator)
+    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "coco/text_to_image/R_at_1")
+    assert [(m.step, m.value) for m in history] == [(3, 0.25), (4, 0.25), (5, 0.25)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "samples_per_s")] == [4.0] * 3
+    events = EventAccumulator(str(tmp_path / "trackers" / "bench"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("coco/text_to_image/R@1")] == [(3, 0.25)]

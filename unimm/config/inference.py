@@ -276,8 +276,11 @@ class ServeOptions(CheckpointOptions):
     max_image_pixels: int = 64_000_000
     """Pixels of one decoded image."""
     allow_remote_images: bool = False
-    """Fetch ``http(s)://`` image URLs in requests (off: images must be inline data URLs, and the
-    server connects nowhere a client names)."""
+    """Fetch ``http(s)://`` image URLs in requests, from public hosts only (off: images must be
+    inline data URLs, and the server connects nowhere a client names)."""
+    allow_private_image_hosts: bool = False
+    """With ``allow_remote_images``: also fetch from loopback, private and link-local addresses
+    (an image store on the server's own network; never for a server open to untrusted clients)."""
     access_log: bool = True
     """One line per request on stderr: request id, method, path, status, milliseconds, client."""
 

@@ -450,7 +450,9 @@ def _iter_csv(
 
 
 def _mapped_header(header: list[str], written: list[str], columns: dict[str, str]) -> list[str]:
-    """The header with each ``--columns`` column renamed to its role (``text`` is the caption)."""
+    """The header with each ``--columns`` column renamed to its role (``text`` is the caption);
+    a column already named like a role it was not mapped to steps aside, so the mapped one is
+    read."""
     renames = {}
     for role, column in columns.items():
         if column not in written and column.lower() not in header:
@@ -458,7 +460,8 @@ def _mapped_header(header: list[str], written: list[str], columns: dict[str, str
                 f"--columns {role}={column}: no such column (found: {', '.join(written)})", line=1
             )
         renames[column.lower()] = "caption" if role == "text" else role
-    return [renames.get(name, name) for name in header]
+    taken = set(renames.values())
+    return [renames.get(name, f"{name} (not mapped)" if name in taken else name) for name in header]
 
 
 def _csv_rows(reader: csv.DictReader, path: Path, start: int, convert) -> Iterator[Record | DataError]:
@@ -497,7 +500,7 @@ def _caption_row(row: dict[str, str], source: str, line: int, default_id: str) -
     )
 
 
-def open_image(path: str | Path, root: str | Path | None = None):
+def open_image(path, root: str | Path | None = None):
     """An RGB PIL image from ``path`` (confined to ``root`` when given, as records are).
 
     Raises:
@@ -506,9 +509,12 @@ def open_image(path: str | Path, root: str | Path | None = None):
     from PIL import Image, ImageOps
 
     from unimm.data.images import ImageProblem, read_image_source, resolve_image_source, to_rgb
+    from unimm.data.tables import is_embedded
 
     try:
-        file = resolve_image_source(str(path), root) if root is not None else str(path)
+        file = (
+            resolve_image_source(path if is_embedded(path) else str(path), root) if root is not None else path
+        )
         with Image.open(io.BytesIO(read_image_source(file))) as img:
             return to_rgb(ImageOps.exif_transpose(img))
     except ImageProblem as exc:

@@ -39,9 +39,9 @@ class EncodedImage:
     source_size: int = 0
 
 
-def read_image_source(source: str | Path) -> bytes:
-    """The encoded bytes of an image: a file, or an image held in an input table
-    (:func:`unimm.data.tables.embedded_image`).
+def read_image_source(source) -> bytes:
+    """The encoded bytes of an image: a file (a path), or an image held in an input table
+    (:class:`unimm.data.tables.EmbeddedImage`).
 
     Raises:
         ImageProblem: the file or the table cell cannot be read.
@@ -50,7 +50,7 @@ def read_image_source(source: str | Path) -> bytes:
     from unimm.errors import UnimmError
 
     try:
-        if isinstance(source, str) and is_embedded(source):
+        if is_embedded(source):
             return read_embedded(source)
         return Path(source).read_bytes()
     except OSError as exc:
@@ -59,9 +59,9 @@ def read_image_source(source: str | Path) -> bytes:
         raise ImageProblem(str(exc)) from None
 
 
-def resolve_image_source(value: str, root: str | Path) -> str:
-    """A record's image value made readable: an image held in the input table as it is, a path
-    resolved and confined by :func:`resolve_image_path`."""
+def resolve_image_source(value, root: str | Path):
+    """A record's image value made readable: an image held in the input table as it is (only the
+    table readers make one), a path resolved and confined by :func:`resolve_image_path`."""
     from unimm.data.tables import is_embedded
 
     return value if is_embedded(value) else str(resolve_image_path(value, root))

@@ -470,7 +470,13 @@ def _members(item: _Pending, images: list[EncodedImage], features) -> dict[str, 
             img = next(encoded)
             members[f"{n}.jpg"] = img.data
             slices.append(
-                {"kind": "image", "path": s.value, "width": img.width, "height": img.height, "role": s.role}
+                {
+                    "kind": "image",
+                    "path": str(s.value),
+                    "width": img.width,
+                    "height": img.height,
+                    "role": s.role,
+                }
             )
     header = {
         "id": record.id,

@@ -43,7 +43,8 @@ class RecordLimits:
 
 @dataclasses.dataclass(frozen=True)
 class RecordSlice:
-    """One text or image slice. ``value`` is the text, or the image path as written in the input."""
+    """One text or image slice. ``value`` is the text, or the image path as written in the input
+    (an image held in a table: a :class:`unimm.data.tables.EmbeddedImage`)."""
 
     kind: SliceKind
     value: str

@@ -18,12 +18,15 @@ Columns: ``image`` (default: the first of ``image``, ``file_name``, ``image_path
 to ``--image-root``, default the table's folder), encoded bytes, or a ``datasets`` ``Image``
 feature (``{"bytes", "path"}``); a text that is a list of strings (several captions) gives one record
 per caption (ids ``ID-1``, ``ID-2``…). Images held in the table are not copied out: a record
-keeps an :func:`embedded_image` locator (file, row, column) and the bytes are read back when
-the image is encoded or opened (:func:`read_embedded`), so a dataset is never loaded whole.
+keeps an :class:`EmbeddedImage` (file, row, column, and the file's size and time) and the bytes
+are read back when the image is encoded or opened (:func:`read_embedded`), so a dataset is
+never loaded whole. Reading one back decodes its row group's image column (Parquet; cached, so
+reading in table order reads each group once) or touches the memory-mapped Arrow file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Iterator
@@ -39,8 +42,6 @@ DEFAULT_COLUMNS = {
     "text": ("caption", "text", "sentence"),
     "id": ("id", "key", "image_id"),
 }
-EMBEDDED = "embedded:"
-"""How a record's image value says the image is held in the input table itself."""
 _BATCH_ROWS = 256
 _METADATA = ("metadata.jsonl", "metadata.csv")
 
@@ -103,7 +104,12 @@ def input_hash(path: Path) -> str:
 
     if path.is_file():
         return sha256_file(path)
-    lines = "".join(f"{f.relative_to(path)}:{sha256_file(f)}\n" for f in input_files(path))
+    try:
+        lines = "".join(f"{f.name}:{sha256_file(f)}\n" for f in input_files(path))
+    except DataError as exc:
+        raise UnimmError(str(exc)) from None
+    except OSError as exc:
+        raise UnimmError(f"{path}: cannot read its files ({exc.strerror or exc})") from None
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -113,12 +119,32 @@ def default_image_root(path: Path) -> Path:
 
 
 def _arrow_files(folder: Path) -> list[Path]:
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    return [folder / entry["filename"] for entry in state.get("_data_files", [])]
+    """The Arrow files ``state.json`` lists, each a plain file name inside the folder.
+
+    Raises:
+        DataError: ``state.json`` is not a datasets folder's, or names a file elsewhere.
+    """
+    source = str(folder / "state.json")
+    try:
+        entries = json.loads((folder / "state.json").read_text(encoding="utf-8"))["_data_files"]
+        names = [str(entry["filename"]) for entry in entries]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"not a datasets folder's state.json ({type(exc).__name__}: {exc})", source=source
+        ) from None
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise DataError(
+                f"names the data file {name!r}; it must be a file of the folder itself", source=source
+            )
+    return [folder / name for name in names]
 
 
-def choose_columns(names: list[str], given: dict[str, str], source: str) -> dict[str, str]:
-    """The table's column for each role: the given mapping, else the first default present.
+def choose_columns(
+    names: list[str], given: dict[str, str], source: str, defaults: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, str]:
+    """The table's column for each role: the given mapping, else the first of ``defaults``
+    (default: :data:`DEFAULT_COLUMNS`) present.
 
     Raises:
         DataError: a mapped column the table lacks, or no image or text column (naming the
@@ -135,7 +161,7 @@ def choose_columns(names: list[str], given: dict[str, str], source: str) -> dict
                 )
             chosen[role] = given[role]
         else:
-            found = next((c for c in DEFAULT_COLUMNS[role] if c in present), None)
+            found = next((c for c in (defaults or DEFAULT_COLUMNS)[role] if c in present), None)
             if found is not None:
                 chosen[role] = found
     missing = [role for role in ("image", "text") if role not in chosen]
@@ -148,30 +174,78 @@ def choose_columns(names: list[str], given: dict[str, str], source: str) -> dict
     return chosen
 
 
-def embedded_image(file: Path, row: int, column: str) -> str:
-    """The record value of an image held in row ``row`` (0-based) of ``file``'s ``column``."""
-    return f"{EMBEDDED}{file.resolve()}#{row}#{column}"
+@dataclasses.dataclass(frozen=True)
+class EmbeddedImage:
+    """An image held in row ``row`` (0-based, of that file) of ``file``'s ``column``: what a
+    record's image value is when the table holds the bytes. Only the table readers make one (a
+    record file's string can never become one), and it remembers the file's size and
+    modification time, so a table rewritten since it was read is reported, not misread."""
+
+    file: str
+    row: int
+    column: str
+    size: int
+    mtime_ns: int
+
+    def __str__(self) -> str:  # what shards and messages show as the image's "path"
+        return f"{self.file}[row {self.row + 1}, column {self.column!r}]"
+
+    def as_json(self) -> dict[str, Any]:
+        """The locator as an index row keeps it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> EmbeddedImage:
+        """A locator read back from an index row.
+
+        Raises:
+            UnimmError: the row's locator is not one.
+        """
+        try:
+            return cls(
+                str(obj["file"]), int(obj["row"]), str(obj["column"]), int(obj["size"]), int(obj["mtime_ns"])
+            )
+        except (KeyError, TypeError, ValueError):
+            raise UnimmError(
+                f"an index row's embedded image is malformed ({obj!r}); embed the table again"
+            ) from None
 
 
-def is_embedded(value: str) -> bool:
-    """Whether an image value is an :func:`embedded_image` locator rather than a path."""
-    return value.startswith(EMBEDDED)
+def _identity(file: Path) -> tuple[str, int, int]:
+    """What an :class:`EmbeddedImage` of ``file`` remembers of it: its path, size and time."""
+    stat = file.stat()
+    return str(file.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-def read_embedded(value: str) -> bytes:
-    """The encoded image an :func:`embedded_image` locator points at.
+def is_embedded(value: Any) -> bool:
+    """Whether an image value is held in a table (an :class:`EmbeddedImage`) rather than a path."""
+    return isinstance(value, EmbeddedImage)
+
+
+def read_embedded(image: EmbeddedImage) -> bytes:
+    """The encoded image ``image`` points at.
 
     Raises:
-        UnimmError: the table changed or the cell holds no image.
+        UnimmError: the table changed since it was read, or the cell holds no image.
     """
-    file, row, column = value[len(EMBEDDED) :].rsplit("#", 2)
-    cell = _cell(file, int(row), column)
+    import os
+
+    try:
+        stat = os.stat(image.file)
+    except OSError as exc:
+        raise UnimmError(f"image {image}: cannot read the table ({exc.strerror or exc})") from None
+    if (stat.st_size, stat.st_mtime_ns) != (image.size, image.mtime_ns):
+        raise UnimmError(f"image {image}: the table changed since it was read; run again")
+    try:
+        cell = _cell(image.file, image.row, image.column)
+    except Exception as exc:  # pyarrow's own errors, a missing column or row of a damaged file
+        raise UnimmError(
+            f"image {image}: cannot read it from the table ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(cell, dict):
         cell = cell.get("bytes")
     if not isinstance(cell, (bytes, bytearray)) or not cell:
-        raise UnimmError(
-            f"{file} row {int(row) + 1}, column {column!r}: no image bytes there (did the file change?)"
-        )
+        raise UnimmError(f"image {image}: no image bytes there")
     return bytes(cell)
 
 
@@ -292,28 +366,35 @@ def _rows(
         if chosen is None:
             chosen = choose_columns(names, given, source)
         if file != current:
-            current, in_file = file, 0
+            current, in_file, (name, size, mtime) = file, 0, _identity(file)
+        column = chosen["image"]
         wanted = list(dict.fromkeys(chosen.values()))
         for row in batch.select(wanted).to_pylist():
             number += 1
-            image = _image_value(row[chosen["image"]], file, in_file, chosen["image"])
+            image = _image_value(row[column], lambda: EmbeddedImage(name, in_file, column, size, mtime))  # noqa: B023
             in_file += 1
             yield from _caption_records(row, chosen, image, source, number, f"{path.stem}-{number}")
 
 
-def _image_value(cell: Any, file: Path, row: int, column: str) -> str | None:
-    """A path, or a locator of the bytes the cell holds (``None`` when it holds neither)."""
+def _image_value(cell: Any, locate) -> str | EmbeddedImage | None:
+    """A path, or (``locate()``) the locator of the bytes the cell holds; ``None`` when it holds
+    neither."""
     if isinstance(cell, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
         if cell.get("bytes"):
-            return embedded_image(file, row, column)
+            return locate()
         cell = cell.get("path")
     if isinstance(cell, (bytes, bytearray)):
-        return embedded_image(file, row, column) if cell else None
+        return locate() if cell else None
     return _path_cell(cell)
 
 
 def _caption_records(
-    row: dict[str, Any], chosen: dict[str, str], image: str | None, source: str, line: int, default_id: str
+    row: dict[str, Any],
+    chosen: dict[str, str],
+    image: str | EmbeddedImage | None,
+    source: str,
+    line: int,
+    default_id: str,
 ) -> Iterator[Record | DataError]:
     raw_id = row.get(chosen["id"]) if "id" in chosen else None
     rid = str(raw_id).strip() if raw_id is not None and str(raw_id).strip() else default_id
@@ -339,36 +420,54 @@ def _path_cell(value: Any) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+_IMAGEFOLDER_COLUMNS = {**DEFAULT_COLUMNS, "image": ("file_name",)}
+
+
 def _imagefolder(folder: Path, given: dict[str, str]) -> Iterator[Record | DataError]:
     """An imagefolder: ``file_name`` (or the mapped image column) of each metadata row names an
     image relative to the folder."""
+    metadata = _metadata_file(folder)
+    try:
+        rows = _metadata_rows(metadata)
+        chosen = None
+        for line, row in rows:
+            if isinstance(row, DataError):
+                yield row
+                continue
+            if chosen is None:
+                chosen = choose_columns(list(row), given, str(metadata), _IMAGEFOLDER_COLUMNS)
+            image = _path_cell(row.get(chosen["image"]))
+            yield from _caption_records(row, chosen, image, str(metadata), line, f"{folder.name}-{line}")
+    except (OSError, UnicodeDecodeError) as exc:
+        yield DataError(f"cannot read it as UTF-8 text ({exc})", source=str(metadata))
+
+
+def _metadata_rows(metadata: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+    """``(line, row)`` of an imagefolder's metadata file (a bad line: its error)."""
     import csv
 
-    metadata = _metadata_file(folder)
     source = str(metadata)
-    given = {"image": "file_name", **given}
-    if metadata.suffix == ".csv":
-        with metadata.open(newline="", encoding="utf-8") as handle:
+    with metadata.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM
+        if metadata.suffix == ".csv":
             reader = csv.DictReader(handle)
-            chosen = choose_columns(list(reader.fieldnames or []), given, source)
-            for line, row in enumerate(reader, 2):
-                image = _path_cell(row.get(chosen["image"]))
-                yield from _caption_records(row, chosen, image, source, line, f"{folder.name}-{line}")
-        return
-    chosen = None
-    with metadata.open(encoding="utf-8") as handle:
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except csv.Error as exc:
+                yield (
+                    reader.line_num,
+                    DataError(f"not a valid CSV row ({exc})", source=source, line=reader.line_num),
+                )
+            return
         for line, text in enumerate(handle, 1):
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield DataError(f"not valid JSON ({exc.msg})", source=source, line=line)
+                yield line, DataError(f"not valid JSON ({exc.msg})", source=source, line=line)
                 continue
             if not isinstance(row, dict):
-                yield DataError("a metadata line must be a JSON object", source=source, line=line)
+                yield line, DataError("a metadata line must be a JSON object", source=source, line=line)
                 continue
-            if chosen is None:
-                chosen = choose_columns(list(row), given, source)
-            image = _path_cell(row.get(chosen["image"]))
-            yield from _caption_records(row, chosen, image, source, line, f"{folder.name}-{line}")
+            yield line, row

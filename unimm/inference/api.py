@@ -67,7 +67,9 @@ class Limits:
     remote_images: bool = False
     """Whether ``http(s)://`` image URLs are fetched (``serve.allow_remote_images``)."""
     fetch_timeout_s: float = 10.0
-    """How long fetching one remote image may take."""
+    """How long fetching one remote image may take, in all."""
+    private_image_hosts: bool = False
+    """Whether remote images may come from loopback, private or link-local addresses."""
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -75,21 +77,18 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
 
 
 def _fetch(url: str, where: str, limits: Limits) -> bytes:
-    """The bytes behind an ``http(s)://`` image URL, at most ``limits.max_request_bytes``."""
-    import urllib.error
-    import urllib.request
+    """The bytes behind an ``http(s)://`` image URL (:mod:`unimm.inference.fetch`)."""
+    from unimm.inference.fetch import FetchRefused, fetch_image
 
-    request = urllib.request.Request(url, headers={"User-Agent": "unimm-serve"})
     try:
-        with urllib.request.urlopen(request, timeout=limits.fetch_timeout_s) as response:
-            data = response.read(limits.max_request_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise _bad(
-            f"the image URL cannot be fetched ({getattr(exc, 'reason', exc)})", where, "image_fetch_failed"
-        ) from None
-    if len(data) > limits.max_request_bytes:
-        raise _bad(f"the image at the URL is over {limits.max_request_bytes} bytes", where, "image_too_large")
-    return data
+        return fetch_image(
+            url,
+            timeout_s=limits.fetch_timeout_s,
+            max_bytes=limits.max_request_bytes,
+            private_hosts=limits.private_image_hosts,
+        )
+    except FetchRefused as exc:
+        raise _bad(str(exc), where, "image_fetch_failed") from None
 
 
 def image_bytes(url: Any, where: str, limits: Limits) -> bytes:

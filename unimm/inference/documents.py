@@ -96,7 +96,17 @@ class DocumentStream:
                     source, split_by_node=False, split_by_worker=False, stats=self.stats, verify=self.verify
                 ):
                     _refuse_pair(s)
-                    yield s, {"id": s.id, "shard": Path(s.url).name, "key": s.key, "source": s.source}
+                    view = {k: v for k, v in _view_of(s).items() if k != "source"}
+                    yield (
+                        s,
+                        {
+                            "id": s.id,
+                            "shard": Path(s.url).name,
+                            "key": s.key,
+                            "source": s.source,
+                            "view": view,
+                        },
+                    )
                 continue
             on_error = self.reject if self.on_error == "skip" else None
             records = iter_decoded_records(
@@ -104,9 +114,26 @@ class DocumentStream:
             )
             for record, sample in records:
                 _refuse_pair(sample)
-                slices = [{"kind": s.kind, "value": s.value, "role": s.role} for s in record.slices]
+                slices = [_row_slice(s) for s in record.slices]
                 row = {"id": record.id, "source": sample.source, "slices": slices}
                 yield sample, row | ({"meta": record.meta} if record.meta else {})
+
+
+def _row_slice(item) -> dict[str, Any]:
+    """A record slice as an index row keeps it (an image held in a table: its locator)."""
+    from unimm.data.tables import is_embedded
+
+    if is_embedded(item.value):
+        return {"kind": item.kind, "embedded": item.value.as_json(), "role": item.role}
+    return {"kind": item.kind, "value": item.value, "role": item.role}
+
+
+def _row_image(entry: dict[str, Any]):
+    """An index row's image slice opened: its file, or its table cell."""
+    from unimm.data.adapters import open_image
+    from unimm.data.tables import EmbeddedImage
+
+    return open_image(EmbeddedImage.from_json(entry["embedded"]) if "embedded" in entry else entry["value"])
 
 
 def _refuse_pair(sample: Sample) -> None:
@@ -125,13 +152,11 @@ def load_document(row: dict[str, Any], data_dirs: list[str]) -> Sample:
     Raises:
         UnimmError: the shard or an image is no longer where it was.
     """
-    from unimm.data.adapters import open_image
-
     if "slices" in row:
         slices = [
             Slice.of_text(s["value"], s["role"])
             if s["kind"] == "text"
-            else Slice.of_image(open_image(s["value"]), s["role"])
+            else Slice.of_image(_row_image(s), s["role"])
             for s in row["slices"]
         ]
         return Sample(key=row["id"], slices=slices, id=row["id"], source=row.get("source"))
@@ -145,31 +170,46 @@ def document_view(row: dict[str, Any], data_dirs: list[str], sample: Sample | No
     """What a search result says about the document behind ``row``, in one shape whatever the
     index was built from: ``text`` (its text slices, one per line), ``images`` (how many),
     ``metadata`` (the record's ``meta``) and ``source`` (``{"file", "line"}``: the record file's
-    name and line, or the prepared record's). A record row is read without opening its images;
-    a shard row reads its sample back unless ``sample`` (already loaded) is given.
+    name and line, or the prepared record's). Read from the row itself (a record row keeps its
+    slices, a shard row its view); only a shard row of an older index reads its shard, unless
+    ``sample`` (already loaded) is given.
 
     Raises:
-        UnimmError: the shard is no longer where it was.
+        UnimmError: the shard of an older index is no longer where it was.
     """
+    if "view" in row:
+        view = row["view"]
+        return {**view, "metadata": view.get("metadata") or {}, "source": _source_of(row.get("source"))}
     if sample is None and "slices" not in row:
         sample = _from_shard(row, data_dirs)
     if sample is not None:
-        kinds_and_values = [(s.kind, s.text) for s in sample.slices]
-        meta, source = sample.meta or row.get("meta"), sample.source
-    else:
-        kinds_and_values = [(s["kind"], s["value"]) for s in row["slices"]]
-        meta, source = row.get("meta"), row.get("source")
-    line = None
-    if isinstance(source, dict):  # a prepared record's header: already {"file", "line"}
-        source, line = source.get("file"), source.get("line")
-    elif isinstance(source, str) and (at := _FILE_LINE.match(source)):  # a record's "path:line"
-        source, line = at.group(1), int(at.group(2))
+        return _view_of(sample, row.get("meta"))
+    kinds_and_values = [(s["kind"], s.get("value")) for s in row["slices"]]
     return {
         "text": "\n".join(value for kind, value in kinds_and_values if kind == "text"),
         "images": sum(kind == "image" for kind, _ in kinds_and_values),
-        "metadata": meta or {},
-        "source": {"file": Path(source).name if source else None, "line": line},
+        "metadata": row.get("meta") or {},
+        "source": _source_of(row.get("source")),
     }
+
+
+def _view_of(sample: Sample, meta: dict | None = None) -> dict[str, Any]:
+    return {
+        "text": "\n".join(s.text for s in sample.slices if s.kind == "text"),
+        "images": sum(s.kind == "image" for s in sample.slices),
+        "metadata": sample.meta or meta or {},
+        "source": _source_of(sample.source),
+    }
+
+
+def _source_of(source: Any) -> dict[str, Any]:
+    """``{"file", "line"}`` of a prepared record's header or a record's ``path:line``."""
+    line = None
+    if isinstance(source, dict):
+        source, line = source.get("file"), source.get("line")
+    elif isinstance(source, str) and (at := _FILE_LINE.match(source)):
+        source, line = at.group(1), int(at.group(2))
+    return {"file": Path(source).name if source else None, "line": line}
 
 
 def _from_shard(row: dict[str, Any], data_dirs: list[str]) -> Sample:

@@ -61,6 +61,11 @@ def _row_slices(row: dict[str, Any], index: str) -> list[tuple[str, str]]:
             f"--index {index}: its rows come from prepared shards, which keep no image paths to write "
             "negatives with; embed the corpus from its record files (unimm embed --data corpus.jsonl)"
         )
+    if any("embedded" in s for s in row["slices"]):
+        raise UnimmError(
+            f"--index {index}: its documents' images are held in a table (Parquet or a datasets "
+            "folder), which a pair file cannot point at; mine from a corpus whose images are files"
+        )
     return [(s["kind"], s["value"]) for s in row["slices"]]
 
 

@@ -106,7 +106,12 @@ class ServerMetrics:
 
 
 def log_access(rid: str, method: str, path: str, status: int, seconds: float, client: str | None) -> None:
-    """One logfmt line for an answered request."""
+    """One logfmt line for an answered request (the path percent-encoded again, so that no
+    request can write a space, a quote or a newline into the log)."""
+    from urllib.parse import quote
+
+    path = quote(path, safe="/:@!$&'()*+,;=-._~")
+    method = quote(method, safe="")
     ACCESS_LOG.info(
         "request_id=%s method=%s path=%s status=%d duration_ms=%.1f client=%s",
         rid,

@@ -3,7 +3,7 @@
 
 The routes read their JSON themselves (:mod:`unimm.inference.api` checks it and names the field at
 fault), so FastAPI cannot infer these; they are written out here, once, and attached to the routes
-with ``openapi_extra``. tests/test_serve.py checks that every example in them is accepted.
+with ``openapi_extra``. tests/test_serve_ops.py checks that every example in them is accepted.
 """
 
 from __future__ import annotations

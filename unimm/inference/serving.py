@@ -46,6 +46,7 @@ def build_state(opts: ServeOptions):
         max_request_bytes=opts.max_request_bytes,
         max_image_pixels=opts.max_image_pixels,
         remote_images=opts.allow_remote_images,
+        private_image_hosts=opts.allow_private_image_hosts,
     )
     return ServerState(
         session,

@@ -12,20 +12,29 @@ the optimizer step. The resolved configuration is the run's hyperparameters (fla
 - mlflow: ``MLFLOW_TRACKING_URI``, else a file store in ``RUN/mlruns`` (``mlflow ui
   --backend-store-uri RUN/mlruns``).
 
-``NAME`` is ``train.run_name`` or the run folder's name. Only the main process writes.
+``NAME`` is ``train.run_name`` or the run folder's name. Only the main process writes. A line
+reaches the trackers when ``metrics.jsonl`` gets it (every ``train.log_every`` steps, so an
+evaluation shows when its step is one of those). A resumed run goes on at its step: TensorBoard
+appends to the same folder; wandb and MLflow open a new run under the same name. MLflow's names
+take no ``@``: ``R@1`` is ``R_at_1`` there.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from unimm.errors import UnimmError
 
+log_ = logging.getLogger(__name__)
+_MLFLOW_UNSAFE = re.compile(r"[^\w\-. :/]")
+_FAILED: set[str] = set()  # trackers already warned about (once per process)
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 LOGGING_DIR = "trackers"
 
@@ -75,8 +84,7 @@ def _hyperparameters(config: dict[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 def start(accelerator, report_to: list[str], run_dir: Path, run_name: str, config: dict[str, Any]) -> bool:
-    """Open the trackers' run (a resumed run opens it again and goes on at its step); whether
-    there are any.
+    """Open the trackers' run; whether there are any.
 
     Raises:
         UnimmError: a tracker that cannot start (its message says why).
@@ -119,9 +127,36 @@ def figures(line: dict[str, Any], batch: int) -> dict[str, float]:
     return out
 
 
+def tracker_names(values: dict[str, float], tracker: str) -> dict[str, float]:
+    """``values`` under names ``tracker`` accepts: MLflow takes only letters, digits and
+    ``_-. :/``, so ``coco/text_to_image/R@1`` is logged there as ``coco/text_to_image/R_at_1``."""
+    if tracker != "mlflow":
+        return values
+    return {
+        _MLFLOW_UNSAFE.sub(lambda m: "_at_" if m.group() == "@" else "_", k): v for k, v in values.items()
+    }
+
+
 def log(accelerator, line: dict[str, Any], batch: int) -> None:
-    """One step's figures to every tracker."""
-    accelerator.log(figures(line, batch), step=int(line["step"]))
+    """One step's figures to every tracker. A tracker that fails (a full disk, a lost server)
+    is warned about once and training goes on: ``metrics.jsonl`` has every step."""
+    if not accelerator.is_main_process:
+        return
+    values, step = figures(line, batch), int(line["step"])
+    for tracker in accelerator.trackers:
+        try:
+            tracker.log(tracker_names(values, tracker.name), step=step)
+        except Exception as exc:  # each tracker raises its own types
+            if tracker.name not in _FAILED:
+                _FAILED.add(tracker.name)
+                log_.warning(
+                    "train.report_to=%s: logging step %d failed (%s: %s); training goes on, "
+                    "metrics.jsonl has every step",
+                    tracker.name,
+                    step,
+                    type(exc).__name__,
+                    exc,
+                )
 
 
 def end(accelerator) -> None:
