@@ -126,6 +126,35 @@ def test_all_pairs_equal_tslearn_cdist_gak():
     np.testing.assert_allclose(normalised.numpy(), want, rtol=1e-6)
 
 
+def test_reused_working_memory_never_leaks_between_calls():
+    """The CPU working memory (unimm.align.scratch) is handed out again: a large call, then a
+    smaller ragged one with the triple kernel, then the large again give what fresh buffers
+    give, and the ragged one still equals tslearn."""
+    from tslearn.metrics import cdist_gak
+
+    from unimm.align import scratch
+
+    g = torch.Generator().manual_seed(5)
+    big = torch.full((40,), 9)
+    xb = unit(int(big.sum()), 8, seed=5)
+    first = gak_matrix(xb, big, sigma=1.1, single_slice="gak")
+    lengths = torch.randint(1, 6, (17,), generator=g)
+    x = unit(int(lengths.sum()), 8, seed=6)
+    modality = torch.randint(0, 2, (int(lengths.sum()),), generator=g)
+    gak_matrix_triple(x, x, modality, lengths, sigma="fixed", delta=1.0)
+    small = gak_matrix(x, lengths, sigma=0.9, single_slice="gak")
+    series = np.full((len(lengths), int(lengths.max()), 8), np.nan)
+    for i, v in enumerate(torch.split(x, lengths.tolist())):
+        series[i, : len(v)] = v.numpy()
+    np.testing.assert_allclose(small.numpy(), cdist_gak(series, sigma=0.9), rtol=1e-6)
+    torch.testing.assert_close(gak_matrix(xb, big, sigma=1.1, single_slice="gak"), first, rtol=0, atol=0)
+    scratch.KEPT_BYTES, kept = 0, scratch.KEPT_BYTES  # nothing kept: plain allocations
+    try:
+        torch.testing.assert_close(gak_matrix(xb, big, sigma=1.1, single_slice="gak"), first, rtol=0, atol=0)
+    finally:
+        scratch.KEPT_BYTES = kept
+
+
 def test_single_pair_equals_tslearn():
     from tslearn.metrics import gak as ts_gak
     from tslearn.metrics import unnormalized_gak

@@ -40,6 +40,8 @@ import math
 
 import torch
 
+from unimm.align.scratch import scratch
+
 LOCALS = ("gak", "log")
 METHODS = ("auto", "scaled", "log")
 
@@ -279,7 +281,9 @@ def _sweep(
         sub, sub_out = subset(idx)
         reads, read_idx, count = reads_of(idx)
         if count:
-            padded = sub.new_empty((n_rows, n_rows + n_cols, sub.shape[-1]))
+            shape = (n_rows, n_rows + n_cols, sub.shape[-1])
+            # kept for the backward pass when it is stored, else reused working memory
+            padded = sub.new_empty(shape) if store else scratch("kernels", shape, sub)
             padded[:, n_cols:] = 0.0
             k = padded[:, :n_cols]
             _local_kernel_into(sub, local, k)

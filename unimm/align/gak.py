@@ -21,6 +21,7 @@ import torch
 
 from unimm.align.dp import alignment_dp, alignment_log_kernel
 from unimm.align.kernels import TEACHERS, local_log_kernel, squared_distance
+from unimm.align.scratch import scratch
 
 SIGMAS = ("length_scaled", "fixed")
 SINGLE_SLICE = ("cosine", "gak")
@@ -74,22 +75,31 @@ def _sigma_of(lengths_a: torch.Tensor, lengths_b: torch.Tensor, sigma, delta: fl
 
 
 BlockDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(views_a [A], views_b [B]) -> φ [A, L, B, L]`` (the matrix product's own layout)."""
+"""``(views_a [A], views_b [B]) -> φ [L, A, L, B]`` (slice-major: the matrix product's own
+layout, in which the pair-last ``[L, L, A, B]`` is a permutation that keeps ``B`` contiguous, so
+gathering pairs copies runs of views rather than single elements)."""
 
 
-def _block_gram(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-    """``[A, L, d]``, ``[B, L, d]`` → ``[A, L, B, L]`` dot products, as one matrix product."""
-    (n_a, length, dim), n_b = xa.shape, xb.shape[0]
-    gram = xa.reshape(n_a * length, dim) @ xb.reshape(n_b * length, dim).T
-    return gram.view(n_a, length, n_b, length)
+def _block_gram(xa: torch.Tensor, xb: torch.Tensor, slot: str) -> torch.Tensor:
+    """``[L, A, d]``, ``[L, B, d]`` → ``[L, A, L, B]`` dot products, as one matrix product (into
+    working memory ``slot`` when no gradient is taken)."""
+    (length, n_a, dim), n_b = xa.shape, xb.shape[1]
+    a, b = xa.reshape(length * n_a, dim), xb.reshape(length * n_b, dim).T
+    if _needs_grad(xa, xb):
+        gram = a @ b
+    else:
+        gram = torch.mm(a, b, out=scratch(slot, (length * n_a, length * n_b), a))
+    return gram.view(length, n_a, length, n_b)
 
 
-def _plain_distance(padded: torch.Tensor) -> BlockDistance:
-    sq = (padded * padded).sum(-1)  # [N, L]
+def _plain_distance(padded: torch.Tensor, slot: str = "gram") -> BlockDistance:
+    by_slice = padded.transpose(0, 1)  # [L, N, d]
+    sq = (by_slice * by_slice).sum(-1)  # [L, N]
 
     def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        phi = _block_gram(padded[a], padded[b]).mul_(-2)
-        phi.add_(sq[a].view(len(a), -1, 1, 1)).add_(sq[b].view(1, 1, len(b), -1))
+        phi = _block_gram(by_slice[:, a], by_slice[:, b], slot).mul_(-2)
+        length = sq.shape[0]
+        phi.add_(sq[:, a].view(length, len(a), 1, 1)).add_(sq[:, b].view(1, 1, length, len(b)))
         return phi.clamp_min_(0)
 
     return distance
@@ -99,12 +109,13 @@ def _triple_distance(pu, pv, pm, kind: str) -> BlockDistance:
     # ‖a − b‖² with the norms, not 2 − 2 a·b: the same for unit rows, exactly 0 for a slice and
     # itself, and smooth for rows that are only nearly unit (features stored in float16).
     plain_v = _plain_distance(pv)
-    plain_u = _plain_distance(pu) if kind == "triple" else None
+    plain_u = _plain_distance(pu, "gram-expert") if kind == "triple" else None
 
     def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         phi = plain_v(a, b)
         if kind == "triple":
-            same = pm[a].view(len(a), -1, 1, 1) == pm[b].view(1, 1, len(b), -1)
+            length = pm.shape[1]
+            same = pm[a].T.reshape(length, len(a), 1, 1) == pm[b].T.reshape(1, 1, length, len(b))
             phi = torch.where(same, plain_u(a, b), phi)
         return phi
 
@@ -132,11 +143,11 @@ def _tiles(n_views: int, longest: int, device):
 
 
 def _pairs_of_tile(phi: torch.Tensor, upper: bool) -> torch.Tensor:
-    """``φ [A, L, B, L]`` → pair-last ``[L, L, P]``: all pairs, or (``upper``) pairs ``a ≤ b`` row-major.
+    """``φ [L, A, L, B]`` → pair-last ``[L, L, P]``: all pairs, or (``upper``) pairs ``a ≤ b`` row-major.
 
     One copy either way; the upper triangle is gathered row by row (twice as fast as an index).
     """
-    cells = phi.permute(1, 3, 0, 2)
+    cells = phi.permute(0, 2, 1, 3)
     if not upper:
         return cells.reshape(cells.shape[0], cells.shape[1], -1)
     if (
@@ -183,9 +194,9 @@ def _all_pairs(
         for a0, b0, na, nb, n_pairs in blocks[start:stop]:
             views_a = torch.arange(a0, a0 + na, device=device)
             views_b = torch.arange(b0, b0 + nb, device=device)
-            cells = distance(views_a, views_b).permute(1, 3, 0, 2)  # [L, L, A, B]
+            cells = distance(views_a, views_b).permute(0, 2, 1, 3)  # [L, L, A, B], B contiguous
             if phi is None:
-                phi = cells.new_empty((cells.shape[0], cells.shape[1], count))
+                phi = scratch("distances", (cells.shape[0], cells.shape[1], count), cells)
             if a0 == b0:
                 ia, ib = torch.triu_indices(na, nb, device=device)
                 for a in range(na):  # row slices: a copy each, faster than one gather
