@@ -414,6 +414,14 @@ def retrieve(
     qrels: Annotated[
         Path | None, typer.Option("--qrels", help="Relevance judgements (JSONL or TREC).")
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Search a vector database (Qdrant URL or folder) instead of --index."),
+    ] = None,
+    collection: Annotated[str | None, typer.Option("--collection", help="The --db collection.")] = None,
+    filter: Annotated[
+        list[str] | None, typer.Option("--filter", help="KEY=VALUE on the documents' metadata; repeatable.")
+    ] = None,
     metrics_out: Annotated[
         Path | None, typer.Option("--metrics-out", help="Write the metrics as JSON.")
     ] = None,

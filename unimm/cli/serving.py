@@ -23,6 +23,51 @@ index_app = typer.Typer(
 )
 
 
+@index_app.command("push")
+@user_errors
+def index_push(
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index folder (made by `unimm embed`).")
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Qdrant URL (http://host:6333), or a folder for an embedded one."),
+    ] = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", help="Collection (created if new).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Documents per upsert {default('push.batch_size')}")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip batches already pushed.")] = False,
+    quiet: QuietOpt = False,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Push an index (vectors, ids, text, metadata) into a vector database: idempotent, resumable."""
+    given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
+    from unimm.config import PushConfig, build_config
+    from unimm.inference.vectordb import push
+    from unimm.utils import progress_bar
+
+    cfg = build_config(PushConfig, recipe=recipe, options=as_options("push", given), overrides=set_)
+    opts = cfg.push
+    with progress_bar(desc="push", unit="doc", disable=quiet) as bar:
+        result = push(
+            opts.index,
+            opts.db,
+            opts.collection,
+            batch_size=opts.batch_size,
+            resume=opts.resume,
+            progress=bar.update,
+        )
+    if not quiet:
+        typer.echo(
+            f"pushed {result['pushed']} document(s) ({result['skipped']} already there) to "
+            f"{opts.collection}: {result['count']} in all"
+        )
+
+
 @index_app.command("build")
 @user_errors
 def index_build(

@@ -61,12 +61,23 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
     opts = cfg.retrieve
-    inputs = [opts.index, opts.model, *(p for p in (opts.queries, opts.qrels) if p)]
+    inputs = [p for p in (opts.index, opts.model, opts.queries, opts.qrels, opts.db) if p]
     for flag, path in (("--out", opts.out), ("--metrics-out", opts.metrics_out)):
         if path:
             claim_output(Path(path), None, inputs, flag=flag)
     session = Session.load(opts.model, **opts.session_options())
-    searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
+    if opts.db:
+        from unimm.inference.vectordb import DatabaseSearcher, parse_filter
+
+        searcher = DatabaseSearcher(
+            opts.db,
+            opts.collection,
+            model=opts.model,
+            instruction=session.task,
+            filters=parse_filter(opts.filter),
+        )
+    else:
+        searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
     queries = load_queries(opts)
     per_slice = [
         rows
@@ -76,7 +87,11 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
     embedded = torch.cat(
         [rows[-1:] for rows in per_slice]
     )  # each query as one view: cut after its last slice
-    hits = searcher.search(embedded, opts.top_k, block=opts.block)
+    try:
+        hits = searcher.search(embedded, opts.top_k, block=opts.block)
+    finally:
+        if opts.db:
+            searcher.close()
     if opts.rerank == "gak":
         hits = _rerank_gak(per_slice, hits, opts)
     rows = searcher.rows

@@ -38,6 +38,7 @@ RECIPE_SECTIONS = frozenset(
         "chat",
         "eval",
         "serve",
+        "push",
         "export",
         "mine",
     }

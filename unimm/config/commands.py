@@ -13,6 +13,7 @@ from unimm.config.inference import (
     ExportOptions,
     IndexOptions,
     MineOptions,
+    PushOptions,
     RetrieveOptions,
     ServeOptions,
 )
@@ -54,6 +55,13 @@ class IndexConfig:
     """Configuration of ``unimm index build``."""
 
     index: IndexOptions = dataclasses.field(default_factory=IndexOptions)
+
+
+@dataclasses.dataclass
+class PushConfig:
+    """Configuration of ``unimm index push``."""
+
+    push: PushOptions = dataclasses.field(default_factory=PushOptions)
 
 
 @dataclasses.dataclass
@@ -113,6 +121,7 @@ SECTIONS: dict[str, type] = {
     "serve": ServeOptions,
     "export": ExportOptions,
     "mine": MineOptions,
+    "push": PushOptions,
 }
 """Every recipe section and its dataclass (``RECIPE_SECTIONS`` names the same set)."""
 

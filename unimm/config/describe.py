@@ -23,6 +23,7 @@ from unimm.config.commands import (
     IndexConfig,
     MineConfig,
     PrepareConfig,
+    PushConfig,
     RetrieveConfig,
     ServeConfig,
     TrainConfig,
@@ -39,6 +40,7 @@ COMMAND_CONFIGS: dict[str, type] = {
     "serve": ServeConfig,
     "export": ExportConfig,
     "mine": MineConfig,
+    "index push": PushConfig,
 }
 """The commands whose configuration ``unimm config show --command NAME`` resolves."""
 

@@ -114,11 +114,31 @@ class RetrieveOptions(CheckpointOptions):
     out: str | None = None
     qrels: str | None = None
     metrics_out: str | None = None
+    db: str = ""
+    """A vector database to search instead of ``index``: a Qdrant URL, or the folder of an
+    embedded one (``unimm index push``)."""
+    collection: str = ""
+    """The collection of ``db`` to search."""
+    filter: list[str] = dataclasses.field(default_factory=list)
+    """``KEY=VALUE`` conditions on the documents' metadata, all of which must hold (``db`` only)."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        if not self.index:
-            problems.append("retrieve.index: give an index with --index DIR (made by `unimm embed`)")
+        if bool(self.index) == bool(self.db):
+            problems.append(
+                "retrieve: give an index with --index DIR (made by `unimm embed`), or a vector database "
+                "with --db URL|DIR --collection NAME (made by `unimm index push`)"
+            )
+        if self.db and not self.collection:
+            problems.append("retrieve.collection: give the collection with --collection NAME")
+        if self.filter and not self.db:
+            problems.append(
+                "retrieve.filter: filters apply to a vector database (--db); an index folder has none"
+            )
+        if self.db and self.rerank != "none":
+            problems.append(
+                "retrieve.rerank: GAK re-ranking reads an index folder's per-slice vectors; not with --db"
+            )
         if not self.query and not self.queries:
             problems.append("retrieve: give a query (--query TEXT and/or --image PATH) or --queries FILE")
         if self.query and self.queries:
@@ -129,6 +149,33 @@ class RetrieveOptions(CheckpointOptions):
             problems.append("retrieve.top_k and retrieve.block must be >= 1")
         if not self.rerank_delta > 0:
             problems.append(f"retrieve.rerank_delta: must be > 0, got {self.rerank_delta}")
+        return problems
+
+
+@dataclasses.dataclass
+class PushOptions:
+    """Section ``push``: ``unimm index push``, an index into a vector database."""
+
+    section: ClassVar[str] = "push"
+    index: str = ""
+    """The index folder (made by ``unimm embed``)."""
+    db: str = ""
+    """A Qdrant URL (``http://host:6333``), or a folder for the embedded database."""
+    collection: str = ""
+    """The collection to push into (created on the first push)."""
+    batch_size: int = 256
+    """Documents per upsert."""
+    resume: bool = False
+    """Skip batches already in the collection (a push that was interrupted goes on)."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.index else ["push.index: give the index folder with --index DIR"]
+        if not self.db or not self.collection:
+            problems.append(
+                "push: give the database with --db URL|DIR and the collection with --collection NAME"
+            )
+        if self.batch_size < 1:
+            problems.append(f"push.batch_size: must be >= 1, got {self.batch_size}")
         return problems
 
 
