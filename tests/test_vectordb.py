@@ -171,3 +171,40 @@ def test_bad_pushes_and_databases(tmp_path, trained):
         vectordb.DatabaseSearcher(db, "nope", model=str(checkpoint), instruction=None, filters={})
     with pytest.raises(UnimmError, match="--filter lang: give KEY=VALUE"):
         vectordb.parse_filter(["lang"])
+
+
+def test_chat_and_serve_search_through_the_database(tmp_path, trained):
+    """`chat --db` retrieves and answers as `chat --index`; `serve --db` finds, shapes and counts
+    what `serve --index` does (/v1/search, /health)."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx2")
+    from unimm.config import ChatOptions, ServeOptions
+    from unimm.inference.chat import ChatSession
+    from unimm.inference.serving import Background, build_state
+
+    checkpoint, index = trained
+    db = str(tmp_path / "db")
+    vectordb.push(str(index), db, "docs")
+    question = [Slice.of_text("Which shapes are red?")]
+    by_index = ChatSession(ChatOptions(model=str(checkpoint), index=str(index), top_k=2, max_new_tokens=4))
+    by_db = ChatSession(
+        ChatOptions(model=str(checkpoint), db=db, collection="docs", top_k=2, max_new_tokens=4)
+    )
+    try:
+        assert by_db.answer(question) == by_index.answer(question)
+        assert by_db.last_retrieved == by_index.last_retrieved and len(by_db.last_retrieved) == 2
+    finally:
+        by_db.searcher.close()
+    found = {}
+    for name, where in (("index", {"index": str(index)}), ("db", {"db": db, "collection": "docs"})):
+        state = build_state(ServeOptions(model=str(checkpoint), name="tiny", **where))
+        try:
+            with Background(state) as url:
+                found[name] = httpx.post(url + "/v1/search", json={"query": "red circles", "top_k": 3}).json()
+                found[name + "/health"] = httpx.get(url + "/health").json()["index"]
+        finally:
+            if name == "db":
+                state.searcher.close()
+    drop = lambda results: [{k: v for k, v in r.items() if k != "score"} for r in results]  # noqa: E731
+    assert drop(found["db"]["data"][0]["results"]) == drop(found["index"]["data"][0]["results"])
+    assert found["db/health"] == {"count": found["index/health"]["count"], "backend": "qdrant"}

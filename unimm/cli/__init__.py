@@ -23,7 +23,10 @@ from unimm.cli.config_show import config_app
 from unimm.cli.eval_bench import bench_app, eval_app
 from unimm.cli.mining import mine
 from unimm.cli.options import (
+    CollectionOpt,
     ColumnsOpt,
+    DbOpt,
+    FilterOpt,
     InstructionOpt,
     ModelDtypeOpt,
     RecipeOpt,
@@ -414,14 +417,9 @@ def retrieve(
     qrels: Annotated[
         Path | None, typer.Option("--qrels", help="Relevance judgements (JSONL or TREC).")
     ] = None,
-    db: Annotated[
-        str | None,
-        typer.Option("--db", help="Search a vector database (Qdrant URL or folder) instead of --index."),
-    ] = None,
-    collection: Annotated[str | None, typer.Option("--collection", help="The --db collection.")] = None,
-    filter: Annotated[
-        list[str] | None, typer.Option("--filter", help="KEY=VALUE on the documents' metadata; repeatable.")
-    ] = None,
+    db: DbOpt = None,
+    collection: CollectionOpt = None,
+    filter: FilterOpt = None,
     metrics_out: Annotated[
         Path | None, typer.Option("--metrics-out", help="Write the metrics as JSON.")
     ] = None,
@@ -491,6 +489,9 @@ def chat(
         float | None, typer.Option(help=f"Nucleus sampling mass. {default('chat.top_p')}")
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('chat.device')}")] = None,
+    db: DbOpt = None,
+    collection: CollectionOpt = None,
+    filter: FilterOpt = None,
     model_dtype: ModelDtypeOpt = None,
     instruction: InstructionOpt = None,
     quiet: Annotated[

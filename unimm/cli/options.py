@@ -61,6 +61,19 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bars or status lines; results and errors only.")
 ]
 
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Search a vector database (a Qdrant URL, or an embedded one's folder) instead of --index.",
+    ),
+]
+CollectionOpt = Annotated[str | None, typer.Option("--collection", help="The --db collection.")]
+FilterOpt = Annotated[
+    list[str] | None,
+    typer.Option("--filter", help="KEY=VALUE on the documents' metadata (--db); repeatable."),
+]
+
 ColumnsOpt = Annotated[
     str | None,
     typer.Option(

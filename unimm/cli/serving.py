@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from unimm.cli.options import (
+    CollectionOpt,
+    DbOpt,
+    FilterOpt,
     InstructionOpt,
     ModelDtypeOpt,
     QuietOpt,
@@ -125,6 +128,9 @@ def serve(
         int | None, typer.Option(help=f"Embedding inputs per forward pass {default('serve.max_batch')}")
     ] = None,
     device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda {default('serve.device')}")] = None,
+    db: DbOpt = None,
+    collection: CollectionOpt = None,
+    filter: FilterOpt = None,
     allow_remote_images: Annotated[
         bool | None,
         typer.Option(

@@ -54,9 +54,9 @@ def load_queries(opts: RetrieveOptions) -> list[Sample]:
 
 def run(cfg: RetrieveConfig) -> dict[str, Any]:
     """Search and (with qrels) score; return ``{"results": [...], "metrics": {...} | None}``."""
-    from unimm.inference.ann import Searcher
     from unimm.inference.search import metrics, read_qrels
     from unimm.inference.session import Session
+    from unimm.inference.vectordb import searcher_for
     from unimm.outputs import claim_output
     from unimm.utils import atomic_write_bytes, atomic_write_json
 
@@ -66,18 +66,7 @@ def run(cfg: RetrieveConfig) -> dict[str, Any]:
         if path:
             claim_output(Path(path), None, inputs, flag=flag)
     session = Session.load(opts.model, **opts.session_options())
-    if opts.db:
-        from unimm.inference.vectordb import DatabaseSearcher, parse_filter
-
-        searcher = DatabaseSearcher(
-            opts.db,
-            opts.collection,
-            model=opts.model,
-            instruction=session.task,
-            filters=parse_filter(opts.filter),
-        )
-    else:
-        searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
+    searcher = searcher_for(opts, session)
     queries = load_queries(opts)
     per_slice = [
         rows

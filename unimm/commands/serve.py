@@ -40,7 +40,7 @@ def run(cfg: ServeConfig, *, announce=print) -> None:
         _log_access_to_stderr()
     state = build_state(opts)
     server = make_server(state, opts.host, opts.port)
-    index = f", index of {len(state.searcher.rows)} ({state.searcher.backend})" if state.searcher else ""
+    index = f", index of {state.searcher.count} ({state.searcher.backend})" if state.searcher else ""
     key = " (API key required)" if state.api_key else ""
     announce(f"serving {state.name}{index} on http://{opts.host}:{opts.port}/v1{key}; Ctrl-C stops")
     try:

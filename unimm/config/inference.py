@@ -91,7 +91,39 @@ class EmbedOptions(CheckpointOptions):
 
 
 @dataclasses.dataclass
-class RetrieveOptions(CheckpointOptions):
+class DatabaseOptions(CheckpointOptions):
+    """What a command that searches holds besides its index folder: a vector database."""
+
+    db: str = ""
+    """A vector database to search instead of an index folder: a Qdrant URL, or the folder of an
+    embedded one (filled by ``unimm index push``)."""
+    collection: str = ""
+    """The collection of ``db`` to search."""
+    filter: list[str] = dataclasses.field(default_factory=list)
+    """``KEY=VALUE`` conditions on the documents' metadata, all of which must hold (``db`` only)."""
+
+    def database_problems(self, index: str | None, *, required: bool) -> list[str]:
+        """What is wrong with the choice between ``index`` and ``db`` (``required``: one is needed)."""
+        name = self.section
+        problems = []
+        if index and self.db:
+            problems.append(f"{name}: give an index (--index DIR) or a vector database (--db), not both")
+        elif required and not index and not self.db:
+            problems.append(
+                f"{name}: give an index with --index DIR (made by `unimm embed`), or a vector database "
+                "with --db URL|DIR --collection NAME (made by `unimm index push`)"
+            )
+        if self.db and not self.collection:
+            problems.append(f"{name}.collection: give the collection with --collection NAME")
+        if self.filter and not self.db:
+            problems.append(
+                f"{name}.filter: filters apply to a vector database (--db); an index folder has none"
+            )
+        return problems
+
+
+@dataclasses.dataclass
+class RetrieveOptions(DatabaseOptions):
     """Section ``retrieve``."""
 
     section: ClassVar[str] = "retrieve"
@@ -114,27 +146,9 @@ class RetrieveOptions(CheckpointOptions):
     out: str | None = None
     qrels: str | None = None
     metrics_out: str | None = None
-    db: str = ""
-    """A vector database to search instead of ``index``: a Qdrant URL, or the folder of an
-    embedded one (``unimm index push``)."""
-    collection: str = ""
-    """The collection of ``db`` to search."""
-    filter: list[str] = dataclasses.field(default_factory=list)
-    """``KEY=VALUE`` conditions on the documents' metadata, all of which must hold (``db`` only)."""
 
     def validate(self) -> list[str]:
-        problems = super().validate()
-        if bool(self.index) == bool(self.db):
-            problems.append(
-                "retrieve: give an index with --index DIR (made by `unimm embed`), or a vector database "
-                "with --db URL|DIR --collection NAME (made by `unimm index push`)"
-            )
-        if self.db and not self.collection:
-            problems.append("retrieve.collection: give the collection with --collection NAME")
-        if self.filter and not self.db:
-            problems.append(
-                "retrieve.filter: filters apply to a vector database (--db); an index folder has none"
-            )
+        problems = super().validate() + self.database_problems(self.index, required=True)
         if self.db and self.rerank != "none":
             problems.append(
                 "retrieve.rerank: GAK re-ranking reads an index folder's per-slice vectors; not with --db"
@@ -215,7 +229,7 @@ class IndexOptions:
 
 
 @dataclasses.dataclass
-class ChatOptions(CheckpointOptions):
+class ChatOptions(DatabaseOptions):
     """Section ``chat``."""
 
     section: ClassVar[str] = "chat"
@@ -231,7 +245,7 @@ class ChatOptions(CheckpointOptions):
     top_p: float = 1.0
 
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = super().validate() + self.database_problems(self.index, required=False)
         if self.top_k < 1 or self.max_new_tokens < 1:
             problems.append("chat.top_k and chat.max_new_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -294,7 +308,7 @@ class EvalOptions(CheckpointOptions):
 
 
 @dataclasses.dataclass
-class ServeOptions(CheckpointOptions):
+class ServeOptions(DatabaseOptions):
     """Section ``serve``: ``unimm serve``'s model, index, address, batching and request limits."""
 
     section: ClassVar[str] = "serve"
@@ -332,7 +346,7 @@ class ServeOptions(CheckpointOptions):
     """One line per request on stderr: request id, method, path, status, milliseconds, client."""
 
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = super().validate() + self.database_problems(self.index, required=False)
         if not 0 < self.port < 65536:
             problems.append(f"serve.port: must be in 1..65535, got {self.port}")
         counts = ("max_batch", "max_new_tokens", "max_new_tokens_limit", "max_inputs", "max_request_bytes")

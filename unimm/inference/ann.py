@@ -264,6 +264,11 @@ class Searcher:
     def backend(self) -> str:
         return self.ann["backend"] if self.ann else "exact"
 
+    @property
+    def count(self) -> int:
+        """Documents in the index."""
+        return len(self.rows)
+
     def search(self, queries: torch.Tensor, k: int, *, block: int = 65536) -> list[list[tuple[int, float]]]:
         """For each query, up to ``k`` ``(row, score)`` pairs, best first (an ANN index may find
         fewer than ``k``)."""

@@ -51,14 +51,12 @@ class ChatSession:
     """A loaded model (and optional index) that answers messages and keeps the conversation."""
 
     def __init__(self, opts: ChatOptions) -> None:
-        from unimm.inference.ann import Searcher
         from unimm.inference.session import Session
+        from unimm.inference.vectordb import searcher_for
 
         self.opts = opts
         self.session = Session.load(opts.model, **opts.session_options())
-        self.searcher = (
-            Searcher.for_session(opts.index, self.session, opts.model, opts.backend) if opts.index else None
-        )
+        self.searcher = searcher_for(opts, self.session)
         self.history: list[Slice] = []
         self.last_prompt: Sample | None = None
         self.last_retrieved: list[str] = []

@@ -252,7 +252,7 @@ def create_app(state: ServerState):
         return {
             "status": "ok",
             "model": state.name,
-            "index": None if index is None else {"count": len(index.rows), "backend": index.backend},
+            "index": None if index is None else {"count": index.count, "backend": index.backend},
         }
 
     @app.get("/metrics", include_in_schema=False)

@@ -30,15 +30,13 @@ def build_state(opts: ServeOptions):
     """Load the session and the index, and check them, before anything listens."""
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         _needs(module)
-    from unimm.inference.ann import Searcher
     from unimm.inference.api import Limits
     from unimm.inference.server import ServerState
     from unimm.inference.session import Session
+    from unimm.inference.vectordb import searcher_for
 
     session = Session.load(opts.model, **opts.session_options())
-    searcher = None
-    if opts.index:
-        searcher = Searcher.for_session(opts.index, session, opts.model, opts.backend)
+    searcher = searcher_for(opts, session)
     folder = Path(opts.model).resolve()
     limits = Limits(
         max_inputs=opts.max_inputs,

@@ -24,6 +24,7 @@ field no document has, are refused from it.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,10 +216,48 @@ def _filter_value(text: str):
     return value if isinstance(value, (int, bool)) else text
 
 
+def searcher_for(opts, session):
+    """The searcher a command's options name (``index`` folder, or ``db`` + ``collection`` with
+    ``filter``), for the queries ``session`` embeds; ``None`` when they name neither."""
+    if opts.db:
+        filters = parse_filter(opts.filter)
+        return DatabaseSearcher(
+            opts.db, opts.collection, model=opts.model, instruction=session.task, filters=filters
+        )
+    if opts.index:
+        from unimm.inference.ann import Searcher
+
+        return Searcher.for_session(opts.index, session, opts.model, opts.backend)
+    return None
+
+
+class _FoundRows:
+    """The index rows of the documents found lately, by number (a long-running server searches
+    forever: the oldest are let go past :data:`KEPT`)."""
+
+    KEPT = 100_000
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict] = {}
+        self.next = 0
+
+    def add(self, row: dict) -> int:
+        number, self.next = self.next, self.next + 1
+        self.rows[number] = row
+        self.rows.pop(number - self.KEPT, None)
+        return number
+
+    def __getitem__(self, number: int) -> dict:
+        return self.rows[number]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class DatabaseSearcher:
     """Search a collection as :class:`unimm.inference.ann.Searcher` searches an index folder:
-    ``search`` gives ``(row, score)`` pairs, ``rows[row]`` the index row of each found document
-    (rows accumulate as documents are found)."""
+    ``search`` gives ``(row, score)`` pairs, ``rows[row]`` the index row of each found document.
+    Searches of one embedded database take turns (its local mode is not made for threads)."""
 
     backend = "qdrant"
 
@@ -235,7 +274,8 @@ class DatabaseSearcher:
             raise
         self.filters, self.dim = filters, int(card["dim"])
         self.manifest = {"data": card.get("data", []), "model": card["model"]}
-        self.rows: list[dict] = []
+        self.rows = _FoundRows()
+        self.lock = threading.Lock()
 
     def _check(self, db, collection, model, instruction, filters, model_hash) -> dict[str, Any]:
         card = read_card(self.client, collection)
@@ -261,6 +301,12 @@ class DatabaseSearcher:
             )
         return card
 
+    @property
+    def count(self) -> int:
+        """Documents in the collection."""
+        with self.lock:
+            return int(self.client.count(self.collection).count)
+
     def close(self) -> None:
         """Let go of the database (an embedded one is locked while it is open)."""
         self.client.close()
@@ -282,12 +328,9 @@ class DatabaseSearcher:
 
         out = []
         for query in truncate(queries, self.dim).tolist():
-            found = self.client.query_points(
-                self.collection, query=query, limit=k, with_payload=True, query_filter=self._filter()
-            ).points
-            hits = []
-            for point in found:
-                self.rows.append(point.payload["row"])
-                hits.append((len(self.rows) - 1, float(point.score)))
-            out.append(hits)
+            with self.lock:
+                found = self.client.query_points(
+                    self.collection, query=query, limit=k, with_payload=True, query_filter=self._filter()
+                ).points
+                out.append([(self.rows.add(point.payload["row"]), float(point.score)) for point in found])
         return out
