@@ -132,6 +132,16 @@ def test_a_push_killed_half_way_resumes_without_loss_or_duplicates(tmp_path, tra
     with pytest.raises(KeyboardInterrupt):
         vectordb.push(str(index), db, "docs", batch_size=4)
     monkeypatch.setattr(vectordb, "connect", real_connect)
+    from unimm.inference.documents import document_view
+
+    def fields(of_rows):
+        return sorted(set().union(*(document_view(r, [])["metadata"] for r in of_rows)))
+
+    client = real_connect(db)
+    try:  # what is in is filterable, though the push stopped
+        assert vectordb.read_card(client, "docs")["fields"] == fields(rows[:8])
+    finally:
+        client.close()
     result = vectordb.push(str(index), db, "docs", batch_size=4, resume=True)
     assert result == {"pushed": len(rows) - 8, "skipped": 8, "count": len(rows)}
     client = real_connect(db)
@@ -139,6 +149,7 @@ def test_a_push_killed_half_way_resumes_without_loss_or_duplicates(tmp_path, tra
         points = client.retrieve("docs", ids=[vectordb.point_id(r["id"]) for r in rows], with_vectors=True)
         by_id = {p.payload["id"]: p for p in points}
         assert sorted(by_id) == sorted(r["id"] for r in rows)
+        assert vectordb.read_card(client, "docs")["fields"] == fields(rows) != []
         for n, row in enumerate(rows):
             assert by_id[row["id"]].vector == pytest.approx(stored[n].tolist(), rel=1e-6)
             assert by_id[row["id"]].payload["row"] == row

@@ -172,21 +172,26 @@ def _push(
     fields, pushed, skipped = set(card["fields"]), 0, 0
     for vectors, rows in _batches(index, batch_size):
         ids = [point_id(row["id"]) for row in rows]
+        views = [document_view(row, manifest.get("data", [])) for row in rows]
         if resume and len(client.retrieve(collection, ids=ids, with_payload=False)) == len(ids):
             skipped += len(ids)
         else:
-            points = []
-            for pid, vector, row in zip(ids, vectors.tolist(), rows, strict=True):
-                view = document_view(row, manifest.get("data", []))
-                fields |= set(view["metadata"])
-                payload = {"id": row["id"], "row": row, **view, "model_hash": manifest["model_hash"]}
-                points.append(models.PointStruct(id=pid, vector=vector, payload=payload))
+            points = [
+                models.PointStruct(
+                    id=pid,
+                    vector=vector,
+                    payload={"id": row["id"], "row": row, **view, "model_hash": manifest["model_hash"]},
+                )
+                for pid, vector, row, view in zip(ids, vectors.tolist(), rows, views, strict=True)
+            ]
             client.upsert(collection, points=points, wait=True)
             pushed += len(points)
+        seen = fields.union(*(view["metadata"] for view in views))
+        if seen != fields:  # the card knows every field of what is in, even if the push stops here
+            fields = seen
+            _write_card(client, collection, {**card, "fields": sorted(fields)})
         if progress is not None:
             progress(len(ids))
-    if fields != set(card["fields"]):
-        _write_card(client, collection, {**card, "fields": sorted(fields)})
     return {"pushed": pushed, "skipped": skipped, "count": client.count(collection).count}
 
 
