@@ -213,6 +213,20 @@ def test_chat_and_serve_search_through_the_database(tmp_path, trained):
             with Background(state) as url:
                 found[name] = httpx.post(url + "/v1/search", json={"query": "red circles", "top_k": 3}).json()
                 found[name + "/health"] = httpx.get(url + "/health").json()["index"]
+                first = found[name]["data"][0]["results"][0]["metadata"]
+                key, value = next((k, v) for k, v in first.items() if isinstance(v, (str, int)))
+                body = {"query": "red circles", "top_k": 5, "filter": {key: value}}
+                filtered = httpx.post(url + "/v1/search", json=body)
+                if name == "index":  # an index folder has no filters
+                    assert filtered.status_code == 400 and "unimm serve --db" in filtered.text
+                    continue
+                results = filtered.json()["data"][0]["results"]
+                assert results and all(r["metadata"][key] == value for r in results)
+                unknown = httpx.post(url + "/v1/search", json={"query": "x", "filter": {"colour": "red"}})
+                assert (
+                    unknown.status_code == 400
+                    and "colour: no document has that metadata field" in unknown.text
+                )
         finally:
             if name == "db":
                 state.searcher.close()

@@ -58,7 +58,15 @@ EMBEDDINGS = {
 SEARCH = {
     "type": "object",
     "required": ["query"],
-    "properties": {"query": _INPUTS, "model": _MODEL, "top_k": {"type": "integer", "default": 10}},
+    "properties": {
+        "query": _INPUTS,
+        "model": _MODEL,
+        "top_k": {"type": "integer", "default": 10},
+        "filter": {
+            "type": "object",
+            "description": "metadata field → value, all of which must hold (a server started with --db)",
+        },
+    },
     "example": {"query": "red circles", "top_k": 3},
 }
 CHAT = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import json
 import threading
 import time
@@ -142,6 +143,31 @@ class ServerState:
             {"id": rows[r]["id"], "score": round(s, 6), **document_view(rows[r], data, sample)}
             for (r, s), sample in zip(hits, samples, strict=True)
         ]
+
+
+def _search_filters(body: dict[str, Any], searcher) -> dict[str, Any]:
+    """``filter`` of a search request: ``{field: value}`` on the documents' metadata, for a
+    server searching a vector database (``--db``)."""
+    filters = body.get("filter")
+    if filters is None:
+        return {}
+    if not isinstance(filters, dict) or not all(
+        isinstance(v, (str, int, bool)) and not isinstance(v, float) for v in filters.values()
+    ):
+        raise ApiError(
+            400,
+            "'filter' must be an object of metadata fields and string, integer or boolean values",
+            param="filter",
+        )
+    if not hasattr(searcher, "check_filters"):
+        raise ApiError(
+            400, "'filter' needs a server searching a vector database (unimm serve --db)", param="filter"
+        )
+    try:
+        searcher.check_filters(filters)
+    except UnimmError as exc:
+        raise ApiError(400, str(exc).removeprefix("--filter "), param="filter") from None
+    return filters
 
 
 def _input_type(body: dict[str, Any]) -> str:
@@ -304,9 +330,11 @@ def create_app(state: ServerState):
         if state.searcher is None:
             raise ApiError(400, "no index is loaded: start the server with --index DIR", code="no_index")
         top_k = number(body, "top_k", 10, 1, state.limits.max_top_k, int)
+        filters = _search_filters(body, state.searcher)
         samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
         vectors, _ = await state.batcher(state.session.instruct(samples, "query"))
-        hits = await asyncio.to_thread(state.searcher.search, vectors, top_k)  # off the event loop
+        search = functools.partial(state.searcher.search, **({"filters": filters} if filters else {}))
+        hits = await asyncio.to_thread(search, vectors, top_k)  # off the event loop
         found = await asyncio.to_thread(lambda: [state.documents(h) for h in hits])  # reads shards
         data = [{"index": i, "results": results} for i, results in enumerate(found)]
         return {"object": "list", "data": data, "model": state.name}

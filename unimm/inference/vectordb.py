@@ -298,13 +298,22 @@ class DatabaseSearcher:
                 f"--collection {collection}: its documents were embedded under instruction task "
                 f"{card.get('instruction', '')!r}, the queries' is {instruction!r}"
             )
-        unknown = sorted(set(filters) - set(card["fields"]))
+        self.fields = list(card["fields"])
+        self.check_filters(filters)
+        return card
+
+    def check_filters(self, filters: dict[str, Any]) -> None:
+        """Refuse a filter on a field no document of the collection has.
+
+        Raises:
+            UnimmError: naming the fields there are.
+        """
+        unknown = sorted(set(filters) - set(self.fields))
         if unknown:
-            known = ", ".join(card["fields"]) or "none"
+            known = ", ".join(self.fields) or "none"
             raise UnimmError(
                 f"--filter {', '.join(unknown)}: no document has that metadata field (fields: {known})"
             )
-        return card
 
     @property
     def count(self) -> int:
@@ -316,26 +325,30 @@ class DatabaseSearcher:
         """Let go of the database (an embedded one is locked while it is open)."""
         self.client.close()
 
-    def _filter(self):
+    def _filter(self, extra: dict[str, Any] | None):
         from qdrant_client import models
 
-        if not self.filters:
+        filters = {**self.filters, **(extra or {})}
+        if not filters:
             return None
         conditions = [
             models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=value))
-            for key, value in self.filters.items()
+            for key, value in filters.items()
         ]
         return models.Filter(must=conditions)
 
-    def search(self, queries: torch.Tensor, k: int, *, block: int = 65536) -> list[list[tuple[int, float]]]:
-        """For each query, up to ``k`` ``(row, score)`` pairs, best first."""
+    def search(
+        self, queries: torch.Tensor, k: int, *, block: int = 65536, filters: dict[str, Any] | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """For each query, up to ``k`` ``(row, score)`` pairs, best first; ``filters`` (checked
+        with :meth:`check_filters`) add to the searcher's own."""
         from unimm.model.core import truncate
 
-        out = []
+        out, condition = [], self._filter(filters)
         for query in truncate(queries, self.dim).tolist():
             with self.lock:
                 found = self.client.query_points(
-                    self.collection, query=query, limit=k, with_payload=True, query_filter=self._filter()
+                    self.collection, query=query, limit=k, with_payload=True, query_filter=condition
                 ).points
                 out.append([(self.rows.add(point.payload["row"]), float(point.score)) for point in found])
         return out
