@@ -302,9 +302,10 @@ def _collect(inputs: list[Path], opts: PrepareOptions) -> tuple[list[_Pending], 
     pending: list[_Pending] = []
     rejects: list[DataError] = []
     seen: dict[str, str] = {}
+    columns = parse_columns(opts.columns)
     for path in inputs:
         root = Path(opts.image_root) if opts.image_root is not None else default_image_root(path)
-        for item in iter_records(path, opts.format, record_limits(opts), columns=parse_columns(opts.columns)):
+        for item in iter_records(path, opts.format, record_limits(opts), columns=columns):
             if isinstance(item, DataError):
                 rejects.append(item)
                 continue

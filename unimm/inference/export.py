@@ -33,27 +33,28 @@ EXPORT_MANIFEST = "unimm-export.json"
 FORMATS = ("sentence-transformers", "hf-merged")
 
 
-def _st_prompts(checkpoint: Path, instruction: str | None) -> dict[str, str]:
+def _st_prompts(meta: dict[str, Any], instruction: str | None) -> dict[str, str]:
     """sentence-transformers' ``prompts`` of the export: the instruction task's query and
     document texts (``encode_query``/``encode_document`` pick them; the module makes a prompt the
     sample's instruction, as ``unimm embed`` and ``retrieve`` do)."""
     from unimm.data.instructions import INSTRUCTION_ROLES, chosen_task, instruction_text
-    from unimm.model.checkpoint import read_meta
 
-    settings = read_meta(checkpoint)["inference"]
+    settings = meta["inference"]
     task = chosen_task(settings, instruction)
     texts = {role: instruction_text(settings["instructions"], task, role) for role in INSTRUCTION_ROLES}
     return {role: text for role, text in texts.items() if text}
 
 
-def _sentence_transformers(checkpoint: Path, staging: Path, prompts: dict[str, str]) -> None:
+def _sentence_transformers(
+    checkpoint: Path, staging: Path, meta: dict[str, Any], prompts: dict[str, str]
+) -> None:
     import sentence_transformers
     import torch
     import transformers
 
     from unimm.inference.st_encoder import CONFIG_NAME
     from unimm.model.card import model_card
-    from unimm.model.checkpoint import copy_checkpoint, read_meta
+    from unimm.model.checkpoint import copy_checkpoint
 
     copy_checkpoint(checkpoint, staging / "checkpoint")
     modules = [{"idx": 0, "name": "0", "path": "", "type": "unimm.inference.st_encoder.UnimmEncoder"}]
@@ -76,7 +77,6 @@ def _sentence_transformers(checkpoint: Path, staging: Path, prompts: dict[str, s
         },
     )
     atomic_write_json(staging / CONFIG_NAME, {"checkpoint": "checkpoint"})
-    meta = read_meta(checkpoint)
     card = model_card(
         meta,
         title="A unimm checkpoint for sentence-transformers",
@@ -124,9 +124,11 @@ def export(opts: ExportOptions) -> dict[str, Any]:
             f"--out {out} is not empty; pass --overwrite (it replaces an earlier export) or another --out"
         )
     prompts: dict[str, str] = {}
+    meta: dict[str, Any] = {}
     if opts.format == "sentence-transformers":  # hf-merged's load checks the same, once
-        check_content(checkpoint, read_meta(checkpoint))  # complete and undamaged, before any copy
-        prompts = _st_prompts(checkpoint, opts.instruction)
+        meta = read_meta(checkpoint)
+        check_content(checkpoint, meta)  # complete and undamaged, before any copy
+        prompts = _st_prompts(meta, opts.instruction)
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -134,7 +136,7 @@ def export(opts: ExportOptions) -> dict[str, Any]:
             _hf_merged(checkpoint, staging, opts)
         else:
             staging.mkdir(parents=True)
-            _sentence_transformers(checkpoint, staging, prompts)
+            _sentence_transformers(checkpoint, staging, meta, prompts)
         manifest = {
             "kind": "unimm-export",
             "format": opts.format,

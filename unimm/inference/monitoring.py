@@ -27,16 +27,6 @@ import uuid
 ACCESS_LOG = logging.getLogger("unimm.access")
 REQUEST_ID_HEADER = "x-request-id"
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-ROUTES = (
-    "/v1/embeddings",
-    "/v1/chat/completions",
-    "/v1/search",
-    "/v1/models",
-    "/health",
-    "/metrics",
-    "/docs",
-    "/openapi.json",
-)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -46,17 +36,14 @@ def request_id(given: str | None) -> str:
     return given if given and _PLAIN_ID.match(given) else f"req-{uuid.uuid4().hex}"
 
 
-def route_of(path: str) -> str:
-    """The ``route`` label of a request path."""
-    return path if path in ROUTES else "other"
-
-
 class ServerMetrics:
     """The server's Prometheus metrics (see the module docs)."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
+        self.routes: frozenset[str] = frozenset()
+        """The application's paths (set by it): any other path is counted as ``other``."""
         self.registry = CollectorRegistry()
         where = {"registry": self.registry}
         self.requests = Counter("unimm_requests", "HTTP requests answered", ["route", "status"], **where)
@@ -82,7 +69,7 @@ class ServerMetrics:
 
     def observe_request(self, path: str, status: int, seconds: float, error_type: str | None) -> None:
         """Count one answered request."""
-        route = route_of(path)
+        route = path if path in self.routes else "other"
         self.requests.labels(route, str(status)).inc()
         self.duration.labels(route).observe(seconds)
         if error_type is not None:

@@ -366,6 +366,7 @@ def create_app(state: ServerState):
         }
         return {"object": "chat.completion", **meta, "choices": [choice], "usage": usage}
 
+    state.metrics.routes = frozenset(route.path for route in app.routes)
     return app
 
 
