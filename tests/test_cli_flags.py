@@ -34,6 +34,7 @@ RESULT_ONLY = {
     "bench train",
     "bench data",
     "bench retrieve",
+    "bench index",
     "bench serve",
 }
 

@@ -10,7 +10,8 @@ import torch
 from unimm.commands.embed import run
 from unimm.config import EmbedConfig, IndexOptions, build_config
 from unimm.errors import UnimmError
-from unimm.inference.ann import Searcher, build_ann, read_ann_manifest
+from unimm.inference.ann import Searcher, read_ann_manifest
+from unimm.inference.ann_build import build_ann
 from unimm.inference.search import exact_search
 from unimm.inference.store import load_index
 
@@ -154,7 +155,7 @@ def test_other_backends(tmp_path, backend):
     probed ranks the true neighbour first for most queries (its codes are approximate)."""
     from safetensors.torch import save_file
 
-    from unimm.inference.ann import _read
+    from unimm.inference.ann import open_ann
 
     gen = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(16, 64, generator=gen), dim=1)
@@ -168,7 +169,7 @@ def test_other_backends(tmp_path, backend):
         json.dumps({"kind": "unimm-index", "parts": [{"name": "embeddings-00000", "count": 640}], "dim": 64})
     )
     ann = build_ann(IndexOptions(index=str(tmp_path), backend=backend, nprobe=64))
-    index = _read(tmp_path, ann)
+    index = open_ann(tmp_path, ann)
     _, rows = index.search(data[:100].numpy(), 1)
     hit = (torch.from_numpy(rows[:, 0]) == torch.arange(100)).float().mean().item()
     if backend == "faiss-flat":

@@ -57,7 +57,7 @@ def test_qrels_formats_and_errors(tmp_path):
 def test_faiss_flat_equals_exact_and_hnsw_recalls():
     pytest.importorskip("faiss")
     from unimm.config import IndexOptions
-    from unimm.inference.ann import faiss_index
+    from unimm.inference.ann_build import faiss_index
 
     g = torch.Generator().manual_seed(3)
     index = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=-1)

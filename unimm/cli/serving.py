@@ -90,6 +90,12 @@ def index_build(
     nprobe: Annotated[
         int | None, typer.Option(help=f"IVF-PQ lists searched {default('index.nprobe')}")
     ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume", help="Go on with an interrupted build (saved every index.checkpoint_every vectors)."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
@@ -97,10 +103,10 @@ def index_build(
     """Build a FAISS index beside the embeddings; retrieve, chat and serve then search it."""
     given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.config import IndexConfig, build_config
-    from unimm.inference.ann import build_ann
+    from unimm.inference.ann_build import build_ann
 
     cfg = build_config(IndexConfig, recipe=recipe, options=as_options("index", given), overrides=set_)
-    ann = build_ann(cfg.index)
+    ann = build_ann(cfg.index, progress=not quiet)
     params = ", ".join(f"{k}={v}" for k, v in ann["params"].items())
     if not quiet:
         typer.echo(

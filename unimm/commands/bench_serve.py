@@ -131,7 +131,7 @@ def bench_ann(backend: str, *, docs: int, dim: int, queries: int = 256, k: int =
     import torch
 
     from unimm.config import IndexOptions
-    from unimm.inference.ann import faiss_index
+    from unimm.inference.ann_build import faiss_index
     from unimm.inference.search import exact_search
 
     data = clustered_unit_vectors(docs, dim)

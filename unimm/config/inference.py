@@ -218,11 +218,17 @@ class IndexOptions:
     """IVF-PQ: lists searched per query (recall against speed)."""
     train_size: int = 0
     """IVF-PQ: vectors the quantizers are trained on; 0: min(n, 256·nlist, 100 000)."""
+    checkpoint_every: int = 1_000_000
+    """Vectors added between two saves of the index built so far (what ``--resume`` goes on from)."""
+    resume: bool = False
+    """Go on with the interrupted build in the index's ``ann/`` (the same options), not start over."""
 
     def validate(self) -> list[str]:
         problems = [] if self.index else ["index.index: give the index folder with --index DIR"]
         numbers = ("hnsw_m", "ef_construction", "ef_search", "nlist", "pq_m", "nprobe", "train_size")
         problems += [f"index.{k} must be >= 0" for k in numbers if getattr(self, k) < 0]
+        if self.checkpoint_every < 1:
+            problems.append("index.checkpoint_every must be >= 1 (vectors between saves)")
         if not 1 <= self.pq_bits <= 16 or min(self.hnsw_m, self.ef_search, self.nprobe) < 1:
             problems.append("index.pq_bits must be in 1..16; index.hnsw_m, ef_search and nprobe >= 1")
         return problems

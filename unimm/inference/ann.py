@@ -14,22 +14,24 @@ Back ends (inner product on unit vectors = cosine):
 - ``faiss-flat``: exact, the vectors in float32 (4·d bytes each);
 - ``faiss-hnsw``: a graph (HNSW, ``hnsw_m`` links per node), float32 vectors plus the graph;
 - ``faiss-ivfpq``: ``nlist`` inverted lists with product-quantized codes (``pq_m`` bytes per
-  vector at 8 bits): memory for 1 M+ vectors, approximate scores.
+  vector at 8 bits): memory for 1 M+ vectors, approximate scores; its inverted lists are mapped
+  from the file when searched, not read (a 10 M × 256 index opens in a moment).
+
+Building (a part of the embeddings at a time, resumable) is :mod:`unimm.inference.ann_build`.
+Document rows are read a part at a time when a search finds them
+(:class:`unimm.inference.store.IndexRows`), not all at start.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unimm.config import IndexOptions
 from unimm.errors import UnimmError
-from unimm.utils import atomic_write_bytes, atomic_write_json
 
 BACKENDS = ("faiss-flat", "faiss-hnsw", "faiss-ivfpq")
 ANN_DIR = "ann"
@@ -44,56 +46,12 @@ def _faiss():
     return faiss
 
 
-def _ivfpq_shape(n: int, dim: int, params: IndexOptions) -> tuple[int, int, int, int]:
-    """``(nlist, pq_m, pq_bits, train_size)`` for ``n`` vectors of ``dim``."""
-    nlist = params.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-    pq_m = params.pq_m or max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
-    if dim % pq_m:
-        raise UnimmError(f"index.pq_m = {pq_m} does not divide the dimension {dim}; pick a divisor of {dim}")
-    bits = min(params.pq_bits, max(1, int(math.log2(n))))
-    train = params.train_size or min(n, max(256 * nlist, 1 << bits), 100_000)
-    if nlist > n:
-        raise UnimmError(f"index.nlist = {nlist} is more than the {n} vectors; lower it")
-    return nlist, pq_m, bits, min(train, n)
-
-
-def faiss_index(data, opts: IndexOptions) -> tuple[Any, dict[str, Any]]:
-    """A FAISS index of ``opts.backend`` holding ``data`` (float32 ``[n, d]``, unit rows) and the
-    parameters it was made with (searching ones applied)."""
-    index, used = _new_index(opts.backend, data, opts)
-    index.add(data)
-    _search_params(index, used)
-    return index, used
-
-
-def _search_params(index, params: dict[str, Any]) -> None:
+def search_params(index, params: dict[str, Any]) -> None:
+    """Apply the searching parameters (HNSW breadth, IVF lists probed) to a read index."""
     if "ef_search" in params:
         index.hnsw.efSearch = params["ef_search"]
     if "nprobe" in params:
         index.nprobe = params["nprobe"]
-
-
-def _new_index(backend: str, data, params: IndexOptions) -> tuple[Any, dict[str, Any]]:
-    """An empty (trained) FAISS index for ``data`` and the parameters it was made with."""
-    faiss = _faiss()
-    n, dim = data.shape
-    if backend == "faiss-flat":
-        return faiss.IndexFlatIP(dim), {}
-    if backend == "faiss-hnsw":
-        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.ef_construction
-        used = {"hnsw_m": params.hnsw_m, "ef_construction": params.ef_construction}
-        return index, used | {"ef_search": params.ef_search}
-    if backend != "faiss-ivfpq":
-        raise UnimmError(f"index backend {backend!r}: use {', '.join(BACKENDS)}")
-    nlist, pq_m, bits, train = _ivfpq_shape(n, dim, params)
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, bits, faiss.METRIC_INNER_PRODUCT)
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:train].sort().values.numpy()
-    index.train(data[rows])
-    index.quantizer_trains_alone = 0
-    used = {"nlist": nlist, "pq_m": pq_m, "pq_bits": bits, "train_size": train}
-    return index, used | {"nprobe": params.nprobe}
 
 
 def _vectors(folder: Path, manifest: dict[str, Any]):
@@ -102,47 +60,6 @@ def _vectors(folder: Path, manifest: dict[str, Any]):
     from unimm.inference.store import part_embeddings
 
     return np.ascontiguousarray(torch.cat([part_embeddings(folder, p) for p in manifest["parts"]]).numpy())
-
-
-def build_ann(opts: IndexOptions) -> dict[str, Any]:
-    """Build the ANN index of the finished index ``opts.index`` and save it beside the embeddings;
-    return its manifest (``ann.json``).
-
-    Raises:
-        UnimmError: no finished index, FAISS missing, or parameters that do not fit the data.
-    """
-    from unimm.inference.store import embeddings_hash, read_manifest
-
-    folder = Path(opts.index)
-    manifest = read_manifest(folder)
-    index, used = faiss_index(_vectors(folder, manifest), opts)
-    return _save(folder, index, opts.backend, used, embeddings_hash(folder, manifest))
-
-
-def _save(folder: Path, index, backend: str, params: dict[str, Any], digest: str) -> dict[str, Any]:
-    faiss = _faiss()
-    target = folder / ANN_DIR
-    target.mkdir(exist_ok=True)
-    name = f"index-{digest[:16]}.faiss"
-    blob = faiss.serialize_index(index).tobytes()
-    atomic_write_bytes(target / name, blob)
-    ann = {
-        "kind": "unimm-ann",
-        "backend": backend,
-        "params": params,
-        "file": name,
-        "embeddings_hash": digest,
-        "count": int(index.ntotal),
-        "dim": int(index.d),
-        "bytes": len(blob),
-        "bytes_per_vector": round(len(blob) / max(1, index.ntotal), 1),
-        "faiss_version": faiss.__version__,
-    }
-    atomic_write_json(target / ANN_MANIFEST, ann)
-    for old in target.glob("index-*.faiss"):
-        if old.name != name:
-            old.unlink()
-    return ann
 
 
 def read_ann_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -156,36 +73,18 @@ def remove_ann(folder: str | Path) -> None:
     shutil.rmtree(Path(folder) / ANN_DIR, ignore_errors=True)
 
 
-def _read(folder: Path, ann: dict[str, Any]):
-    import numpy as np
-
+def open_ann(folder: str | Path, ann: dict[str, Any], *, mapped: bool = True):
+    """The saved FAISS index of ``folder``. ``mapped``: an IVF index's inverted lists are mapped
+    from the file (read-only; the pages the searches touch are read when touched), so a 10 M
+    document index opens in a moment and its lists need not fit in memory; unmapped: read whole,
+    to be added to."""
     faiss = _faiss()
-    blob = np.frombuffer((folder / ANN_DIR / ann["file"]).read_bytes(), dtype=np.uint8)
-    index = faiss.deserialize_index(blob)
-    _search_params(index, ann["params"])
+    index = faiss.read_index(str(Path(folder) / ANN_DIR / ann["file"]), faiss.IO_FLAG_MMAP if mapped else 0)
+    search_params(index, ann["params"])
     return index
 
 
-def extend_ann(folder: str | Path, base: dict[str, Any], new_parts: list[dict[str, Any]], manifest) -> None:
-    """Add the vectors of ``new_parts`` (appended to the index ``base``) to the saved ANN index;
-    nothing to do when there is none.
-
-    Raises:
-        UnimmError: the ANN index was built over other embeddings than ``base``'s.
-    """
-    from unimm.inference.store import embeddings_hash
-
-    folder = Path(folder)
-    ann = read_ann_manifest(folder)
-    if ann is None:
-        return
-    _check_fresh(folder, ann, embeddings_hash(folder, base))
-    index = _read(folder, ann)
-    index.add(_vectors(folder, {"parts": new_parts}))
-    _save(folder, index, ann["backend"], ann["params"], embeddings_hash(folder, manifest))
-
-
-def _check_fresh(folder: Path, ann: dict[str, Any], digest: str) -> None:
+def check_fresh(folder: Path, ann: dict[str, Any], digest: str) -> None:
     if ann["embeddings_hash"] != digest:
         raise UnimmError(
             f"the ANN index in {folder / ANN_DIR} was built over other embeddings than the index holds "
@@ -213,7 +112,7 @@ class Searcher:
     ) -> None:
         """``instruction``: the task queries are encoded under; an index whose documents were
         encoded under another is refused (their vectors were not made to be compared)."""
-        from unimm.inference.store import embeddings_hash, load_rows, model_hash, read_manifest
+        from unimm.inference.store import IndexRows, embeddings_hash, model_hash, read_manifest
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -238,7 +137,7 @@ class Searcher:
                 raise UnimmError(
                     f"dimension mismatch: the model embeds in {dim}-d, the index holds {self.query_dim}-d"
                 )
-        self.rows = load_rows(self.folder, self.manifest)
+        self.rows = IndexRows(self.folder, self.manifest)
         self.ann = read_ann_manifest(self.folder) if backend in ("auto", "ann") else None
         if backend == "ann" and self.ann is None:
             raise UnimmError(
@@ -246,8 +145,8 @@ class Searcher:
                 "--backend faiss-hnsw (or search with --backend exact)"
             )
         if self.ann is not None:
-            _check_fresh(self.folder, self.ann, embeddings_hash(self.folder, self.manifest))
-            self._ann_index = _read(self.folder, self.ann)
+            check_fresh(self.folder, self.ann, embeddings_hash(self.folder, self.manifest))
+            self._ann_index = open_ann(self.folder, self.ann)
             self.embeddings = None
         else:
             self.embeddings = torch.from_numpy(_vectors(self.folder, self.manifest))

@@ -277,7 +277,7 @@ def write_index(cfg: EmbedConfig, *, progress: bool = True) -> dict[str, Any]:
         "expected": _expected_count(opts.data, base),
     }
     if base:
-        from unimm.inference.ann import extend_ann
+        from unimm.inference.ann_build import extend_ann
 
         extend_ann(out, base, parts, manifest)
     atomic_write_json(out / INDEX_MANIFEST, manifest)

@@ -4,8 +4,12 @@
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
+import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,38 @@ def load_rows(folder: str | Path, manifest: dict[str, Any]) -> list[dict]:
     for part in manifest["parts"]:
         rows.extend(json.loads((Path(folder) / f"{part['name']}.json").read_text(encoding="utf-8"))["rows"])
     return rows
+
+
+class IndexRows(Sequence):
+    """The rows of an index (what each vector is), in vector order, read a part at a time when
+    asked for: the rows of a 10 M document index, as Python objects, would take gigabytes and
+    minutes to read at start; a search needs a few. The last ``keep`` parts read stay cached."""
+
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], keep: int = 16) -> None:
+        self.folder, self.parts = Path(folder), manifest["parts"]
+        self.starts = list(itertools.accumulate((int(p["count"]) for p in self.parts), initial=0))
+        self._part = functools.lru_cache(maxsize=keep)(self._read_part)
+
+    def _read_part(self, number: int) -> list[dict]:
+        name = self.parts[number]["name"]
+        return json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))["rows"]
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} of an index of {len(self)}")
+        number = bisect.bisect_right(self.starts, row) - 1
+        return self._part(number)[row - self.starts[number]]
+
+    def __iter__(self):
+        for number in range(len(self.parts)):
+            yield from self._read_part(number)
 
 
 def part_embeddings(folder: Path, part: dict[str, Any]) -> torch.Tensor:
