@@ -59,7 +59,7 @@ def test_a_part_at_a_time_is_faiss_in_memory_and_mapped(index):
     vectors at once (same scores and rows); opened for search, its lists are mapped, not read."""
     ann = build_ann(IndexOptions(index=str(index), **OPTIONS), progress=False)
     want, _ = faiss_index(_all_vectors(), IndexOptions(**OPTIONS))
-    mapped = open_ann(index, ann)
+    mapped = open_ann(index, ann, mapped=True)
     assert isinstance(faiss.downcast_InvertedLists(mapped.invlists), faiss.OnDiskInvertedLists)
     got_scores, got_rows = _search(mapped)
     want_scores, want_rows = _search(want)
@@ -90,7 +90,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(index, monkeypatch):
     monkeypatch.setattr(ann_build, "part_vectors", lambda f, p: (calls.append(p["name"]), real(f, p))[1])
     ann = build_ann(IndexOptions(index=str(index), resume=True, **OPTIONS), progress=False)
     assert calls == [f"embeddings-{n:05d}" for n in range(6, 12)]
-    resumed = open_ann(index, ann)
+    resumed = open_ann(index, ann, mapped=False)
     assert resumed.ntotal == DOCS and _ids(resumed) == list(range(DOCS))
     want, _ = faiss_index(_all_vectors(), IndexOptions(**OPTIONS))
     np.testing.assert_array_equal(_search(resumed)[1], _search(want)[1])

@@ -240,11 +240,33 @@ def test_api_key_and_no_index(trained, monkeypatch):
 
 def test_bench_serve_measures_both_sides(trained):
     """The bench starts `unimm serve` as its own process, loads it and stops it; each row has
-    both sides' throughput, ordered percentiles and a ratio consistent with them."""
+    both sides' throughput, ordered percentiles and a ratio consistent with them, for every
+    number of clients asked for."""
     from unimm.commands.bench_serve import bench_serve
 
-    rows = bench_serve(str(trained[0]), requests=24, concurrency=4, chat_requests=4, max_tokens=2)
-    assert [r["what"].split(":")[0] for r in rows] == ["embeddings", "chat"]
+    rows = bench_serve(str(trained[0]), requests=24, concurrency=[1, 4], chat_requests=4, max_tokens=2)
+    assert [(r["what"].split(":")[0], r["concurrency"]) for r in rows] == [
+        ("embeddings", 1),
+        ("chat", 1),
+        ("embeddings", 4),
+        ("chat", 4),
+    ]
     for row in rows:
-        assert 0 < row["p50_ms"] <= row["p95_ms"] and row["ours_per_s"] > 0 and row["baseline_per_s"] > 0
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["ours_per_s"] > 0 and row["baseline_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_per_s"] / row["baseline_per_s"], rel=0.05)
+
+
+def test_a_scaled_random_checkpoint_serves_at_its_size(tmp_path):
+    """`bench serve --hidden-size` serves the tiny LLaVA scaled up: a checkpoint the session
+    loads, with the language model of the width and depth asked for."""
+    from unimm.commands.bench_serve import scaled_checkpoint
+    from unimm.data.samples import Sample, Slice
+    from unimm.inference.session import Session
+
+    folder = scaled_checkpoint(tmp_path, hidden_size=96, layers=3, embed_dim=32)
+    session = Session.load(folder)
+    text = session.model.mllm.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (96, 3, 192)
+    vectors = session.embed_views([Sample.of_slices([Slice.of_text("red circles")])])
+    assert vectors.shape == (1, 32) and torch.allclose(vectors.norm(dim=-1), torch.ones(1))

@@ -426,29 +426,50 @@ def bench_index_cmd(
 @bench_app.command("serve")
 @user_errors
 def bench_serve_cmd(
-    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (RUN/step-…).")],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Checkpoint folder (RUN/step-…); or --hidden-size.")
+    ] = None,
+    hidden_size: Annotated[
+        int | None,
+        typer.Option(help="Serve a random model of this width instead (tiny LLaVA scaled up).", min=16),
+    ] = None,
+    layers: Annotated[int, typer.Option(help="Its depth (with --hidden-size).", min=1)] = 8,
     requests: Annotated[int, typer.Option(help="Embedding requests (one text each).", min=20)] = 256,
-    concurrency: Annotated[int, typer.Option(help="Clients sending at once.", min=1, max=256)] = 8,
-    chat_requests: Annotated[int, typer.Option(help="Chat completions.", min=20)] = 20,
+    concurrency: Annotated[
+        list[int] | None, typer.Option(help="Clients sending at once; repeat for several.", min=1, max=256)
+    ] = None,
+    chat_requests: Annotated[int, typer.Option(help="Chat completions (0: none).", min=0)] = 20,
     max_tokens: Annotated[int, typer.Option(help="Tokens per completion.", min=1)] = 16,
     json_out: JsonOut = None,
 ) -> None:
     """`unimm serve` on localhost under a bounded load vs the same work in one process (no HTTP)."""
-    from unimm.commands.bench_serve import bench_serve
+    import tempfile
 
-    rows = bench_serve(
-        str(model),
-        requests=requests,
-        concurrency=concurrency,
-        chat_requests=chat_requests,
-        max_tokens=max_tokens,
-    )
+    from unimm.commands.bench_serve import bench_serve, scaled_checkpoint
+
+    if (model is None) == (hidden_size is None):
+        raise UnimmError("give --model CHECKPOINT, or --hidden-size N [--layers L] for a random model")
+    if chat_requests and chat_requests < 20:
+        raise UnimmError("--chat-requests: 0 (no chat), or at least 20 (for the percentiles)")
+    with tempfile.TemporaryDirectory(prefix="unimm-bench-serve-") as work:
+        if hidden_size is not None:
+            if hidden_size % 16:
+                raise UnimmError(f"--hidden-size {hidden_size}: give a multiple of 16")
+            model = scaled_checkpoint(Path(work), hidden_size=hidden_size, layers=layers)
+        rows = bench_serve(
+            str(model),
+            requests=requests,
+            concurrency=concurrency or [8],
+            chat_requests=chat_requests,
+            max_tokens=max_tokens,
+        )
     for row in rows:
         typer.echo(
             f"{row['what']}, {row['concurrency']} clients: served {row['ours_per_s']}/s "
-            f"(p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms), in-process {row['baseline_per_s']}/s "
+            f"(p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms), in-process {row['baseline_per_s']}/s "
             f"(p50 {row['baseline_p50_ms']} ms), ratio {row['ratio']}"
         )
+    typer.echo(f"model: {rows[0]['parameters'] / 1e6:.1f} M parameters")
     _write_json(json_out, rows)
 
 

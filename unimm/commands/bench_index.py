@@ -8,9 +8,10 @@ and their rows) is made of synthetic clustered unit vectors (:func:`synthetic_pa
 embeddings are clustered too, uniform random vectors are not). unimm's side builds the saved
 index (``unimm index build``: trained on a sample, filled a part at a time) and searches it as
 ``serve`` does (inverted lists mapped from the file, rows read when found). FAISS's side trains
-on the same sample, adds the same vectors in memory, writes its index with ``write_index`` and
-searches the index it holds. Reported: build time, peak memory, size on disk, the time to open
-the index for search, queries/s and recall@10 against exact search over the stored vectors.
+on the same sample (handed to it in a file), adds the same vectors in memory, writes its index
+with ``write_index`` and searches the index it holds. Reported: build time, peak memory, size
+on disk, the time to open the index for search, queries/s and recall@10 against exact search
+over the stored vectors.
 Children speak JSON and ``.npy`` files (``allow_pickle=False``): nothing is unpickled.
 """
 
@@ -199,16 +200,9 @@ def _faiss(job: dict) -> dict:
     import faiss
     import numpy as np
 
-    from unimm.inference.ann_build import training_rows
-
     queries, n, dim, p = np.load(job["queries"], allow_pickle=False), job["docs"], job["dim"], job["used"]
     before = _peak_mib()
-    sample_rows, picked, start = training_rows(n, p["train_size"]), [], 0
-    for part in synthetic_parts(n, dim, seed=job["seed"]):  # the training sample (untimed)
-        inside = sample_rows[(sample_rows >= start) & (sample_rows < start + len(part))]
-        picked.append(part[inside - start])
-        start += len(part)
-    sample = np.concatenate(picked)
+    sample = np.load(job["sample"], allow_pickle=False)  # the rows unimm trained on
     began = time.perf_counter()
     index = faiss.IndexIVFPQ(
         faiss.IndexFlatIP(dim), dim, p["nlist"], p["pq_m"], p["pq_bits"], faiss.METRIC_INNER_PRODUCT
@@ -266,6 +260,8 @@ def bench_index(
 
     from unimm.config import IndexOptions
     from unimm.inference.ann import read_ann_manifest
+    from unimm.inference.ann_build import gather, training_rows
+    from unimm.inference.store import read_manifest
 
     root = Path(tempfile.mkdtemp(prefix="unimm-bench-index-", dir=work))
     rows: list[dict] = []
@@ -284,9 +280,13 @@ def bench_index(
                 "ours", job | {"folder": str(folder), "params": params or {}, "found": str(root / "ours.npy")}
             )
             used = read_ann_manifest(folder)["params"]
+            parts = read_manifest(folder)["parts"]
+            np.save(root / "sample.npy", gather(folder, parts, training_rows(n, used["train_size"])))
             theirs = _in_child(
                 "faiss",
-                job | {"used": used, "file": str(root / "faiss.index"), "found": str(root / "faiss.npy")},
+                job
+                | {"used": used, "sample": str(root / "sample.npy"), "file": str(root / "faiss.index")}
+                | {"found": str(root / "faiss.npy")},
             )
             embeddings = sum(p.stat().st_size for p in folder.glob("embeddings-*.safetensors"))
             for side, got, found in (("unimm", ours, "ours.npy"), ("faiss", theirs, "faiss.npy")):

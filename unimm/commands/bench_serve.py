@@ -168,8 +168,12 @@ def bench_ann(backend: str, *, docs: int, dim: int, queries: int = 256, k: int =
 def _percentiles(latencies: list[float]) -> dict[str, float]:
     import statistics
 
-    cuts = statistics.quantiles(latencies, n=20, method="inclusive")  # 5 % steps
-    return {"p50_ms": round(statistics.median(latencies) * 1e3, 1), "p95_ms": round(cuts[18] * 1e3, 1)}
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")  # 1 % steps
+    return {
+        "p50_ms": round(statistics.median(latencies) * 1e3, 1),
+        "p95_ms": round(cuts[94] * 1e3, 1),
+        "p99_ms": round(cuts[98] * 1e3, 1),
+    }
 
 
 def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
@@ -234,62 +238,104 @@ def _served(model: str, serve_args: list[str]):
     return running()
 
 
-def bench_serve(
-    model: str, *, requests: int = 256, concurrency: int = 8, chat_requests: int = 16, max_tokens: int = 16
-) -> list[dict]:
-    """``unimm serve`` on localhost under a bounded load (``requests`` embedding requests and
-    ``chat_requests`` chat completions, ``concurrency`` clients) against the same work in one
-    process without HTTP: throughput ratio, and p50/p95 latency of each side."""
-    # Long only because it lays out two measured rows side by side; each part is a few lines.
-    from unimm.data.samples import Sample, Slice
-    from unimm.inference.session import Session
+def scaled_checkpoint(folder: Path, *, hidden_size: int, layers: int, embed_dim: int = 256) -> Path:
+    """A checkpoint of random weights whose forward pass dominates serving: the tiny LLaVA's
+    config scaled to ``hidden_size`` × ``layers`` (MLP 2 × wider), a retrieval head of
+    ``embed_dim``; nothing downloaded, nothing trained (throughput needs no trained weights)."""
+    from unimm.model.checkpoint import save_checkpoint
+    from unimm.model.core import RetrievalHead, UnimmModel, load_mllm
+    from unimm.tiny import save_tiny_llava
 
-    session, batch = Session.load(model), 32  # serve.max_batch's default
-    texts = [
-        f"document {i}: " + " ".join(["red circles and blue squares"] * (1 + i % 4)) for i in range(requests)
-    ]
+    texts = [f"document {i}: red circles and blue squares" for i in range(64)]
+    base = save_tiny_llava(folder / "base", texts, hidden_size=hidden_size, num_layers=layers)
+    mllm, processor = load_mllm(base)
+    model = UnimmModel(mllm, RetrievalHead(hidden_size, embed_dim)).eval()
+    return save_checkpoint(folder / "checkpoint", model, processor, {"step": 0})
+
+
+def _in_process(session, texts: list[str], questions: list[str], batch: int, max_tokens: int) -> dict:
+    """The served work done in this process, no HTTP: embeddings in batches of ``batch`` (what
+    an offline job runs), completions one by one; seconds in all and latency of each."""
+    from unimm.data.samples import Sample, Slice
+
     samples = [Sample.of_slices([Slice.of_text(t)]) for t in texts]
     session.embed_views(samples[:batch])  # warm up
     start, waits = time.perf_counter(), []
-    for first in range(0, requests, batch):  # the same batches an offline job would run
+    for first in range(0, len(samples), batch):
         began = time.perf_counter()
         session.embed_views(samples[first : first + batch])
         waits += [time.perf_counter() - began] * len(samples[first : first + batch])
-    local_s = time.perf_counter() - start
-    questions = [f"Question {i}: which shapes are red?" for i in range(chat_requests)]
+    embed_s = time.perf_counter() - start
     start, chat_waits = time.perf_counter(), []
     for q in questions:
         began = time.perf_counter()
         session.generate_counted(Sample.of_slices([Slice.of_text(q)]), max_new_tokens=max_tokens)
         chat_waits.append(time.perf_counter() - began)
-    local_chat_s = time.perf_counter() - start
+    return {
+        "embed_s": embed_s,
+        "waits": waits,
+        "chat_s": time.perf_counter() - start,
+        "chat_waits": chat_waits,
+    }
+
+
+def bench_serve(
+    model: str,
+    *,
+    requests: int = 256,
+    concurrency: list[int] | int = 8,
+    chat_requests: int = 16,
+    max_tokens: int = 16,
+    serve_args: list[str] | None = None,
+) -> list[dict]:
+    """``unimm serve`` on localhost under a bounded load (``requests`` embedding requests and
+    ``chat_requests`` chat completions, from each number of ``concurrency`` clients) against the
+    same work in one process without HTTP: throughput ratio, p50/p95/p99 latency of each side."""
+    from unimm.inference.session import Session
+
+    levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
+    session, batch = Session.load(model), 32  # serve.max_batch's default
+    texts = [
+        f"document {i}: " + " ".join(["red circles and blue squares"] * (1 + i % 4)) for i in range(requests)
+    ]
+    questions = [f"Question {i}: which shapes are red?" for i in range(chat_requests)]
+    local = _in_process(session, texts, questions, batch, max_tokens)
+    size = sum(p.numel() for p in session.model.parameters())
     del session
-    with _served(model, ["--max-batch", str(batch), "--name", "bench"]) as url:
-        _load(url, "/v1/embeddings", [{"input": t} for t in texts[:batch]], concurrency)  # warm up
-        served_s, latencies = _load(url, "/v1/embeddings", [{"input": t} for t in texts], concurrency)
+    rows = []
+    with _served(model, ["--max-batch", str(batch), "--name", "bench", *(serve_args or [])]) as url:
+        _load(url, "/v1/embeddings", [{"input": t} for t in texts[:batch]], max(levels))  # warm up
         chats = [
             {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0}
             for q in questions
         ]
-        chat_s, chat_latencies = _load(url, "/v1/chat/completions", chats, concurrency)
-    common = {"concurrency": concurrency, "baseline": "same work in-process, no HTTP"}
-    return [
-        {
-            "what": f"embeddings: {requests} requests of 1 text, batches of {batch}",
-            "ours_per_s": round(requests / served_s, 1),
-            **_percentiles(latencies),
-            "baseline_per_s": round(requests / local_s, 1),
-            "baseline_p50_ms": _percentiles(waits)["p50_ms"],
-            "ratio": round(local_s / served_s, 3),
-            **common,
-        },
-        {
-            "what": f"chat: {chat_requests} completions of {max_tokens} tokens (greedy)",
-            "ours_per_s": round(chat_requests / chat_s, 2),
-            **_percentiles(chat_latencies),
-            "baseline_per_s": round(chat_requests / local_chat_s, 2),
-            "baseline_p50_ms": _percentiles(chat_waits)["p50_ms"],
-            "ratio": round(local_chat_s / chat_s, 3),
-            **common,
-        },
-    ]
+        for clients in levels:
+            served_s, latencies = _load(url, "/v1/embeddings", [{"input": t} for t in texts], clients)
+            chat_s, chat_latencies = (
+                _load(url, "/v1/chat/completions", chats, clients) if chats else (0.0, [])
+            )
+            common = {"concurrency": clients, "parameters": size, "baseline": "same work in-process, no HTTP"}
+            rows.append(
+                {
+                    "what": f"embeddings: {requests} requests of 1 text, batches of {batch}",
+                    "ours_per_s": round(requests / served_s, 1),
+                    **_percentiles(latencies),
+                    "baseline_per_s": round(requests / local["embed_s"], 1),
+                    "baseline_p50_ms": _percentiles(local["waits"])["p50_ms"],
+                    "ratio": round(local["embed_s"] / served_s, 3),
+                    **common,
+                }
+            )
+            if chats:
+                rows.append(
+                    {
+                        "what": f"chat: {chat_requests} completions of {max_tokens} tokens (greedy)",
+                        "ours_per_s": round(chat_requests / chat_s, 2),
+                        **_percentiles(chat_latencies),
+                        "baseline_per_s": round(chat_requests / local["chat_s"], 2),
+                        "baseline_p50_ms": _percentiles(local["chat_waits"])["p50_ms"],
+                        "ratio": round(local["chat_s"] / chat_s, 3),
+                        **common,
+                    }
+                )
+    return rows

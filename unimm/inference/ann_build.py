@@ -106,7 +106,7 @@ def part_vectors(folder: Path, part: dict[str, Any]):
     return np.ascontiguousarray(part_embeddings(folder, part).numpy())
 
 
-def _gather(folder: Path, parts: list[dict[str, Any]], rows) -> Any:
+def gather(folder: Path, parts: list[dict[str, Any]], rows) -> Any:
     """The vectors of the sorted global ``rows``, reading only the parts that hold some."""
     import numpy as np
 
@@ -139,7 +139,7 @@ def build_ann(opts: IndexOptions, *, progress: bool = True) -> dict[str, Any]:
     if resumed is None:
         _discard_partial(folder)
         n, dim = sum(int(p["count"]) for p in parts), int(manifest["dim"])
-        index, used = _new_index(opts.backend, n, dim, opts, lambda rows: _gather(folder, parts, rows))
+        index, used = _new_index(opts.backend, n, dim, opts, lambda rows: gather(folder, parts, rows))
         done = 0
     else:
         index, used, done = resumed
