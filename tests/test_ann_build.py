@@ -39,7 +39,7 @@ def _all_vectors(n=DOCS, dim=DIM, part=PART, seed=3):
 
 
 def _search(index, k=10):
-    queries = synthetic_queries(64, index.d, seed=3).numpy()
+    queries = synthetic_queries(64, index.d, docs=DOCS, part_size=PART, seed=3).numpy()
     return index.search(queries, k)
 
 
@@ -146,7 +146,7 @@ def test_sigkill_during_build_then_resume_loses_and_doubles_nothing(tmp_path):
     fresh = faiss.clone_index(index)
     fresh.reset()
     fresh.add(np.concatenate(list(synthetic_parts(n, 64, part_size=2000, seed=5))))
-    queries = synthetic_queries(64, 64, seed=5).numpy()
+    queries = synthetic_queries(64, 64, docs=n, part_size=2000, seed=5).numpy()
     np.testing.assert_array_equal(index.search(queries, 10)[1], fresh.search(queries, 10)[1])
 
 
@@ -156,6 +156,6 @@ def test_rows_are_read_a_part_at_a_time(index):
     assert len(rows) == DOCS and list(rows) == every
     assert rows[0]["id"] == "doc-00000000" and rows[-1] == every[-1] and rows[4999] == every[4999]
     assert rows[998:1002] == every[998:1002]  # across a part boundary
-    assert rows._part.cache_info().currsize <= 2
+    assert rows.part.cache_info().currsize <= 2
     with pytest.raises(IndexError):
         rows[DOCS]

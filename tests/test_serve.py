@@ -270,3 +270,41 @@ def test_a_scaled_random_checkpoint_serves_at_its_size(tmp_path):
     assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (96, 3, 192)
     vectors = session.embed_views([Sample.of_slices([Slice.of_text("red circles")])])
     assert vectors.shape == (1, 32) and torch.allclose(vectors.norm(dim=-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("refill_ms", [0.0, 50.0])
+def test_the_batcher_refills_to_the_last_batch_size(refill_ms):
+    """Eight clients, each sending its next input 1 ms after its answer, against a model that
+        takes 0.2 s a batch: taking what queued at once splits them into a batch of the first to come
+        back and one of the rest, again and again; waiting (at most 20 ms, a tenth of a batch) for as
+    many as the last batch had keeps them together once they are."""
+    import asyncio
+    import time as clock
+
+    from unimm.data.samples import Sample, Slice
+    from unimm.inference.server import EmbedBatcher
+
+    def embed(samples):
+        clock.sleep(0.2)
+        return torch.zeros(len(samples), 4), [1] * len(samples)
+
+    async def main():
+        batcher = EmbedBatcher(embed, max_batch=32, wait_s=0.0, refill_s=refill_ms / 1e3)
+        runner = asyncio.create_task(batcher.run())
+
+        async def client(number):
+            await asyncio.sleep(0.001 * number)  # they start together, a moment apart
+            for _ in range(4):
+                await batcher([Sample.of_slices([Slice.of_text("x")])])
+                await asyncio.sleep(0.001)
+
+        await asyncio.gather(*(client(n) for n in range(8)))
+        runner.cancel()
+        return list(batcher.batches)
+
+    sizes = asyncio.run(main())
+    assert sum(sizes) == 32
+    if refill_ms:  # the first batches are whoever came first, then all eight together
+        assert sizes[2:] == [8] * (len(sizes) - 2), sizes
+    else:
+        assert any(size < 8 for size in sizes[2:]), sizes

@@ -440,6 +440,10 @@ def bench_serve_cmd(
     ] = None,
     chat_requests: Annotated[int, typer.Option(help="Chat completions (0: none).", min=0)] = 20,
     max_tokens: Annotated[int, typer.Option(help="Tokens per completion.", min=1)] = 16,
+    serve_set: Annotated[
+        list[str] | None,
+        typer.Option("--serve-set", help="A setting of the server, serve.KEY=VALUE; repeat for several."),
+    ] = None,
     json_out: JsonOut = None,
 ) -> None:
     """`unimm serve` on localhost under a bounded load vs the same work in one process (no HTTP)."""
@@ -449,6 +453,8 @@ def bench_serve_cmd(
 
     if (model is None) == (hidden_size is None):
         raise UnimmError("give --model CHECKPOINT, or --hidden-size N [--layers L] for a random model")
+    if any(not item.startswith("serve.") or "=" not in item for item in serve_set or []):
+        raise UnimmError("--serve-set: give serve.KEY=VALUE, e.g. --serve-set serve.batch_refill_ms=0")
     if chat_requests and chat_requests < 20:
         raise UnimmError("--chat-requests: 0 (no chat), or at least 20 (for the percentiles)")
     with tempfile.TemporaryDirectory(prefix="unimm-bench-serve-") as work:
@@ -462,6 +468,7 @@ def bench_serve_cmd(
             concurrency=concurrency or [8],
             chat_requests=chat_requests,
             max_tokens=max_tokens,
+            serve_args=[arg for item in serve_set or [] for arg in ("--set", item)],
         )
     for row in rows:
         typer.echo(

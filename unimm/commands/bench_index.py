@@ -57,14 +57,25 @@ def _centres(clusters: int, dim: int, seed: int):
     return torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=1)
 
 
-def synthetic_queries(count: int, dim: int, *, clusters: int = 4096, noise: float = 0.05, seed: int = 0):
-    """Queries near the same centres as :func:`synthetic_parts` (new points, not copies)."""
+def synthetic_queries(
+    count: int, dim: int, *, docs: int, part_size: int = PART_SIZE, noise: float = 0.05, seed: int = 0
+):
+    """Queries that are perturbed documents (per-coordinate noise ``noise``): the first ``count``
+    of the ``docs`` of :func:`synthetic_parts` with the same arguments. A query looks for a
+    document near one it names, as bench retrieve's do; documents are drawn alike, so the first
+    ones are as good as any."""
+    import numpy as np
     import torch
 
-    centres = _centres(clusters, dim, seed)
+    first, held = [], 0
+    for part in synthetic_parts(docs, dim, part_size=part_size, seed=seed):
+        first.append(part[: count - held])
+        held += len(first[-1])
+        if held == count:
+            break
     g = torch.Generator().manual_seed(seed + 7_777_777)
-    picks = torch.randint(0, clusters, (count,), generator=g)
-    return torch.nn.functional.normalize(centres[picks] + noise * torch.randn(count, dim, generator=g), dim=1)
+    near = torch.from_numpy(np.concatenate(first)) + noise * torch.randn(held, dim, generator=g)
+    return torch.nn.functional.normalize(near, dim=1)
 
 
 def write_synthetic_index(
@@ -266,9 +277,9 @@ def bench_index(
     root = Path(tempfile.mkdtemp(prefix="unimm-bench-index-", dir=work))
     rows: list[dict] = []
     try:
-        q = synthetic_queries(queries, dim, seed=seed)
-        np.save(root / "queries.npy", q.numpy(), allow_pickle=False)
         for n in sizes:
+            q = synthetic_queries(queries, dim, docs=n, seed=seed)
+            np.save(root / "queries.npy", q.numpy(), allow_pickle=False)
             folder = root / f"index-{n}"
             started = time.perf_counter()
             write_synthetic_index(folder, n, dim, seed=seed)

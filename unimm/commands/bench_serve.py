@@ -214,8 +214,15 @@ def _served(model: str, serve_args: list[str]):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "unimm.cli", "serve", "--model", model, "--port", str(port), *serve_args]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its log (an access line per request, as deployed) goes to a file: a pipe nobody reads
+    # fills after a few hundred requests and then blocks the server's event loop for good
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 -- closed when the server stops
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
+
+    def tail() -> str:
+        log.seek(0)
+        return log.read()[-2000:]
 
     @contextlib.contextmanager
     def running():
@@ -223,7 +230,7 @@ def _served(model: str, serve_args: list[str]):
             deadline = time.monotonic() + 300
             while True:
                 if server.poll() is not None:
-                    raise RuntimeError(f"unimm serve stopped: {server.stderr.read()[-2000:]}")
+                    raise RuntimeError(f"unimm serve stopped: {tail()}")
                 with contextlib.suppress(httpx.TransportError):
                     if httpx.get(url + "/health", timeout=5).status_code == 200:
                         break
@@ -234,6 +241,7 @@ def _served(model: str, serve_args: list[str]):
         finally:
             server.terminate()
             server.wait(timeout=60)
+            log.close()
 
     return running()
 

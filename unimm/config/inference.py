@@ -332,6 +332,9 @@ class ServeOptions(DatabaseOptions):
     batch_wait_ms: float = 0.0
     """How long a batch waits for more inputs once the model is free; 0: it takes what queued
     while the previous batch ran (no added latency when idle, full batches under load)."""
+    batch_refill_ms: float = 50.0
+    """After a batch of n inputs, how long the next may wait for n (its clients' next requests),
+    at most a tenth of that batch's time; 0: take what queued at once."""
     max_new_tokens: int = 128
     """Answer length when a request gives no ``max_tokens``."""
     max_new_tokens_limit: int = 1024
@@ -357,8 +360,10 @@ class ServeOptions(DatabaseOptions):
             problems.append(f"serve.port: must be in 1..65535, got {self.port}")
         counts = ("max_batch", "max_new_tokens", "max_new_tokens_limit", "max_inputs", "max_request_bytes")
         problems += [f"serve.{k} must be >= 1" for k in counts if getattr(self, k) < 1]
-        if self.batch_wait_ms < 0 or self.max_image_pixels < 1:
-            problems.append("serve.batch_wait_ms must be >= 0 and serve.max_image_pixels >= 1")
+        if min(self.batch_wait_ms, self.batch_refill_ms) < 0 or self.max_image_pixels < 1:
+            problems.append(
+                "serve.batch_wait_ms and serve.batch_refill_ms must be >= 0, serve.max_image_pixels >= 1"
+            )
         if self.max_new_tokens > self.max_new_tokens_limit:
             problems.append("serve.max_new_tokens must be <= serve.max_new_tokens_limit")
         return problems

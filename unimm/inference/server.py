@@ -54,11 +54,13 @@ class EmbedBatcher:
         *,
         max_batch: int,
         wait_s: float,
+        refill_s: float = 0.0,
     ) -> None:
-        self.embed, self.max_batch, self.wait_s = embed, max_batch, wait_s
+        self.embed, self.max_batch, self.wait_s, self.refill_s = embed, max_batch, wait_s, refill_s
         self.queue: asyncio.Queue[tuple[Sample, asyncio.Future]] = asyncio.Queue()
         # sizes of the latest batches run (for tests and the bench); bounded: a server runs for days
         self.batches: collections.deque[int] = collections.deque(maxlen=1024)
+        self.last_size, self.last_seconds = 1, 0.0
 
     async def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, int]:
         """The samples' vectors ``[n, d]`` and their tokens in all."""
@@ -73,15 +75,22 @@ class EmbedBatcher:
         """Serve the queue until cancelled: each batch takes what is queued when the model is free
         (up to ``max_batch``), waiting ``wait_s`` for more only if asked. Under load, requests
         queue while a batch runs and the next batch takes them all; alone, a request waits for
-        nothing."""
+        nothing.
+
+        Refill: the clients answered by a batch of ``n`` send their next requests a moment after;
+        taken at once, the first to arrive would make a batch of one and the others wait through
+        it. So the next batch waits for up to ``n`` inputs, at most ``refill_s`` and a tenth of the
+        last batch's time; after a batch of one it waits for nothing."""
         while True:
             batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.wait_s
+            now = time.monotonic()
+            deadline = now + self.wait_s
+            refill = now + min(self.refill_s, 0.1 * self.last_seconds)
             while len(batch) < self.max_batch:
                 if not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                     continue
-                left = deadline - time.monotonic()
+                left = (max(deadline, refill) if len(batch) < self.last_size else deadline) - time.monotonic()
                 if left <= 0:
                     break
                 try:
@@ -92,6 +101,7 @@ class EmbedBatcher:
 
     async def _run(self, batch: list[tuple[Sample, asyncio.Future]]) -> None:
         self.batches.append(len(batch))
+        began = time.monotonic()
         try:
             vectors, counts = await asyncio.to_thread(self.embed, [s for s, _ in batch])
         except Exception as exc:  # handed to the requests waiting on this batch
@@ -99,6 +109,8 @@ class EmbedBatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            self.last_size, self.last_seconds = len(batch), time.monotonic() - began
         for (_, future), vector, count in zip(batch, vectors, counts, strict=True):
             if not future.done():
                 future.set_result((vector, count))
@@ -117,13 +129,16 @@ class ServerState:
         api_key: str | None = None,
         max_batch: int = 32,
         batch_wait_ms: float = 0.0,
+        batch_refill_ms: float = 0.0,
         default_tokens: int = 128,
     ) -> None:
         self.session, self.searcher, self.name, self.limits = session, searcher, name, limits
         self.api_key, self.default_tokens = api_key, default_tokens
         self.lock = threading.Lock()
         self.metrics = ServerMetrics()
-        self.batcher = EmbedBatcher(self._embed, max_batch=max_batch, wait_s=batch_wait_ms / 1e3)
+        self.batcher = EmbedBatcher(
+            self._embed, max_batch=max_batch, wait_s=batch_wait_ms / 1e3, refill_s=batch_refill_ms / 1e3
+        )
         self.created = int(time.time())
 
     def _embed(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:

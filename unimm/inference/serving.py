@@ -54,6 +54,7 @@ def build_state(opts: ServeOptions):
         api_key=os.environ.get(API_KEY_ENV) or None,
         max_batch=opts.max_batch,
         batch_wait_ms=opts.batch_wait_ms,
+        batch_refill_ms=opts.batch_refill_ms,
         default_tokens=opts.max_new_tokens,
     )
 

@@ -75,7 +75,8 @@ class IndexRows(Sequence):
     def __init__(self, folder: str | Path, manifest: dict[str, Any], keep: int = 16) -> None:
         self.folder, self.parts = Path(folder), manifest["parts"]
         self.starts = list(itertools.accumulate((int(p["count"]) for p in self.parts), initial=0))
-        self._part = functools.lru_cache(maxsize=keep)(self._read_part)
+        self.part = functools.lru_cache(maxsize=keep)(self._read_part)
+        """``part(number)``: the rows of one part (cached)."""
 
     def _read_part(self, number: int) -> list[dict]:
         name = self.parts[number]["name"]
@@ -92,7 +93,7 @@ class IndexRows(Sequence):
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} of an index of {len(self)}")
         number = bisect.bisect_right(self.starts, row) - 1
-        return self._part(number)[row - self.starts[number]]
+        return self.part(number)[row - self.starts[number]]
 
     def __iter__(self):
         for number in range(len(self.parts)):

@@ -108,17 +108,16 @@ def _check_fits(card: dict[str, Any], manifest: dict[str, Any], collection: str,
 
 
 def _batches(index: str, batch_size: int) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-    from unimm.inference.store import load_rows, part_embeddings, read_manifest
+    from unimm.inference.store import IndexRows, part_embeddings, read_manifest
 
     folder = Path(index)
     manifest = read_manifest(folder)
-    rows, at = load_rows(folder, manifest), 0
-    for part in manifest["parts"]:
-        vectors = part_embeddings(folder, part)
+    rows = IndexRows(folder, manifest, keep=1)  # a part at a time: a 10 M index's rows stay on disk
+    for number, part in enumerate(manifest["parts"]):
+        vectors, part_rows = part_embeddings(folder, part), rows.part(number)
         for start in range(0, len(vectors), batch_size):
             chunk = vectors[start : start + batch_size]
-            yield chunk, rows[at + start : at + start + len(chunk)]
-        at += len(vectors)
+            yield chunk, part_rows[start : start + len(chunk)]
 
 
 def push(
