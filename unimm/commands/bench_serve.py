@@ -287,6 +287,20 @@ def _in_process(session, texts: list[str], questions: list[str], batch: int, max
     }
 
 
+def _row(
+    what: str, count: int, served_s: float, latencies: list[float], local_s: float, waits: list, digits: int
+) -> dict:
+    """One measured row: both sides' rates, the served latencies, the ratio."""
+    return {
+        "what": what,
+        "ours_per_s": round(count / served_s, digits),
+        **_percentiles(latencies),
+        "baseline_per_s": round(count / local_s, digits),
+        "baseline_p50_ms": _percentiles(waits)["p50_ms"],
+        "ratio": round(local_s / served_s, 3),
+    }
+
+
 def bench_serve(
     model: str,
     *,
@@ -323,27 +337,11 @@ def bench_serve(
                 _load(url, "/v1/chat/completions", chats, clients) if chats else (0.0, [])
             )
             common = {"concurrency": clients, "parameters": size, "baseline": "same work in-process, no HTTP"}
-            rows.append(
-                {
-                    "what": f"embeddings: {requests} requests of 1 text, batches of {batch}",
-                    "ours_per_s": round(requests / served_s, 1),
-                    **_percentiles(latencies),
-                    "baseline_per_s": round(requests / local["embed_s"], 1),
-                    "baseline_p50_ms": _percentiles(local["waits"])["p50_ms"],
-                    "ratio": round(local["embed_s"] / served_s, 3),
-                    **common,
-                }
-            )
+            what = f"embeddings: {requests} requests of 1 text, batches of {batch}"
+            local_s, waits = local["embed_s"], local["waits"]
+            rows.append(_row(what, requests, served_s, latencies, local_s, waits, 1) | common)
             if chats:
-                rows.append(
-                    {
-                        "what": f"chat: {chat_requests} completions of {max_tokens} tokens (greedy)",
-                        "ours_per_s": round(chat_requests / chat_s, 2),
-                        **_percentiles(chat_latencies),
-                        "baseline_per_s": round(chat_requests / local["chat_s"], 2),
-                        "baseline_p50_ms": _percentiles(local["chat_waits"])["p50_ms"],
-                        "ratio": round(local["chat_s"] / chat_s, 3),
-                        **common,
-                    }
-                )
+                what = f"chat: {chat_requests} completions of {max_tokens} tokens (greedy)"
+                local_s, waits = local["chat_s"], local["chat_waits"]
+                rows.append(_row(what, chat_requests, chat_s, chat_latencies, local_s, waits, 2) | common)
     return rows
