@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from unimm.commands.bench_index import synthetic_parts, synthetic_queries, write_synthetic_index
+from unimm.commands.bench_index import synthetic_queries, write_synthetic_index
 from unimm.config import IndexOptions
+from unimm.data.synthetic import clustered_unit_parts
 from unimm.errors import UnimmError
 from unimm.inference import ann_build
 from unimm.inference.ann import open_ann, read_ann_manifest
@@ -35,7 +36,7 @@ def index(tmp_path):
 
 
 def _all_vectors(n=DOCS, dim=DIM, part=PART, seed=3):
-    return np.concatenate(list(synthetic_parts(n, dim, part_size=part, seed=seed)))
+    return np.concatenate(list(clustered_unit_parts(n, dim, part_size=part, seed=seed)))
 
 
 def _search(index, k=10):
@@ -145,7 +146,7 @@ def test_sigkill_during_build_then_resume_loses_and_doubles_nothing(tmp_path):
     assert index.ntotal == n and _ids(index) == list(range(n))
     fresh = faiss.clone_index(index)
     fresh.reset()
-    fresh.add(np.concatenate(list(synthetic_parts(n, 64, part_size=2000, seed=5))))
+    fresh.add(np.concatenate(list(clustered_unit_parts(n, 64, part_size=2000, seed=5))))
     queries = synthetic_queries(64, 64, docs=n, part_size=2000, seed=5).numpy()
     np.testing.assert_array_equal(index.search(queries, 10)[1], fresh.search(queries, 10)[1])
 

@@ -4,7 +4,7 @@ FAISS's own with the same settings, each in a fresh process of its own.
     unimm bench index --docs 1000000 --docs 10000000 --nlist 4096 --pq-m 32
 
 For each size: an index folder as ``unimm embed`` writes it (float16 parts of 10 000 documents
-and their rows) is made of synthetic clustered unit vectors (:func:`synthetic_parts`; real
+and their rows) is made of synthetic clustered unit vectors (:func:`clustered_unit_parts`; real
 embeddings are clustered too, uniform random vectors are not). unimm's side builds the saved
 index (``unimm index build``: trained on a sample, filled a part at a time) and searches it as
 ``serve`` does (inverted lists mapped from the file, rows read when found). FAISS's side trains
@@ -28,47 +28,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unimm.data.synthetic import clustered_unit_parts
+
 PART_SIZE = 10_000
-
-
-def synthetic_parts(
-    n: int, dim: int, *, part_size: int = PART_SIZE, clusters: int = 4096, noise: float = 0.05, seed: int = 0
-) -> Iterator[Any]:
-    """``n`` unit vectors around ``clusters`` random centres, as float32 numpy parts of
-    ``part_size`` rows rounded to float16 (what an index stores); the same for the same
-    arguments, part by part, without holding more than one part."""
-    import torch
-
-    centres = _centres(clusters, dim, seed)
-    for number, start in enumerate(range(0, n, part_size)):
-        rows = min(part_size, n - start)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + number + 1)
-        picks = torch.randint(0, clusters, (rows,), generator=g)
-        part = torch.nn.functional.normalize(
-            centres[picks] + noise * torch.randn(rows, dim, generator=g), dim=1
-        )
-        yield part.half().float().numpy()
-
-
-def _centres(clusters: int, dim: int, seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=1)
 
 
 def synthetic_queries(
     count: int, dim: int, *, docs: int, part_size: int = PART_SIZE, noise: float = 0.05, seed: int = 0
 ):
     """Queries that are perturbed documents (per-coordinate noise ``noise``): the first ``count``
-    of the ``docs`` of :func:`synthetic_parts` with the same arguments. A query looks for a
+    of the ``docs`` of :func:`clustered_unit_parts` with the same arguments. A query looks for a
     document near one it names, as bench retrieve's do; documents are drawn alike, so the first
     ones are as good as any."""
     import numpy as np
     import torch
 
     first, held = [], 0
-    for part in synthetic_parts(docs, dim, part_size=part_size, seed=seed):
+    for part in clustered_unit_parts(docs, dim, part_size=part_size, seed=seed):
         first.append(part[: count - held])
         held += len(first[-1])
         if held == count:
@@ -81,7 +57,7 @@ def synthetic_queries(
 def write_synthetic_index(
     folder: Path, n: int, dim: int, *, part_size: int = PART_SIZE, seed: int = 0
 ) -> dict:
-    """An index folder of :func:`synthetic_parts` laid out as ``unimm embed`` writes one (float16
+    """An index folder of :func:`clustered_unit_parts` laid out as ``unimm embed`` writes one (float16
     parts with their sha256, rows with ids ``doc-00000000``…, the manifest last)."""
     import torch
     from safetensors.torch import save
@@ -91,7 +67,7 @@ def write_synthetic_index(
 
     folder.mkdir(parents=True, exist_ok=True)
     parts, start = [], 0
-    for number, vectors in enumerate(synthetic_parts(n, dim, part_size=part_size, seed=seed)):
+    for number, vectors in enumerate(clustered_unit_parts(n, dim, part_size=part_size, seed=seed)):
         name = f"embeddings-{number:05d}"
         data = save({"embeddings": torch.from_numpy(vectors).half()})
         atomic_write_bytes(folder / f"{name}.safetensors", data)
@@ -170,7 +146,7 @@ def _ours(job: dict) -> dict:
     import numpy as np
 
     from unimm.config import IndexOptions
-    from unimm.inference.ann import open_ann, read_ann_manifest
+    from unimm.inference.ann import open_ann
     from unimm.inference.ann_build import build_ann
     from unimm.inference.store import IndexRows, read_manifest
 
@@ -186,7 +162,7 @@ def _ours(job: dict) -> dict:
     per_s, found = _search_rate(index, queries, job["k"])
     ids = [rows[int(r)]["id"] for r in found[:8, 0]]  # rows read when found, as serve does
     np.save(job["found"], found, allow_pickle=False)
-    size = (folder / "ann" / read_ann_manifest(folder)["file"]).stat().st_size
+    size = ann["bytes"]
     return {
         "open_resident_mib": opened_mib,
         "build_s": round(built, 1),
@@ -220,7 +196,7 @@ def _faiss(job: dict) -> dict:
     )
     index.train(sample)
     built = time.perf_counter() - began
-    for part in synthetic_parts(n, dim, seed=job["seed"]):
+    for part in clustered_unit_parts(n, dim, seed=job["seed"]):
         began = time.perf_counter()
         index.add(part)
         built += time.perf_counter() - began
@@ -284,7 +260,7 @@ def bench_index(
             started = time.perf_counter()
             write_synthetic_index(folder, n, dim, seed=seed)
             written = time.perf_counter() - started
-            truth = exact_top_k(synthetic_parts(n, dim, seed=seed), q, k)
+            truth = exact_top_k(clustered_unit_parts(n, dim, seed=seed), q, k)
             job = {"queries": str(root / "queries.npy"), "k": k, "docs": n, "dim": dim, "seed": seed}
             IndexOptions(index=str(folder), **(params or {}))  # checked before any build
             ours = _in_child(

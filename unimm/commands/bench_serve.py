@@ -109,32 +109,19 @@ def _bench_embedding(timer, repeats: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def clustered_unit_vectors(n: int, dim: int, *, clusters: int = 4096, noise: float = 0.05, seed: int = 0):
-    """``n`` unit vectors around ``clusters`` random centres (per-coordinate noise ``noise``): the
-    neighbourhood structure real embeddings have and uniform random vectors lack (on which every
-    ANN method degrades to a scan)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=1)
-    out = torch.empty(n, dim)
-    for start in range(0, n, 65536):
-        stop = min(n, start + 65536)
-        picks = torch.randint(0, clusters, (stop - start,), generator=g)
-        out[start:stop] = centres[picks] + noise * torch.randn(stop - start, dim, generator=g)
-    return torch.nn.functional.normalize(out, dim=1)
-
-
 def bench_ann(backend: str, *, docs: int, dim: int, queries: int = 256, k: int = 10) -> dict:
     """A saved-index back end against exact search (FAISS flat) on clustered vectors: recall@k,
     queries/s (the ratio is its speed-up), bytes per vector and build time."""
+    import numpy as np
     import torch
 
     from unimm.config import IndexOptions
+    from unimm.data.synthetic import clustered_unit_parts
     from unimm.inference.ann_build import faiss_index
     from unimm.inference.search import exact_search
 
-    data = clustered_unit_vectors(docs, dim)
+    parts = clustered_unit_parts(docs, dim, part_size=65536, stored=False)
+    data = torch.from_numpy(np.concatenate(list(parts)))
     g = torch.Generator().manual_seed(1)
     picks = torch.randint(0, docs, (queries,), generator=g)
     q = torch.nn.functional.normalize(data[picks] + 0.05 * torch.randn(queries, dim, generator=g), dim=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -249,3 +250,38 @@ def caption_pairs(jsonl: str | Path, limit: int | None = None) -> tuple[list[Ima
         if limit is not None and len(texts) >= limit:
             break
     return images, texts
+
+
+def clustered_unit_parts(
+    n: int,
+    dim: int,
+    *,
+    part_size: int = 10_000,
+    clusters: int = 4096,
+    noise: float = 0.05,
+    seed: int = 0,
+    stored: bool = True,
+) -> Iterator:
+    """``n`` unit vectors around ``clusters`` random centres (per-coordinate noise ``noise``: the
+    neighbourhoods real embeddings have and uniform random vectors lack, on which every ANN method
+    degrades to a scan), as float32 numpy parts of ``part_size`` rows, rounded to float16 when
+    ``stored`` (what an index stores); the same for the same arguments, part by part, without
+    holding more than one part."""
+    import torch
+
+    centres = _centres(clusters, dim, seed)
+    for number, start in enumerate(range(0, n, part_size)):
+        rows = min(part_size, n - start)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + number + 1)
+        picks = torch.randint(0, clusters, (rows,), generator=g)
+        part = torch.nn.functional.normalize(
+            centres[picks] + noise * torch.randn(rows, dim, generator=g), dim=1
+        )
+        yield (part.half().float() if stored else part).numpy()
+
+
+def _centres(clusters: int, dim: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=1)

@@ -54,12 +54,20 @@ def search_params(index, params: dict[str, Any]) -> None:
         index.nprobe = params["nprobe"]
 
 
-def _vectors(folder: Path, manifest: dict[str, Any]):
+def part_vectors(folder: Path, part: dict[str, Any]):
+    """One part's embeddings as float32 numpy ``[count, d]`` (what FAISS takes)."""
     import numpy as np
 
     from unimm.inference.store import part_embeddings
 
-    return np.ascontiguousarray(torch.cat([part_embeddings(folder, p) for p in manifest["parts"]]).numpy())
+    return np.ascontiguousarray(part_embeddings(folder, part).numpy())
+
+
+def _vectors(folder: Path, manifest: dict[str, Any]):
+    """Every vector of the index (exact search holds them all)."""
+    import numpy as np
+
+    return np.concatenate([part_vectors(folder, p) for p in manifest["parts"]])
 
 
 def read_ann_manifest(folder: str | Path) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ the file instead of reading them (:func:`unimm.inference.ann.open_ann`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from unimm.inference.ann import (
     _faiss,
     check_fresh,
     open_ann,
+    part_vectors,
     read_ann_manifest,
     search_params,
 )
@@ -97,15 +99,6 @@ def faiss_index(data, opts: IndexOptions) -> tuple[Any, dict[str, Any]]:
     return index, used
 
 
-def part_vectors(folder: Path, part: dict[str, Any]):
-    """One part's embeddings as float32 numpy ``[count, d]`` (what FAISS takes)."""
-    import numpy as np
-
-    from unimm.inference.store import part_embeddings
-
-    return np.ascontiguousarray(part_embeddings(folder, part).numpy())
-
-
 def gather(folder: Path, parts: list[dict[str, Any]], rows) -> Any:
     """The vectors of the sorted global ``rows``, reading only the parts that hold some."""
     import numpy as np
@@ -135,15 +128,15 @@ def build_ann(opts: IndexOptions, *, progress: bool = True) -> dict[str, Any]:
     manifest = read_manifest(folder)
     parts, digest = manifest["parts"], embeddings_hash(folder, manifest)
     (folder / ANN_DIR).mkdir(exist_ok=True)
+    total = sum(int(p["count"]) for p in parts)
     resumed = _resume(folder, opts, digest) if opts.resume else None
     if resumed is None:
         _discard_partial(folder)
-        n, dim = sum(int(p["count"]) for p in parts), int(manifest["dim"])
-        index, used = _new_index(opts.backend, n, dim, opts, lambda rows: gather(folder, parts, rows))
+        sample = functools.partial(gather, folder, parts)
+        index, used = _new_index(opts.backend, total, int(manifest["dim"]), opts, sample)
         done = 0
     else:
         index, used, done = resumed
-    total = sum(int(p["count"]) for p in parts)
     initial = sum(int(p["count"]) for p in parts[:done])
     with progress_bar(
         total=total, initial=initial, desc="index build", unit="vec", disable=not progress
