@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -216,13 +217,20 @@ def test_bad_chat_requests_and_limits(served, client):
         client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
 
 
-def test_api_key_and_no_index(trained, monkeypatch):
+def test_api_key_and_no_index(trained, monkeypatch, caplog):
     checkpoint, _ = trained
     monkeypatch.setenv("UNIMM_API_KEY", "s3cret")
     state = build_state(ServeOptions(model=str(checkpoint), name="tiny"))
+    caplog.set_level(logging.INFO, logger="unimm.access")
     with Background(state) as url:
         assert httpx.get(url + "/health").status_code == 200  # open, for load balancers
-        assert httpx.get(url + "/v1/models").status_code == 401
+        refused = httpx.get(url + "/v1/models", headers={"X-Request-ID": "no-key"})
+        assert refused.status_code == 401 and refused.headers["x-request-id"] == "no-key"
+        assert refused.json()["error"]["type"] == "authentication_error"
+        lines = [r.getMessage() for r in caplog.records if r.name == "unimm.access"]
+        assert "request_id=no-key method=GET path=/v1/models status=401" in lines[-1]
+        metrics = httpx.get(url + "/metrics", headers={"authorization": "Bearer s3cret"}).text
+        assert 'unimm_requests_total{route="/v1/models",status="401"} 1.0' in metrics
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         assert good.embeddings.create(model="tiny", input="x").data

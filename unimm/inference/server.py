@@ -202,6 +202,67 @@ def _vector_payload(vector: torch.Tensor, encoding: str) -> Any:
     return vector.tolist()
 
 
+_OPEN_PATHS = ("/health", "/docs", "/openapi.json")
+"""Paths answered without the API key."""
+
+
+class Gatekeeper:
+    """The outermost ASGI layer: the API key check, the request id (``X-Request-ID`` back on
+    every answer), the metrics and the access log line of every request, a 401 included.
+
+    A plain ASGI layer that only wraps ``send``: Starlette's ``@app.middleware("http")`` runs each
+    request through a task group and memory streams, and with two of them that machinery was a
+    quarter of a busy server's event-loop time (py-spy, ``unimm bench serve``)."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        rid = request_id(headers.get(REQUEST_ID_HEADER))
+        start, head = time.perf_counter(), {"status": 500, "seconds": None}
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                head["status"], head["seconds"] = message["status"], time.perf_counter() - start
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())],
+                }
+            await send(message)
+
+        path = scope["path"]
+        try:
+            key = self.state.api_key
+            if key and path not in _OPEN_PATHS and headers.get("authorization", "") != f"Bearer {key}":
+                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            status = head["status"]
+            seconds = head["seconds"] if head["seconds"] is not None else time.perf_counter() - start
+            self.state.metrics.observe_request(
+                path, status, seconds, error_type(status) if status >= 400 else None
+            )
+            client = scope.get("client")
+            log_access(rid, scope["method"], path, status, seconds, client[0] if client else None)
+
+
+async def _samples_of(body: dict[str, Any], key: str, limits: Limits) -> list[Sample]:
+    """:func:`inputs_of`: on the event loop for text alone (cheaper than a thread hop), in a
+    worker thread when content parts may hold images to decode."""
+    value = body.get(key)
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return inputs_of(body, key, limits)
+    return await asyncio.to_thread(inputs_of, body, key, limits)
+
+
 def create_app(state: ServerState):
     """The FastAPI application serving ``state``."""
 
@@ -238,34 +299,7 @@ def create_app(state: ServerState):
         error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if state.api_key and request.url.path not in ("/health", "/docs", "/openapi.json"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {state.api_key}":
-                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
-
-    @app.middleware("http")  # added last, so outermost: it sees every answer, a 401 included
-    async def account(request: Request, call_next):
-        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers[REQUEST_ID_HEADER] = rid
-            return response
-        finally:
-            seconds = time.perf_counter() - start
-            path = request.url.path
-            state.metrics.observe_request(
-                path, status, seconds, error_type(status) if status >= 400 else None
-            )
-            log_access(
-                rid, request.method, path, status, seconds, request.client.host if request.client else None
-            )
+    app.add_middleware(Gatekeeper, state=state)  # outermost: it sees every answer, a 401 included
 
     async def body_of(request: Request) -> dict[str, Any]:
         limit = state.limits.max_request_bytes
@@ -321,7 +355,7 @@ def create_app(state: ServerState):
             raise ApiError(
                 400, f"'dimensions' {dim!r}: this model was trained for {sizes}", param="dimensions"
             )
-        samples = await asyncio.to_thread(inputs_of, body, "input", state.limits)
+        samples = await _samples_of(body, "input", state.limits)
         vectors, tokens = await state.batcher(state.session.instruct(samples, _input_type(body)))
         if dim is not None:
             from unimm.model.core import truncate
@@ -332,7 +366,8 @@ def create_app(state: ServerState):
             for i, v in enumerate(vectors)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return {"object": "list", "data": data, "model": state.name, "usage": usage}
+        # a response, not a dict: FastAPI would walk every float of every vector to encode it
+        return JSONResponse({"object": "list", "data": data, "model": state.name, "usage": usage})
 
     @app.post(
         "/v1/search",
@@ -346,7 +381,7 @@ def create_app(state: ServerState):
             raise ApiError(400, "no index is loaded: start the server with --index DIR", code="no_index")
         top_k = number(body, "top_k", 10, 1, state.limits.max_top_k, int)
         filters = _search_filters(body, state.searcher)
-        samples = await asyncio.to_thread(inputs_of, body, "query", state.limits)
+        samples = await _samples_of(body, "query", state.limits)
         vectors, _ = await state.batcher(state.session.instruct(samples, "query"))
         search = functools.partial(state.searcher.search, **({"filters": filters} if filters else {}))
         hits = await asyncio.to_thread(search, vectors, top_k)  # off the event loop
