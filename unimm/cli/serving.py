@@ -50,12 +50,14 @@ def index_push(
     """Push an index (vectors, ids, text, metadata) into a vector database: idempotent, resumable."""
     given = {k: v for k, v in locals().items() if k not in ("quiet", "recipe", "set_")}
     from unimm.config import PushConfig, build_config
+    from unimm.inference.store import read_manifest
     from unimm.inference.vectordb import push
     from unimm.utils import progress_bar
 
     cfg = build_config(PushConfig, recipe=recipe, options=as_options("push", given), overrides=set_)
     opts = cfg.push
-    with progress_bar(desc="push", unit="doc", disable=quiet) as bar:
+    total = read_manifest(Path(opts.index))["count"]
+    with progress_bar(desc="push", unit="doc", total=total, disable=quiet) as bar:
         result = push(
             opts.index,
             opts.db,

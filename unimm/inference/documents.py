@@ -172,7 +172,7 @@ def document_view(row: dict[str, Any], data_dirs: list[str], sample: Sample | No
     ``metadata`` (the record's ``meta``) and ``source`` (``{"file", "line"}``: the record file's
     name and line, or the prepared record's). Read from the row itself (a record row keeps its
     slices, a shard row its view); only a shard row of an older index reads its shard, unless
-    ``sample`` (already loaded) is given.
+    ``sample`` (already loaded) is given. A row with nothing but its id has an empty view.
 
     Raises:
         UnimmError: the shard of an older index is no longer where it was.
@@ -181,6 +181,8 @@ def document_view(row: dict[str, Any], data_dirs: list[str], sample: Sample | No
         view = row["view"]
         return {**view, "metadata": view.get("metadata") or {}, "source": _source_of(row.get("source"))}
     if sample is None and "slices" not in row:
+        if "shard" not in row:  # a row known by its id alone (e.g. `unimm bench index`'s vectors)
+            return {"text": "", "images": 0, "metadata": {}, "source": _source_of(row.get("source"))}
         sample = _from_shard(row, data_dirs)
     if sample is not None:
         return _view_of(sample, row.get("meta"))
