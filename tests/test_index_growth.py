@@ -179,6 +179,33 @@ def test_other_backends(tmp_path, backend):
         assert hit >= 0.5  # 4-byte codes for 64-d vectors near 16 centres
 
 
+def test_retrieve_through_reranked_ivfpq_equals_exact_search(tmp_path, trained):
+    """The searcher retrieve, chat and serve use, over IVF-PQ whose candidates are every
+    document, re-scored from the stored vectors: exact search's results, scores included."""
+    import shutil
+
+    from unimm.data.samples import Sample, Slice
+    from unimm.inference.session import Session
+
+    checkpoint, built = trained
+    index = tmp_path / "index"
+    shutil.copytree(built, index)
+    count = json.loads((index / "manifest.json").read_text())["count"]
+    ann = build_ann(
+        IndexOptions(index=str(index), backend="faiss-ivfpq", nprobe=64, rerank=count), progress=False
+    )
+    assert ann["params"]["rerank"] == count
+    session = Session.load(checkpoint)
+    texts = ["red circles", "a blue square", "two shapes", "green"]
+    queries = session.embed_views([Sample.of_slices([Slice.of_text(t)]) for t in texts], role="query")
+    exact = Searcher.for_session(index, session, checkpoint, backend="exact").search(queries, 5)
+    reranked = Searcher.for_session(index, session, checkpoint, backend="ann")
+    assert reranked.backend == "faiss-ivfpq" and reranked.rerank == count
+    for got, want in zip(reranked.search(queries, 5), exact, strict=True):
+        assert [r for r, _ in got] == [r for r, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)
+
+
 def test_the_cli_builds_an_hnsw_index_that_retrieve_reuses(tmp_path, checkpoint, captions):
     """A new user's path: embed a CSV of captions, build HNSW once, retrieve with it (no rebuild:
     retrieve reports the saved back end); bad input gets one line and exit code 2."""

@@ -392,6 +392,9 @@ def bench_index_cmd(
     nlist: Annotated[int, typer.Option(help="IVF lists \\[default: 4·√n].", min=0)] = 0,
     pq_m: Annotated[int, typer.Option(help="Bytes per vector \\[default: d/4].", min=0)] = 0,
     nprobe: Annotated[int, typer.Option(help="Lists searched per query.", min=1)] = 32,
+    rerank: Annotated[
+        int, typer.Option(help="unimm's re-ranked row: rerank·k candidates re-scored exactly.", min=0)
+    ] = 4,
     queries: Annotated[int, typer.Option(help="Queries searched (top-10).", min=10)] = 1000,
     work: Annotated[
         Path | None, typer.Option(help="Folder for the synthetic indexes \\[default: the temp folder].")
@@ -405,7 +408,11 @@ def bench_index_cmd(
     sizes = docs or [1_000_000]
     check_room(sizes, dim, work)
     rows = bench_index(
-        sizes, dim=dim, params={"nlist": nlist, "pq_m": pq_m, "nprobe": nprobe}, queries=queries, work=work
+        sizes,
+        dim=dim,
+        params={"nlist": nlist, "pq_m": pq_m, "nprobe": nprobe, "rerank": rerank},
+        queries=queries,
+        work=work,
     )
     keys = [
         "docs",

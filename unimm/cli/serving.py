@@ -92,6 +92,10 @@ def index_build(
     nprobe: Annotated[
         int | None, typer.Option(help=f"IVF-PQ lists searched {default('index.nprobe')}")
     ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(help=f"IVF-PQ: re-score rerank·k candidates exactly (0: off) {default('index.rerank')}"),
+    ] = None,
     resume: Annotated[
         bool | None,
         typer.Option(

@@ -216,6 +216,9 @@ class IndexOptions:
     """IVF-PQ: bits per code (fewer for an index of under 256 vectors)."""
     nprobe: int = 32
     """IVF-PQ: lists searched per query (recall against speed)."""
+    rerank: int = 4
+    """IVF-PQ: ``rerank`` × k candidates re-scored exactly from the stored vectors (read mapped),
+    the best k kept; 0: the codes' approximate scores and order."""
     train_size: int = 0
     """IVF-PQ: vectors the quantizers are trained on; 0: min(n, 256·nlist, 100 000)."""
     checkpoint_every: int = 1_000_000
@@ -225,7 +228,16 @@ class IndexOptions:
 
     def validate(self) -> list[str]:
         problems = [] if self.index else ["index.index: give the index folder with --index DIR"]
-        numbers = ("hnsw_m", "ef_construction", "ef_search", "nlist", "pq_m", "nprobe", "train_size")
+        numbers = (
+            "hnsw_m",
+            "ef_construction",
+            "ef_search",
+            "nlist",
+            "pq_m",
+            "nprobe",
+            "train_size",
+            "rerank",
+        )
         problems += [f"index.{k} must be >= 0" for k in numbers if getattr(self, k) < 0]
         if self.checkpoint_every < 1:
             problems.append("index.checkpoint_every must be >= 1 (vectors between saves)")

@@ -109,6 +109,29 @@ def check_fresh(folder: Path, ann: dict[str, Any], digest: str) -> None:
         )
 
 
+def search_ann(
+    index, queries: torch.Tensor, k: int, stored=None, rerank: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A FAISS index's top ``k`` of float32 ``queries`` (row -1: not found). With ``rerank`` > 1
+    and ``stored`` (:class:`~unimm.inference.store.MappedVectors`), its top ``rerank·k`` are
+    re-scored with the stored vectors (the scores exact search gives) and the best ``k`` kept:
+    PQ codes rank near neighbours approximately, the stored vectors exactly."""
+    import numpy as np
+
+    refine = stored is not None and rerank > 1
+    wanted = max(k, min(k * rerank, index.ntotal)) if refine else k
+    s, r = index.search(np.ascontiguousarray(queries.numpy()), wanted)
+    scores, found = torch.from_numpy(s), torch.from_numpy(r).long()
+    if not refine:
+        return scores, found
+    vectors = stored.gather(found.clamp(min=0).numpy())  # [q, wanted, d]
+    exact = torch.einsum("qd,qcd->qc", queries, vectors).masked_fill(found < 0, -torch.inf)
+    # best first; among equal scores the lower row, as exact search orders them
+    order = np.lexsort((found.numpy(), -exact.numpy()), axis=1)[:, : min(k, wanted)]
+    order = torch.from_numpy(order)
+    return exact.gather(1, order), found.gather(1, order)
+
+
 class Searcher:
     """Top-k over an index with the model that embedded it: the saved ANN index when there is one
     (``backend="auto"`` or ``"ann"``), otherwise exact search over the embeddings.
@@ -161,10 +184,17 @@ class Searcher:
                 f"--index {folder} has no ANN index; build one: unimm index build --index {folder} "
                 "--backend faiss-hnsw (or search with --backend exact)"
             )
+        self.rerank, self._stored = 0, None
+        """``rerank``: candidates per result re-scored exactly from the stored vectors (IVF-PQ)."""
         if self.ann is not None:
             check_fresh(self.folder, self.ann, embeddings_hash(self.folder, self.manifest))
             self._ann_index = open_ann(self.folder, self.ann)
             self.embeddings = None
+            self.rerank = int(self.ann["params"].get("rerank", 0))
+            if self.rerank > 1:
+                from unimm.inference.store import MappedVectors
+
+                self._stored = MappedVectors(self.folder, self.manifest)
         else:
             self.embeddings = torch.from_numpy(_vectors(self.folder, self.manifest))
 
@@ -195,12 +225,9 @@ class Searcher:
         if self.ann is None:
             scores, found = exact_search(queries, self.embeddings, k, block=block)
         else:
-            import numpy as np
-
-            s, r = self._ann_index.search(
-                np.ascontiguousarray(queries.float().numpy()), min(k, len(self.rows))
+            scores, found = search_ann(
+                self._ann_index, queries.float(), min(k, len(self.rows)), self._stored, self.rerank
             )
-            scores, found = torch.from_numpy(s), torch.from_numpy(r).long()
         return [
             [(int(r), float(s)) for s, r in zip(qs, qr, strict=True) if r >= 0]
             for qs, qr in zip(scores.tolist(), found.tolist(), strict=True)

@@ -45,6 +45,8 @@ from unimm.utils import atomic_output, atomic_write_json
 PARTIAL_JOURNAL = ".partial.json"
 BUILD_KEYS = ("backend", "hnsw_m", "ef_construction", "nlist", "pq_m", "pq_bits", "train_size")
 """The options that shape a built index (a resumed build must be given the same)."""
+SEARCH_KEYS = ("nprobe", "ef_search", "rerank")
+"""The options of how it is searched (a resumed build takes the ones given now)."""
 
 
 def _ivfpq_shape(n: int, dim: int, params: IndexOptions) -> tuple[int, int, int, int]:
@@ -87,7 +89,7 @@ def _new_index(
     index.train(sample(training_rows(n, train)))
     index.quantizer_trains_alone = 0
     used = {"nlist": nlist, "pq_m": pq_m, "pq_bits": bits, "train_size": train}
-    return index, used | {"nprobe": params.nprobe}
+    return index, used | {"nprobe": params.nprobe, "rerank": params.rerank}
 
 
 def faiss_index(data, opts: IndexOptions) -> tuple[Any, dict[str, Any]]:
@@ -208,9 +210,7 @@ def _resume(folder: Path, opts: IndexOptions, digest: str) -> tuple[Any, dict, i
             "options, or build again without --resume"
         )
     index = _faiss().read_index(str(folder / ANN_DIR / journal["file"]))
-    used = journal["params"] | {
-        k: getattr(opts, k) for k in ("nprobe", "ef_search") if k in journal["params"]
-    }
+    used = journal["params"] | {k: getattr(opts, k) for k in SEARCH_KEYS if k in journal["params"]}
     return index, used, int(journal["parts_done"])
 
 

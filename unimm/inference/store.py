@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from unimm.errors import UnimmError
@@ -98,6 +99,57 @@ class IndexRows(Sequence):
     def __iter__(self):
         for number in range(len(self.parts)):
             yield from self._read_part(number)
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": None}
+
+
+class MappedVectors:
+    """The stored embeddings of chosen rows, read through a memory map of each part's file (the
+    safetensors layout: an 8-byte header length, a JSON header, the raw tensor), so that a few
+    rows of a 10 M vector index cost a few page reads, not the index in memory."""
+
+    def __init__(self, folder: str | Path, manifest: dict[str, Any]) -> None:
+        self.folder, self.parts = Path(folder), manifest["parts"]
+        self.starts = np.asarray(list(itertools.accumulate((int(p["count"]) for p in self.parts), initial=0)))
+        self.part = functools.lru_cache(maxsize=None)(self._map)
+        """``part(number)``: that part's embeddings, mapped ``[count, d]``."""
+
+    def _map(self, number: int) -> np.ndarray:
+        part = self.parts[number]
+        path = self.folder / f"{part['name']}.safetensors"
+        try:
+            with path.open("rb") as file:
+                length = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(length))
+            info = header["embeddings"]
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if dtype is None or shape[0] != int(part["count"]) or path.stat().st_size < 8 + length + end:
+                raise ValueError("not the part the manifest describes")
+        except FileNotFoundError:
+            raise UnimmError(f"{path}: missing (index); the folder is incomplete") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UnimmError(
+                f"{path}: not a readable part of this index ({exc}); embed the index again"
+            ) from None
+        return np.memmap(path, dtype=dtype, mode="r", offset=8 + length + begin, shape=shape)
+
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """The float32 vectors of ``rows`` (any shape of row numbers; the result adds ``d``)."""
+        flat = np.asarray(rows, dtype=np.int64).ravel()
+        numbers = np.searchsorted(self.starts, flat, side="right") - 1
+        out = None
+        for number in np.unique(numbers):
+            where = numbers == number
+            vectors = self.part(int(number))[flat[where] - self.starts[number]]
+            if out is None:
+                out = np.empty((len(flat), vectors.shape[1]), dtype=np.float32)
+            out[where] = vectors
+        if out is None:  # no rows asked for
+            out = np.empty((0, int(self.part(0).shape[1]) if self.parts else 0), dtype=np.float32)
+        return torch.from_numpy(out.reshape(*np.shape(rows), out.shape[1]))
 
 
 def part_embeddings(folder: Path, part: dict[str, Any]) -> torch.Tensor:
