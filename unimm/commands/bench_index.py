@@ -7,7 +7,8 @@ For each size: an index folder as ``unimm embed`` writes it (float16 parts of 10
 and their rows) is made of synthetic clustered unit vectors (:func:`clustered_unit_parts`; real
 embeddings are clustered too, uniform random vectors are not). unimm's side builds the saved
 index (``unimm index build``: trained on a sample, filled a part at a time) and searches it as
-``serve`` does (inverted lists mapped from the file, rows read when found). FAISS's side trains
+``serve`` does (inverted lists mapped from the file, rows read when found), by the codes alone and
+re-ranked (``rerank``·k candidates re-scored from the stored vectors). FAISS's side trains
 on the same sample (handed to it in a file), adds the same vectors in memory, writes its index
 with ``write_index`` and searches the index it holds. Reported: build time, peak memory, size
 on disk, the time to open the index for search, queries/s and recall@10 against exact search

@@ -109,11 +109,13 @@ class MappedVectors:
     safetensors layout: an 8-byte header length, a JSON header, the raw tensor), so that a few
     rows of a 10 M vector index cost a few page reads, not the index in memory."""
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], keep: int = 128) -> None:
         self.folder, self.parts = Path(folder), manifest["parts"]
+        self.dim = int(manifest["dim"])
         self.starts = np.asarray(list(itertools.accumulate((int(p["count"]) for p in self.parts), initial=0)))
-        self.part = functools.lru_cache(maxsize=None)(self._map)
-        """``part(number)``: that part's embeddings, mapped ``[count, d]``."""
+        # each map holds a file descriptor: a 10 M index has a thousand parts, a process 1024 fds
+        self.part = functools.lru_cache(maxsize=keep)(self._map)
+        """``part(number)``: that part's embeddings, mapped ``[count, d]`` (the last ``keep`` kept)."""
 
     def _map(self, number: int) -> np.ndarray:
         part = self.parts[number]
@@ -126,7 +128,8 @@ class MappedVectors:
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             shape = tuple(info["shape"])
-            if dtype is None or shape[0] != int(part["count"]) or path.stat().st_size < 8 + length + end:
+            expected = (int(part["count"]), self.dim)
+            if dtype is None or shape != expected or path.stat().st_size < 8 + length + end:
                 raise ValueError("not the part the manifest describes")
         except FileNotFoundError:
             raise UnimmError(f"{path}: missing (index); the folder is incomplete") from None
@@ -148,7 +151,7 @@ class MappedVectors:
                 out = np.empty((len(flat), vectors.shape[1]), dtype=np.float32)
             out[where] = vectors
         if out is None:  # no rows asked for
-            out = np.empty((0, int(self.part(0).shape[1]) if self.parts else 0), dtype=np.float32)
+            out = np.empty((0, self.dim), dtype=np.float32)
         return torch.from_numpy(out.reshape(*np.shape(rows), out.shape[1]))
 
 
