@@ -158,7 +158,8 @@ def _ours(job: dict) -> dict:
     ann = build_ann(opts, progress=False)
     built, build_peak = time.perf_counter() - start, _peak_mib()
     start = time.perf_counter()  # what Searcher does on the ANN path, without a model to load
-    index, rows = open_ann(folder, ann), IndexRows(folder, read_manifest(folder))
+    manifest = read_manifest(folder)
+    index, rows = open_ann(folder, ann), IndexRows(folder, manifest)
     opened, opened_mib = time.perf_counter() - start, _resident_mib()
     per_s, found = _search_rate(lambda q, k: index.search(q, k)[1], queries, job["k"])
     ids = [rows[int(r)]["id"] for r in found[:8, 0]]  # rows read when found, as serve does
@@ -170,7 +171,7 @@ def _ours(job: dict) -> dict:
         from unimm.inference.ann import search_ann
         from unimm.inference.store import MappedVectors
 
-        stored, tensor = MappedVectors(folder, read_manifest(folder)), torch.from_numpy(queries)
+        stored, tensor = MappedVectors(folder, manifest), torch.from_numpy(queries)
         rerank = ann["params"]["rerank"]
         rerank_per_s, found = _search_rate(
             lambda q, k: search_ann(index, q, k, stored, rerank)[1].numpy(), tensor, job["k"]
@@ -263,8 +264,8 @@ def bench_index(
 
     from unimm.config import IndexOptions
     from unimm.inference.ann import read_ann_manifest
-    from unimm.inference.ann_build import gather, training_rows
-    from unimm.inference.store import read_manifest
+    from unimm.inference.ann_build import training_rows
+    from unimm.inference.store import MappedVectors, read_manifest
 
     root = Path(tempfile.mkdtemp(prefix="unimm-bench-index-", dir=work))
     rows: list[dict] = []
@@ -282,8 +283,8 @@ def bench_index(
             files = {"found": str(root / "ours.npy"), "reranked": str(root / "reranked.npy")}
             ours = _in_child("ours", job | {"folder": str(folder), "params": params or {}} | files)
             used = read_ann_manifest(folder)["params"]
-            parts = read_manifest(folder)["parts"]
-            np.save(root / "sample.npy", gather(folder, parts, training_rows(n, used["train_size"])))
+            sample = MappedVectors(folder, read_manifest(folder)).gather(training_rows(n, used["train_size"]))
+            np.save(root / "sample.npy", sample.numpy())
             theirs = _in_child(
                 "faiss",
                 job

@@ -311,7 +311,8 @@ def bench_serve(
     """``unimm serve`` on localhost under a bounded load (``requests`` embedding requests and
     ``chat_requests`` chat completions, from each number of ``concurrency`` clients) against the
     same work in one process without HTTP, measured again right before each level: throughput
-    ratio, p50/p95/p99 latency of each side."""
+    ratio, p50/p95/p99 latency of each side. The model is loaded twice meanwhile (here and in the
+    server): size the machine for that."""
     from unimm.inference.session import Session
 
     levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)

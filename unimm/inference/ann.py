@@ -127,8 +127,7 @@ def search_ann(
     vectors = stored.gather(found.clamp(min=0).numpy())  # [q, wanted, d]
     exact = torch.einsum("qd,qcd->qc", queries, vectors).masked_fill(found < 0, -torch.inf)
     # best first; among equal scores the lower row, as exact search orders them
-    order = np.lexsort((found.numpy(), -exact.numpy()), axis=1)[:, : min(k, wanted)]
-    order = torch.from_numpy(order)
+    order = torch.from_numpy(np.lexsort((found.numpy(), -exact.numpy()), axis=1)[:, :k])
     return exact.gather(1, order), found.gather(1, order)
 
 

@@ -4,8 +4,8 @@
     unimm index build --index INDEX --backend faiss-ivfpq --resume   # after a kill
 
 Memory stays bounded by the index being built, not by the vectors: the quantizers of IVF-PQ are
-trained on a sample (``index.train_size`` vectors, gathered part by part), then the index is
-filled one part of the embeddings (``embed.part_size`` vectors) at a time. A build holds the
+trained on a sample (``index.train_size`` vectors, read through a memory map of the parts), then
+the index is filled one part of the embeddings (``embed.part_size`` vectors) at a time. A build holds the
 index itself (``pq_m`` + 8 bytes a vector for IVF-PQ: 0.4 GB at 10 M × 32 bytes), one part and
 the sample; never the 10 GB of float32 vectors of 10 M × 256.
 
@@ -19,7 +19,6 @@ the file instead of reading them (:func:`unimm.inference.ann.open_ann`).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -101,20 +100,6 @@ def faiss_index(data, opts: IndexOptions) -> tuple[Any, dict[str, Any]]:
     return index, used
 
 
-def gather(folder: Path, parts: list[dict[str, Any]], rows) -> Any:
-    """The vectors of the sorted global ``rows``, reading only the parts that hold some."""
-    import numpy as np
-
-    picked, start = [], 0
-    for part in parts:
-        stop = start + int(part["count"])
-        inside = rows[(rows >= start) & (rows < stop)]
-        if len(inside):
-            picked.append(part_vectors(folder, part)[inside - start])
-        start = stop
-    return np.ascontiguousarray(np.concatenate(picked))
-
-
 def build_ann(opts: IndexOptions, *, progress: bool = True) -> dict[str, Any]:
     """Build the ANN index of the finished index ``opts.index`` and save it beside the embeddings;
     return its manifest (``ann.json``). See the module docstring for memory and ``--resume``.
@@ -123,7 +108,7 @@ def build_ann(opts: IndexOptions, *, progress: bool = True) -> dict[str, Any]:
         UnimmError: no finished index, FAISS missing, parameters that do not fit the data, or a
             ``--resume`` of a build made with other parameters or over other embeddings.
     """
-    from unimm.inference.store import embeddings_hash, read_manifest
+    from unimm.inference.store import MappedVectors, embeddings_hash, read_manifest
     from unimm.utils import progress_bar
 
     folder = Path(opts.index)
@@ -134,8 +119,9 @@ def build_ann(opts: IndexOptions, *, progress: bool = True) -> dict[str, Any]:
     resumed = _resume(folder, opts, digest) if opts.resume else None
     if resumed is None:
         _discard_partial(folder)
-        sample = functools.partial(gather, folder, parts)
-        index, used = _new_index(opts.backend, total, int(manifest["dim"]), opts, sample)
+        stored = MappedVectors(folder, manifest)  # the sample's rows read, not whole parts
+        dim = int(manifest["dim"])
+        index, used = _new_index(opts.backend, total, dim, opts, lambda rows: stored.gather(rows).numpy())
         done = 0
     else:
         index, used, done = resumed

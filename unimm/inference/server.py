@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request  # the serve extra; FastAPI reads the routes' annotations
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unimm.data.samples import Sample
@@ -221,8 +222,6 @@ class Gatekeeper:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from starlette.datastructures import Headers
-
         headers = Headers(scope=scope)
         rid = request_id(headers.get(REQUEST_ID_HEADER))
         start, head = time.perf_counter(), {"status": 500, "seconds": None}

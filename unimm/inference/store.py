@@ -68,6 +68,11 @@ def load_rows(folder: str | Path, manifest: dict[str, Any]) -> list[dict]:
     return rows
 
 
+def part_starts(parts: list[dict[str, Any]]) -> list[int]:
+    """The first row of each part, and the count of rows after the last."""
+    return list(itertools.accumulate((int(p["count"]) for p in parts), initial=0))
+
+
 class IndexRows(Sequence):
     """The rows of an index (what each vector is), in vector order, read a part at a time when
     asked for: the rows of a 10 M document index, as Python objects, would take gigabytes and
@@ -75,7 +80,7 @@ class IndexRows(Sequence):
 
     def __init__(self, folder: str | Path, manifest: dict[str, Any], keep: int = 16) -> None:
         self.folder, self.parts = Path(folder), manifest["parts"]
-        self.starts = list(itertools.accumulate((int(p["count"]) for p in self.parts), initial=0))
+        self.starts = part_starts(self.parts)
         self.part = functools.lru_cache(maxsize=keep)(self._read_part)
         """``part(number)``: the rows of one part (cached)."""
 
@@ -112,7 +117,7 @@ class MappedVectors:
     def __init__(self, folder: str | Path, manifest: dict[str, Any], keep: int = 128) -> None:
         self.folder, self.parts = Path(folder), manifest["parts"]
         self.dim = int(manifest["dim"])
-        self.starts = np.asarray(list(itertools.accumulate((int(p["count"]) for p in self.parts), initial=0)))
+        self.starts = np.asarray(part_starts(self.parts))
         # each map holds a file descriptor: a 10 M index has a thousand parts, a process 1024 fds
         self.part = functools.lru_cache(maxsize=keep)(self._map)
         """``part(number)``: that part's embeddings, mapped ``[count, d]`` (the last ``keep`` kept)."""
